@@ -1,0 +1,265 @@
+"""The `Codec` interface: typed, validated parameters; `encode(KVCache) -> bytes`; `decode(bytes, spec) -> KVCache`.
+
+A codec produces only its payload (a JSON-able ``meta`` dict and named byte sections); this module wraps it in the
+container format with everything else a file needs to be decoded on its own: codec name, version and parameters,
+the model spec, token count, positions and a hash of the token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from kvpack.errors import CodecError, FormatError, ModelMismatchError, TokenMismatchError
+from kvpack.format import Container, read_container, write_container
+from kvpack.kv import KVCache, token_ids_hash
+from kvpack.spec import ModelSpec
+
+#: Decoding refuses containers that declare more tokens than this (bounds the memory a decode allocates).
+MAX_TOKENS = 1 << 20
+KIND = "kvcache"
+
+
+@dataclasses.dataclass(frozen=True)
+class Payload:
+    """What a codec stores: ``meta`` goes into the JSON header, ``sections`` after it."""
+
+    meta: dict[str, Any]
+    sections: dict[str, bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec(ABC):
+    """Base of every codec: a frozen dataclass whose fields are its parameters (validated in ``__post_init__``)."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    def params(self) -> dict[str, Any]:
+        """The JSON-able parameters that, with name and version, fully determine the bitstream."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.repr}
+
+    def profile_hash(self) -> str | None:
+        """Hash of the calibration profile the codec needs, or ``None`` for codecs that need none."""
+        return None
+
+    @property
+    def codec_id(self) -> str:
+        """Canonical identity (name, version, parameters, profile hash): part of every chunk key."""
+        ident = {"name": self.name, "version": self.version, "params": self.params(), "profile": self.profile_hash()}
+        return json.dumps(ident, sort_keys=True, separators=(",", ":"))
+
+    @abstractmethod
+    def encode_payload(self, kv: KVCache) -> Payload:
+        """Compress ``kv`` into a :class:`Payload`."""
+
+    @abstractmethod
+    def decode_payload(
+        self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Rebuild per-layer keys and values ``[num_kv_heads, num_tokens, head_dim]`` in ``spec.dtype``.
+
+        Must raise :class:`FormatError` (never crash) on inconsistent sections.
+        """
+
+    def encode(self, kv: KVCache) -> bytes:
+        """A complete, self-describing container for ``kv``."""
+        if kv.num_tokens > MAX_TOKENS:
+            raise CodecError(f"{kv.num_tokens} tokens exceed the per-container limit of {MAX_TOKENS}; "
+                             "store the cache in chunks")
+        payload = self.encode_payload(kv)
+        positions, sections = _positions_header(kv.positions)
+        tokens = {"count": kv.num_tokens, "positions": positions,
+                  "ids_hash": None if kv.token_ids is None else token_ids_hash(kv.token_ids)}
+        header = {
+            "kind": KIND,
+            "codec": {"name": self.name, "version": self.version, "params": self.params(),
+                      "profile": self.profile_hash()},
+            "spec": kv.spec.to_json(),
+            "tokens": tokens,
+            "meta": payload.meta,
+        }
+        clash = set(sections) & set(payload.sections)
+        if clash:
+            raise CodecError(f"codec {self.name} used reserved section names {sorted(clash)}")
+        return write_container(header, {**sections, **payload.sections})
+
+    def decode(self, data: bytes | memoryview, spec: ModelSpec | None = None,
+               token_ids: torch.Tensor | Sequence[int] | None = None) -> KVCache:
+        """Decode a container written by this codec (same name, version and parameters)."""
+        container = read_container(data)
+        header = container.header
+        info = _codec_info(header)
+        if info["name"] != self.name or info["version"] != self.version or info["params"] != self.params():
+            raise CodecError(
+                f"container was written by codec {info['name']} v{info['version']} {info['params']}, not by "
+                f"{self.name} v{self.version} {self.params()}; use kvpack.decode(data) to pick the codec from the file"
+            )
+        return self._decode_container(container, spec, token_ids)
+
+    def _decode_container(self, container: Container, spec: ModelSpec | None,
+                          token_ids: torch.Tensor | Sequence[int] | None) -> KVCache:
+        header = container.header
+        stored_spec = ModelSpec.from_json(header.get("spec"))
+        if spec is not None and spec.fingerprint != stored_spec.fingerprint:
+            raise ModelMismatchError(
+                f"this cache was made by model {stored_spec.name or '?'} (fingerprint {stored_spec.fingerprint[:12]}), "
+                f"not by {spec.name or '?'} ({spec.fingerprint[:12]}); recompute it with the model you are using"
+            )
+        num_tokens, positions, ids_hash = _tokens_info(header, container)
+        ids = None
+        if token_ids is not None:
+            ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
+            if ids.numel() != num_tokens or (ids_hash is not None and token_ids_hash(ids) != ids_hash):
+                raise TokenMismatchError("the token ids given are not the ones this cache was computed from")
+        meta = header.get("meta")
+        if not isinstance(meta, dict):
+            raise FormatError("header has no codec meta object")
+        the_spec = spec or stored_spec
+        keys, values = self.decode_payload(meta, container, the_spec, num_tokens)
+        return KVCache(spec=the_spec, keys=keys, values=values, positions=positions, token_ids=ids)
+
+
+def _positions_header(positions: torch.Tensor) -> tuple[dict[str, Any], dict[str, bytes]]:
+    n = positions.numel()
+    start = int(positions[0]) if n else 0
+    if n == 0 or torch.equal(positions, torch.arange(start, start + n, dtype=torch.int64)):
+        return {"start": start}, {}
+    return {"section": "positions"}, {"positions": positions.numpy().astype("<i8").tobytes()}
+
+
+def _codec_info(header: Mapping[str, Any]) -> dict[str, Any]:
+    if header.get("kind") != KIND:
+        raise FormatError(f"container holds a {header.get('kind')!r}, not a KV cache")
+    info = header.get("codec")
+    if (not isinstance(info, dict) or not isinstance(info.get("name"), str) or not isinstance(info.get("version"), int)
+            or not isinstance(info.get("params"), dict)):
+        raise FormatError("header has no valid codec description")
+    return info
+
+
+def _tokens_info(header: Mapping[str, Any], container: Container) -> tuple[int, torch.Tensor, str | None]:
+    tokens = header.get("tokens")
+    if not isinstance(tokens, dict):
+        raise FormatError("header has no tokens object")
+    count, positions, ids_hash = tokens.get("count"), tokens.get("positions"), tokens.get("ids_hash")
+    if not isinstance(count, int) or not 0 <= count <= MAX_TOKENS:
+        raise FormatError(f"token count {count!r} is not an integer in [0, {MAX_TOKENS}]")
+    if not isinstance(positions, dict):
+        raise FormatError("header has no positions object")
+    if ids_hash is not None and not isinstance(ids_hash, str):
+        raise FormatError("bad token ids hash")
+    if "start" in positions:
+        start = positions["start"]
+        if not isinstance(start, int) or not 0 <= start < 1 << 40:
+            raise FormatError(f"bad start position {start!r}")
+        return count, torch.arange(start, start + count, dtype=torch.int64), ids_hash
+    raw = container.section("positions")
+    if len(raw) != 8 * count:
+        raise FormatError(f"positions section has {len(raw)} bytes, expected {8 * count}")
+    return count, torch.from_numpy(np.frombuffer(raw, dtype="<i8").astype(np.int64)), ids_hash
+
+
+_REGISTRY: dict[str, type[Codec]] = {}
+
+
+def register(cls: type[Codec]) -> type[Codec]:
+    """Class decorator adding a codec to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"codec name {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of the registered codecs."""
+    return sorted(_REGISTRY)
+
+
+def codec_class(name: str) -> type[Codec]:
+    """The registered class for ``name``; :class:`CodecError` listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise CodecError(f"unknown codec {name!r}; available: {', '.join(available())}") from None
+
+
+def get(name: str, **params: Any) -> Codec:
+    """Build codec ``name`` with ``params``; string values (from the CLI) are converted to the field types."""
+    cls = codec_class(name)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = set(params) - fields
+    if unknown:
+        raise CodecError(f"codec {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(fields)}")
+    try:
+        converted = {k: _convert(v, hints[k]) if isinstance(v, str) else v for k, v in params.items()}
+        return cls(**converted)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"invalid parameters for codec {name!r}: {exc}") from None
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, str]:
+    """``["k=v", ...]`` (CLI ``--param``) into a dict of strings."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CodecError(f"parameter {pair!r} is not of the form name=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _convert(value: str, hint: Any) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if type(None) in options and value.lower() in ("none", "null", ""):
+        return None
+    for option in options:
+        if option is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        elif option in (int, float, str):
+            try:
+                return option(value)
+            except ValueError:
+                continue
+    raise ValueError(f"cannot read {value!r} as {hint}")
+
+
+def decode(data: bytes | memoryview, spec: ModelSpec | None = None, *, codec: Codec | None = None,
+           token_ids: torch.Tensor | Sequence[int] | None = None) -> KVCache:
+    """Decode any kvpack KV container, picking the codec named in its header.
+
+    With ``spec`` the model fingerprint is checked (:class:`ModelMismatchError`). Codecs that need a calibration
+    profile must be passed as ``codec``. ``token_ids``, when given, are checked against the stored hash.
+    """
+    container = read_container(data)
+    info = _codec_info(container.header)
+    if codec is None:
+        cls = codec_class(info["name"])
+        if cls.version != info["version"]:
+            raise FormatError(f"codec {info['name']} v{info['version']} is not supported by this kvpack "
+                              f"(it has v{cls.version}); upgrade kvpack or re-encode")
+        try:
+            codec = cls(**info["params"])
+        except (TypeError, ValueError) as exc:
+            raise FormatError(f"codec parameters in the header are invalid: {exc}") from None
+    elif info["name"] != codec.name or info["params"] != codec.params():
+        raise CodecError(f"container was written by {info['name']} {info['params']}, not by the codec given")
+    return codec._decode_container(container, spec, token_ids)
+
+
+def encode(kv: KVCache, codec: Codec | str = "raw", **params: Any) -> bytes:
+    """Encode ``kv`` with ``codec`` (an instance, or a registered name plus parameters)."""
+    return (get(codec, **params) if isinstance(codec, str) else codec).encode(kv)

@@ -1,0 +1,188 @@
+"""`ModelSpec`: everything that gives a KV cache its meaning.
+
+A spec names the cache layout (layers, KV heads, head dim, dtype), the rotary position embedding that was applied
+to the keys (type and parameters, partial rotary factor), per-layer sliding windows, and a fingerprint over the
+model's config, weights and tokenizer vocabulary. Two caches can be exchanged only when their fingerprints match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from kvpack.errors import FormatError
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope", "none")
+_WEIGHTS_DIGEST_ATTR = "_kvpack_weights_digest"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name kvpack uses for a supported KV dtype (``float32``, ``float16`` or ``bfloat16``)."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported KV dtype {dtype}; kvpack handles {sorted(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding applied to keys (Su et al., RoFormer, arXiv 2104.09864), as transformers parameterizes it.
+
+    ``params`` holds the scaling parameters of the type (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``, ``attention_factor``, ...).
+    """
+
+    type: str = "default"
+    theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_TYPES:
+            raise ValueError(f"unknown RoPE type {self.type!r}; expected one of {ROPE_TYPES}")
+        if not self.theta > 0:
+            raise ValueError(f"RoPE theta must be positive, got {self.theta}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Layout and identity of a model's KV cache.
+
+    Keys and values of layer ``i`` have shape ``[num_kv_heads, tokens, head_dim]`` and dtype ``dtype``.
+    ``sliding_windows[i]`` is the window of layer ``i`` or ``None`` for full attention.
+    ``fingerprint`` is a hex SHA-256 over config, weights digest, dtype and tokenizer vocabulary.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    rope: RopeSpec
+    sliding_windows: tuple[int | None, ...]
+    fingerprint: str
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for attr in ("num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or not 0 < value <= 1 << 16:
+                raise ValueError(f"ModelSpec.{attr} must be a positive int <= 65536, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ModelSpec.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if len(self.sliding_windows) != self.num_layers:
+            raise ValueError("sliding_windows needs one entry per layer")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def elements_per_token(self) -> int:
+        """Number of K and V elements one token occupies across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    @property
+    def sliding_layers(self) -> list[int]:
+        return [i for i, w in enumerate(self.sliding_windows) if w is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict; inverse of :meth:`from_json`."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ModelSpec:
+        """Rebuild a spec from :meth:`to_json` output; malformed input raises :class:`FormatError`."""
+        try:
+            rope = RopeSpec(**obj["rope"])
+            fields = {k: obj[k] for k in ("num_layers", "num_kv_heads", "head_dim", "dtype", "fingerprint")}
+            return cls(rope=rope, sliding_windows=tuple(obj["sliding_windows"]), name=str(obj.get("name", "")),
+                       **fields)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"invalid model spec in header: {exc}") from None
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any = None) -> ModelSpec:
+        """Read the spec of a transformers causal LM (and its tokenizer, which enters the fingerprint)."""
+        config = model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_heads = int(text_config.num_attention_heads)
+        head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads)
+        num_kv_heads = int(getattr(text_config, "num_key_value_heads", None) or num_heads)
+        num_layers = int(text_config.num_hidden_layers)
+        dtype = dtype_name(next(model.parameters()).dtype)
+        fingerprint = hashlib.sha256()
+        for part in (_config_digest(config), weights_digest(model), dtype, _vocab_digest(tokenizer)):
+            fingerprint.update(part.encode())
+        return cls(
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            rope=_rope_spec(text_config),
+            sliding_windows=_sliding_windows(text_config, num_layers),
+            fingerprint=fingerprint.hexdigest(),
+            name=str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "")),
+        )
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """BLAKE2b over every parameter and buffer (name, dtype, shape, bytes); computed once per model object."""
+    cached = getattr(model, _WEIGHTS_DIGEST_ATTR, None)
+    if isinstance(cached, str):
+        return cached
+    digest = hashlib.blake2b(digest_size=32)
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        data = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    value = digest.hexdigest()
+    setattr(model, _WEIGHTS_DIGEST_ATTR, value)
+    return value
+
+
+def _config_digest(config: Any) -> str:
+    cfg = config.to_dict()
+    for volatile in ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"):
+        cfg.pop(volatile, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _vocab_digest(tokenizer: Any) -> str:
+    if tokenizer is None:
+        return "no-tokenizer"
+    vocab = tokenizer.get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+
+
+def _rope_spec(config: Any) -> RopeSpec:
+    """RoPE settings from a transformers config (v5 ``rope_parameters`` or the older ``rope_scaling``)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(scaling, dict):
+        params = {**scaling, **params}
+    theta = float(params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0)
+    rope_type = str(params.pop("rope_type", None) or params.pop("type", None) or "default")
+    params.pop("type", None)
+    partial = float(params.pop("partial_rotary_factor", None) or getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+    clean = {k: v for k, v in params.items() if isinstance(v, int | float | str | bool | None | list)}
+    scaled = rope_type in ("linear", "llama3", "yarn", "dynamic", "longrope")
+    if scaled and "original_max_position_embeddings" not in clean:
+        clean["original_max_position_embeddings"] = getattr(config, "max_position_embeddings", None)
+    return RopeSpec(type=rope_type, theta=theta, partial_rotary_factor=partial, params=clean)
+
+
+def _sliding_windows(config: Any, num_layers: int) -> tuple[int | None, ...]:
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types:
+        return tuple(window if t in ("sliding_attention", "chunked_attention") else None for t in layer_types)
+    use_sliding = getattr(config, "use_sliding_window", window is not None)
+    return tuple(window if (window and use_sliding) else None for _ in range(num_layers))

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROSE, make_kv, make_spec
+
+from kvpack.errors import UnsupportedModelError
+from kvpack.kv import KVCache
+from kvpack.spec import ModelSpec, RopeSpec
+
+
+def test_slice_and_concat_round_trip() -> None:
+    kv = make_kv(tokens=20, start=5)
+    parts = kv.chunks(8)
+    assert [p.num_tokens for p in parts] == [8, 8, 4]
+    assert parts[1].positions.tolist() == list(range(13, 21))
+    assert KVCache.concat(parts).equal(kv)
+    assert not kv[0:19].equal(kv)
+
+
+def test_equal_sees_one_flipped_bit() -> None:
+    kv = make_kv(tokens=4)
+    other = KVCache.concat([kv])
+    bits = other.values[1].view(torch.int16)
+    bits[0, 0, 0] ^= 1
+    assert not kv.equal(other)
+
+
+def test_validation_rejects_wrong_shapes() -> None:
+    kv = make_kv(tokens=4)
+    with pytest.raises(ValueError, match="layer 0"):
+        KVCache(spec=kv.spec, keys=[k[:, :3] for k in kv.keys], values=kv.values, positions=kv.positions)
+    with pytest.raises(ValueError, match="dtype"):
+        KVCache(spec=kv.spec, keys=[k.float() for k in kv.keys], values=kv.values, positions=kv.positions)
+
+
+def test_spec_json_round_trip() -> None:
+    spec = make_spec()
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError):
+        RopeSpec(type="bogus")
+
+
+def test_sliding_window_models_are_refused_by_name() -> None:
+    spec = ModelSpec(num_layers=2, num_kv_heads=1, head_dim=4, dtype="float32", rope=RopeSpec(),
+                     sliding_windows=(512, None), fingerprint="0" * 64)
+    kv = KVCache(spec=spec, keys=[torch.zeros(1, 2, 4)] * 2, values=[torch.zeros(1, 2, 4)] * 2,
+                 positions=torch.arange(2))
+    with pytest.raises(UnsupportedModelError, match="layer 0: sliding_attention"):
+        kv.to_hf()
+
+
+@pytest.mark.model
+def test_hf_round_trip_gives_bit_identical_logits(smollm) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer, spec = smollm
+    ids = tokenizer(PROSE * 4, return_tensors="pt").input_ids
+    prefix, rest = ids[:, :48], ids[:, 48:64]
+    with torch.no_grad():
+        cache = model(prefix, use_cache=True).past_key_values
+        kv = KVCache.from_hf(cache, spec, token_ids=prefix[0])
+        reference = model(rest, cache=cache, use_cache=True).logits
+        restored = model(rest, cache=kv.to_hf(), use_cache=True).logits
+    assert kv.num_tokens == 48 and kv.keys[0].dtype == torch.bfloat16
+    assert torch.equal(reference, restored)
+
+
+def tiny_llama(seed: int = 0):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_fingerprint_separates_dtypes_and_weights() -> None:
+    model = tiny_llama()
+    spec = ModelSpec.from_model(model)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == (2, 2, 8, "float32")
+    assert ModelSpec.from_model(tiny_llama()).fingerprint == spec.fingerprint
+    assert ModelSpec.from_model(tiny_llama(seed=1)).fingerprint != spec.fingerprint
+    assert ModelSpec.from_model(tiny_llama().to(torch.bfloat16)).fingerprint != spec.fingerprint
+
+
+@pytest.mark.model
+def test_real_model_spec(smollm) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer, spec = smollm
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == (30, 3, 64, "bfloat16")
+    assert spec.rope.type == "default" and spec.rope.theta == 1e5
+    assert ModelSpec.from_model(model, tokenizer).fingerprint == spec.fingerprint
+    assert ModelSpec.from_model(model, None).fingerprint != spec.fingerprint
