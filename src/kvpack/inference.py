@@ -1,0 +1,75 @@
+"""Running a transformers causal LM on top of a KV cache: prefill, continuation logits, greedy decoding.
+
+All functions take batch-of-one ``input_ids`` (``[tokens]`` or ``[1, tokens]``) and run under ``torch.no_grad``.
+A transformers cache passed in is extended in place (as transformers does); pass ``kv.to_hf()`` for a fresh copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from kvpack.kv import KVCache
+from kvpack.spec import ModelSpec
+
+
+def as_batch(ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """``[1, tokens]`` int64 from ``[tokens]``, ``[1, tokens]`` or a list."""
+    tensor = torch.as_tensor(ids, dtype=torch.int64)
+    return tensor.reshape(1, -1)
+
+
+def new_cache(model: Any) -> Any:
+    """An empty transformers ``DynamicCache`` shaped for ``model``."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def forward(model: Any, ids: torch.Tensor | Sequence[int], cache: Any, step: int | None = None,
+            on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Run ``ids`` through ``model`` on top of ``cache``; returns the float32 logits ``[tokens, vocab]``.
+
+    With ``step`` the tokens go through in slices of that many (for progress reporting and bounded memory);
+    ``on_progress`` gets the number of tokens done after each slice.
+    """
+    batch = as_batch(ids)
+    total = batch.shape[1]
+    step = step or max(total, 1)
+    outputs = []
+    for start in range(0, total, step):
+        piece = batch[:, start : start + step]
+        outputs.append(model(piece, cache=cache, use_cache=True).logits[0].float())
+        if on_progress is not None:
+            on_progress(min(start + step, total))
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def prefill(model: Any, spec: ModelSpec, ids: torch.Tensor | Sequence[int], step: int | None = None,
+            on_progress: Callable[[int], None] | None = None) -> tuple[KVCache, torch.Tensor]:
+    """Compute the KV cache of ``ids`` from scratch; returns it and the logits of the last token ``[vocab]``."""
+    batch = as_batch(ids)
+    cache = new_cache(model)
+    logits = forward(model, batch, cache, step=step, on_progress=on_progress)
+    return KVCache.from_hf(cache, spec, token_ids=batch[0]), logits[-1]
+
+
+@torch.no_grad()
+def greedy(model: Any, cache: Any, first_token: int, max_new_tokens: int,
+           eos_token_id: int | None = None) -> list[int]:
+    """Greedy decoding: feed ``first_token`` after ``cache``, then the argmax token each step.
+
+    Returns up to ``max_new_tokens`` generated ids (stops after ``eos_token_id``).
+    """
+    out: list[int] = []
+    token = first_token
+    for _ in range(max_new_tokens):
+        logits = model(as_batch([token]), cache=cache, use_cache=True).logits[0, -1]
+        token = int(logits.argmax())
+        out.append(token)
+        if token == eos_token_id:
+            break
+    return out
