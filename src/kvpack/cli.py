@@ -1,0 +1,225 @@
+"""The `kvpack` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvpack import codecs
+from kvpack.errors import KvpackError
+from kvpack.format import read_container
+from kvpack.models import DEFAULT_MODEL
+
+app = typer.Typer(help="kvpack: store and reuse the KV caches of language models, small and fast to move.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks: print a table and write JSON (numbers for docs/results).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+CodecOpt = Annotated[str, typer.Option("--codec", "-c", help=f"Codec name: {', '.join(codecs.available())}.")]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Codec parameter name=value (repeatable).")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name or local checkpoint directory.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON to this path.")]
+
+
+def load_model(name: str) -> tuple[Any, Any, Any]:
+    """Load model, tokenizer and spec with a status line."""
+    from kvpack import models
+    from kvpack.spec import ModelSpec
+
+    with console.status(f"loading model {name} ..."):
+        t0 = time.perf_counter()
+        model, tokenizer = models.load(name)
+        spec = ModelSpec.from_model(model, tokenizer)
+    console.print(f"[dim]loaded {name} in {time.perf_counter() - t0:.1f} s: {spec.num_layers} layers, "
+                  f"{spec.num_kv_heads} KV heads, head dim {spec.head_dim}, {spec.dtype}[/dim]")
+    return model, tokenizer, spec
+
+
+def make_codec(name: str, params: list[str] | None) -> codecs.Codec:
+    return codecs.get(name, **codecs.parse_params(params or []))
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/bold red] {exc}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def prefill(
+    file: Annotated[Path, typer.Argument(help="Text file whose KV cache to compute.", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the .kvp file.")],
+    codec: CodecOpt = "raw",
+    param: ParamOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    max_tokens: Annotated[int, typer.Option(help="Keep at most this many tokens of the file.")] = 8192,
+) -> None:
+    """Compute the KV cache of a text file and store it encoded with a codec."""
+    from kvpack.eval import progress_bar
+    from kvpack.inference import prefill as run_prefill
+
+    try:
+        the_codec = make_codec(codec, param)
+        lm, tokenizer, spec = load_model(model)
+        ids = tokenizer(file.read_text(encoding="utf-8", errors="replace"), return_tensors="pt").input_ids[0]
+        ids = ids[:max_tokens]
+        with progress_bar() as bar:
+            task = bar.add_task("prefill", total=len(ids))
+            t0 = time.perf_counter()
+            kv, _ = run_prefill(lm, spec, ids, step=256, on_progress=lambda n: bar.update(task, completed=n))
+            t1 = time.perf_counter()
+        data = the_codec.encode(kv)
+        t2 = time.perf_counter()
+        output.write_bytes(data)
+    except KvpackError as exc:
+        _fail(exc)
+    console.print(f"{len(ids)} tokens prefilled in {t1 - t0:.1f} s; {codec} encoded {kv.fp16_bytes / 1e6:.1f} MB "
+                  f"(fp16) into {len(data) / 1e6:.2f} MB ({kv.fp16_bytes / len(data):.2f}x) in {t2 - t1:.2f} s "
+                  f"-> {output}")
+
+
+def describe(data: bytes) -> dict[str, Any]:
+    """Header summary and sizes of a container."""
+    container = read_container(data)
+    header = container.header
+    info: dict[str, Any] = {
+        "bytes": len(data),
+        "kind": header.get("kind"),
+        "codec": header.get("codec"),
+        "sections": {name: len(view) for name, view in container.sections.items()},
+    }
+    spec, tokens = header.get("spec"), header.get("tokens")
+    if isinstance(spec, dict) and isinstance(tokens, dict):
+        elements = 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * tokens["count"]
+        info.update(model=spec.get("name"), fingerprint=spec.get("fingerprint"), dtype=spec.get("dtype"),
+                    layers=spec["num_layers"], kv_heads=spec["num_kv_heads"], head_dim=spec["head_dim"],
+                    tokens=tokens["count"], positions=tokens.get("positions"),
+                    bits_per_element=8 * len(data) / max(elements, 1),
+                    ratio_vs_fp16=2 * elements / len(data))
+    return info
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A .kvp container.", exists=True, dir_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show a container's header, section sizes, bits per element and ratio against fp16."""
+    try:
+        info = describe(file.read_bytes())
+    except KvpackError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title=str(file), show_header=False)
+    for key, value in info.items():
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+def decode(
+    file: Annotated[Path, typer.Argument(help="A .kvp container.", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Write the decoded tensors here (.safetensors).")],
+) -> None:
+    """Decode a container into a safetensors file (layer.{i}.keys / layer.{i}.values, positions)."""
+    from safetensors.torch import save_file
+
+    try:
+        t0 = time.perf_counter()
+        kv = codecs.decode(file.read_bytes())
+        elapsed = time.perf_counter() - t0
+    except KvpackError as exc:
+        _fail(exc)
+    tensors = {"positions": kv.positions}
+    for i, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
+        tensors[f"layer.{i}.keys"] = k.contiguous()
+        tensors[f"layer.{i}.values"] = v.contiguous()
+    save_file(tensors, str(output), metadata={"spec": json.dumps(kv.spec.to_json())})
+    console.print(f"decoded {kv.num_tokens} tokens in {elapsed * 1e3:.1f} ms -> {output}")
+
+
+@app.command("eval")
+def eval_command(
+    codec: CodecOpt = "raw",
+    param: ParamOpt = None,
+    docs: Annotated[int, typer.Option(help="Number of built-in eval documents (half code, half prose).")] = 6,
+    text: Annotated[list[Path] | None, typer.Option(help="Evaluate on these text files instead (repeatable).")] = None,
+    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
+    cont: Annotated[int, typer.Option(help="Continuation tokens scored on the decoded cache.")] = 512,
+    passkey: Annotated[int | None, typer.Option(help="Also run passkey retrieval at this haystack length.")] = None,
+    trials: Annotated[int, typer.Option(help="Passkey trials.")] = 20,
+    model: ModelOpt = DEFAULT_MODEL,
+    json_path: JsonOpt = None,
+) -> None:
+    """Measure a codec's ratio, quality (perplexity, KL, top-1, greedy, passkey) and speed on a real model."""
+    from kvpack.eval import documents, evaluate, text_documents
+
+    try:
+        the_codec = make_codec(codec, param)
+        documents_used = text_documents(text) if text else documents(docs)
+        lm, tokenizer, spec = load_model(model)
+        rows = evaluate(lm, tokenizer, spec, [the_codec], documents_used, prefix=prefix, cont=cont,
+                        passkey_tokens=passkey, passkey_trials=trials)
+    except (KvpackError, ValueError) as exc:
+        _fail(exc)
+    print_rows(rows, title=f"kvpack eval ({rows[0]['machine']})")
+    if json_path:
+        json_path.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+        console.print(f"wrote {json_path}")
+
+
+def print_rows(rows: list[dict[str, Any]], title: str) -> None:
+    """The standard results table of `eval` and `bench codecs`."""
+    table = Table(title=title)
+    columns = ["codec", "params", "ratio", "bits/el", "Δppl %", "code %", "prose %", "KL mean", "KL p99", "top-1",
+               "greedy", "passkey (ref)", "enc MB/s", "dec MB/s"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("codec", "params") else "right")
+    for r in rows:
+        params = ",".join(f"{k}={v}" for k, v in r["params"].items() if v is not None)
+        pk = "-" if r.get("passkey_accuracy") is None else \
+            f"{r['passkey_accuracy']:.2f} ({r['passkey_accuracy_reference']:.2f})"
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        table.add_row(r["codec"], params, f"{r['ratio']:.2f}", f"{r['bits_per_element']:.2f}",
+                      fmt(r["ppl_increase_pct"], "+.2f"), fmt(r.get("ppl_increase_pct_code"), "+.2f"),
+                      fmt(r.get("ppl_increase_pct_prose"), "+.2f"), fmt(r["kl_mean"], ".4f"), fmt(r["kl_p99"], ".3f"),
+                      fmt(r["top1_agreement"], ".3f"), fmt(r["greedy_agreement"], ".2f"), pk,
+                      fmt(r["encode_MBps"], ".0f"), fmt(r["decode_MBps"], ".0f"))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    model: ModelOpt = DEFAULT_MODEL,
+    codec: CodecOpt = "raw",
+    param: ParamOpt = None,
+    store: Annotated[str | None, typer.Option(help="Store URL (default: a fresh disk store in a temp dir).")] = None,
+) -> None:
+    """The main job: cache a long context once, then answer questions about it with a much shorter TTFT."""
+    from kvpack.demo import run_demo
+
+    try:
+        run_demo(console, model=model, codec=make_codec(codec, param), store_url=store)
+    except KvpackError as exc:
+        _fail(exc)
+
+
+@bench_app.command("entropy")
+def bench_entropy(json_path: JsonOpt = None) -> None:
+    """rANS engine throughput (Msym/s at 1 and 2 threads) and bits/symbol against the empirical entropy."""
+    from kvpack.bench.entropy import run
+
+    run(json_path, console)
+
+
+if __name__ == "__main__":
+    app()
