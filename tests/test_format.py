@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_kv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvpack
+from conftest import make_kv
 from kvpack.errors import FormatError, KvpackError, ModelMismatchError, TokenMismatchError
 from kvpack.format import MAGIC, read_container, write_container
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROSE, make_kv, make_spec
 
+from conftest import PROSE, make_kv, make_spec
 from kvpack.errors import UnsupportedModelError
 from kvpack.kv import KVCache
 from kvpack.spec import ModelSpec, RopeSpec

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from kvpack.errors import CodecError, FormatError, ModelMismatchError, TokenMismatchError
+from kvpack.errors import CodecError, FormatError, ModelMismatchError, ProfileMismatchError, TokenMismatchError
 from kvpack.format import Container, read_container, write_container
 from kvpack.kv import KVCache, token_ids_hash
 from kvpack.spec import ModelSpec
@@ -108,6 +108,12 @@ class Codec(ABC):
     def _decode_container(self, container: Container, spec: ModelSpec | None,
                           token_ids: torch.Tensor | Sequence[int] | None) -> KVCache:
         header = container.header
+        written_with = _codec_info(header).get("profile")
+        if written_with != self.profile_hash():
+            raise ProfileMismatchError(
+                f"this chunk was encoded with calibration profile {written_with}, but the codec has "
+                f"{self.profile_hash()}; decode it with the profile it names"
+            )
         stored_spec = ModelSpec.from_json(header.get("spec"))
         if spec is not None and spec.fingerprint != stored_spec.fingerprint:
             raise ModelMismatchError(
@@ -255,7 +261,7 @@ def decode(data: bytes | memoryview, spec: ModelSpec | None = None, *, codec: Co
             codec = cls(**info["params"])
         except (TypeError, ValueError) as exc:
             raise FormatError(f"codec parameters in the header are invalid: {exc}") from None
-    elif info["name"] != codec.name or info["params"] != codec.params():
+    elif info["name"] != codec.name or info["version"] != codec.version or info["params"] != codec.params():
         raise CodecError(f"container was written by {info['name']} {info['params']}, not by the codec given")
     return codec._decode_container(container, spec, token_ids)
 
