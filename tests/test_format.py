@@ -120,3 +120,12 @@ def test_every_corrupted_byte_is_detected(mutated: bytes) -> None:
 def test_arbitrary_bytes_raise_format_error(data: bytes) -> None:
     with pytest.raises(FormatError):
         kvpack.decode(MAGIC + data)
+
+
+@pytest.mark.parametrize("level", [1, 19])
+def test_zstd_is_bit_exact_and_bounded(level: int) -> None:
+    kv = make_kv(tokens=40)
+    data = kvpack.encode(kv, "zstd", level=level)
+    assert kvpack.decode(data, token_ids=kv.token_ids).equal(kv)
+    with pytest.raises(kvpack.CodecError):
+        kvpack.codecs.get("zstd", level=0)

@@ -221,5 +221,73 @@ def bench_entropy(json_path: JsonOpt = None) -> None:
     run(json_path, console)
 
 
+def parse_setting(text: str) -> codecs.Codec:
+    """``NAME`` or ``NAME:k=v,k=v`` into a codec."""
+    name, _, params = text.partition(":")
+    return codecs.get(name, **codecs.parse_params([p for p in params.split(",") if p]))
+
+
+@bench_app.command("codecs")
+def bench_codecs(
+    setting: Annotated[list[str] | None, typer.Option(
+        help="Extra setting NAME:k=v,k=v (repeatable), e.g. transform:profile=P,preset=32x.")] = None,
+    defaults: Annotated[bool, typer.Option(help="Include the default settings (raw, zstd, lossless, ...).")] = True,
+    docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
+    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
+    cont: Annotated[int, typer.Option(help="Continuation tokens scored.")] = 512,
+    passkey: Annotated[int | None, typer.Option(help="Also run passkey retrieval at this haystack length.")] = None,
+    trials: Annotated[int, typer.Option(help="Passkey trials.")] = 20,
+    model: ModelOpt = DEFAULT_MODEL,
+    json_path: JsonOpt = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of ratio against perplexity increase here.")] = None,
+) -> None:
+    """Every codec setting on the real model: ratio, bits/element, quality metrics and MB/s, side by side."""
+    import sys
+
+    from kvpack.bench import codecs as bench
+    from kvpack.eval import documents, evaluate
+
+    try:
+        extra = [parse_setting(s) for s in setting or []]
+        chosen = bench.settings(extra) if defaults else extra
+        documents_used = documents(docs)
+        lm, tokenizer, spec = load_model(model)
+        rows = evaluate(lm, tokenizer, spec, chosen, documents_used, prefix=prefix, cont=cont,
+                        passkey_tokens=passkey, passkey_trials=trials)
+    except (KvpackError, ValueError) as exc:
+        _fail(exc)
+    print_rows(rows, title=f"kvpack bench codecs ({rows[0]['machine']})")
+    profiles = {f"{c.name} {c.profile_hash()}": len(Path(c.params()["profile"]).read_bytes())
+                for c in chosen if c.profile_hash() and isinstance(c.params().get("profile"), str)}
+    command = "kvpack " + " ".join(sys.argv[1:])
+    bench.write_outputs(rows, console, command, profiles, json_path, markdown, plot)
+
+
+@bench_app.command("ttft")
+def bench_ttft(
+    setting: Annotated[list[str] | None, typer.Option(
+        help="Codec setting NAME:k=v,k=v to load (repeatable; default raw, and lossless/fp8/kivi when present).")]
+    = None,
+    lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated.")] = "1024,2048,4096,7168",
+    repeats: Annotated[int, typer.Option(help="Runs per measurement (median).")] = 3,
+    model: ModelOpt = DEFAULT_MODEL,
+    json_path: JsonOpt = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of TTFT against context length here.")] = None,
+) -> None:
+    """TTFT: full recompute vs loading each codec from memory, disk, Redis and emulated 1/10/25 Gbps links."""
+    from kvpack.bench import ttft
+
+    try:
+        chosen = [parse_setting(s) for s in setting or []] or [
+            codecs.get(name, **params) for name, params in ttft.DEFAULT_SETTINGS if name in codecs.available()]
+        lm, tokenizer, spec = load_model(model)
+        ttft.run(lm, tokenizer, spec, chosen, [int(x) for x in lengths.split(",")], repeats=repeats,
+                 console=console, json_path=json_path, markdown_path=markdown, plot_path=plot)
+    except (KvpackError, ValueError) as exc:
+        _fail(exc)
+
+
 if __name__ == "__main__":
     app()

@@ -47,18 +47,25 @@ class RawCodec(Codec):
 
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
                        num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        stored = meta.get("dtype")
-        if stored not in DTYPES:
-            raise FormatError(f"raw payload has unknown dtype {stored!r}")
-        dtype = DTYPES[stored]
-        size = torch.empty((), dtype=dtype).element_size()
-        per_tensor = spec.num_kv_heads * num_tokens * spec.head_dim
-        data = container.section("kv")
-        if len(data) != 2 * spec.num_layers * per_tensor * size:
-            raise FormatError(f"raw section has {len(data)} bytes, expected {2 * spec.num_layers * per_tensor * size}")
-        ints = np.frombuffer(data, dtype="<i2" if size == 2 else "<i4").astype("=i2" if size == 2 else "=i4")
-        flat = torch.from_numpy(ints).view(dtype).to(spec.torch_dtype)
-        shape = (spec.num_kv_heads, num_tokens, spec.head_dim)
-        tensors = list(flat.split(per_tensor)) if per_tensor else [flat] * (2 * spec.num_layers)
-        views = [t.view(shape) for t in tensors]
-        return views[0::2], views[1::2]
+        return tensors_from_bytes(container.section("kv"), meta.get("dtype"), spec, num_tokens)
+
+
+def tensors_from_bytes(data: bytes | memoryview, stored: Any, spec: ModelSpec,
+                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Inverse of :func:`tensor_bytes` for a whole cache: per-layer keys and values in ``spec.dtype``.
+
+    ``stored`` is the dtype name the bytes hold; their length is checked before anything is allocated.
+    """
+    if stored not in DTYPES:
+        raise FormatError(f"raw payload has unknown dtype {stored!r}")
+    dtype = DTYPES[stored]
+    size = torch.empty((), dtype=dtype).element_size()
+    per_tensor = spec.num_kv_heads * num_tokens * spec.head_dim
+    if len(data) != 2 * spec.num_layers * per_tensor * size:
+        raise FormatError(f"raw section has {len(data)} bytes, expected {2 * spec.num_layers * per_tensor * size}")
+    ints = np.frombuffer(data, dtype="<i2" if size == 2 else "<i4").astype("=i2" if size == 2 else "=i4")
+    flat = torch.from_numpy(ints).view(dtype).to(spec.torch_dtype)
+    shape = (spec.num_kv_heads, num_tokens, spec.head_dim)
+    tensors = list(flat.split(per_tensor)) if per_tensor else [flat] * (2 * spec.num_layers)
+    views = [t.view(shape) for t in tensors]
+    return views[0::2], views[1::2]

@@ -1,0 +1,34 @@
+"""Entropy coding: interleaved rANS over many independent lanes with per-lane frequency tables.
+
+``rans`` holds the coder (CPU, numba) and its blob format; ``tables`` the frequency tables (quantization,
+serialization) and the escape scheme for values outside an alphabet. Layout spec: ``docs/entropy.md``.
+"""
+
+from kvpack.entropy.rans import LaneStream, decode_lanes, encode_lanes, pack, parse, unpack
+from kvpack.entropy.tables import (
+    PROB_BITS,
+    PROB_SCALE,
+    counts_to_tables,
+    merge_escapes,
+    pack_tables,
+    quantize_freqs,
+    split_escapes,
+    unpack_tables,
+)
+
+__all__ = [
+    "PROB_BITS",
+    "PROB_SCALE",
+    "LaneStream",
+    "counts_to_tables",
+    "decode_lanes",
+    "encode_lanes",
+    "merge_escapes",
+    "pack",
+    "pack_tables",
+    "parse",
+    "quantize_freqs",
+    "split_escapes",
+    "unpack",
+    "unpack_tables",
+]

@@ -1,0 +1,108 @@
+"""Stores: bytes by key, with every entry a verified kvpack container.
+
+Backends: :class:`MemoryStore` (in-process LRU), :class:`DiskStore` (local files, the embedded default) and
+:class:`RedisStore` (Redis or Valkey, shared between processes and machines). :func:`open` builds one from a URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from kvpack.errors import StoreError
+from kvpack.store.base import Store, StoreStats, StoreWarning, validate_key
+from kvpack.store.disk import DiskStore, default_cache_dir
+from kvpack.store.memory import MemoryStore
+from kvpack.store.redis import RedisStore, redact_url
+
+__all__ = [
+    "DiskStore",
+    "MemoryStore",
+    "RedisStore",
+    "Store",
+    "StoreStats",
+    "StoreWarning",
+    "default_cache_dir",
+    "open",
+    "validate_key",
+]
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+_Options = dict[str, tuple[str, Callable[[str], object]]]
+_REDIS_OPTIONS: _Options = {
+    "prefix": ("namespace_prefix", str),
+    "ttl": ("ttl_seconds", float),
+    "socket_timeout": ("socket_timeout", float),
+    "connect_timeout": ("connect_timeout", float),
+    "batch_size": ("batch_size", int),
+}
+_FILE_OPTIONS: _Options = {"max_bytes": ("max_bytes", int), "fsync": ("fsync", _parse_bool)}
+_MEMORY_OPTIONS: _Options = {"max_bytes": ("max_bytes", int)}
+
+
+def open(url: str) -> Store:
+    """Open a store from a URL.
+
+    - ``memory://`` (``?max_bytes=N``): a :class:`MemoryStore`.
+    - ``file:///abs/path``, ``file://relative/path``, ``file://~/path`` or a bare path (``?max_bytes=N&fsync=0``):
+      a :class:`DiskStore`; ``file://`` alone means the default cache directory.
+    - ``redis://HOST:PORT/DB``, ``rediss://...``, ``unix:///path.sock`` with optional ``prefix=``, ``ttl=``
+      (seconds), ``socket_timeout=``, ``connect_timeout=``, ``batch_size=``; other query options go to redis-py.
+
+    Raises :class:`StoreError` for an unknown scheme, an unknown or malformed option, or an unusable directory.
+    """
+    if not isinstance(url, str) or not url:
+        raise StoreError(f"a store URL is a non-empty string, got {url!r}")
+    if "://" not in url:
+        return _build(DiskStore, {"path": url})
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        if parts.netloc or parts.path:
+            raise StoreError(
+                f"memory store URL takes no host or path: {url!r} (use memory:// or memory://?max_bytes=N)"
+            )
+        return _build(MemoryStore, _options(url, parse_qsl(parts.query), _MEMORY_OPTIONS))
+    if scheme == "file":
+        kwargs = _options(url, parse_qsl(parts.query), _FILE_OPTIONS)
+        location = parts.netloc + parts.path
+        return _build(DiskStore, {"path": location or None, **kwargs})
+    if scheme in ("redis", "rediss", "unix"):
+        ours = [(k, v) for k, v in parse_qsl(parts.query) if k in _REDIS_OPTIONS]
+        rest = [(k, v) for k, v in parse_qsl(parts.query) if k not in _REDIS_OPTIONS]
+        kwargs = _options(url, ours, _REDIS_OPTIONS)
+        return _build(RedisStore, {"url": urlunsplit(parts._replace(query=urlencode(rest))), **kwargs})
+    raise StoreError(
+        f"unknown store URL scheme {parts.scheme!r} in {redact_url(url)!r}; use memory://, file://PATH or redis://"
+    )
+
+
+def _options(url: str, query: list[tuple[str, str]], known: _Options) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, raw in query:
+        if name not in known:
+            raise StoreError(
+                f"unknown option {name!r} in store URL {redact_url(url)!r}; known: {', '.join(sorted(known))}"
+            )
+        kwarg, parse = known[name]
+        try:
+            out[kwarg] = parse(raw)
+        except ValueError as exc:
+            raise StoreError(f"bad value {raw!r} for {name!r} in store URL {redact_url(url)!r}: {exc}") from None
+    return out
+
+
+def _build(factory: Callable[..., Store], kwargs: dict[str, object]) -> Store:
+    try:
+        return factory(**kwargs)
+    except ValueError as exc:
+        raise StoreError(f"bad store settings: {exc}") from None
