@@ -1,0 +1,44 @@
+"""Benchmark plumbing that needs no model: the emulated link store and the result pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kvpack
+from conftest import make_kv
+from kvpack.bench import codecs as bench_codecs
+from kvpack.bench import ttft
+from kvpack.store import MemoryStore
+
+
+def test_link_store_serves_the_inner_bytes() -> None:
+    inner = MemoryStore()
+    data = kvpack.encode(make_kv(tokens=4))
+    inner.put("k", data)
+    link = ttft.LinkStore(inner, gbps=1000.0)
+    assert link.get_many(["k", "missing"]) == [data, None]
+    assert link.contains("k") and link.stats().hits == 1
+    link.put("k2", data)
+    assert inner.get("k2") == data
+
+
+def test_ttft_page_and_plot(tmp_path: Path) -> None:
+    rows = [{"context_tokens": n, "method": "recompute", "transport": "-", "ttft_s": n / 100, "bytes_read": 0,
+             "ratio": None, "machine": "test"} for n in (1024, 2048)]
+    rows += [{"context_tokens": n, "method": "raw", "transport": t, "ttft_s": 0.1, "bytes_read": 10, "ratio": 1.0,
+              "machine": "test"} for n in (1024, 2048) for t in ("disk", "link 10 Gbps")]
+    page = ttft.markdown(rows, tmp_path / "ttft.png")
+    assert "| 2048 | raw | 1.0x | 0.100 | 0.100 |" in page
+    ttft.plot(rows, tmp_path / "ttft.png")
+    assert (tmp_path / "ttft.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_codecs_page_and_plot(tmp_path: Path) -> None:
+    row = {"codec": "kivi", "params": {"bits": 2}, "ratio": 5.0, "bits_per_element": 3.2, "ppl_increase_pct": 1.5,
+           "ppl_increase_pct_code": 1.0, "ppl_increase_pct_prose": 2.0, "kl_mean": 0.01, "kl_p99": 0.1,
+           "top1_agreement": 0.95, "greedy_agreement": 0.5, "encode_MBps": 100.0, "decode_MBps": 200.0,
+           "threads": 2, "prefix_tokens": 1536, "cont_tokens": 512, "documents": ["a", "b"], "machine": "test"}
+    page = bench_codecs.markdown([row], "kvpack bench codecs", {"transform x": 1_000_000}, tmp_path / "p.png")
+    assert "| kivi(bits=2) | 5.00 | 3.20 | +1.50 |" in page and "transform x: 1.00 MB" in page
+    bench_codecs.plot([row], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
