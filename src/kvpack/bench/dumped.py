@@ -1,0 +1,185 @@
+"""Size, speed and error of the lossless, fp8 and kivi codecs on dumped real KV caches (no model needed).
+
+Behind ``python -m kvpack.bench.dumped [--root DIR] [--json PATH]``. Reads the caches a dump wrote to ``DIR``
+(default ``/tmp/kvpack-real``: ``*.kvp`` containers plus ``index.json`` listing ``file``, ``split``, ``document``,
+``kind``) and measures, on the ``eval`` split, every setting of :data:`SETTINGS`:
+
+* ``ratio``: fp16 bytes of the cache / bytes of the container(s), every byte counted, both with the whole document
+  in one container (``chunk_tokens`` null) and cut into 256-token chunks as the store keeps them;
+* ``bits_per_element`` = 16 / ratio; ``rel_rmse_k`` / ``rel_rmse_v``: ``||x - x̂|| / ||x||`` over all keys / values;
+* ``encode_mb_per_s`` / ``decode_mb_per_s``: fp16 bytes per second of wall-clock time, median of ``repeats`` runs
+  after a warm-up, whole documents, numba's default thread count (``threads``); ``*_mb_per_cpu_s`` per second of
+  the process's CPU time (all threads), which shows the work done per CPU-second when other processes compete;
+
+and the anchors on the same bytes (the cache's own dtype, bf16 for SmolLM2): zstd levels 3 and 19 and ZipNN
+(``zipnn`` package, byte input in bfloat16 mode; ``zipnn_exact`` says whether its output decompressed bit-exactly).
+Rows are per setting, summed (bytes) or medianed (speeds) over the documents, and name the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numba
+import torch
+import zstandard
+from rich.console import Console
+from rich.table import Table
+
+import kvpack
+from kvpack.bench.entropy import _cpu_model
+from kvpack.codecs import get
+from kvpack.codecs.raw import tensor_bytes
+from kvpack.kv import KVCache
+
+DEFAULT_ROOT = Path("/tmp/kvpack-real")
+#: (codec name, parameters) measured, in table order.
+SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("lossless", {}),
+    ("fp8", {}),
+    ("kivi", {"bits": 4}),
+    ("kivi", {"bits": 3}),
+    ("kivi", {"bits": 2}),
+    ("kivi", {"bits": 2, "residual": 128}),
+)
+STORE_CHUNK = 256
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall-clock and process-CPU seconds of ``fn()`` over ``repeats`` runs after a warm-up."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _rel_rmse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(float((x.double() - y.double()).square().sum()) for x, y in zip(a, b, strict=True))
+    den = sum(float(x.double().square().sum()) for x in a)
+    return (num / den) ** 0.5 if den else 0.0
+
+
+def _anchors(kv: KVCache) -> dict[str, Any]:
+    """Byte counts of zstd -3 / -19 and ZipNN on the cache's raw bytes, and zstd -3 decode time."""
+    import zipnn
+
+    raw = tensor_bytes([t for pair in zip(kv.keys, kv.values, strict=True) for t in pair])
+    z3 = zstandard.ZstdCompressor(level=3).compress(raw)
+    z19 = zstandard.ZstdCompressor(level=19).compress(raw)
+    zn = zipnn.ZipNN(input_format="byte", bytearray_dtype="bfloat16", threads=numba.get_num_threads())
+    packed = zn.compress(raw)
+    exact = bytes(zn.decompress(packed)) == raw
+    t_dec, _ = _median_seconds(lambda: zstandard.ZstdDecompressor().decompress(z3), 3)
+    return {"raw": len(raw), "zstd3": len(z3), "zstd19": len(z19), "zipnn": len(packed), "zipnn_exact": exact,
+            "zstd3_decode_s": t_dec}
+
+
+def run(json_path: Path | None = None, console: Console | None = None, root: Path = DEFAULT_ROOT,
+        repeats: int = 5, anchors: bool = True) -> list[dict[str, Any]]:
+    """Measure every setting on the eval caches under ``root``; print a table, optionally write JSON rows."""
+    console = console or Console()
+    index = json.loads((root / "index.json").read_text())
+    entries = [e for e in index if e["split"] == "eval"]
+    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
+               "threads": numba.get_num_threads(), "threading_layer": None}
+    acc: dict[str, dict[str, Any]] = {}
+    base: dict[str, Any] = {"raw": 0, "zstd3": 0, "zstd19": 0, "zipnn": 0, "zipnn_exact": True, "fp16": 0,
+                            "zstd3_decode_s": []}
+    for entry in entries:
+        kv = kvpack.decode((root / entry["file"]).read_bytes())
+        base["fp16"] += kv.fp16_bytes
+        if anchors:
+            with console.status(f"anchors on {entry['file']} ..."):
+                a = _anchors(kv)
+            for key in ("raw", "zstd3", "zstd19", "zipnn"):
+                base[key] += a[key]
+            base["zipnn_exact"] &= a["zipnn_exact"]
+            base["zstd3_decode_s"].append(kv.fp16_bytes / a["zstd3_decode_s"])
+        for name, params in SETTINGS:
+            codec = get(name, **params)
+            label = name + "".join(f" {k}={v}" for k, v in params.items())
+            with console.status(f"{label} on {entry['file']} ..."):
+                data = codec.encode(kv)
+                out = codec.decode(data)
+                chunked = sum(len(codec.encode(part)) for part in kv.chunks(STORE_CHUNK))
+                t_enc = _median_seconds(partial(codec.encode, kv), repeats)
+                t_dec = _median_seconds(partial(codec.decode, data), repeats)
+            row = acc.setdefault(label, {"codec": name, "params": codec.params(), "bytes": 0, "chunked_bytes": 0,
+                                         "enc": [], "dec": [], "enc_cpu": [], "dec_cpu": [], "err_k": [],
+                                         "err_v": []})
+            row["bytes"] += len(data)
+            row["chunked_bytes"] += chunked
+            for key, seconds in (("enc", t_enc[0]), ("dec", t_dec[0]), ("enc_cpu", t_enc[1]), ("dec_cpu", t_dec[1])):
+                row[key].append(kv.fp16_bytes / seconds / 1e6)
+            row["err_k"].append(_rel_rmse(kv.keys, out.keys))
+            row["err_v"].append(_rel_rmse(kv.values, out.values))
+    machine["threading_layer"] = numba.threading_layer()
+    fp16 = base["fp16"]
+    rows: list[dict[str, Any]] = []
+    for label, r in acc.items():
+        for chunk, size in ((None, r["bytes"]), (STORE_CHUNK, r["chunked_bytes"])):
+            rows.append({"setting": label, "codec": r["codec"], "params": r["params"], "chunk_tokens": chunk,
+                         "ratio": fp16 / size, "bits_per_element": 16 * size / fp16,
+                         "encode_mb_per_s": statistics.median(r["enc"]),
+                         "decode_mb_per_s": statistics.median(r["dec"]),
+                         "encode_mb_per_cpu_s": statistics.median(r["enc_cpu"]),
+                         "decode_mb_per_cpu_s": statistics.median(r["dec_cpu"]),
+                         "rel_rmse_k": statistics.mean(r["err_k"]), "rel_rmse_v": statistics.mean(r["err_v"]),
+                         "documents": [e["document"] for e in entries], **machine})
+    if anchors:
+        for label, key in (("zstd -3", "zstd3"), ("zstd -19", "zstd19"), ("zipnn (bf16)", "zipnn")):
+            rows.append({"setting": label, "codec": key, "params": {}, "chunk_tokens": None,
+                         "ratio": fp16 / base[key], "bits_per_element": 16 * base[key] / fp16,
+                         "encode_mb_per_s": None,
+                         "decode_mb_per_s": statistics.median(base["zstd3_decode_s"]) / 1e6 if key == "zstd3"
+                         else None,
+                         "rel_rmse_k": 0.0, "rel_rmse_v": 0.0, "documents": [e["document"] for e in entries],
+                         **({"zipnn_exact": base["zipnn_exact"]} if key == "zipnn" else {}), **machine})
+    _print(console, rows, machine, len(entries))
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=2))
+        console.print(f"wrote {json_path}")
+    return rows
+
+
+def _print(console: Console, rows: list[dict[str, Any]], machine: dict[str, Any], n_docs: int) -> None:
+    table = Table(title=f"codecs on {n_docs} dumped eval caches: {machine['cpu']}, {machine['cores']} cores, "
+                        f"{machine['threads']} numba threads ({machine['threading_layer']}), "
+                        f"load {machine['load_1min']:.1f}")
+    columns = ("setting", "chunk", "ratio", "bits/el", "enc MB/s", "dec MB/s", "dec MB/cpu-s", "rel RMSE K",
+               "rel RMSE V")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        table.add_row(r["setting"], fmt(r["chunk_tokens"], "d") if r["chunk_tokens"] else "doc",
+                      f"{r['ratio']:.3f}", f"{r['bits_per_element']:.3f}", fmt(r["encode_mb_per_s"], ".0f"),
+                      fmt(r["decode_mb_per_s"], ".0f"), fmt(r.get("decode_mb_per_cpu_s"), ".0f"),
+                      f"{r['rel_rmse_k']:.4f}", f"{r['rel_rmse_v']:.4f}")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-anchors", action="store_true", help="skip zstd and ZipNN (zstd -19 is slow)")
+    args = parser.parse_args()
+    run(args.json, root=args.root, repeats=args.repeats, anchors=not args.no_anchors)
+
+
+if __name__ == "__main__":
+    main()

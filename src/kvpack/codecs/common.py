@@ -1,0 +1,281 @@
+"""Building blocks shared by the codecs: symbol rows coded with rANS under per-class tables, float rounding.
+
+**Symbol rows.** The codecs turn a KV cache into rows of small integer symbols, one row per
+``(layer, K/V, head, channel)`` running over the tokens (``[n_groups, rows, tokens]`` with ``n_groups = 2 *
+num_layers`` and ``rows = num_kv_heads * head_dim``). Channels differ in their statistics, but a table per row costs
+far too much to store (about 50 bytes for an exponent table, measured on SmolLM2's KV, 0.25 bit per element at 1536
+tokens and 0.8 at 256), while one table per group misses the differences. :func:`encode_rows` finds, per group,
+``n_classes`` tables by clustering the rows' symbol histograms (a few rounds of k-means under the coded size) and
+codes every row with its class's table; the class of each row is stored in ``log2(n_classes)`` bits.
+
+Stream layout: rows are sorted (stably) by ``(group, class)``; consecutive rows of the same class are cut into rANS
+lanes of ``ceil(LANE_SYMBOLS / tokens)`` rows (lanes of a few thousand symbols keep the per-lane flush below 1%);
+lane tables are ``group * n_classes + class``. The blob (:func:`kvpack.entropy.pack`, tables included) is followed
+by nothing else; the class ids travel separately (:func:`pack_classes`). The decoder gets the symbols back in the
+sorted order plus the offset of every row in it, so a codec's reconstruction kernel reads row ``r`` at
+``symbols[row_offset[r] : row_offset[r] + tokens]`` without a permutation copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from kvpack.entropy import pack, parse, quantize_freqs
+from kvpack.entropy.rans import decode_lanes
+from kvpack.errors import FormatError
+from kvpack.kv import KVCache
+from kvpack.spec import DTYPES
+
+#: Below this many elements a chunk is coded on one thread: waking numba's workers costs milliseconds on a busy
+#: machine, more than the work itself.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+#: Target symbols per rANS lane: a lane pays ~6 bytes (final state and word count), < 1% of 4K symbols.
+LANE_SYMBOLS = 4096
+#: k-means rounds when assigning rows to class tables (converges in 3-6 on real KV).
+KMEANS_ROUNDS = 8
+#: Allowed numbers of class tables per group (a power of two, so class ids pack into whole bits).
+CLASS_CHOICES = (1, 2, 4, 8, 16)
+
+
+@contextmanager
+def threads_for(elements: int) -> Iterator[None]:
+    """Run the numba kernels inside on one thread when ``elements`` is below :data:`PARALLEL_MIN_ELEMENTS`."""
+    if elements >= PARALLEL_MIN_ELEMENTS:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def check_classes(n_classes: int) -> None:
+    """Validate a codec's ``classes`` parameter (``ValueError`` with the allowed values)."""
+    if n_classes not in CLASS_CHOICES:
+        raise ValueError(f"classes must be one of {CLASS_CHOICES}, got {n_classes!r}")
+
+
+def _class_bits(n_classes: int) -> int:
+    return n_classes.bit_length() - 1
+
+
+def assign_classes(hist: np.ndarray, n_classes: int) -> np.ndarray:
+    """Cluster rows by their symbol histograms into ``n_classes`` tables per group.
+
+    Args:
+        hist: int64 ``[n_groups, rows, alphabet]`` symbol counts per row.
+        n_classes: tables per group.
+
+    Returns:
+        uint8 ``[n_groups, rows]``: the class of every row. Starts from quantiles of the rows' mean symbol and
+        moves each row to the class whose (add-one smoothed) distribution codes it in the fewest bits, for up to
+        :data:`KMEANS_ROUNDS` rounds.
+    """
+    n_groups, rows, alphabet = hist.shape
+    if n_classes == 1 or rows == 0:
+        return np.zeros((n_groups, rows), np.uint8)
+    h = hist.astype(np.float64)
+    total = np.maximum(h.sum(axis=2), 1.0)
+    mean = (h @ np.arange(alphabet, dtype=np.float64)) / total
+    rank = np.argsort(np.argsort(mean, axis=1, kind="stable"), axis=1, kind="stable")
+    assign = (rank * n_classes // rows).astype(np.int64)
+    for _ in range(KMEANS_ROUNDS):
+        counts = _class_counts(h, assign, n_classes) + 1.0 / alphabet
+        logp = np.log2(counts / counts.sum(axis=2, keepdims=True))
+        new = (h @ logp.transpose(0, 2, 1)).argmax(axis=2)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+    return assign.astype(np.uint8)
+
+
+def _class_counts(hist: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Summed histograms ``[n_groups, n_classes, alphabet]`` of the rows of each class (``hist``'s dtype)."""
+    onehot = (classes[:, :, None] == np.arange(n_classes)).astype(hist.dtype)
+    return onehot.transpose(0, 2, 1) @ hist
+
+
+def pack_classes(classes: np.ndarray, n_classes: int) -> bytes:
+    """Class ids (uint8, each ``< n_classes``) in ``log2(n_classes)`` bits each, most significant bit first."""
+    bits = _class_bits(n_classes)
+    if bits == 0:
+        return b""
+    flat = classes.reshape(-1, 1)
+    planes = (flat >> np.arange(bits - 1, -1, -1, dtype=np.uint8)) & 1
+    return np.packbits(planes.astype(np.uint8).reshape(-1)).tobytes()
+
+
+def unpack_classes(data: bytes | memoryview, n_rows: int, n_classes: int) -> np.ndarray:
+    """Inverse of :func:`pack_classes`: uint8 ``[n_rows]``; a wrong length is a :class:`FormatError`."""
+    bits = _class_bits(n_classes)
+    expected = (n_rows * bits + 7) // 8
+    if len(data) != expected:
+        raise FormatError(f"class section has {len(data)} bytes, expected {expected} for {n_rows} rows")
+    if bits == 0:
+        return np.zeros(n_rows, np.uint8)
+    planes = np.unpackbits(np.frombuffer(data, np.uint8), count=n_rows * bits).reshape(n_rows, bits)
+    return (planes << np.arange(bits - 1, -1, -1, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+
+
+def _row_order(classes: np.ndarray, n_groups: int, n_classes: int) -> np.ndarray:
+    """Rows (flat index) sorted stably by ``(group, class)``: int64 ``[n_groups * rows]``."""
+    rows = classes.size // max(n_groups, 1)
+    key = np.repeat(np.arange(n_groups, dtype=np.int64), rows) * n_classes + classes.reshape(-1)
+    return np.argsort(key, kind="stable")
+
+
+def _lanes(sorted_keys: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lane starts (int64 ``[n_lanes + 1]``, in symbols) and tables (int32) for rows sorted by table key."""
+    n_rows = sorted_keys.size
+    per_lane = max(1, -(-LANE_SYMBOLS // max(tokens, 1)))
+    run_start = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]) if n_rows else np.zeros(0, np.int64)
+    position = np.arange(n_rows) - np.repeat(run_start, np.diff(np.r_[run_start, n_rows]))
+    first = np.flatnonzero(position % per_lane == 0)
+    starts = np.r_[first, n_rows].astype(np.int64) * tokens
+    return starts, sorted_keys[first].astype(np.int32)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _row_histograms(flat: np.ndarray, alphabet: int) -> np.ndarray:
+    """int64 ``[n_rows, alphabet]`` symbol counts of every row of uint8 ``flat [n_rows, tokens]``."""
+    hist = np.zeros((flat.shape[0], alphabet), np.int64)
+    for r in prange(flat.shape[0]):
+        for t in range(flat.shape[1]):
+            hist[r, flat[r, t]] += 1
+    return hist
+
+
+def encode_rows(symbols: np.ndarray, alphabet: int, n_classes: int) -> tuple[bytes, bytes]:
+    """Entropy-code symbol rows with per-class tables.
+
+    Args:
+        symbols: uint8 ``[n_groups, rows, tokens]``, every value ``< alphabet``.
+        alphabet: 1..256.
+        n_classes: tables per group, one of :data:`CLASS_CHOICES`.
+
+    Returns:
+        ``(blob, classes)``: the rANS blob (tables included) and the packed class ids of the rows.
+    """
+    n_groups, rows, tokens = symbols.shape
+    flat = symbols.reshape(n_groups * rows, tokens)
+    hist = _row_histograms(flat, alphabet).reshape(n_groups, rows, alphabet)
+    classes = assign_classes(hist, n_classes)
+    key = (np.arange(n_groups, dtype=np.int64)[:, None] * n_classes + classes).reshape(-1)
+    counts = _class_counts(hist, classes.astype(np.int64), n_classes).reshape(-1, alphabet)
+    order = _row_order(classes, n_groups, n_classes)
+    starts, lane_table = _lanes(key[order], tokens)
+    blob = pack(flat[order].reshape(-1), starts, lane_table, quantize_freqs(counts))
+    return blob, pack_classes(classes, n_classes)
+
+
+def decode_rows(blob: bytes | memoryview, classes: bytes | memoryview, shape: tuple[int, int, int], alphabet: int,
+                n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_rows`.
+
+    Args:
+        blob, classes: the two byte strings :func:`encode_rows` returned.
+        shape: ``(n_groups, rows, tokens)`` the caller expects.
+        alphabet, n_classes: as encoded.
+
+    Returns:
+        ``(symbols, row_offset)``: uint8 ``[n_groups * rows * tokens]`` in the stream's row order, and int64
+        ``[n_groups * rows]``, where row ``r`` (flat ``group * rows + row``) starts in ``symbols``.
+
+    Raises:
+        FormatError: a blob that is not exactly ``n_groups * rows * tokens`` symbols of this alphabet, coded with
+            ``n_groups * n_classes`` tables, or a class section of the wrong size.
+    """
+    n_groups, rows, tokens = shape
+    n_rows = n_groups * rows
+    total = n_rows * tokens
+    cls = unpack_classes(classes, n_rows, n_classes)
+    stream = parse(blob, max_symbols=total)
+    if int(stream.lane_starts[-1]) != total:
+        raise FormatError(f"symbol stream holds {int(stream.lane_starts[-1])} symbols, expected {total}")
+    if stream.freqs.shape != (n_groups * n_classes, alphabet):
+        raise FormatError(f"symbol stream has tables {stream.freqs.shape}, expected {(n_groups * n_classes, alphabet)}")
+    symbols = decode_lanes(stream.words, stream.word_offsets, stream.lane_starts, stream.lane_table, stream.freqs)
+    row_offset = np.empty(n_rows, np.int64)
+    row_offset[_row_order(cls, n_groups, n_classes)] = np.arange(n_rows, dtype=np.int64) * tokens
+    return symbols, row_offset
+
+
+#: Output float layouts of :func:`float_bits`: the KV dtypes, each written as its bit pattern.
+OUT_KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
+
+
+@njit(nogil=True, cache=True, inline="always")
+def f32_to_bf16_bits(u: int) -> int:
+    """bfloat16 bits of the float32 with bits ``u``, rounded to nearest even as torch does; NaN stays a quiet NaN."""
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return ((u >> 16) | 0x40) & 0xFFFF
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+@njit(nogil=True, cache=True, inline="always")
+def f32_to_f16_bits(u: int) -> int:
+    """float16 bits of the float32 with bits ``u``, rounded to nearest even (subnormals, overflow to inf, NaN)."""
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a > 0x7F800000:
+        return sign | 0x7E00
+    if a >= 0x477FF000:  # 65520 and above round to inf
+        return sign | 0x7C00
+    if a >= 0x38800000:  # normal: rebias the exponent, round the 13 dropped bits to nearest even
+        r = a - 0x38000000
+        return sign | ((r + 0xFFF + ((r >> 13) & 1)) >> 13)
+    if a < 0x33000000:  # below half the smallest subnormal
+        return sign
+    shift = 126 - (a >> 23)  # subnormal: the value in units of 2**-24 is m >> shift
+    m = (a & 0x7FFFFF) | 0x800000
+    r = m >> shift
+    rem = m & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    return sign | (r + ((rem > half) | ((rem == half) & (r & 1))))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def float_bits(u: int, kind: int) -> int:
+    """The float32 with bits ``u`` as the bits of output kind ``kind`` (:data:`OUT_KINDS`), rounded to nearest even.
+
+    Pass ``kind`` as a compile-time constant (a closure variable of a kernel factory) so the branch folds away.
+    """
+    if kind == 1:
+        return f32_to_bf16_bits(u)
+    if kind == 2:
+        return f32_to_f16_bits(u)
+    return u
+
+
+def stacked_float32(kv: KVCache) -> np.ndarray:
+    """Keys and values of every layer as one float32 array ``[2 * num_layers * num_kv_heads, tokens, head_dim]``
+    (tiles ordered layer, K/V, head); exact for every KV dtype, numpy only (no torch thread pool)."""
+    tensors = [t.contiguous() for pair in zip(kv.keys, kv.values, strict=True) for t in pair]
+    spec = kv.spec
+    shape = (2 * spec.num_layers * spec.num_kv_heads, kv.num_tokens, spec.head_dim)
+    if spec.dtype == "bfloat16":
+        halves = np.stack([t.view(torch.int16).numpy() for t in tensors]).view(np.uint16)
+        return (halves.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    if spec.dtype == "float16":
+        return np.stack([t.numpy() for t in tensors]).astype(np.float32).reshape(shape)
+    return np.stack([t.numpy() for t in tensors]).reshape(shape)
+
+
+def out_buffer(shape: tuple[int, ...], dtype: str) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised tensor of ``shape`` in KV dtype ``dtype`` and the same memory as unsigned bits (numpy)."""
+    out = torch.empty(shape, dtype=DTYPES[dtype])
+    wide = out.element_size() == 4
+    return out, out.view(torch.int32 if wide else torch.int16).numpy().view(np.uint32 if wide else np.uint16)
+
+
+__all__ = ["CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "assign_classes", "check_classes", "decode_rows",
+           "encode_rows", "f32_to_bf16_bits", "f32_to_f16_bits", "float_bits", "out_buffer", "pack_classes",
+           "stacked_float32", "threads_for", "unpack_classes"]

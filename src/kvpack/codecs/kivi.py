@@ -1,0 +1,274 @@
+"""`kivi`: KIVI asymmetric low-bit quantization (keys per channel, values per token), symbols coded with rANS.
+
+Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache" (ICML 2024, arXiv 2402.02750): keys
+have outlier *channels*, so they are quantized per channel over groups of ``group`` consecutive tokens; values have
+no such structure and are quantized per token over groups of ``group`` consecutive channels. Each group stores its
+minimum ``m`` and step ``s = (max - m) / (2**bits - 1)`` (float16, as in the paper) and every element the integer
+``q = round((x - m) / s)`` in ``0 .. 2**bits - 1``. The paper keeps the most recent ``residual`` tokens (128) in
+full precision; kvpack also keeps ``sink`` attention-sink tokens exact (REFERENCES.md §9: compressing the first
+tokens of a sequence costs far more quality than their size).
+
+In a stored chunk, *sink* tokens are the leading tokens whose absolute position is below ``sink`` (only the first
+chunk of a sequence has any), and *residual* tokens are the chunk's last ``residual`` tokens. Both are stored as they
+are (the cache dtype); the tokens between are quantized (a last key group shorter than ``group`` is allowed, as is a
+last value group when ``head_dim`` is not a multiple of ``group``). The symbols, one row per
+``(layer, K/V, head, channel)`` over the quantized tokens, are entropy coded with rANS (tables per (layer, K/V,
+class), :mod:`kvpack.codecs.common`), which the paper does not do (it bit-packs).
+
+Sections: ``params`` (float16 little-endian: key minima ``[layers, heads, head_dim, key groups]``, key steps (same
+shape), value minima ``[layers, heads, quantized tokens, value groups]``, value steps), ``classes``, ``symbols``,
+``exact`` (per layer keys then values ``[heads, sink + residual tokens, head_dim]`` in the cache dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from kvpack.codecs.base import Codec, Payload, register
+from kvpack.codecs.common import (
+    OUT_KINDS,
+    check_classes,
+    decode_rows,
+    encode_rows,
+    float_bits,
+    out_buffer,
+    stacked_float32,
+    threads_for,
+)
+from kvpack.codecs.raw import tensor_bytes
+from kvpack.errors import CodecError, FormatError
+from kvpack.format import Container
+from kvpack.kv import KVCache
+from kvpack.spec import ModelSpec
+
+BITS = (2, 3, 4)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Minima and maxima (float64) of the key groups ``[L, H, D, gk]`` and value groups ``[L, H, count, gv]``.
+
+    ``x [2L * H, tokens, D]`` (float32) with tiles ordered (layer, K/V, head); tokens ``first .. first + count``.
+    """
+    tiles, _, dim = x.shape
+    layers = tiles // (2 * heads)
+    gk = (count + group - 1) // group
+    gv = (dim + group - 1) // group
+    kmin = np.full((layers, heads, dim, gk), np.inf)
+    kmax = np.full((layers, heads, dim, gk), -np.inf)
+    vmin = np.full((layers, heads, count, gv), np.inf)
+    vmax = np.full((layers, heads, count, gv), -np.inf)
+    for tile in prange(tiles):
+        layer, kind, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
+        for i in range(count):
+            for c in range(dim):
+                v = np.float64(x[tile, first + i, c])
+                if kind == 0:
+                    kmin[layer, h, c, i // group] = min(kmin[layer, h, c, i // group], v)
+                    kmax[layer, h, c, i // group] = max(kmax[layer, h, c, i // group], v)
+                else:
+                    vmin[layer, h, i, c // group] = min(vmin[layer, h, i, c // group], v)
+                    vmax[layer, h, i, c // group] = max(vmax[layer, h, i, c // group], v)
+    return kmin, kmax, vmin, vmax
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _quantize(x: np.ndarray, heads: int, first: int, count: int, group: int, levels: int, kmin: np.ndarray,
+              kstep: np.ndarray, vmin: np.ndarray, vstep: np.ndarray) -> np.ndarray:
+    """Symbols ``[rows, count]`` (row = tile * D + channel): ``clip(round((x - m) / s), 0, levels - 1)``."""
+    tiles, _, dim = x.shape
+    out = np.empty((tiles * dim, count), np.uint8)
+    for tile in prange(tiles):
+        layer, kind, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
+        for i in range(count):
+            for c in range(dim):
+                if kind == 0:
+                    m, s = kmin[layer, h, c, i // group], kstep[layer, h, c, i // group]
+                else:
+                    m, s = vmin[layer, h, i, c // group], vstep[layer, h, i, c // group]
+                q = np.rint((np.float64(x[tile, first + i, c]) - m) / s) if s > 0 else 0.0
+                out[tile * dim + c, i] = min(max(q, 0.0), levels - 1.0)
+    return out
+
+
+def _decoder(kind: int) -> Any:
+    """The reconstruction kernel for output kind ``kind`` (``common.OUT_KINDS``), with the kind as a constant."""
+
+    @njit(nogil=True, cache=True, parallel=True)
+    def reconstruct(out, heads, first, count, group, levels, symbols, row_offset,  # type: ignore[no-untyped-def]
+                    kmin, kstep, vmin, vstep):
+        """Quantized tokens ``first .. first + count`` of ``out [tiles, tokens, dim]``: ``m + q * s`` in float32,
+        rounded to the cache dtype, through a table of the ``levels`` values of each group."""
+        tiles, _, dim = out.shape
+        for tile in prange(tiles):
+            layer, is_value, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
+            offs = row_offset[tile * dim : (tile + 1) * dim]
+            value = np.empty(levels, np.float32)
+            bits = value.view(np.uint32)
+            lut = np.empty((dim, levels), out.dtype)
+            o = out[tile]
+            if is_value:
+                for i in range(count):
+                    for c0 in range(0, dim, group):
+                        m, s = vmin[layer, h, i, c0 // group], vstep[layer, h, i, c0 // group]
+                        for q in range(levels):
+                            value[q] = m + np.float32(q) * s
+                        for q in range(levels):
+                            lut[0, q] = float_bits(np.int64(bits[q]), kind)
+                        for c in range(c0, min(c0 + group, dim)):
+                            o[first + i, c] = lut[0, symbols[offs[c] + i]]
+            else:
+                for i0 in range(0, count, group):
+                    for c in range(dim):
+                        m, s = kmin[layer, h, c, i0 // group], kstep[layer, h, c, i0 // group]
+                        for q in range(levels):
+                            value[q] = m + np.float32(q) * s
+                        for q in range(levels):
+                            lut[c, q] = float_bits(np.int64(bits[q]), kind)
+                    for i in range(i0, min(i0 + group, count)):
+                        for c in range(dim):
+                            o[first + i, c] = lut[c, symbols[offs[c] + i]]
+
+    return reconstruct
+
+
+_DECODERS = {name: _decoder(kind) for name, kind in OUT_KINDS.items()}
+
+
+def _fp16_toward(v: np.ndarray, direction: float) -> np.ndarray:
+    """float16 values nearest to ``v`` (float64) on the side of ``direction`` (-inf: ``<= v``, +inf: ``>= v``)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = v.astype(np.float16)
+    wrong = h.astype(np.float64) < v if direction > 0 else h.astype(np.float64) > v
+    h[wrong] = np.nextafter(h[wrong], np.float16(direction))
+    return h
+
+
+@register
+@dataclass(frozen=True)
+class KiviCodec(Codec):
+    """KIVI (Liu et al., arXiv 2402.02750): per-channel keys, per-token values, ``bits``-bit asymmetric groups.
+
+    Shapes: keys and values ``[num_kv_heads, tokens, head_dim]`` per layer; key groups ``[layers, heads, head_dim,
+    ceil(Tq / group)]``, value groups ``[layers, heads, Tq, ceil(head_dim / group)]`` with ``Tq`` the quantized
+    tokens; decoded tensors are views of one ``[2 * num_layers, num_kv_heads, tokens, head_dim]`` buffer.
+
+    Parameters:
+        bits: 2, 3 or 4 bits per quantized element (before entropy coding).
+        group: tokens per key group and channels per value group (paper: 32).
+        sink: tokens at absolute positions below this are kept exact (default 4; REFERENCES.md §9).
+        residual: the chunk's last ``residual`` tokens are kept exact (paper: 128 for the streaming window; default
+            0 here, because a stored chunk's last tokens are not the ones a model is about to attend to most: a
+            chunk is reused as history, and the live cache after it is exact anyway).
+        classes: rANS tables per (layer, K/V) (1, 2, 4, 8 or 16).
+
+    Error bound (every quantized element ``x`` of a group with stored minimum ``m`` and step ``s``, decoded ``x̂``;
+    verified by the tests)::
+
+        |x - x̂| <= s / 2  +  2**-23 * |x̂|  +  u * |x̂|
+
+    ``m`` is ``min`` rounded down to float16 and ``s`` is ``(max - m) / (2**bits - 1)`` rounded up, so the grid
+    ``m, m + s, ..., m + (2**bits - 1) s`` covers the group and rounding to it is off by at most ``s / 2``;
+    ``2**-23 |x̂|`` is the float32 evaluation of ``m + q s``, and ``u |x̂|`` the rounding to the cache dtype
+    (``u = 2**-8`` bfloat16, ``2**-11`` float16 plus ``2**-25`` absolute below ``2**-14``, 0 float32). Exact tokens
+    (sinks, residual) decode bit-exactly. Caches with non-finite values, or values beyond float16's range (±65504),
+    are refused (:class:`CodecError`).
+    """
+
+    name = "kivi"
+    version = 1
+    bits: int = 2
+    group: int = 32
+    sink: int = 4
+    residual: int = 0
+    classes: int = 4
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
+        if not isinstance(self.group, int) or not 1 <= self.group <= 4096:
+            raise ValueError(f"group must be an integer in 1..4096, got {self.group!r}")
+        for attr in ("sink", "residual"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or not 0 <= value <= 1 << 20:
+                raise ValueError(f"{attr} must be an integer in 0..{1 << 20}, got {value!r}")
+        check_classes(self.classes)
+
+    def _exact_counts(self, positions: torch.Tensor) -> tuple[int, int]:
+        """(sink tokens, residual tokens) of a chunk with these absolute positions."""
+        below = (positions < self.sink).to(torch.int64)
+        n_sink = int(below.cumprod(0).sum()) if below.numel() else 0
+        return n_sink, min(self.residual, positions.numel() - n_sink)
+
+    def encode_payload(self, kv: KVCache) -> Payload:
+        with threads_for(kv.num_tokens * kv.spec.elements_per_token):
+            n_sink, n_res = self._exact_counts(kv.positions)
+            tensors = [t for pair in zip(kv.keys, kv.values, strict=True) for t in pair]
+            groups, heads, tokens, dim = 2 * kv.spec.num_layers, kv.spec.num_kv_heads, kv.num_tokens, kv.spec.head_dim
+            count = tokens - n_sink - n_res
+            xs = stacked_float32(kv)
+            if not np.isfinite(xs).all():
+                raise CodecError("kivi cannot encode a cache with NaN or infinite values; use the lossless codec")
+            kmin, kmax, vmin, vmax = _group_ranges(xs, heads, n_sink, count, self.group)
+            levels = (1 << self.bits) - 1
+            params = []
+            for lo, hi in ((kmin, kmax), (vmin, vmax)):
+                m16 = _fp16_toward(lo, -np.inf)
+                s16 = _fp16_toward((hi - m16.astype(np.float64)) / levels, np.inf)
+                if not (np.isfinite(m16).all() and np.isfinite(s16).all()):
+                    raise CodecError("kivi stores group minima and steps in float16: values beyond ±65504 cannot be "
+                                     "encoded; use the fp8 or lossless codec")
+                params += [m16, s16]
+            k_m, k_s, v_m, v_s = (p.astype(np.float64) for p in params)
+            symbols = _quantize(xs, heads, n_sink, count, self.group, levels + 1, k_m, k_s, v_m, v_s)
+            blob, classes = encode_rows(symbols.reshape(groups, heads * dim, count), levels + 1, self.classes)
+            exact = [torch.cat([t[:, :n_sink], t[:, tokens - n_res :]], dim=1) for t in tensors]
+            return Payload(meta={"sink_tokens": n_sink, "residual_tokens": n_res}, sections={
+                "params": b"".join(p.astype("<f2").tobytes() for p in params),
+                "classes": classes,
+                "symbols": blob,
+                "exact": tensor_bytes(exact),
+            })
+
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
+                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        with threads_for(num_tokens * spec.elements_per_token):
+            n_sink, n_res = meta.get("sink_tokens"), meta.get("residual_tokens")
+            if not (isinstance(n_sink, int) and isinstance(n_res, int) and n_sink >= 0 and n_res >= 0
+                    and n_sink + n_res <= num_tokens):
+                raise FormatError(f"kivi meta has bad exact token counts {n_sink!r}, {n_res!r} for {num_tokens} tokens")
+            layers, heads, dim, group = spec.num_layers, spec.num_kv_heads, spec.head_dim, self.group
+            count = num_tokens - n_sink - n_res
+            gk, gv = -(-count // group), -(-dim // group)
+            shapes = [(layers, heads, dim, gk)] * 2 + [(layers, heads, count, gv)] * 2
+            sizes = [int(np.prod(s)) for s in shapes]
+            raw = container.section("params")
+            if len(raw) != 2 * sum(sizes):
+                raise FormatError(f"params section has {len(raw)} bytes, expected {2 * sum(sizes)}")
+            flat = np.frombuffer(raw, "<f2").astype(np.float32)
+            if not np.isfinite(flat).all():
+                raise FormatError("kivi group minima and steps must be finite")
+            ends = np.cumsum(sizes)
+            k_m, k_s, v_m, v_s = (flat[e - n : e].reshape(s) for e, n, s in zip(ends, sizes, shapes, strict=True))
+            symbols, row_offset = decode_rows(container.section("symbols"), container.section("classes"),
+                                              (2 * layers, heads * dim, count), 1 << self.bits, self.classes)
+            out, bits = out_buffer((2 * layers, heads, num_tokens, dim), spec.dtype)
+            tiles = bits.reshape(2 * layers * heads, num_tokens, dim)
+            exact = container.section("exact")
+            n_exact = n_sink + n_res
+            if len(exact) != 2 * layers * heads * n_exact * dim * bits.itemsize:
+                raise FormatError(f"exact section has {len(exact)} bytes, expected "
+                                  f"{2 * layers * heads * n_exact * dim * bits.itemsize}")
+            kept = np.frombuffer(exact, bits.dtype.newbyteorder("<")).reshape(2 * layers * heads, n_exact, dim)
+            tiles[:, :n_sink] = kept[:, :n_sink]
+            tiles[:, num_tokens - n_res :] = kept[:, n_sink:]
+            _DECODERS[spec.dtype](tiles, heads, n_sink, count, group, 1 << self.bits, symbols, row_offset, k_m, k_s,
+                                  v_m, v_s)
+            return list(out[0::2]), list(out[1::2])

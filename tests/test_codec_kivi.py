@@ -1,0 +1,133 @@
+"""The `kivi` codec: the documented error bound on random and real KV, exact sink/residual tokens, bad input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvpack
+from conftest import make_kv
+from kvpack.codecs import get
+from kvpack.errors import CodecError, FormatError
+from kvpack.format import read_container, write_container
+from kvpack.kv import KVCache
+from test_codec_fp8 import OUT_U, stacked
+from test_codec_lossless import real_cache, with_sections
+
+
+def steps(data: bytes, kv: KVCache, group: int) -> tuple[torch.Tensor, int, int]:
+    """Per quantized element the step ``s`` of its group ``[2L, H, Tq, D]``, and the sink and residual counts."""
+    container = read_container(data)
+    n_sink, n_res = container.header["meta"]["sink_tokens"], container.header["meta"]["residual_tokens"]
+    layers, heads, dim = kv.spec.num_layers, kv.spec.num_kv_heads, kv.spec.head_dim
+    count = kv.num_tokens - n_sink - n_res
+    gk, gv = -(-count // group), -(-dim // group)
+    p = np.frombuffer(container.section("params"), "<f2").astype(np.float64)
+    nk, nv = layers * heads * dim * gk, layers * heads * count * gv
+    kstep = torch.from_numpy(p[nk : 2 * nk].reshape(layers, heads, dim, gk)).repeat_interleave(group, dim=3)
+    vstep = torch.from_numpy(p[2 * nk + nv :].reshape(layers, heads, count, gv)).repeat_interleave(group, dim=3)
+    both = torch.stack([kstep[..., :count].transpose(2, 3), vstep[..., :dim]], dim=1)
+    return both.reshape(2 * layers, heads, count, dim), n_sink, n_res
+
+
+def check_bound(kv: KVCache, **params: Any) -> tuple[KVCache, bytes, int, int]:
+    """Encode, decode, assert |x - x̂| <= s/2 + (2^-23 + u)|x̂| on quantized tokens and exactness elsewhere."""
+    codec = get("kivi", **params)
+    data = codec.encode(kv)
+    out = kvpack.decode(data)
+    step, n_sink, n_res = steps(data, kv, codec.group)
+    x, xh = stacked(kv), stacked(out)
+    t = kv.num_tokens
+    u, floor = OUT_U[kv.spec.dtype]
+    q, qh = x[:, :, n_sink : t - n_res], xh[:, :, n_sink : t - n_res]
+    bound = step / 2 + (2.0**-23 + u) * qh.abs() + floor
+    err = (q - qh).abs()
+    assert bool((err <= bound).all()), float((err / bound.clamp_min(1e-300)).max())
+    assert torch.equal(x[:, :, :n_sink], xh[:, :, :n_sink])
+    assert torch.equal(x[:, :, t - n_res :], xh[:, :, t - n_res :])
+    assert torch.equal(out.positions, kv.positions)
+    return out, data, n_sink, n_res
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtype=st.sampled_from(["bfloat16", "float16", "float32"]), bits=st.sampled_from([2, 3, 4]),
+       group=st.sampled_from([1, 3, 8, 32]), tokens=st.integers(0, 70), head_dim=st.sampled_from([1, 5, 8, 12]),
+       sink=st.integers(0, 6), residual=st.integers(0, 10), start=st.sampled_from([0, 2, 100]),
+       scale=st.floats(-10, 6), classes=st.sampled_from([1, 4]), seed=st.integers(0, 1000))
+def test_error_bound_on_random_kv(dtype: str, bits: int, group: int, tokens: int, head_dim: int, sink: int,
+                                  residual: int, start: int, scale: float, classes: int, seed: int) -> None:
+    kv = make_kv(tokens=tokens, seed=seed, start=start, head_dim=head_dim, dtype="float32")
+    spec = kvpack.spec.ModelSpec(**{**kv.spec.__dict__, "dtype": dtype})
+    shifted = [(t * 2.0**scale + 5.0 * (torch.arange(head_dim) % 3 - 1)).to(spec.torch_dtype) for t in kv.keys]
+    kv = KVCache(spec=spec, keys=shifted, values=[(t * 2.0**scale).to(spec.torch_dtype) for t in kv.values],
+                 positions=kv.positions)
+    _, _, n_sink, n_res = check_bound(kv, bits=bits, group=group, sink=sink, residual=residual, classes=classes)
+    assert n_sink == max(0, min(sink - start, tokens))
+    assert n_res == min(residual, tokens - n_sink)
+
+
+def test_sinks_follow_absolute_positions() -> None:
+    """Only the chunk holding positions below `sink` keeps them; ratios grow with bits going down."""
+    kv = make_kv(tokens=64, head_dim=16)
+    first, later = kv[:32], kv.chunks(32)[1]
+    assert check_bound(first, sink=4)[2] == 4
+    assert check_bound(later, sink=4)[2] == 0
+    sizes = [len(get("kivi", bits=b).encode(kv)) for b in (2, 3, 4)]
+    assert sizes[0] < sizes[1] < sizes[2] < kv.fp16_bytes / 2
+
+
+def test_constant_groups_and_outlier_channel() -> None:
+    kv = make_kv(tokens=40, head_dim=8, dtype="bfloat16")
+    keys = [k.clone() for k in kv.keys]
+    keys[0][:, :, 0] = 1.5  # constant channel: step 0, exact
+    keys[1][:, :, 1] = 300.0 * torch.randn(2, 40).to(torch.bfloat16)
+    values = [v.clone() for v in kv.values]
+    values[2][:, 5, :] = -0.25  # constant token
+    kv = KVCache(spec=kv.spec, keys=keys, values=values, positions=kv.positions)
+    out = check_bound(kv, bits=2, sink=0)[0]
+    assert bool((out.keys[0][:, :, 0] == 1.5).all()) and bool((out.values[2][:, 5, :] == -0.25).all())
+
+
+def test_bad_parameters_and_unencodable_caches() -> None:
+    for params in ({"bits": 1}, {"bits": 8}, {"group": 0}, {"sink": -1}, {"residual": -2}, {"classes": 3}):
+        with pytest.raises(CodecError):
+            get("kivi", **params)
+    kv = make_kv(tokens=10)
+    for bad in (float("nan"), float("inf"), 1e6):
+        keys = [k.clone() for k in kv.keys]
+        keys[0][1, 4, 3] = bad
+        with pytest.raises(CodecError):
+            get("kivi").encode(KVCache(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions))
+
+
+def test_bad_sections_and_meta_are_format_errors() -> None:
+    kv = make_kv(tokens=45)
+    data = get("kivi", residual=5).encode(kv)
+    for section in ("params", "classes", "symbols", "exact"):
+        with pytest.raises(FormatError):
+            kvpack.decode(with_sections(data, {section: lambda b: b[:-1]}))
+        with pytest.raises(FormatError):
+            kvpack.decode(with_sections(data, {section: lambda b: b + b"\x00\x01"}))
+    container = read_container(data)
+    sections = {k: bytes(v) for k, v in container.sections.items()}
+    for meta in ({"sink_tokens": 4}, {"sink_tokens": 40, "residual_tokens": 10}, {"sink_tokens": -1,
+                                                                                   "residual_tokens": 0}):
+        header = {k: v for k, v in container.header.items() if k != "sections"}
+        with pytest.raises(FormatError, match="exact token counts"):
+            kvpack.decode(write_container({**header, "meta": meta}, sections))
+    nan = np.full(len(sections["params"]) // 2, np.nan, "<f2").tobytes()
+    with pytest.raises(FormatError, match="finite"):
+        kvpack.decode(with_sections(data, {"params": lambda b: nan}))
+
+
+@pytest.mark.model
+def test_real_kv_bound_and_ratio(smollm: Any) -> None:
+    kv = real_cache(smollm, 128)
+    for bits, least in ((2, 4.0), (4, 2.5)):
+        _, data, n_sink, _ = check_bound(kv, bits=bits)
+        assert n_sink == 4 and kv.fp16_bytes / len(data) > least

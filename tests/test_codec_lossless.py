@@ -1,0 +1,161 @@
+"""The `lossless` codec: bit-exact round trips for every bit pattern in fp32/fp16/bf16, bad input, real-KV ratio."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvpack
+from conftest import make_spec
+from kvpack.codecs import get
+from kvpack.codecs.raw import tensor_bytes
+from kvpack.errors import CodecError, FormatError
+from kvpack.eval.corpora import documents
+from kvpack.format import read_container, write_container
+from kvpack.inference import prefill
+from kvpack.kv import KVCache
+
+#: bit patterns every dtype must survive: ±0, ±inf, NaNs with payloads, the largest and smallest normals and
+#: subnormals (as unsigned integers of the dtype's width)
+SPECIAL = {
+    "bfloat16": [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x7F81, 0x7F7F, 0xFF7F, 0x0080, 0x0001, 0x807F],
+    "float16": [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7C01, 0x7BFF, 0xFBFF, 0x0400, 0x0001, 0x83FF],
+    "float32": [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x7F7FFFFF,
+                0xFF7FFFFF, 0x00800000, 0x00000001, 0x807FFFFF],
+}
+WIDTH = {"bfloat16": 16, "float16": 16, "float32": 32}
+
+
+def from_bits(bits: np.ndarray, dtype: str, layers: int, heads: int, tokens: int, head_dim: int) -> KVCache:
+    """A cache whose keys and values (layer by layer, K then V) hold the given bit patterns."""
+    spec = make_spec(layers=layers, heads=heads, head_dim=head_dim, dtype=dtype)
+    ints = torch.from_numpy(bits.astype(np.uint64).astype(np.int64)).to(torch.int32 if WIDTH[dtype] == 32 else
+                                                                         torch.int16)
+    tensors = ints.view(kvpack.spec.DTYPES[dtype]).reshape(2 * layers, heads, tokens, head_dim)
+    return KVCache(spec=spec, keys=list(tensors[0::2]), values=list(tensors[1::2]),
+                   positions=torch.arange(tokens, dtype=torch.int64))
+
+
+def with_sections(data: bytes, edits: dict[str, Callable[[bytes], bytes]]) -> bytes:
+    """``data`` re-written (valid container checksums) with each named section replaced by ``edit(section)``."""
+    container = read_container(data)
+    header = {k: v for k, v in container.header.items() if k != "sections"}
+    sections = {name: edits[name](bytes(v)) if name in edits else bytes(v) for name, v in container.sections.items()}
+    return write_container(header, sections)
+
+
+_REAL: dict[tuple[int, int], KVCache] = {}
+
+
+def real_cache(smollm: Any, tokens: int) -> KVCache:
+    """The bf16 KV cache SmolLM2 computes for the first ``tokens`` tokens of the first eval code document (computed
+    once per session and shared by the codec tests)."""
+    model, tokenizer, spec = smollm
+    if (id(model), tokens) not in _REAL:
+        doc = next(d for d in documents(1) if d.kind == "code")
+        ids = tokenizer(doc.text[: 20 * tokens], return_tensors="pt").input_ids[0, :tokens]
+        with torch.no_grad():
+            _REAL[id(model), tokens] = prefill(model, spec, ids)[0]
+    return _REAL[id(model), tokens]
+
+
+def roundtrip(kv: KVCache, **params: Any) -> tuple[KVCache, bytes]:
+    data = get("lossless", **params).encode(kv)
+    return kvpack.decode(data, token_ids=kv.token_ids), data
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtype=st.sampled_from(sorted(WIDTH)), layers=st.integers(1, 2), heads=st.integers(1, 2),
+       head_dim=st.sampled_from([1, 3, 8, 12]), tokens=st.integers(0, 40), classes=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 2**32 - 1), special=st.floats(0.0, 1.0))
+def test_random_bit_patterns_round_trip_exactly(dtype: str, layers: int, heads: int, head_dim: int, tokens: int,
+                                                classes: int, seed: int, special: float) -> None:
+    rng = np.random.default_rng(seed)
+    n = 2 * layers * heads * tokens * head_dim
+    bits = rng.integers(0, 1 << WIDTH[dtype], n, dtype=np.uint64)
+    # mix in KV-like values (narrow exponent range per channel) and the special patterns
+    like = torch.from_numpy(rng.normal(0.0, 2.0, n).astype(np.float32)).to(kvpack.spec.DTYPES[dtype])
+    like_bits = like.view(torch.int16 if WIDTH[dtype] == 16 else torch.int32).numpy().astype(np.int64)
+    pick = rng.random(n)
+    bits = np.where(pick < 0.5, like_bits & ((1 << WIDTH[dtype]) - 1), bits)
+    bits = np.where(pick > 1.0 - 0.2 * special, rng.choice(SPECIAL[dtype], n), bits)
+    kv = from_bits(bits, dtype, layers, heads, tokens, head_dim)
+    out, _ = roundtrip(kv, classes=classes)
+    assert kv.equal(out)
+
+
+@pytest.mark.parametrize("dtype", sorted(WIDTH))
+def test_special_rows_round_trip(dtype: str) -> None:
+    """Rows of only specials, only zeros, one NaN among small values (escapes), alternating signs."""
+    tokens, head_dim = 37, 16
+    rows = [np.array(SPECIAL[dtype] * 4)[:tokens], np.zeros(tokens, np.int64),
+            np.r_[SPECIAL[dtype][4], np.full(tokens - 1, SPECIAL[dtype][10])],
+            np.where(np.arange(tokens) % 2, SPECIAL[dtype][9], SPECIAL[dtype][9] | (1 << (WIDTH[dtype] - 1)))]
+    grid = np.stack([rows[c % len(rows)] for c in range(head_dim)], axis=1)  # [tokens, head_dim]
+    bits = np.tile(grid.reshape(-1), 2 * 2 * 1)
+    kv = from_bits(bits, dtype, layers=2, heads=1, tokens=tokens, head_dim=head_dim)
+    out, data = roundtrip(kv)
+    assert kv.equal(out)
+    assert len(read_container(data).section("escapes")) > 2  # the NaN rows forced escapes
+
+
+def test_decoded_dtype_shapes_and_positions(kv_factory: Any) -> None:
+    kv = kv_factory(tokens=20, start=300, dtype="float16")
+    out, _ = roundtrip(kv, classes=16)
+    assert out.equal(kv) and out.keys[0].dtype == torch.float16 and tuple(out.values[2].shape) == (2, 20, 8)
+    assert torch.equal(out.positions, kv.positions)
+
+
+def test_bad_parameters() -> None:
+    for bad in (0, 3, 32, -1):
+        with pytest.raises(CodecError, match="classes"):
+            get("lossless", classes=bad)
+
+
+@pytest.mark.parametrize("section", ["rows", "classes", "symbols", "escapes", "mantissa"])
+def test_damaged_sections_are_format_errors(kv_factory: Any, section: str) -> None:
+    kv = kv_factory(tokens=33)
+    data = get("lossless").encode(kv)
+    for cut in (1, 3):
+        with pytest.raises(FormatError):
+            kvpack.decode(with_sections(data, {section: lambda b, cut=cut: b[:-cut] if len(b) >= cut else b + b"x"}))
+    with pytest.raises(FormatError):
+        kvpack.decode(with_sections(data, {section: lambda b: b + b"\x00"}))
+
+
+def test_forged_symbols_are_format_errors(kv_factory: Any) -> None:
+    """Consistent lengths but impossible content: negative exponents, escapes that do not add up, wrong dtype."""
+    kv = kv_factory(tokens=24)
+    data = get("lossless").encode(kv)
+    n_rows = 2 * 3 * 2 * 8
+    # every base exponent 0: the coded symbols now decode to negative exponents
+    with pytest.raises(FormatError, match="corrupted"):
+        kvpack.decode(with_sections(data, {"rows": lambda b: bytes(n_rows) + b[n_rows:]}))
+    # claim one escape value in the first tile that no symbol uses
+    with pytest.raises(FormatError):
+        kvpack.decode(with_sections(data, {"escapes": lambda b: b"\x01" + b[1:] + b"\x00\x00"}))
+    container = read_container(data)
+    header = dict(container.header)
+    header["meta"] = {"dtype": "float16"}
+    del header["sections"]
+    forged = write_container(header, {k: bytes(v) for k, v in container.sections.items()})
+    with pytest.raises(FormatError, match="holds 'float16'"):
+        kvpack.decode(forged)
+
+
+@pytest.mark.model
+def test_real_kv_beats_zstd19(smollm: Any) -> None:
+    """On SmolLM2's own bf16 KV (128 tokens of code), lossless is exact and smaller than zstd -19 of the raw bytes."""
+    kv = real_cache(smollm, 128)
+    out, data = roundtrip(kv)
+    assert kv.equal(out)
+    raw = tensor_bytes([t for pair in zip(kv.keys, kv.values, strict=True) for t in pair])
+    zstd19 = len(zstandard.ZstdCompressor(level=19).compress(raw))
+    assert len(data) < zstd19, (len(raw) / len(data), len(raw) / zstd19)
