@@ -1,0 +1,581 @@
+"""`cachegen`: the KV encoder of CacheGen (Liu et al., "CacheGen: KV Cache Compression and Streaming for Fast Large
+Language Model Serving", SIGCOMM 2024, arXiv 2310.07240, §5.2), with symbol tables profiled offline per model.
+
+What the paper's encoder does, and what this codec does for each step (full account in ``docs/cachegen.md``):
+
+- *Change-based encoding* (§5.2, Fig. 6): tokens are cut into groups of ``GROUP_SIZE = 10``; the first token of a
+  group (the anchor) is coded on its own, the other nine as deltas from the anchor. Here every element is first
+  mapped to its bin index ``q = floor((x - mean) / s + 1/2)``; the anchor codes ``q_a``, each other token
+  ``q - q_a``. That is exactly "quantize the delta against the *reconstructed* anchor" of the paper, because the
+  anchor and the delta share the bin ``s`` and the anchor's reconstruction lies on the bin lattice: the decoder's
+  ``mean + s * (q_a + (q - q_a))`` is the same number whether or not anchor/delta coding is on, and errors never
+  accumulate. ``anchor_delta=False`` codes every token's ``q`` directly (the ablation; the public CacheGen code has
+  no delta step at all).
+- *Layer-wise quantization* (§5.2): the layers form three groups (first, middle, last third), deeper groups get
+  coarser bins. The bin of channel ``c`` of layer ``l`` is ``s = bins[level, group(l)] * std[l, kind, c]``: a
+  per-(layer, K/V, channel) normalization measured on calibration data (the paper's bin sizes are in the units of
+  its models' KV values; normalizing makes them portable across channels and models). ``bins`` and ``std`` come from
+  the profile.
+- *Arithmetic coding with per-(layer, channel) distributions profiled offline* (§5.2): each (layer, K/V, channel,
+  role) has its own frequency table, where role is ``raw`` (anchors, or every token without anchor/delta) or
+  ``delta``. Tables live in the per-model profile (:mod:`kvpack.cachegen_profile`), never in a chunk: a chunk's
+  header names the profile's hash. Coding is kvpack's interleaved rANS (:mod:`kvpack.entropy`), one lane per
+  (layer, K/V, channel, role) in the order of the tables.
+- *Quality levels* (§5.3 streams each chunk at one of several levels): ``level`` 0/1/2 (``"low"``, ``"medium"``,
+  ``"high"``) picks one row of ``bins``; the profile holds tables for each level.
+
+Each table covers a window of ``width`` consecutive values starting at ``lo`` (chosen from calibration data): a
+coded value ``v`` (``q`` for raw, ``q - q_a`` for delta) is the symbol ``v - lo`` inside its window; outside it is the
+escape symbol ``alphabet - 1`` and its ``zigzag(v - lo)`` goes, in lane order, to the ``escapes`` section as LEB128
+varints. That is :func:`kvpack.entropy.split_escapes` applied to ``v - lo`` inside and ``-1 - zigzag(v - lo)``
+outside, fused into the numba kernels (a test checks the equality). Lane ``2 r`` holds row ``r``'s anchors and lane
+``2 r + 1`` its deltas (without anchor/delta: lane ``r``, all tokens), ``r = (layer * 2 + kind) * C + channel``.
+
+Error bound, per element, for any finite input: ``|x - x_hat| <= s / 2 + u * |x_hat| + 2**-50 * |mean| + t``, with
+``s`` the element's bin (:meth:`CacheGenCodec.bin_widths`), ``u`` the output dtype's unit roundoff plus float32's
+(``2**-8 + 2**-23`` for bfloat16, ``2**-11 + 2**-23`` for float16, ``2**-24`` for float32: the decoder computes in
+float64, rounds to float32, then to the output dtype), ``2**-50 * |mean|`` the float64 arithmetic, and ``t`` half
+the dtype's smallest subnormal (:func:`error_bound` evaluates it). Inputs more than ``2**28`` bins from the profile's
+mean, and non-finite inputs, are refused with :class:`CodecError`.
+
+Payload: meta ``{"group_size": 10, "escapes": E}``; sections ``symbols`` (a :func:`kvpack.entropy.pack` blob packed
+with ``include_tables=False``) and ``escapes`` (``E`` varints).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from kvpack.codecs.base import Codec, Payload, register
+from kvpack.entropy import pack, parse, unpack_tables
+from kvpack.entropy.rans import decode_lanes
+from kvpack.entropy.tables import MAX_ALPHABET, decode_varints, encode_varints
+from kvpack.errors import CodecError, FormatError, ModelMismatchError
+from kvpack.format import Container
+from kvpack.kv import KVCache
+from kvpack.profile import Profile
+from kvpack.spec import ModelSpec
+
+__all__ = ["GROUP_SIZE", "LEVELS", "CacheGenCodec", "CacheGenTables", "error_bound", "kv_array", "layer_groups",
+           "load_tables", "quantize_indices"]
+
+#: Tokens per anchor group (CacheGen §5.2).
+GROUP_SIZE = 10
+#: Names of the quality levels; a level selects one row of the profile's ``bins``.
+LEVELS = {"low": 0, "medium": 1, "high": 2}
+#: Layer groups (first, middle, last third of the layers).
+N_GROUPS = 3
+#: Table roles: ``raw`` codes an index itself (anchors; every token without anchor/delta), ``delta`` codes ``q - q_a``.
+ROLE_RAW, ROLE_DELTA = 0, 1
+#: Profile format version (``meta["format"]``).
+PROFILE_FORMAT = 1
+#: Largest ``|q|`` accepted; keeps every escape value inside int32.
+MAX_INDEX = 1 << 28
+#: Largest ``|lo|`` a profile window may start at (the builder's histogram range).
+MAX_WINDOW_LO = 1 << 12
+
+_DTYPE_ROUNDOFF = {torch.bfloat16: 2.0**-8 + 2.0**-23, torch.float16: 2.0**-11 + 2.0**-23, torch.float32: 2.0**-24}
+
+
+def layer_groups(num_layers: int) -> np.ndarray:
+    """Layer group of each layer, int64 ``[num_layers]``: 0 for the first third, 1 the middle, 2 the last."""
+    return np.minimum(N_GROUPS * np.arange(num_layers, dtype=np.int64) // num_layers, N_GROUPS - 1)
+
+
+# --------------------------------------------------------------------------------------------- numba kernels
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _index(x: float, m: float, inv: float) -> tuple[np.int64, bool]:
+    """Bin index ``floor((x - m) * inv + 1/2)`` and whether it is unusable (NaN, inf, ``MAX_INDEX`` bins or more)."""
+    u = (x - m) * inv
+    return np.int64(np.floor(min(max(u, -MAX_INDEX), MAX_INDEX) + 0.5)), not abs(u) < MAX_INDEX
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _slot(t, n, n_anchor, delta):  # type: ignore[no-untyped-def]
+    """Where token ``t`` of a row goes: ``(role, offset in the row's T symbols)``; the row's anchor lane comes first."""
+    if not delta:
+        return ROLE_RAW, t
+    g = t // GROUP_SIZE
+    if t == g * GROUP_SIZE:
+        return ROLE_RAW, g
+    return ROLE_DELTA, n_anchor + t - g - 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _load(x, ly, k, h, t, bits, as_u32, as_f32):  # type: ignore[no-untyped-def]
+    """``as_f32[:] = x[ly, k, h, t, :]`` as float32; ``bits``: ``x`` holds bfloat16 bit patterns (uint16)."""
+    for d in range(as_f32.shape[0]):
+        if bits:
+            as_u32[d] = np.uint32(x[ly, k, h, t, d]) << np.uint32(16)
+        else:
+            as_f32[d] = x[ly, k, h, t, d]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _encode_kernel(x, bits, mean, inv, lo, width, delta, escape, symbols, lane_escapes):  # type: ignore[no-untyped-def]
+    """Quantize and map to symbols in one pass.
+
+    ``x`` ``[L, 2, H, T, D]`` (float32, or bfloat16 bits as uint16 when ``bits``); ``mean``, ``inv`` (1 / bin)
+    float64 ``[R]``; ``lo``, ``width`` int64 ``[R, 2]``; ``escape`` the escape symbol. Fills ``symbols`` (uint8
+    ``[R * T]``, lane after lane: row ``r`` holds ``symbols[r*T:(r+1)*T]``, its anchors then its deltas when ``delta``)
+    and counts escapes per lane into ``lane_escapes`` (int64). Returns bool ``[L * 2 * H]``: blocks holding
+    unusable input.
+    """
+    n_layers, _, heads, n, dim = x.shape
+    n_anchor = (n + GROUP_SIZE - 1) // GROUP_SIZE
+    blocks = n_layers * 2 * heads
+    bad = np.zeros(blocks, np.bool_)
+    lanes_per_row = 2 if delta else 1
+    for b in prange(blocks):
+        ly, k, h = b // (2 * heads), (b // heads) % 2, b % heads
+        rows = slice(b * dim, (b + 1) * dim)
+        m, iv, lo_b, width_b = mean[rows], inv[rows], lo[rows], width[rows]
+        as_u32 = np.empty(dim, np.uint32)
+        as_f32 = as_u32.view(np.float32)
+        q_anchor = np.zeros(dim, np.int64)
+        escapes = np.zeros(dim * lanes_per_row, np.int64)
+        n_bad = 0
+        for t in range(n):
+            _load(x, ly, k, h, t, bits, as_u32, as_f32)
+            role, offset = _slot(t, n, n_anchor, delta)
+            out = symbols[b * dim * n + offset : (b + 1) * dim * n : n]  # this token of the block's rows
+            if role == ROLE_RAW:
+                for d in range(dim):
+                    q, unusable = _index(np.float64(as_f32[d]), m[d], iv[d])
+                    n_bad += unusable
+                    q_anchor[d] = q
+                    z = q - lo_b[d, ROLE_RAW]
+                    inside = (z >= 0) & (z < width_b[d, ROLE_RAW])
+                    out[d] = z if inside else escape
+                    escapes[d * lanes_per_row] += not inside
+            else:
+                for d in range(dim):
+                    q, unusable = _index(np.float64(as_f32[d]), m[d], iv[d])
+                    n_bad += unusable
+                    z = q - q_anchor[d] - lo_b[d, ROLE_DELTA]
+                    inside = (z >= 0) & (z < width_b[d, ROLE_DELTA])
+                    out[d] = z if inside else escape
+                    escapes[d * lanes_per_row + ROLE_DELTA] += not inside
+        lane_escapes[b * dim * lanes_per_row : (b + 1) * dim * lanes_per_row] = escapes
+        bad[b] = n_bad > 0
+    return bad
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _escape_kernel(x, bits, mean, inv, lo, delta, escape, symbols, lanes, offsets, out):  # type: ignore[no-untyped-def]
+    """Escape values of the ``lanes`` that have any: ``out[offsets[i]:...]`` = ``zigzag(q - lo)`` of every escaped
+    symbol of lane ``lanes[i]``, in lane order (arguments as :func:`_encode_kernel`; ``out`` int64)."""
+    _, _, heads, n, dim = x.shape
+    n_anchor = (n + GROUP_SIZE - 1) // GROUP_SIZE
+    for i in prange(lanes.shape[0]):
+        lane = lanes[i]
+        r, role = (lane // 2, lane % 2) if delta else (lane, ROLE_RAW)
+        b, d = r // dim, r % dim
+        ly, k, h = b // (2 * heads), (b // heads) % 2, b % heads
+        as_u32 = np.empty(dim, np.uint32)
+        as_f32 = as_u32.view(np.float32)
+        p = offsets[i]
+        for t in range(n):
+            token_role, offset = _slot(t, n, n_anchor, delta)
+            if token_role != role or symbols[r * n + offset] != escape:
+                continue
+            _load(x, ly, k, h, t, bits, as_u32, as_f32)
+            q, _ = _index(np.float64(as_f32[d]), mean[r], inv[r])
+            if role == ROLE_DELTA:
+                _load(x, ly, k, h, t - t % GROUP_SIZE, bits, as_u32, as_f32)
+                q_anchor, _ = _index(np.float64(as_f32[d]), mean[r], inv[r])
+                q -= q_anchor
+            z = q - lo[r, role]
+            out[p] = 2 * z if z >= 0 else -2 * z - 1
+            p += 1
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _lane_escape_counts(symbols, lane_starts, escape):  # type: ignore[no-untyped-def]
+    """Number of escape symbols in every lane: int64 ``[n_lanes]``."""
+    n_lanes = lane_starts.shape[0] - 1
+    counts = np.zeros(n_lanes, np.int64)
+    for i in prange(n_lanes):
+        c = 0
+        for j in range(lane_starts[i], lane_starts[i + 1]):
+            c += symbols[j] == escape
+        counts[i] = c
+    return counts
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _decode_kernel(symbols, escapes, lane_offsets, mean, scale, lo, delta, escape, limit, bits, out):  # type: ignore[no-untyped-def]
+    """Inverse of :func:`_encode_kernel` + :func:`_escape_kernel`: ``out[l, k, h, t, d] = mean + scale * q``
+    computed in float64, clipped to ``[-limit, limit]``, rounded to float32 and, when ``bits``, on to bfloat16
+    (round to nearest even; ``out`` uint16 bit patterns) else stored as float32. Lane ``i``'s escape values
+    (int64 zigzag) start at ``escapes[lane_offsets[i]]``."""
+    n_layers, _, heads, n, dim = out.shape
+    n_anchor = (n + GROUP_SIZE - 1) // GROUP_SIZE
+    lanes_per_row = 2 if delta else 1
+    per_block = dim * lanes_per_row
+    for b in prange(n_layers * 2 * heads):
+        ly, k, h = b // (2 * heads), (b // heads) % 2, b % heads
+        as_u32 = np.empty(dim, np.uint32)
+        as_f32 = as_u32.view(np.float32)
+        q_anchor = np.zeros(dim, np.int64)
+        ptr = lane_offsets[b * per_block : (b + 1) * per_block].copy()
+        for t in range(n):
+            role, offset = _slot(t, n, n_anchor, delta)
+            for d in range(dim):
+                r = b * dim + d
+                z = np.int64(symbols[r * n + offset])
+                if z == escape:
+                    lane = d * lanes_per_row + role
+                    e = escapes[ptr[lane]]
+                    ptr[lane] += 1
+                    z = (e >> 1) ^ -(e & 1)
+                q = z + lo[r, role]
+                if role == ROLE_RAW:
+                    q_anchor[d] = q
+                else:
+                    q += q_anchor[d]
+                as_f32[d] = min(max(mean[r] + scale[r] * np.float64(q), -limit), limit)
+            for d in range(dim):
+                if bits:
+                    v = as_u32[d]
+                    out[ly, k, h, t, d] = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) \
+                        >> np.uint32(16)
+                else:
+                    out[ly, k, h, t, d] = as_f32[d]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _indices_kernel(x, bits, mean, inv, out):  # type: ignore[no-untyped-def]
+    """``out[r, t]`` = bin index of token ``t`` of row ``r`` (``x``, ``bits`` as :func:`_encode_kernel`; ``out``
+    int32 ``[R, T]``); returns bool ``[L * 2 * H]``: blocks with unusable input."""
+    n_layers, _, heads, n, dim = x.shape
+    blocks = n_layers * 2 * heads
+    bad = np.zeros(blocks, np.bool_)
+    for b in prange(blocks):
+        ly, k, h = b // (2 * heads), (b // heads) % 2, b % heads
+        as_u32 = np.empty(dim, np.uint32)
+        as_f32 = as_u32.view(np.float32)
+        n_bad = 0
+        for t in range(n):
+            _load(x, ly, k, h, t, bits, as_u32, as_f32)
+            for d in range(dim):
+                r = b * dim + d
+                q, unusable = _index(np.float64(as_f32[d]), mean[r], inv[r])
+                n_bad += unusable
+                out[r, t] = q
+        bad[b] = n_bad > 0
+    return bad
+
+
+def kv_array(kv: KVCache) -> tuple[np.ndarray, bool]:
+    """The cache as one C-contiguous ``[layers, 2 (K, V), kv_heads, tokens, head_dim]`` array for the kernels:
+    ``(array, bits)``, bfloat16 as its uint16 bit patterns (``bits=True``), other dtypes as float32.
+
+    Built with numpy copies only (torch's thread pool competes with numba's when both are busy).
+    """
+    tensors = [kv.keys, kv.values]
+    if kv.spec.torch_dtype == torch.bfloat16:
+        parts = [[t.view(torch.int16).numpy() for t in ts] for ts in tensors]
+        return np.stack([np.stack(p) for p in parts], axis=1).view(np.uint16), True
+    return np.stack([np.stack([t.numpy() for t in ts]) for ts in tensors], axis=1).astype(np.float32), False
+
+
+def quantize_indices(kv: KVCache, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Bin indices ``q`` (int32 ``[R, T]``) of ``kv`` for per-row ``mean`` and ``scale`` (float64 ``[R]``).
+
+    The same arithmetic as the encoder (the profile builder counts these). Returns ``(q, ok)``; ``ok`` is False if
+    an input was non-finite or more than ``MAX_INDEX`` bins from its mean.
+    """
+    x, bits = kv_array(kv)
+    n_layers, _, heads, n, dim = x.shape
+    out = np.empty((n_layers * 2 * heads * dim, n), np.int32)
+    bad = _indices_kernel(x, bits, mean, 1.0 / scale, out)
+    return out, not bad.any()
+
+
+# --------------------------------------------------------------------------------------------- profile tables
+
+
+@dataclass(frozen=True, eq=False)
+class CacheGenTables:
+    """A validated CacheGen profile, unpacked for coding. Rows ``r`` index (layer, K/V, channel) as
+    ``(layer * 2 + kind) * C + channel`` with ``C = num_kv_heads * head_dim`` and kind 0 = keys, 1 = values.
+
+    Attributes:
+        profile: the :class:`~kvpack.profile.Profile` it came from.
+        mean: float64 ``[R]``; std: float64 ``[R]``.
+        bins: float64 ``[3, 3]``, bin size in units of ``std`` per (level, layer group).
+        lo, width: int64 ``[3, R, 2]``: window of each (level, row, role).
+        freqs: per level, uint32 ``[2 R, alphabet]``; row ``2 r + role``; the last column is the escape symbol.
+    """
+
+    profile: Profile
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    mean: np.ndarray
+    std: np.ndarray
+    bins: np.ndarray
+    lo: np.ndarray
+    width: np.ndarray
+    freqs: tuple[np.ndarray, ...]
+
+    @property
+    def rows(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    def scale(self, level: int) -> np.ndarray:
+        """Bin width of every row at ``level``: float64 ``[R]``."""
+        groups = layer_groups(self.num_layers)
+        per_row = np.repeat(self.bins[level][groups], 2 * self.num_kv_heads * self.head_dim)
+        return per_row * self.std
+
+    @functools.cached_property
+    def raw_freqs(self) -> tuple[np.ndarray, ...]:
+        """Per level, the ``raw`` tables only: uint32 ``[R, alphabet]`` (for ``anchor_delta=False``)."""
+        return tuple(np.ascontiguousarray(f[ROLE_RAW::2]) for f in self.freqs)
+
+    @classmethod
+    def from_profile(cls, profile: Profile) -> CacheGenTables:
+        """Validate and unpack ``profile``; :class:`FormatError` on any inconsistency."""
+        if profile.codec != CacheGenCodec.name:
+            raise FormatError(f"profile is for codec {profile.codec!r}, not {CacheGenCodec.name!r}")
+        meta = profile.meta
+        if meta.get("format") != PROFILE_FORMAT or meta.get("group_size") != GROUP_SIZE:
+            raise FormatError(f"CacheGen profile format {meta.get('format')!r} / group size "
+                              f"{meta.get('group_size')!r} is not supported (expected {PROFILE_FORMAT} / {GROUP_SIZE})")
+        dims = [meta.get(k) for k in ("num_layers", "num_kv_heads", "head_dim")]
+        if not all(isinstance(d, int) and 0 < d <= 1 << 16 for d in dims):
+            raise FormatError(f"CacheGen profile has bad dimensions {dims}")
+        layers, heads, head_dim = (int(d) for d in dims)  # type: ignore[arg-type]
+        channels = heads * head_dim
+        rows = 2 * layers * channels
+        a = profile.arrays
+        levels = len(LEVELS)
+        expect: dict[str, tuple[str, tuple[int, ...] | None]] = {
+            "mean": ("<f4", (layers, 2, channels)), "std": ("<f4", (layers, 2, channels)),
+            "bins": ("<f8", (levels, N_GROUPS)), "window_lo": ("<i4", (levels, rows, 2)),
+            "window_width": ("|u1", (levels, rows, 2))}
+        expect |= {f"tables{lv}": ("|u1", None) for lv in range(len(LEVELS))}
+        for name, (dtype, shape) in expect.items():
+            arr = a.get(name)
+            if arr is None or arr.dtype.newbyteorder("<").str != dtype or (shape is not None and arr.shape != shape) \
+                    or (shape is None and arr.ndim != 1):
+                raise FormatError(f"CacheGen profile array {name!r} is missing or not {dtype} {shape or '[n]'}")
+        mean = a["mean"].astype(np.float64).reshape(rows)
+        std = a["std"].astype(np.float64).reshape(rows)
+        bins = a["bins"].astype(np.float64)
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+            raise FormatError("CacheGen profile has a non-finite mean or a non-positive std")
+        if not (np.all(np.isfinite(bins)) and np.all(bins > 0)):
+            raise FormatError("CacheGen profile bins must be finite and positive")
+        lo = a["window_lo"].astype(np.int64)
+        width = a["window_width"].astype(np.int64)
+        if np.any(np.abs(lo) > MAX_WINDOW_LO) or np.any(width < 1):
+            raise FormatError("CacheGen profile has a window outside the supported range")
+        freqs = []
+        for lv in range(len(LEVELS)):
+            packed = unpack_tables(a[f"tables{lv}"].tobytes(), 2 * rows, MAX_ALPHABET)
+            w = width[lv].reshape(-1)
+            cols = np.arange(MAX_ALPHABET)
+            inside = cols[None, :] <= w[:, None]  # window symbols 0..w-1, then the escape at w
+            if np.any((packed > 0) != inside):
+                raise FormatError(f"CacheGen profile level {lv}: a table does not match its window width")
+            alphabet = int(w.max()) + 1
+            f = np.zeros((2 * rows, alphabet), np.uint32)
+            window = cols[None, :alphabet - 1] < w[:, None]
+            f[:, : alphabet - 1] = np.where(window, packed[:, : alphabet - 1], 0)
+            f[:, alphabet - 1] = packed[np.arange(2 * rows), w]
+            freqs.append(f)
+        return cls(profile=profile, num_layers=layers, num_kv_heads=heads, head_dim=head_dim, mean=mean, std=std,
+                   bins=bins, lo=lo, width=width, freqs=tuple(freqs))
+
+    def check_spec(self, spec: ModelSpec) -> None:
+        """:class:`ModelMismatchError` unless ``spec`` is the model this profile was built for."""
+        if spec.fingerprint != self.profile.model_fingerprint or \
+                (spec.num_layers, spec.num_kv_heads, spec.head_dim) != (self.num_layers, self.num_kv_heads,
+                                                                        self.head_dim):
+            raise ModelMismatchError(
+                f"the CacheGen profile {self.profile.hash} was built for model {self.profile.model_fingerprint[:12]}, "
+                f"not for {spec.name or '?'} ({spec.fingerprint[:12]}); build a profile for this model")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_profile(path: str, mtime_ns: int, size: int) -> CacheGenTables:
+    return CacheGenTables.from_profile(Profile.load(path))
+
+
+def load_tables(path: str | os.PathLike[str]) -> CacheGenTables:
+    """The unpacked profile at ``path``, read once per (file, modification time)."""
+    resolved = Path(path).resolve()
+    try:
+        st = resolved.stat()
+    except OSError as exc:
+        raise ValueError(f"cannot read CacheGen profile {str(path)!r}: {exc.strerror}") from None
+    return _read_profile(str(resolved), st.st_mtime_ns, st.st_size)
+
+
+# --------------------------------------------------------------------------------------------- the codec
+
+
+def _lane_sizes(rows: int, tokens: int, anchor_delta: bool) -> np.ndarray:
+    """``lane_starts`` int64: per row one lane of ``tokens`` symbols, or an anchor lane then a delta lane."""
+    if anchor_delta:
+        n_anchor = -(-tokens // GROUP_SIZE)
+        sizes = np.tile(np.array([n_anchor, tokens - n_anchor], np.int64), rows)
+    else:
+        sizes = np.full(rows, tokens, np.int64)
+    starts = np.zeros(sizes.size + 1, np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    return starts
+
+
+@register
+@dataclass(frozen=True)
+class CacheGenCodec(Codec):
+    """CacheGen's encoder (arXiv 2310.07240 §5.2) with tables from a per-model profile.
+
+    Parameters:
+        profile: path of the profile file (:func:`kvpack.cachegen_profile.build_profile`), loaded once per path. It
+            is not one of :meth:`params`: the profile's hash (:meth:`profile_hash`) identifies it in ``codec_id`` and
+            in every chunk header, so moving the file changes nothing; decode with
+            ``kvpack.decode(data, codec=CacheGenCodec(profile=...))``.
+        level: quality level 0/1/2 or ``"low"``/``"medium"``/``"high"`` (stored as the integer).
+        anchor_delta: code groups of 10 tokens as an anchor plus deltas (the paper); ``False`` codes every token's
+            bin index directly (same reconstruction, bit for bit; only the entropy coding differs).
+    """
+
+    name = "cachegen"
+    version = 1
+    profile: str = field(repr=False)  # not in params(): chunks are tied to the profile's hash, not to a path
+    level: int | str = 1
+    anchor_delta: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.profile, str) or not self.profile:
+            raise ValueError("cachegen needs profile=PATH of a CacheGen profile (kvpack.cachegen_profile)")
+        level = LEVELS.get(self.level) if isinstance(self.level, str) else self.level
+        if isinstance(level, bool) or level not in LEVELS.values():
+            raise ValueError(f"cachegen level must be 0, 1, 2 or one of {list(LEVELS)}, got {self.level!r}")
+        object.__setattr__(self, "level", level)
+        if not isinstance(self.anchor_delta, bool):
+            raise ValueError(f"cachegen anchor_delta must be a bool, got {self.anchor_delta!r}")
+        load_tables(self.profile)
+
+    @property
+    def tables(self) -> CacheGenTables:
+        return load_tables(self.profile)
+
+    @property
+    def _level(self) -> int:
+        return int(self.level)
+
+    def profile_hash(self) -> str:
+        return self.tables.profile.hash
+
+    def bin_widths(self) -> np.ndarray:
+        """Bin width ``s`` of every channel at this level: float64 ``[layers, 2 (K, V), kv_heads * head_dim]``.
+
+        The per-element error bound is ``s / 2`` plus output rounding (module docstring).
+        """
+        t = self.tables
+        return t.scale(self._level).reshape(t.num_layers, 2, t.num_kv_heads * t.head_dim)
+
+    def _freqs(self) -> np.ndarray:
+        t = self.tables
+        return t.freqs[self._level] if self.anchor_delta else t.raw_freqs[self._level]
+
+    def encode_payload(self, kv: KVCache) -> Payload:
+        t = self.tables
+        try:
+            t.check_spec(kv.spec)
+        except ModelMismatchError as exc:
+            raise CodecError(str(exc)) from None
+        lvl = self._level
+        x, bits = kv_array(kv)
+        freqs = self._freqs()
+        escape = freqs.shape[1] - 1
+        starts = _lane_sizes(t.rows, kv.num_tokens, self.anchor_delta)
+        symbols = np.empty(int(starts[-1]), np.uint8)
+        lane_escapes = np.zeros(starts.size - 1, np.int64)
+        inv = 1.0 / t.scale(lvl)
+        bad = _encode_kernel(x, bits, t.mean, inv, t.lo[lvl], t.width[lvl], self.anchor_delta, escape, symbols,
+                             lane_escapes)
+        if bad.any():
+            b = int(np.flatnonzero(bad)[0])
+            heads = t.num_kv_heads
+            raise CodecError(f"layer {b // (2 * heads)} {'values' if b // heads % 2 else 'keys'} of KV head "
+                             f"{b % heads} hold a non-finite value or one more than {MAX_INDEX} bins from the "
+                             "profile's mean: this profile does not fit this cache")
+        lanes = np.flatnonzero(lane_escapes)
+        offsets = np.zeros(lanes.size + 1, np.int64)
+        np.cumsum(lane_escapes[lanes], out=offsets[1:])
+        escapes = np.empty(int(offsets[-1]), np.int64)
+        if lanes.size:
+            _escape_kernel(x, bits, t.mean, inv, t.lo[lvl], self.anchor_delta, escape, symbols, lanes, offsets,
+                           escapes)
+        blob = pack(symbols, starts, np.arange(starts.size - 1, dtype=np.int32), freqs, include_tables=False)
+        return Payload(meta={"group_size": GROUP_SIZE, "escapes": int(escapes.size)},
+                       sections={"symbols": blob, "escapes": encode_varints(escapes).tobytes()})
+
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
+                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        t = self.tables
+        t.check_spec(spec)
+        n_escapes = meta.get("escapes")
+        if meta.get("group_size") != GROUP_SIZE or not isinstance(n_escapes, int) or n_escapes < 0:
+            raise FormatError(f"cachegen meta {dict(meta)} is not valid (group_size {GROUP_SIZE}, escapes >= 0)")
+        starts = _lane_sizes(t.rows, num_tokens, self.anchor_delta)
+        escape_raw = np.frombuffer(container.section("escapes"), np.uint8)
+        if n_escapes > min(int(starts[-1]), escape_raw.size):
+            raise FormatError(f"cachegen meta declares {n_escapes} escapes: more than symbols or escape bytes")
+        freqs = self._freqs()
+        escape = freqs.shape[1] - 1
+        stream = parse(container.section("symbols"), max_symbols=int(starts[-1]), freqs=freqs)
+        if not np.array_equal(stream.lane_starts, starts) or \
+                not np.array_equal(stream.lane_table, np.arange(starts.size - 1)):
+            raise FormatError("cachegen symbol lanes do not match the header's token count and the profile")
+        symbols = decode_lanes(stream.words, stream.word_offsets, stream.lane_starts, stream.lane_table, stream.freqs)
+        lane_escapes = _lane_escape_counts(symbols, starts, escape)
+        if int(lane_escapes.sum()) != n_escapes:
+            raise FormatError(f"cachegen symbols hold {int(lane_escapes.sum())} escapes, the header {n_escapes}")
+        escapes, end = decode_varints(escape_raw, 0, n_escapes, 2**31 - 1)
+        if end != escape_raw.size:
+            raise FormatError("cachegen escapes section is malformed or has trailing bytes")
+        offsets = np.zeros(starts.size, np.int64)
+        np.cumsum(lane_escapes, out=offsets[1:])
+        lvl = self._level
+        bits = spec.torch_dtype == torch.bfloat16
+        shape = (spec.num_layers, 2, spec.num_kv_heads, num_tokens, spec.head_dim)
+        out = np.empty(shape, np.uint16 if bits else np.float32)
+        _decode_kernel(symbols, escapes, offsets, t.mean, t.scale(lvl), t.lo[lvl], self.anchor_delta, escape,
+                       float(torch.finfo(spec.torch_dtype).max), bits, out)
+        if bits:
+            kv = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+        else:
+            kv = torch.from_numpy(out.astype(np.float16) if spec.torch_dtype == torch.float16 else out)
+        return list(kv[:, 0].unbind(0)), list(kv[:, 1].unbind(0))
+
+
+def error_bound(codec: CacheGenCodec, decoded: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The guaranteed ``|x - x_hat|`` bound of every element of ``decoded`` (float64, per layer K and V tensors)."""
+    spec = decoded.spec
+    u = _DTYPE_ROUNDOFF[spec.torch_dtype]
+    tiny = float(torch.finfo(spec.torch_dtype).smallest_normal) * float(torch.finfo(spec.torch_dtype).eps) / 2
+    shape = (spec.num_layers, 2, spec.num_kv_heads, 1, spec.head_dim)
+    mean = torch.from_numpy(codec.tables.mean).view(shape)
+    half = torch.from_numpy(codec.bin_widths() / 2).view(shape) + 2.0**-50 * mean.abs()
+    keys = [half[i, 0] + u * k.double().abs() + tiny for i, k in enumerate(decoded.keys)]
+    values = [half[i, 1] + u * v.double().abs() + tiny for i, v in enumerate(decoded.values)]
+    return keys, values
