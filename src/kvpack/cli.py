@@ -216,31 +216,23 @@ def demo(
 @app.command()
 def calibrate(
     output: Annotated[Path, typer.Option("-o", "--output", help="Profile file (or directory) to write.")],
-    codec: Annotated[str, typer.Option(help="Codec to calibrate: transform, kvtc (the paper's recipe) or cachegen.")]
-    = "transform",
+    codec: Annotated[str, typer.Option(help="Codec to calibrate (cachegen).")] = "cachegen",
     docs: Annotated[int, typer.Option(help="Calibration documents (never eval documents).")] = 6,
     text: Annotated[list[Path] | None, typer.Option(help="Calibrate on these text files instead (repeatable).")]
     = None,
     model: ModelOpt = DEFAULT_MODEL,
 ) -> None:
-    """Build a codec's per-model calibration profile (PCA basis and bit allocations, or symbol tables)."""
-    if codec not in ("transform", "kvtc", "cachegen"):
-        _fail(ValueError(f"calibrate knows transform, kvtc and cachegen, not {codec!r}"))
+    """Build a codec's per-model calibration profile (CacheGen's symbol tables)."""
+    from kvpack.cachegen_profile import build_profile
+    from kvpack.eval.corpora import text_documents
+
+    if codec != "cachegen":
+        _fail(ValueError(f"calibrate knows cachegen, not {codec!r}"))
     lm, tokenizer, spec = load_model(model)
     t0 = time.perf_counter()
     with console.status(f"calibrating {codec} ...") as status:
-        say = lambda msg: status.update(f"calibrating {codec}: {msg}")  # noqa: E731
-        if codec == "cachegen":
-            from kvpack.cachegen_profile import build_profile
-            from kvpack.eval.corpora import text_documents
-
-            profile = build_profile(lm, tokenizer, spec, text_documents(text) if text else docs, on_progress=say)
-        else:
-            from kvpack.calibrate import calibrate as run_calibration
-
-            texts = [p.read_text(encoding="utf-8", errors="replace") for p in text] if text else None
-            profile = run_calibration(lm, tokenizer, spec, n_docs=docs, texts=texts,
-                                      recipe="kvtc" if codec == "kvtc" else "transform", log=say)
+        profile = build_profile(lm, tokenizer, spec, text_documents(text) if text else docs,
+                                on_progress=lambda msg: status.update(f"calibrating {codec}: {msg}"))
     path = profile.save(output)
     console.print(f"{codec} profile {profile.hash} ({profile.nbytes / 1e6:.2f} MB) written to {path} in "
                   f"{time.perf_counter() - t0:.0f} s")
