@@ -1,0 +1,91 @@
+"""Calibration: PCA + allocation DP -> profile, from small synthetic caches (no model)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_spec
+from kvpack.calibrate import _allocate, calibrate_from_caches
+from kvpack.codecs.transform import TYPE_DROP, feature_groups, profile_from
+from kvpack.kv import KVCache
+from kvpack.profile import Profile
+from kvpack.rope import rotate
+
+
+def low_rank_caches(n: int = 3, tokens: int = 200, rank: int = 12, seed: int = 0,
+                    positions: torch.Tensor | None = None) -> list[KVCache]:
+    """Caches whose pre-RoPE K/V vectors live near a ``rank``-dim subspace shared by all (like real KV); keys are
+    rotated for ``positions`` (default ``0 .. tokens-1``)."""
+    spec = make_spec(layers=3, heads=2, head_dim=16)
+    dims = spec.elements_per_token
+    gen = torch.Generator().manual_seed(0)  # the same subspace for every call: "one model"
+    mix = torch.randn(rank, dims, generator=gen) * torch.logspace(0, -1.5, rank)[:, None]
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed + 100 + i)
+        x = torch.randn(tokens, rank, generator=g) @ mix * 3 + 0.01 * torch.randn(tokens, dims, generator=g)
+        per = x.reshape(tokens, spec.num_layers, 2, spec.num_kv_heads, spec.head_dim).permute(1, 2, 3, 0, 4)
+        pos = torch.arange(tokens, dtype=torch.int64) if positions is None else positions
+        keys = [rotate(per[layer, 0], pos, spec.rope, spec.head_dim).to(spec.torch_dtype)
+                for layer in range(spec.num_layers)]
+        values = [per[layer, 1].to(spec.torch_dtype) for layer in range(spec.num_layers)]
+        out.append(KVCache(spec=spec, keys=keys, values=values, positions=pos))
+    return out
+
+
+def test_profile_presets_and_trim() -> None:
+    caches = low_rank_caches()
+    prof = calibrate_from_caches(caches, caches[0].spec, ratios=(4.0, 8.0, 16.0), default_ratio=8.0,
+                                 reference_tokens=256)
+    st = profile_from(Profile.from_bytes(prof.data))
+    assert st.hash == prof.hash and sorted(st.presets) == ["16x", "4x", "8x"]
+    infos = [st.presets[n].info for n in ("4x", "8x", "16x")]
+    assert [i["ratio"] for i in infos] == sorted(i["ratio"] for i in infos)
+    errors = [i["relative_error"] for i in infos]
+    assert errors == sorted(errors) and errors[0] < 1e-3
+    for info in infos:  # budgets are met (estimated ratio within 2% of nominal or above)
+        assert info["ratio"] >= 0.98 * info["nominal_ratio"]
+    # the basis is trimmed to the components some preset uses
+    used = max(int(np.flatnonzero(a.block_type != TYPE_DROP).max()) + 1 for a in st.presets.values())
+    assert st.bases[0].shape[0] <= used * 64 and st.bases[0].shape[1] == caches[0].spec.elements_per_token
+    gram = st.bases[0] @ st.bases[0].T
+    torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=2e-3, rtol=0)
+
+
+def test_kvtc_recipe_separate_bases() -> None:
+    caches = low_rank_caches()
+    prof = calibrate_from_caches(caches, caches[0].spec, recipe="kvtc", ratios=(4.0, 8.0), default_ratio=4.0,
+                                 reference_tokens=256)
+    st = profile_from(prof)
+    assert len(st.groups) == 2 and st.sink_format == "fp8" and prof.codec == "kvtc"
+    for alloc in st.presets.values():
+        assert set(alloc.info["types"]) <= {"drop", "int2", "int4", "fp8"}
+
+
+def test_feature_groups_partition() -> None:
+    k, v = feature_groups(3, 32, "kv")
+    assert sorted(np.concatenate([k, v]).tolist()) == list(range(192))
+    with pytest.raises(ValueError):
+        feature_groups(3, 32, "per-layer")
+
+
+def test_weights_validated() -> None:
+    caches = low_rank_caches(n=1)
+    with pytest.raises(ValueError, match="weights"):
+        calibrate_from_caches(caches, caches[0].spec, weights=np.ones(5))
+
+
+def test_allocation_dp_is_optimal() -> None:
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([np.zeros((4, 1)), rng.uniform(1, 10, (4, 3))], axis=1)
+    err = np.concatenate([np.full((4, 1), 10.0), rng.uniform(0, 9, (4, 3))], axis=1)
+    budget = 17.0
+    (pick,) = _allocate(bits, err, [budget])
+    best = min((sum(err[b, o] for b, o in enumerate(c)), c) for c in itertools.product(range(4), repeat=4)
+               if sum(bits[b, o] for b, o in enumerate(c)) <= budget * (1 - 1e-3))
+    assert sum(bits[b, o] for b, o in enumerate(pick)) <= budget
+    assert sum(err[b, o] for b, o in enumerate(pick)) <= best[0] + 1e-9

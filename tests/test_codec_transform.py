@@ -1,0 +1,179 @@
+"""The `transform` / `kvtc` codecs: round trips, sinks, positions, profiles, rate control, progressive reading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import kvpack
+from kvpack.calibrate import calibrate, calibrate_from_caches
+from kvpack.codecs import get
+from kvpack.codecs.transform import KvtcCodec, TransformCodec
+from kvpack.errors import CodecError, FormatError, ProfileMismatchError
+from kvpack.kv import KVCache
+from kvpack.profile import Profile
+from test_calibrate import low_rank_caches
+
+RATIOS = (2.0, 4.0, 8.0)
+#: Documented relative squared error bounds (||decoded - original||^2 / ||original||^2 over non-sink tokens) on the
+#: low-rank synthetic caches, per preset (see docs/transform.md).
+BOUNDS = {"2x": 1e-4, "4x": 1e-3, "8x": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    caches = low_rank_caches()
+    root = tmp_path_factory.mktemp("profiles")
+    out = {}
+    for recipe in ("transform", "kvtc"):
+        prof = calibrate_from_caches(caches, caches[0].spec, recipe=recipe, ratios=RATIOS, default_ratio=4.0,
+                                     reference_tokens=256)
+        out[recipe] = prof.save(root / f"{recipe}.kvprof")
+    return out
+
+
+def _held_out(tokens: int = 120, start: int = 0, step: int = 1) -> KVCache:
+    positions = torch.arange(start, start + step * tokens, step, dtype=torch.int64)
+    return low_rank_caches(n=1, tokens=tokens, seed=7, positions=positions)[0]
+
+
+def _rel_error(a: KVCache, b: KVCache, skip: int = 0) -> float:
+    num = sum(float((x[:, skip:].float() - y[:, skip:].float()).pow(2).sum())
+              for x, y in zip(a.keys + a.values, b.keys + b.values, strict=True))
+    den = sum(float(y[:, skip:].float().pow(2).sum()) for y in b.keys + b.values)
+    return num / den
+
+
+@pytest.mark.parametrize("preset", sorted(BOUNDS))
+def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str) -> None:
+    kv = _held_out()
+    codec = TransformCodec(profile=str(profiles["transform"]), preset=preset)
+    data = codec.encode(kv)
+    out = kvpack.decode(data)
+    assert out.num_tokens == kv.num_tokens and torch.equal(out.positions, kv.positions)
+    assert all(torch.equal(a[:, :4], b[:, :4]) for a, b in zip(out.keys + out.values, kv.keys + kv.values,
+                                                               strict=True))
+    assert _rel_error(out, kv, skip=4) < BOUNDS[preset]
+    assert kv.fp16_bytes / len(data) > 0.5 * float(preset[:-1])
+
+
+def test_positions_explicit_and_offset(profiles: dict[str, Path]) -> None:
+    kv = _held_out(start=1000)
+    codec = TransformCodec(profile=str(profiles["transform"]), preset="4x")
+    out = codec.decode(codec.encode(kv))
+    assert torch.equal(out.positions, kv.positions)
+    assert _rel_error(out, kv) < BOUNDS["4x"] * 2  # no sinks at position 1000: every token is coded
+    odd = _held_out(step=3)
+    out = codec.decode(codec.encode(odd))
+    assert torch.equal(out.positions, odd.positions) and _rel_error(out, odd, skip=2) < BOUNDS["4x"] * 2
+
+
+def test_only_sinks_and_empty(profiles: dict[str, Path]) -> None:
+    codec = TransformCodec(profile=str(profiles["transform"]), preset="8x")
+    kv = _held_out()[:3]
+    assert codec.decode(codec.encode(kv)).equal(kv)
+
+
+def test_kvtc_round_trip(profiles: dict[str, Path]) -> None:
+    kv = _held_out()
+    codec = get("kvtc", profile=str(profiles["kvtc"]), preset="4x")
+    assert isinstance(codec, KvtcCodec)
+    out = kvpack.decode(codec.encode(kv))
+    assert _rel_error(out, kv) < 0.05
+    with pytest.raises(CodecError, match="recipe"):
+        KvtcCodec(profile=str(profiles["transform"])).encode(kv)
+
+
+def test_profile_mismatch(profiles: dict[str, Path], tmp_path: Path) -> None:
+    kv = _held_out()
+    path = tmp_path / "p.kvprof"
+    path.write_bytes(profiles["transform"].read_bytes())
+    codec = TransformCodec(profile=str(path), preset="4x")
+    data = codec.encode(kv)
+    other = calibrate_from_caches(low_rank_caches(seed=3), kv.spec, ratios=RATIOS, reference_tokens=256)
+    path.write_bytes(other.data)
+    with pytest.raises(ProfileMismatchError):
+        codec.decode(data)
+
+
+def test_rate_control(profiles: dict[str, Path], tmp_path: Path) -> None:
+    path = str(profiles["transform"])
+    presets = {p["name"]: p for p in Profile.load(path).meta["presets"]}
+    codec = TransformCodec(profile=path, target_ratio=5.0)
+    chosen = codec.allocation().info
+    assert chosen["ratio"] >= 5.0 and all(p["ratio"] < 5.0 or p["ratio"] >= chosen["ratio"] for p in presets.values())
+    kv = _held_out(tokens=252)
+    assert kv.fp16_bytes / len(codec.encode(kv)) >= 0.8 * 5.0
+    # max_kl: give the presets KL values as calibration would, and check the pick
+    prof = Profile.load(path)
+    meta: dict[str, Any] = {**prof.meta, "presets": [{**p, "kl": 0.001 * p["nominal_ratio"]} for p in
+                                                     prof.meta["presets"]]}
+    kl_path = Profile(codec=prof.codec, model_fingerprint=prof.model_fingerprint, meta=meta,
+                      arrays=prof.arrays).save(tmp_path / "kl.kvprof")
+    assert TransformCodec(profile=str(kl_path), max_kl=0.0085).allocation().name == "8x"
+    with pytest.raises(CodecError, match="KL"):
+        TransformCodec(profile=str(kl_path), max_kl=1e-6).allocation()
+    with pytest.raises(CodecError, match="KL measurements"):
+        TransformCodec(profile=path, max_kl=0.1).allocation()
+    with pytest.raises(ValueError, match="at most one"):
+        TransformCodec(profile=path, preset="4x", max_kl=0.1)
+
+
+def test_progressive_prefix(profiles: dict[str, Path]) -> None:
+    kv = _held_out(tokens=200)
+    codec = TransformCodec(profile=str(profiles["transform"]), preset="2x", layers=4)
+    data = codec.encode(kv)
+    full = codec.decode(data)
+    assert codec.decode_prefix(data).equal(full)
+    errors = []
+    for fraction in (0.3, 0.5, 0.75, 1.0):
+        part = codec.decode_prefix(data, int(len(data) * fraction))
+        errors.append(_rel_error(part, kv, skip=4))
+    assert errors == sorted(errors, reverse=True) and errors[0] > errors[-1]
+    with pytest.raises(FormatError):
+        codec.decode_prefix(data, 40)
+
+
+def test_bad_bytes(profiles: dict[str, Path]) -> None:
+    kv = _held_out()
+    codec = TransformCodec(profile=str(profiles["transform"]), preset="4x")
+    data = bytearray(codec.encode(kv))
+    for cut in (10, len(data) // 2, len(data) - 1):
+        with pytest.raises(FormatError):
+            codec.decode(bytes(data[:cut]))
+    data[-5] ^= 0xFF
+    with pytest.raises(FormatError):
+        codec.decode(bytes(data))
+
+
+def test_params_validated(profiles: dict[str, Path]) -> None:
+    with pytest.raises(ValueError):
+        TransformCodec()
+    with pytest.raises(ValueError):
+        TransformCodec(profile="x", target_ratio=0.5)
+    with pytest.raises(CodecError, match="calibrate"):
+        TransformCodec(profile="/nonexistent.kvprof").profile_hash()
+    with pytest.raises(CodecError, match="preset"):
+        TransformCodec(profile=str(profiles["transform"]), preset="3x").allocation()
+
+
+@pytest.mark.model
+def test_real_model_quality(smollm: tuple[Any, Any, Any], tmp_path: Path) -> None:
+    """Calibrate on 3 short calibration documents (2 for the basis), then Δppl on 1 eval document (256 + 64)."""
+    from kvpack.eval import documents
+    from kvpack.eval.quality import evaluate_document, reference
+
+    model, tokenizer, spec = smollm
+    prof = calibrate(model, tokenizer, spec, n_docs=3, tokens=512, cont=32, ratios=(8.0, 16.0), default_ratio=8.0,
+                     fisher_docs=1, measure_kl=False)
+    path = prof.save(tmp_path / "smollm.kvprof")
+    codec = TransformCodec(profile=str(path), preset="8x")
+    ref = reference(model, tokenizer, spec, documents(1)[0], 256, 64)
+    result = evaluate_document(model, ref, codec)
+    # a 1,000-token basis leaves a large out-of-span residual: the bounds are loose on purpose (see docs)
+    assert result.fp16_bytes / result.stored_bytes > 4
+    assert result.ppl_increase_pct < 15.0
+    assert _rel_error(codec.decode(codec.encode(ref.kv)), ref.kv, skip=4) < 0.2
