@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 import kvpack
 from conftest import make_kv
 from kvpack.codecs import get
+from kvpack.codecs.kivi import _read_params
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import read_container, write_container
 from kvpack.kv import KVCache
@@ -26,13 +26,11 @@ def steps(data: bytes, kv: KVCache, group: int) -> tuple[torch.Tensor, int, int]
     n_sink, n_res = container.header["meta"]["sink_tokens"], container.header["meta"]["residual_tokens"]
     layers, heads, dim = kv.spec.num_layers, kv.spec.num_kv_heads, kv.spec.head_dim
     count = kv.num_tokens - n_sink - n_res
-    gk, gv = -(-count // group), -(-dim // group)
-    p = np.frombuffer(container.section("params"), "<f2").astype(np.float64)
-    nk, nv = layers * heads * dim * gk, layers * heads * count * gv
-    kstep = torch.from_numpy(p[nk : 2 * nk].reshape(layers, heads, dim, gk)).repeat_interleave(group, dim=3)
-    vstep = torch.from_numpy(p[2 * nk + nv :].reshape(layers, heads, count, gv)).repeat_interleave(group, dim=3)
-    both = torch.stack([kstep[..., :count].transpose(2, 3), vstep[..., :dim]], dim=1)
-    return both.reshape(2 * layers, heads, count, dim), n_sink, n_res
+    _, kstep = _read_params(container, "key_params", (layers, heads, dim, -(-count // group)), True)
+    _, vstep = _read_params(container, "value_params", (layers, heads, count, -(-dim // group)), False)
+    k = torch.from_numpy(kstep).double().repeat_interleave(group, dim=3)[..., :count].transpose(2, 3)
+    v = torch.from_numpy(vstep).double().repeat_interleave(group, dim=3)[..., :dim]
+    return torch.stack([k, v], dim=1).reshape(2 * layers, heads, count, dim), n_sink, n_res
 
 
 def check_bound(kv: KVCache, **params: Any) -> tuple[KVCache, bytes, int, int]:
@@ -108,7 +106,7 @@ def test_bad_parameters_and_unencodable_caches() -> None:
 def test_bad_sections_and_meta_are_format_errors() -> None:
     kv = make_kv(tokens=45)
     data = get("kivi", residual=5).encode(kv)
-    for section in ("params", "classes", "symbols", "exact"):
+    for section in ("key_params.rows", "value_params.mantissa", "value_params.symbols", "classes", "symbols", "exact"):
         with pytest.raises(FormatError):
             kvpack.decode(with_sections(data, {section: lambda b: b[:-1]}))
         with pytest.raises(FormatError):
@@ -120,9 +118,21 @@ def test_bad_sections_and_meta_are_format_errors() -> None:
         header = {k: v for k, v in container.header.items() if k != "sections"}
         with pytest.raises(FormatError, match="exact token counts"):
             kvpack.decode(write_container({**header, "meta": meta}, sections))
-    nan = np.full(len(sections["params"]) // 2, np.nan, "<f2").tobytes()
-    with pytest.raises(FormatError, match="finite"):
-        kvpack.decode(with_sections(data, {"params": lambda b: nan}))
+    # a step coded as NaN: exponent 31 with a nonzero mantissa in every row of the key parameters
+    rows = len(sections["key_params.rows"]) * 8 // 9
+    nan_rows = bytes([31] * rows) + sections["key_params.rows"][rows:]
+    with pytest.raises(FormatError, match=r"finite|corrupted"):
+        kvpack.decode(with_sections(data, {"key_params.rows": lambda b: nan_rows}))
+
+
+@pytest.mark.parametrize("name", ["lossless", "fp8", "kivi"])
+def test_encoding_is_deterministic(name: str) -> None:
+    """Same cache, same bytes (two encodes, one of them on a copy), with the small-chunk and the threaded paths."""
+    for tokens in (20, 700):
+        kv = make_kv(tokens=tokens, layers=4, heads=2, head_dim=64)
+        copy = KVCache(spec=kv.spec, keys=[t.clone() for t in kv.keys], values=[t.clone() for t in kv.values],
+                       positions=kv.positions.clone(), token_ids=kv.token_ids)
+        assert get(name).encode(kv) == get(name).encode(copy)
 
 
 @pytest.mark.model

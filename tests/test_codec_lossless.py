@@ -106,6 +106,17 @@ def test_special_rows_round_trip(dtype: str) -> None:
     assert len(read_container(data).section("escapes")) > 2  # the NaN rows forced escapes
 
 
+def test_low_zero_bits_are_not_stored(kv_factory: Any) -> None:
+    """A bf16 cache upcast to fp32 has 16 zero mantissa bits per element: they cost nothing."""
+    kv = kv_factory(tokens=64, dtype="bfloat16")
+    spec = kvpack.spec.ModelSpec(**{**kv.spec.__dict__, "dtype": "float32"})
+    wide = KVCache(spec=spec, keys=[t.float() for t in kv.keys], values=[t.float() for t in kv.values],
+                   positions=kv.positions)
+    out, data = roundtrip(wide)
+    assert out.equal(wide) and read_container(data).section("mantissa")[0] == 16
+    assert len(data) < len(get("lossless").encode(kv)) + 100
+
+
 def test_decoded_dtype_shapes_and_positions(kv_factory: Any) -> None:
     kv = kv_factory(tokens=20, start=300, dtype="float16")
     out, _ = roundtrip(kv, classes=16)
@@ -141,6 +152,8 @@ def test_forged_symbols_are_format_errors(kv_factory: Any) -> None:
     # claim one escape value in the first tile that no symbol uses
     with pytest.raises(FormatError):
         kvpack.decode(with_sections(data, {"escapes": lambda b: b"\x01" + b[1:] + b"\x00\x00"}))
+    with pytest.raises(FormatError, match="shift"):
+        kvpack.decode(with_sections(data, {"mantissa": lambda b: b"\x07" + b[1:]}))
     container = read_container(data)
     header = dict(container.header)
     header["meta"] = {"dtype": "float16"}

@@ -5,7 +5,8 @@ Behind ``python -m kvpack.bench.dumped [--root DIR] [--json PATH]``. Reads the c
 ``kind``) and measures, on the ``eval`` split, every setting of :data:`SETTINGS`:
 
 * ``ratio``: fp16 bytes of the cache / bytes of the container(s), every byte counted, both with the whole document
-  in one container (``chunk_tokens`` null) and cut into 256-token chunks as the store keeps them;
+  in one container (``chunk_tokens`` null) and cut into 256-token chunks as the store keeps them; the setting
+  ``lossless as=float16`` first casts the cache to float16 (fp16 KV, as an fp16 model would make it);
 * ``bits_per_element`` = 16 / ratio; ``rel_rmse_k`` / ``rel_rmse_v``: ``||x - x̂|| / ||x||`` over all keys / values;
 * ``encode_mb_per_s`` / ``decode_mb_per_s``: fp16 bytes per second of wall-clock time, median of ``repeats`` runs
   after a warm-up, whole documents, numba's default thread count (``threads``); ``*_mb_per_cpu_s`` per second of
@@ -19,6 +20,7 @@ Rows are per setting, summed (bytes) or medianed (speeds) over the documents, an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -41,9 +43,10 @@ from kvpack.codecs.raw import tensor_bytes
 from kvpack.kv import KVCache
 
 DEFAULT_ROOT = Path("/tmp/kvpack-real")
-#: (codec name, parameters) measured, in table order.
+#: (codec name, parameters) measured, in table order; ``"as": dtype`` (not a codec parameter) casts the cache first.
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("lossless", {}),
+    ("lossless", {"as": "float16"}),
     ("fp8", {}),
     ("kivi", {"bits": 4}),
     ("kivi", {"bits": 3}),
@@ -86,6 +89,15 @@ def _anchors(kv: KVCache) -> dict[str, Any]:
             "zstd3_decode_s": t_dec}
 
 
+def _as_dtype(kv: KVCache, dtype: str | None) -> KVCache:
+    """``kv`` cast to KV dtype ``dtype`` (the spec says so too), or ``kv`` itself for ``None``."""
+    if dtype is None:
+        return kv
+    spec = dataclasses.replace(kv.spec, dtype=dtype)
+    return KVCache(spec=spec, keys=[t.to(spec.torch_dtype) for t in kv.keys],
+                   values=[t.to(spec.torch_dtype) for t in kv.values], positions=kv.positions)
+
+
 def run(json_path: Path | None = None, console: Console | None = None, root: Path = DEFAULT_ROOT,
         repeats: int = 5, anchors: bool = True) -> list[dict[str, Any]]:
     """Measure every setting on the eval caches under ``root``; print a table, optionally write JSON rows."""
@@ -98,18 +110,20 @@ def run(json_path: Path | None = None, console: Console | None = None, root: Pat
     base: dict[str, Any] = {"raw": 0, "zstd3": 0, "zstd19": 0, "zipnn": 0, "zipnn_exact": True, "fp16": 0,
                             "zstd3_decode_s": []}
     for entry in entries:
-        kv = kvpack.decode((root / entry["file"]).read_bytes())
-        base["fp16"] += kv.fp16_bytes
+        cache = kvpack.decode((root / entry["file"]).read_bytes())
+        base["fp16"] += cache.fp16_bytes
         if anchors:
             with console.status(f"anchors on {entry['file']} ..."):
-                a = _anchors(kv)
+                a = _anchors(cache)
             for key in ("raw", "zstd3", "zstd19", "zipnn"):
                 base[key] += a[key]
             base["zipnn_exact"] &= a["zipnn_exact"]
-            base["zstd3_decode_s"].append(kv.fp16_bytes / a["zstd3_decode_s"])
-        for name, params in SETTINGS:
+            base["zstd3_decode_s"].append(cache.fp16_bytes / a["zstd3_decode_s"])
+        for name, setting in SETTINGS:
+            params = {k: v for k, v in setting.items() if k != "as"}
             codec = get(name, **params)
-            label = name + "".join(f" {k}={v}" for k, v in params.items())
+            label = name + "".join(f" {k}={v}" for k, v in setting.items())
+            kv = _as_dtype(cache, setting.get("as"))
             with console.status(f"{label} on {entry['file']} ..."):
                 data = codec.encode(kv)
                 out = codec.decode(data)
