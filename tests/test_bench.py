@@ -42,3 +42,19 @@ def test_codecs_page_and_plot(tmp_path: Path) -> None:
     assert "| kivi(bits=2) | 5.00 | 3.20 | +1.50 |" in page and "transform x: 1.00 MB" in page
     bench_codecs.plot([row], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_speed_rows_count_every_byte(tmp_path: Path) -> None:
+    from kvpack.bench import speed
+    from kvpack.eval.corpora import Document
+
+    kv = make_kv(tokens=300, dtype="bfloat16")
+    doc = Document(name="d", kind="code", text="")
+    rows = speed.run([(doc, kv)], [kvpack.codecs.get("zstd", level=3)], tmp_path / "s.json", repeats=1)
+    by = {(r["setting"], r["chunk_tokens"]): r for r in rows}
+    lossless = by[("lossless", None)]
+    assert lossless["ratio"] == kv.fp16_bytes / len(kvpack.codecs.get("lossless").encode(kv))
+    assert lossless["rel_rmse_k"] == 0.0 and lossless["rel_rmse_v"] == 0.0
+    assert by[("lossless", 256)]["ratio"] < lossless["ratio"]  # two containers pay two headers
+    assert by[("kivi bits=2", None)]["rel_rmse_k"] > 0 and ("zstd level=3", None) in by
+    assert "| zipnn (bf16) | doc |" in speed.markdown(rows, "kvpack bench speed")

@@ -29,6 +29,9 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON to this path.")]
 
 
+CALIBRATED = ("transform", "kvtc", "cachegen")
+
+
 def load_model(name: str) -> tuple[Any, Any, Any]:
     """Load model, tokenizer and spec with a status line."""
     from kvpack import models
@@ -200,7 +203,7 @@ def print_rows(rows: list[dict[str, Any]], title: str) -> None:
 @app.command()
 def demo(
     model: ModelOpt = DEFAULT_MODEL,
-    codec: CodecOpt = "raw",
+    codec: CodecOpt = "lossless",
     param: ParamOpt = None,
     store: Annotated[str | None, typer.Option(help="Store URL (default: a fresh disk store in a temp dir).")] = None,
 ) -> None:
@@ -216,26 +219,42 @@ def demo(
 @app.command()
 def calibrate(
     output: Annotated[Path, typer.Option("-o", "--output", help="Profile file (or directory) to write.")],
-    codec: Annotated[str, typer.Option(help="Codec to calibrate (cachegen).")] = "cachegen",
+    codec: Annotated[str, typer.Option(help="Codec to calibrate: transform, kvtc or cachegen.")] = "transform",
     docs: Annotated[int, typer.Option(help="Calibration documents (never eval documents).")] = 6,
     text: Annotated[list[Path] | None, typer.Option(help="Calibrate on these text files instead (repeatable).")]
     = None,
     model: ModelOpt = DEFAULT_MODEL,
 ) -> None:
-    """Build a codec's per-model calibration profile (CacheGen's symbol tables)."""
-    from kvpack.cachegen_profile import build_profile
+    """Build a codec's per-model calibration profile (PCA basis and bit allocations, or CacheGen's symbol tables)."""
     from kvpack.eval.corpora import text_documents
 
-    if codec != "cachegen":
-        _fail(ValueError(f"calibrate knows cachegen, not {codec!r}"))
+    if codec not in CALIBRATED:
+        _fail(ValueError(f"calibrate knows {', '.join(CALIBRATED)}, not {codec!r}"))
     lm, tokenizer, spec = load_model(model)
+    corpus = text_documents(text) if text else None
     t0 = time.perf_counter()
     with console.status(f"calibrating {codec} ...") as status:
-        profile = build_profile(lm, tokenizer, spec, text_documents(text) if text else docs,
-                                on_progress=lambda msg: status.update(f"calibrating {codec}: {msg}"))
+        def say(msg: str) -> None:
+            status.update(f"calibrating {codec} ({time.perf_counter() - t0:.0f} s): {msg}")
+
+        try:
+            if codec == "cachegen":
+                from kvpack.cachegen_profile import build_profile
+
+                profile = build_profile(lm, tokenizer, spec, corpus or docs, on_progress=say)
+            else:
+                from kvpack.calibrate import calibrate as calibrate_transform
+
+                profile = calibrate_transform(lm, tokenizer, spec, docs=corpus, n_docs=docs, recipe=codec,
+                                              log=say)
+        except (KvpackError, ValueError) as exc:
+            _fail(exc)
     path = profile.save(output)
     console.print(f"{codec} profile {profile.hash} ({profile.nbytes / 1e6:.2f} MB) written to {path} in "
                   f"{time.perf_counter() - t0:.0f} s")
+    for preset in profile.meta.get("presets", []):
+        kl = "" if preset.get("kl") is None else f", KL {preset['kl']:.4f} on a held-out calibration document"
+        console.print(f"  preset {preset['name']}{kl}")
 
 
 @bench_app.command("entropy")
@@ -283,10 +302,38 @@ def bench_codecs(
     except (KvpackError, ValueError) as exc:
         _fail(exc)
     print_rows(rows, title=f"kvpack bench codecs ({rows[0]['machine']})")
-    profiles = {f"{c.name} {c.profile_hash()}": len(Path(c.params()["profile"]).read_bytes())
-                for c in chosen if c.profile_hash() and isinstance(c.params().get("profile"), str)}
+    profiles = {f"{c.name} {c.profile_hash()}": n for c in chosen if (n := c.profile_nbytes()) is not None}
     command = "kvpack " + " ".join(sys.argv[1:])
     bench.write_outputs(rows, console, command, profiles, json_path, markdown, plot)
+
+
+@bench_app.command("speed")
+def bench_speed(
+    setting: Annotated[list[str] | None, typer.Option(
+        help="Extra setting NAME:k=v,k=v (repeatable), e.g. transform:profile=P,preset=32x.")] = None,
+    docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
+    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 5,
+    anchors: Annotated[bool, typer.Option(help="Also measure zstd -3/-19 and ZipNN on the same bytes.")] = True,
+    model: ModelOpt = DEFAULT_MODEL,
+    json_path: JsonOpt = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
+) -> None:
+    """Ratio, bits/element, encode/decode MB/s and error of each codec on real caches, next to zstd and ZipNN."""
+    import sys
+
+    from kvpack.bench import speed
+    from kvpack.eval import documents
+
+    try:
+        extra = [parse_setting(s) for s in setting or []]
+        lm, tokenizer, spec = load_model(model)
+        entries = speed.caches(lm, tokenizer, spec, documents(docs), prefix)
+        rows = speed.run(entries, extra, json_path, console, repeats=repeats, anchors=anchors)
+    except (KvpackError, ValueError) as exc:
+        _fail(exc)
+    if markdown:
+        markdown.write_text(speed.markdown(rows, "kvpack " + " ".join(sys.argv[1:])))
 
 
 @bench_app.command("ttft")

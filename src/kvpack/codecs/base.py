@@ -51,6 +51,10 @@ class Codec(ABC):
         """Hash of the calibration profile the codec needs, or ``None`` for codecs that need none."""
         return None
 
+    def profile_nbytes(self) -> int | None:
+        """Serialized size of that profile (stored once per model, reported apart from the ratio), or ``None``."""
+        return None
+
     @property
     def codec_id(self) -> str:
         """Canonical identity (name, version, parameters, profile hash): part of every chunk key."""

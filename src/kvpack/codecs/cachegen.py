@@ -484,6 +484,9 @@ class CacheGenCodec(Codec):
     def profile_hash(self) -> str:
         return self.tables.profile.hash
 
+    def profile_nbytes(self) -> int:
+        return self.tables.profile.nbytes
+
     def bin_widths(self) -> np.ndarray:
         """Bin width ``s`` of every channel at this level: float64 ``[layers, 2 (K, V), kv_heads * head_dim]``.
 

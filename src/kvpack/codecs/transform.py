@@ -449,6 +449,9 @@ class TransformCodec(Codec):
     def profile_hash(self) -> str | None:
         return self.state().hash
 
+    def profile_nbytes(self) -> int | None:
+        return self.state().profile.nbytes
+
     def allocation(self) -> Allocation:
         """The preset this codec's rate control picks."""
         return self.state().choose(self.preset, self.target_ratio, self.max_kl)

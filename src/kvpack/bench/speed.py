@@ -1,8 +1,7 @@
-"""Size, speed and error of the lossless, fp8 and kivi codecs on dumped real KV caches (no model needed).
+"""`kvpack bench speed`: size, speed and error of the codecs on real KV caches, against zstd and ZipNN.
 
-Behind ``python -m kvpack.bench.dumped [--root DIR] [--json PATH]``. Reads the caches a dump wrote to ``DIR``
-(default ``/tmp/kvpack-real``: ``*.kvp`` containers plus ``index.json`` listing ``file``, ``split``, ``document``,
-``kind``) and measures, on the ``eval`` split, every setting of :data:`SETTINGS`:
+The caches are the model's own: the first ``prefix`` tokens of each eval document (half code, half prose),
+prefilled once. On them every setting of :data:`SETTINGS` (plus any the caller adds) is measured:
 
 * ``ratio``: fp16 bytes of the cache / bytes of the container(s), every byte counted, both with the whole document
   in one container (``chunk_tokens`` null) and cut into 256-token chunks as the store keeps them; the setting
@@ -19,13 +18,12 @@ Rows are per setting, summed (bytes) or medianed (speeds) over the documents, an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,13 +34,17 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
-import kvpack
 from kvpack.bench.entropy import _cpu_model
 from kvpack.codecs import get
+from kvpack.codecs.base import Codec
 from kvpack.codecs.raw import tensor_bytes
+from kvpack.eval import progress_bar
+from kvpack.eval.corpora import Document
+from kvpack.eval.quality import tokenize
+from kvpack.inference import prefill
 from kvpack.kv import KVCache
+from kvpack.spec import ModelSpec
 
-DEFAULT_ROOT = Path("/tmp/kvpack-real")
 #: (codec name, parameters) measured, in table order; ``"as": dtype`` (not a codec parameter) casts the cache first.
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("lossless", {}),
@@ -98,33 +100,48 @@ def _as_dtype(kv: KVCache, dtype: str | None) -> KVCache:
                    values=[t.to(spec.torch_dtype) for t in kv.values], positions=kv.positions)
 
 
-def run(json_path: Path | None = None, console: Console | None = None, root: Path = DEFAULT_ROOT,
-        repeats: int = 5, anchors: bool = True) -> list[dict[str, Any]]:
-    """Measure every setting on the eval caches under ``root``; print a table, optionally write JSON rows."""
+def caches(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Document], prefix: int
+           ) -> list[tuple[Document, KVCache]]:
+    """The KV cache of the first ``prefix`` tokens of every document, with a progress bar."""
+    out = []
+    with progress_bar() as bar:
+        task = bar.add_task("prefilling", total=len(docs) * prefix)
+        for i, doc in enumerate(docs):
+            bar.update(task, description=f"prefilling {doc.name}")
+            ids, _ = tokenize(tokenizer, doc, prefix, 0)
+
+            def advance(n: int, done: int = i * prefix) -> None:
+                bar.update(task, completed=done + n)
+
+            out.append((doc, prefill(model, spec, ids, step=256, on_progress=advance)[0]))
+    return out
+
+
+def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = (), json_path: Path | None = None,
+        console: Console | None = None, repeats: int = 5, anchors: bool = True) -> list[dict[str, Any]]:
+    """Measure every setting (:data:`SETTINGS`, then ``extra``) on ``entries``; print a table, optionally write
+    JSON rows."""
     console = console or Console()
-    index = json.loads((root / "index.json").read_text())
-    entries = [e for e in index if e["split"] == "eval"]
+    settings = [(name, setting, get(name, **{k: v for k, v in setting.items() if k != "as"}))
+                for name, setting in SETTINGS] + [(c.name, c.params(), c) for c in extra]
     machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
                "threads": numba.get_num_threads(), "threading_layer": None}
     acc: dict[str, dict[str, Any]] = {}
     base: dict[str, Any] = {"raw": 0, "zstd3": 0, "zstd19": 0, "zipnn": 0, "zipnn_exact": True, "fp16": 0,
                             "zstd3_decode_s": []}
-    for entry in entries:
-        cache = kvpack.decode((root / entry["file"]).read_bytes())
+    for doc, cache in entries:
         base["fp16"] += cache.fp16_bytes
         if anchors:
-            with console.status(f"anchors on {entry['file']} ..."):
+            with console.status(f"anchors on {doc.name} ..."):
                 a = _anchors(cache)
             for key in ("raw", "zstd3", "zstd19", "zipnn"):
                 base[key] += a[key]
             base["zipnn_exact"] &= a["zipnn_exact"]
             base["zstd3_decode_s"].append(cache.fp16_bytes / a["zstd3_decode_s"])
-        for name, setting in SETTINGS:
-            params = {k: v for k, v in setting.items() if k != "as"}
-            codec = get(name, **params)
-            label = name + "".join(f" {k}={v}" for k, v in setting.items())
+        for name, setting, codec in settings:
+            label = name + "".join(f" {k}={v}" for k, v in setting.items() if v is not None and k != "profile")
             kv = _as_dtype(cache, setting.get("as"))
-            with console.status(f"{label} on {entry['file']} ..."):
+            with console.status(f"{label} on {doc.name} ..."):
                 data = codec.encode(kv)
                 out = codec.decode(data)
                 chunked = sum(len(codec.encode(part)) for part in kv.chunks(STORE_CHUNK))
@@ -151,7 +168,7 @@ def run(json_path: Path | None = None, console: Console | None = None, root: Pat
                          "encode_mb_per_cpu_s": statistics.median(r["enc_cpu"]),
                          "decode_mb_per_cpu_s": statistics.median(r["dec_cpu"]),
                          "rel_rmse_k": statistics.mean(r["err_k"]), "rel_rmse_v": statistics.mean(r["err_v"]),
-                         "documents": [e["document"] for e in entries], **machine})
+                         "documents": [doc.name for doc, _ in entries], **machine})
     if anchors:
         for label, key in (("zstd -3", "zstd3"), ("zstd -19", "zstd19"), ("zipnn (bf16)", "zipnn")):
             rows.append({"setting": label, "codec": key, "params": {}, "chunk_tokens": None,
@@ -159,41 +176,48 @@ def run(json_path: Path | None = None, console: Console | None = None, root: Pat
                          "encode_mb_per_s": None,
                          "decode_mb_per_s": statistics.median(base["zstd3_decode_s"]) / 1e6 if key == "zstd3"
                          else None,
-                         "rel_rmse_k": 0.0, "rel_rmse_v": 0.0, "documents": [e["document"] for e in entries],
+                         "rel_rmse_k": 0.0, "rel_rmse_v": 0.0, "documents": [doc.name for doc, _ in entries],
                          **({"zipnn_exact": base["zipnn_exact"]} if key == "zipnn" else {}), **machine})
-    _print(console, rows, machine, len(entries))
+    _print(console, rows)
     if json_path is not None:
         json_path.write_text(json.dumps(rows, indent=2))
         console.print(f"wrote {json_path}")
     return rows
 
 
-def _print(console: Console, rows: list[dict[str, Any]], machine: dict[str, Any], n_docs: int) -> None:
-    table = Table(title=f"codecs on {n_docs} dumped eval caches: {machine['cpu']}, {machine['cores']} cores, "
-                        f"{machine['threads']} numba threads ({machine['threading_layer']}), "
-                        f"load {machine['load_1min']:.1f}")
-    columns = ("setting", "chunk", "ratio", "bits/el", "enc MB/s", "dec MB/s", "dec MB/cpu-s", "rel RMSE K",
-               "rel RMSE V")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "setting" else "right")
+COLUMNS = ("setting", "chunk", "ratio", "bits/el", "enc MB/s", "dec MB/s", "dec MB/cpu-s", "rel RMSE K",
+           "rel RMSE V")
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    return [r["setting"], fmt(r["chunk_tokens"], "d") if r["chunk_tokens"] else "doc", f"{r['ratio']:.3f}",
+            f"{r['bits_per_element']:.3f}", fmt(r["encode_mb_per_s"], ".0f"), fmt(r["decode_mb_per_s"], ".0f"),
+            fmt(r.get("decode_mb_per_cpu_s"), ".0f"), f"{r['rel_rmse_k']:.4f}", f"{r['rel_rmse_v']:.4f}"]
+
+
+def _title(rows: list[dict[str, Any]]) -> str:
+    m = rows[0]
+    return (f"codecs on {len(m['documents'])} real eval caches: {m['cpu']}, {m['cores']} cores, {m['threads']} numba "
+            f"threads ({m['threading_layer']}), load {m['load_1min']:.1f}")
+
+
+def _print(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=_title(rows))
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "setting" else "right")
     for r in rows:
-        table.add_row(r["setting"], fmt(r["chunk_tokens"], "d") if r["chunk_tokens"] else "doc",
-                      f"{r['ratio']:.3f}", f"{r['bits_per_element']:.3f}", fmt(r["encode_mb_per_s"], ".0f"),
-                      fmt(r["decode_mb_per_s"], ".0f"), fmt(r.get("decode_mb_per_cpu_s"), ".0f"),
-                      f"{r['rel_rmse_k']:.4f}", f"{r['rel_rmse_v']:.4f}")
+        table.add_row(*_cells(r))
     console.print(table)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-anchors", action="store_true", help="skip zstd and ZipNN (zstd -19 is slow)")
-    args = parser.parse_args()
-    run(args.json, root=args.root, repeats=args.repeats, anchors=not args.no_anchors)
-
-
-if __name__ == "__main__":
-    main()
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    """docs/results/speed.md from the rows."""
+    lines = ["# Codec size and speed on SmolLM2-135M KV caches", "", f"Produced by `{command}`: {_title(rows)}.", "",
+             f"Documents: {', '.join(rows[0]['documents'])}. Ratio = fp16 bytes / stored bytes, every byte counted, "
+             "for the whole prefix in one container (`doc`) and cut into 256-token chunks as the store keeps them. "
+             "MB/s are of fp16 KV per second of wall-clock time (median of repeats); MB/cpu-s per second of the "
+             "process's CPU time. zstd and ZipNN compress the cache's own bf16 bytes.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
