@@ -52,7 +52,10 @@ def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str) -> 
     kv = _held_out()
     codec = TransformCodec(profile=str(profiles["transform"]), preset=preset)
     data = codec.encode(kv)
-    out = kvpack.decode(data)
+    with pytest.raises(CodecError, match="profile=PATH"):
+        kvpack.decode(data)
+    out = kvpack.decode(data, profile=str(profiles["transform"]))
+    assert out.equal(codec.decode(data))
     assert out.num_tokens == kv.num_tokens and torch.equal(out.positions, kv.positions)
     assert all(torch.equal(a[:, :4], b[:, :4]) for a, b in zip(out.keys + out.values, kv.keys + kv.values,
                                                                strict=True))
@@ -81,7 +84,7 @@ def test_kvtc_round_trip(profiles: dict[str, Path]) -> None:
     kv = _held_out()
     codec = get("kvtc", profile=str(profiles["kvtc"]), preset="4x")
     assert isinstance(codec, KvtcCodec)
-    out = kvpack.decode(codec.encode(kv))
+    out = kvpack.decode(codec.encode(kv), codec=codec)
     assert _rel_error(out, kv) < 0.05
     with pytest.raises(CodecError, match="recipe"):
         KvtcCodec(profile=str(profiles["transform"])).encode(kv)

@@ -132,13 +132,14 @@ def inspect(
 def decode(
     file: Annotated[Path, typer.Argument(help="A .kvp container.", exists=True, dir_okay=False)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Write the decoded tensors here (.safetensors).")],
+    profile: Annotated[str | None, typer.Option(help="Calibration profile the chunk was encoded with.")] = None,
 ) -> None:
     """Decode a container into a safetensors file (layer.{i}.keys / layer.{i}.values, positions)."""
     from safetensors.torch import save_file
 
     try:
         t0 = time.perf_counter()
-        kv = codecs.decode(file.read_bytes())
+        kv = codecs.decode(file.read_bytes(), profile=profile)
         elapsed = time.perf_counter() - t0
     except KvpackError as exc:
         _fail(exc)

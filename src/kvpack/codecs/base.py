@@ -248,21 +248,25 @@ def _convert(value: str, hint: Any) -> Any:
 
 
 def decode(data: bytes | memoryview, spec: ModelSpec | None = None, *, codec: Codec | None = None,
-           token_ids: torch.Tensor | Sequence[int] | None = None) -> KVCache:
+           profile: str | None = None, token_ids: torch.Tensor | Sequence[int] | None = None) -> KVCache:
     """Decode any kvpack KV container, picking the codec named in its header.
 
     With ``spec`` the model fingerprint is checked (:class:`ModelMismatchError`). Codecs that need a calibration
-    profile must be passed as ``codec``. ``token_ids``, when given, are checked against the stored hash.
+    profile take its path as ``profile`` (or are passed whole as ``codec``); the header names the profile's hash,
+    which must match. ``token_ids``, when given, are checked against the stored hash.
     """
     container = read_container(data)
     info = _codec_info(container.header)
     if codec is None:
+        if info.get("profile") and profile is None:
+            raise CodecError(f"this chunk was encoded by {info['name']} with calibration profile {info['profile']}; "
+                             "pass the profile's path to decode it: profile=PATH (CLI: --profile PATH)")
         cls = codec_class(info["name"])
         if cls.version != info["version"]:
             raise FormatError(f"codec {info['name']} v{info['version']} is not supported by this kvpack "
                               f"(it has v{cls.version}); upgrade kvpack or re-encode")
         try:
-            codec = cls(**info["params"])
+            codec = cls(**info["params"], **({"profile": profile} if info.get("profile") else {}))
         except (TypeError, ValueError) as exc:
             raise FormatError(f"codec parameters in the header are invalid: {exc}") from None
     elif info["name"] != codec.name or info["version"] != codec.version or info["params"] != codec.params():

@@ -414,7 +414,7 @@ class TransformCodec(Codec):
     name = "transform"
     version = 1
     recipe: ClassVar[str] = "transform"
-    profile: str = ""
+    profile: str = field(default="", repr=False)  # not in params(): chunks are tied to the profile's hash
     preset: str | None = None
     target_ratio: float | None = None
     max_kl: float | None = None
