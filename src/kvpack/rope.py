@@ -114,12 +114,15 @@ def _cos_sin(positions: torch.Tensor, rope: RopeSpec, head_dim: int) -> tuple[to
 
 
 def _turn(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``keys * cos + rotate_half(keys) * sin`` on the rotary channels (float32), others unchanged."""
+    """``keys * cos + rotate_half(keys) * sin`` on the rotary channels, others unchanged: a new float32 tensor."""
     dim = cos.shape[-1]
-    rot, rest = keys[..., :dim], keys[..., dim:]
     half = dim // 2
-    swapped = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat((rot * cos + swapped * sin, rest), dim=-1)
+    out = keys.to(torch.float32, copy=True)
+    rot = out[..., :dim]
+    rot.mul_(cos)
+    rot[..., :half].addcmul_(keys[..., half:dim], sin[..., :half], value=-1)
+    rot[..., half:].addcmul_(keys[..., :half], sin[..., half:])
+    return out
 
 
 def _check(keys: torch.Tensor, positions: torch.Tensor, head_dim: int) -> None:
@@ -132,7 +135,7 @@ def rotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, head_dim
     """Apply RoPE: pre-RoPE ``keys [..., tokens, head_dim]`` at ``positions [tokens]`` -> post-RoPE (float32)."""
     _check(keys, positions, head_dim)
     cos, sin = _cos_sin(positions, rope, head_dim)
-    return _turn(keys.float(), cos, sin)
+    return _turn(keys, cos, sin)
 
 
 def unrotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -145,8 +148,7 @@ def unrotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, head_d
     cos, sin = _cos_sin(positions, rope, head_dim)
     _, attention = inverse_frequencies(rope, head_dim)
     scale = attention * attention
-    out = _turn(keys.float(), cos / scale, -sin / scale)
-    return out
+    return _turn(keys, cos / scale, -sin / scale)
 
 
 def rerotate(keys: torch.Tensor, from_positions: torch.Tensor, to_positions: torch.Tensor, rope: RopeSpec,

@@ -95,31 +95,26 @@ def feature_groups(layers: int, width: int, grouping: str) -> list[np.ndarray]:
 
 
 def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 ``[tokens, D]``: pre-RoPE keys and values of all layers and heads per token (``rows``: a token mask)."""
+    """float32 ``[tokens, D]``: pre-RoPE keys and values of all layers and heads per token (``rows``: a token mask),
+    features ordered ``(layer, K/V, head, channel)``."""
     spec = kv.spec
     pos = kv.positions if rows is None else kv.positions[rows]
-    parts = []
-    for k, v in zip(kv.keys, kv.values, strict=True):
-        if rows is not None:
-            k, v = k[:, rows], v[:, rows]
-        pre = rope.unrotate(k, pos, spec.rope, spec.head_dim) if spec.rope.type != "none" else k.float()
-        width = spec.num_kv_heads * spec.head_dim
-        parts += [pre.permute(1, 0, 2).reshape(pos.numel(), width),
-                  v.float().permute(1, 0, 2).reshape(pos.numel(), width)]
-    return torch.cat(parts, dim=1)
+    keys, values = torch.stack(kv.keys), torch.stack(kv.values)  # [L, H, T, D]
+    if rows is not None:
+        keys, values = keys[:, :, rows], values[:, :, rows]
+    pre = rope.unrotate(keys, pos, spec.rope, spec.head_dim) if spec.rope.type != "none" else keys.float()
+    both = torch.stack((pre, values.float()), dim=1)  # [L, 2, H, T, D]
+    return both.permute(3, 0, 1, 2, 4).reshape(pos.numel(), 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim)
 
 
-def unfeatures(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> tuple[list[torch.Tensor],
-                                                                                   list[torch.Tensor]]:
-    """Inverse of :func:`features`: per-layer post-RoPE keys and values ``[kv_heads, tokens, head_dim]`` (float32)."""
+def unfeatures(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`features`: post-RoPE keys and values ``[layers, kv_heads, tokens, head_dim]`` (float32)."""
     tokens, heads, dim = x.shape[0], spec.num_kv_heads, spec.head_dim
-    per_layer = x.reshape(tokens, spec.num_layers, 2, heads, dim)
-    keys, values = [], []
-    for layer in range(spec.num_layers):
-        k = per_layer[:, layer, 0].permute(1, 0, 2)
-        keys.append(rope.rotate(k, positions, spec.rope, dim) if spec.rope.type != "none" else k)
-        values.append(per_layer[:, layer, 1].permute(1, 0, 2))
-    return keys, values
+    per_layer = x.reshape(tokens, spec.num_layers, 2, heads, dim).permute(1, 2, 3, 0, 4)  # [L, 2, H, T, D]
+    keys = per_layer[:, 0]
+    if spec.rope.type != "none":
+        keys = rope.rotate(keys, positions, spec.rope, dim)
+    return keys, per_layer[:, 1]
 
 
 # ------------------------------------------------------------------------------------------------ quantizers
@@ -247,6 +242,20 @@ class Allocation:
 
 
 @dataclass(frozen=True, eq=False)
+class Projection:
+    """Group ``g``'s PCA restricted to the ``U`` used components, with centring, weights and ``sigma`` folded in:
+    ``z = x_g @ encode - encode_bias`` and ``x_g = z @ decode + decode_bias`` (float32; ``x_g = x[:, columns]``, all
+    of ``x`` when ``columns`` is ``None``)."""
+
+    used: np.ndarray  # int64 [U]: component indices
+    columns: torch.Tensor | None  # int64 [D_g] feature indices, None for the identity
+    encode: torch.Tensor  # [D_g, U]
+    encode_bias: torch.Tensor  # [U]
+    decode: torch.Tensor  # [U, D_g]
+    decode_bias: torch.Tensor  # [D_g]
+
+
+@dataclass(frozen=True, eq=False)
 class TransformProfile:
     """A parsed, validated transform profile (see :mod:`kvpack.calibrate` for how it is made)."""
 
@@ -263,20 +272,28 @@ class TransformProfile:
     rounding: float
     sink_format: str
 
-    subs: dict[tuple[str, int], tuple[np.ndarray, torch.Tensor]] = field(default_factory=dict)
+    subs: dict[tuple[str, int], Projection] = field(default_factory=dict)
 
     @property
     def hash(self) -> str:
         return self.profile.hash
 
-    def sub_basis(self, alloc: Allocation, g: int) -> tuple[np.ndarray, torch.Tensor]:
-        """Components of group ``g`` that ``alloc`` codes (int64 ``[U]``) and their basis rows ``[U, D_g]`` (cached)."""
+    def projection(self, alloc: Allocation, g: int) -> Projection:
+        """The affine maps of group ``g`` restricted to the components ``alloc`` codes (cached per preset)."""
         key = (alloc.name, g)
         if key not in self.subs:
             comps = [np.arange(s, s + n) for b in np.flatnonzero(alloc.block_type != TYPE_DROP)
                      for gg, s, n in [self.block_span(int(b))] if gg == g]
             used = np.concatenate(comps) if comps else np.zeros(0, np.int64)
-            self.subs[key] = (used, self.bases[g][torch.from_numpy(used)].contiguous())
+            basis = self.bases[g][torch.from_numpy(used)].double()  # [U, D_g]
+            sigma = torch.from_numpy(self.sigmas[g][used]).double()[:, None]
+            w, mean = self.weights[g].double(), self.means[g].double()
+            idx = self.groups[g]
+            whole = idx.size == sum(len(i) for i in self.groups) and bool((idx == np.arange(idx.size)).all())
+            self.subs[key] = Projection(
+                used=used, columns=None if whole else torch.from_numpy(idx),
+                encode=(basis * w / sigma).T.float().contiguous(), encode_bias=((mean * w) @ basis.T / sigma[:, 0])
+                .float(), decode=(basis * sigma / w).float().contiguous(), decode_bias=self.means[g])
         return self.subs[key]
 
     @property
@@ -511,10 +528,9 @@ class TransformCodec(Codec):
     @staticmethod
     def _project(st: TransformProfile, alloc: Allocation, g: int, x: torch.Tensor) -> np.ndarray:
         """Normalized coefficients ``z [T, C_g]`` of PCA group ``g`` (zero for components the preset drops)."""
-        used, basis = st.sub_basis(alloc, g)
-        centred = (x[:, torch.from_numpy(st.groups[g])] - st.means[g]) * st.weights[g]
+        p = st.projection(alloc, g)
         z = np.zeros((x.shape[0], len(st.sigmas[g])), np.float32)
-        z[:, used] = (centred @ basis.T).numpy() / st.sigmas[g][used]
+        z[:, p.used] = torch.addmm(-p.encode_bias, x if p.columns is None else x[:, p.columns], p.encode).numpy()
         return z
 
     def _encode_layer(self, st: TransformProfile, k: int, lay: _Layout, zs: list[np.ndarray],
@@ -573,13 +589,18 @@ class TransformCodec(Codec):
             if isinstance(container, _Partial) and not all(n in container.sections for n in names):
                 break
             self._decode_layer(st, self._layout(st, alloc, blocks), [container.section(n) for n in names], zs, coded)
-        x = torch.zeros(coded, sum(len(g) for g in st.groups))
-        for g, idx in enumerate(st.groups):
-            used, basis = st.sub_basis(alloc, g)
-            part = torch.from_numpy(np.ascontiguousarray(zs[g][:, used] * st.sigmas[g][used])) @ basis
-            x[:, torch.from_numpy(idx)] = part / st.weights[g] + st.means[g]
+        x = torch.empty(coded, sum(len(g) for g in st.groups))
+        for g in range(len(st.groups)):
+            p = st.projection(alloc, g)
+            z = torch.from_numpy(np.ascontiguousarray(zs[g][:, p.used]))
+            if p.columns is None:
+                torch.addmm(p.decode_bias, z, p.decode, out=x)
+            else:
+                x[:, p.columns] = torch.addmm(p.decode_bias, z, p.decode)
         keys_c, values_c = unfeatures(x, positions[~sink], spec)
         keys_s, values_s = self._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
+        if not bool(sink.any()):
+            return [t.to(spec.torch_dtype) for t in keys_c], [t.to(spec.torch_dtype) for t in values_c]
         shape = (spec.num_kv_heads, num_tokens, spec.head_dim)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
