@@ -350,6 +350,8 @@ def bench_ttft(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of TTFT against context length here.")] = None,
 ) -> None:
     """TTFT: full recompute vs loading each codec from memory, disk, Redis and emulated 1/10/25 Gbps links."""
+    import sys
+
     from kvpack.bench import ttft
 
     try:
@@ -357,7 +359,8 @@ def bench_ttft(
             codecs.get(name, **params) for name, params in ttft.DEFAULT_SETTINGS if name in codecs.available()]
         lm, tokenizer, spec = load_model(model)
         ttft.run(lm, tokenizer, spec, chosen, [int(x) for x in lengths.split(",")], repeats=repeats,
-                 console=console, json_path=json_path, markdown_path=markdown, plot_path=plot)
+                 console=console, json_path=json_path, markdown_path=markdown, plot_path=plot,
+                 command="kvpack " + " ".join(sys.argv[1:]))
     except (KvpackError, ValueError) as exc:
         _fail(exc)
 
