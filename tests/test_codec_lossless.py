@@ -172,3 +172,28 @@ def test_real_kv_beats_zstd19(smollm: Any) -> None:
     raw = tensor_bytes([t for pair in zip(kv.keys, kv.values, strict=True) for t in pair])
     zstd19 = len(zstandard.ZstdCompressor(level=19).compress(raw))
     assert len(data) < zstd19, (len(raw) / len(data), len(raw) / zstd19)
+
+
+def test_decoder_kernels_come_from_numba_cache_in_a_new_process() -> None:
+    """A second process loads the compiled merge kernel from numba's on-disk cache instead of compiling it again
+    (a closure over another dispatcher once gave it a new cache key per process: ~6 s on every first load)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import make_kv\n"
+        "from kvpack.codecs import get\n"
+        "kv = make_kv(tokens=20, layers=2, heads=2, head_dim=8)\n"
+        "codec = get('lossless')\n"
+        "assert codec.decode(codec.encode(kv), kv.spec).keys[0].equal(kv.keys[0])\n"
+    )
+    env = {**os.environ, "NUMBA_DEBUG_CACHE": "1"}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    saved = [line for line in runs[1].stdout.splitlines() if "data saved" in line]
+    assert saved == [], f"the second process compiled kernels again: {saved}"

@@ -83,6 +83,25 @@ def _row_stats(bits: np.ndarray, exp_bits: int, man_bits: int, max_rel: int
     return base, flip, n_esc
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _put(o, t, c, top, block, j, m, p, escapes, ep, end, low, shift, whole, part, pmask):  # type: ignore[no-untyped-def]
+    """Write element ``(t, c)`` of a tile for ``merge`` from its table entry ``top``; returns ``(ep, ok)`` (escapes
+    taken in order). Module level, not a closure of :func:`_kernels`: a closure over another dispatcher gets a new
+    cache key in every process, so numba would recompile ``merge`` (~6 s) on each start."""
+    ok = True
+    if top < 0:
+        if top == -2 and ep < end:
+            top = np.int64(escapes[ep])
+        else:
+            ok = False
+        ep += 1
+    rest = ((block >> (part * j)) & pmask) << (8 * whole)
+    for w in range(whole):
+        rest |= np.int64(m[p + c * whole + w]) << (8 * w)
+    o[t, c] = (top << low) | (rest << shift)
+    return ep, ok
+
+
 @functools.cache
 def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
     """The split and merge kernels for one float layout whose lowest ``shift`` bits are all zero, compiled (on first
@@ -132,22 +151,6 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
                     q += part
         return symbols, escapes, raw
 
-    @njit(nogil=True, cache=True, inline="always")
-    def put(o, t, c, top, block, j, m, p, escapes, ep, end):  # type: ignore[no-untyped-def]
-        """Write element ``(t, c)`` from its table entry ``top``; returns ``(ep, ok)`` (escapes taken in order)."""
-        ok = True
-        if top < 0:
-            if top == -2 and ep < end:
-                top = np.int64(escapes[ep])
-            else:
-                ok = False
-            ep += 1
-        rest = ((block >> (part * j)) & pmask) << (8 * whole)
-        for w in range(whole):
-            rest |= np.int64(m[p + c * whole + w]) << (8 * w)
-        o[t, c] = (top << low) | (rest << shift)
-        return ep, ok
-
     @njit(nogil=True, cache=True, parallel=True)
     def merge(out, symbols, row_offset, base, flip, escapes, esc_start, raw):  # type: ignore[no-untyped-def]
         """Inverse of ``split`` into ``out [tiles, tokens, dim]``; False if the stream is inconsistent (a symbol
@@ -185,12 +188,14 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
                     if c0 < full:
                         for j in range(8):
                             top = np.int64(lut[c0 + j, symbols[offs[c0 + j] + t]])
-                            ep, ok = put(o, t, c0 + j, top, block, j, m, p, escapes, ep, end)
+                            ep, ok = _put(o, t, c0 + j, top, block, j, m, p, escapes, ep, end,
+                                          low, shift, whole, part, pmask)
                             good &= ok
                     else:
                         for j in range(dim - full):
                             top = np.int64(lut[c0 + j, symbols[offs[c0 + j] + t]])
-                            ep, ok = put(o, t, c0 + j, top, block, j, m, p, escapes, ep, end)
+                            ep, ok = _put(o, t, c0 + j, top, block, j, m, p, escapes, ep, end,
+                                          low, shift, whole, part, pmask)
                             good &= ok
             bad[tile] = not good or ep != end
         return not bad.any()
