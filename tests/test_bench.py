@@ -25,10 +25,11 @@ def test_link_store_serves_the_inner_bytes() -> None:
 def test_ttft_page_and_plot(tmp_path: Path) -> None:
     rows = [{"context_tokens": n, "method": "recompute", "transport": "-", "ttft_s": n / 100, "bytes_read": 0,
              "ratio": None, "machine": "test"} for n in (1024, 2048)]
-    rows += [{"context_tokens": n, "method": "raw", "transport": t, "ttft_s": 0.1, "bytes_read": 10, "ratio": 1.0,
-              "machine": "test"} for n in (1024, 2048) for t in ("disk", "link 10 Gbps")]
-    page = ttft.markdown(rows, tmp_path / "ttft.png")
-    assert "| 2048 | raw | 1.0x | 0.100 | 0.100 |" in page
+    rows += [{"context_tokens": n, "method": "raw", "transport": t, "ttft_s": 0.1, "bytes_read": 10,
+              "ratio": n / 1024, "machine": "test"} for n in (1024, 2048) for t in ("disk", "link 10 Gbps")]
+    page = ttft.markdown(rows, tmp_path / "ttft.png", "kvpack bench ttft --repeats 2")
+    assert "| 1024 | raw | 1.0x | 0.100 | 0.100 |" in page and "| 2048 | raw | 2.0x | 0.100 | 0.100 |" in page
+    assert "`kvpack bench ttft --repeats 2`" in page
     ttft.plot(rows, tmp_path / "ttft.png")
     assert (tmp_path / "ttft.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -195,7 +195,7 @@ def markdown(rows: list[dict[str, Any]], plot_path: Path | None, command: str = 
              "`model.generate` on the whole prompt. Links are emulated "
              "by sleeping `bytes * 8 / bandwidth` after each batched read of a memory store (no latency; transfer "
              "and decode do not overlap). Ratios count every stored byte.", ""]
-    ratios = {r["method"]: r["ratio"] for r in rows if r["method"] != "recompute" and r["ratio"]}
+    ratios = {(r["context_tokens"], r["method"]): r["ratio"] for r in rows if r["ratio"]}  # same in every transport
     lines.append("| context | method | ratio | " + " | ".join(transports_seen) + " |")
     lines.append("|---|---|---|" + "---|" * len(transports_seen))
     for (length, method), cells in table.items():
@@ -204,7 +204,7 @@ def markdown(rows: list[dict[str, Any]], plot_path: Path | None, command: str = 
             ratio = "-"
         else:
             values = [f"{cells[t]:.3f}" if t in cells else "-" for t in transports_seen]
-            ratio = f"{ratios.get(method, 0):.1f}x"
+            ratio = f"{ratios.get((length, method), 0):.1f}x"
         lines.append(f"| {length} | {method} | {ratio} | " + " | ".join(values) + " |")
     if plot_path:
         lines += ["", f"![TTFT against context length]({plot_path.name})"]
