@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -177,11 +181,6 @@ def test_real_kv_beats_zstd19(smollm: Any) -> None:
 def test_decoder_kernels_come_from_numba_cache_in_a_new_process() -> None:
     """A second process loads the compiled merge kernel from numba's on-disk cache instead of compiling it again
     (a closure over another dispatcher once gave it a new cache key per process: ~6 s on every first load)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from conftest import make_kv\n"

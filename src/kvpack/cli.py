@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,6 +54,11 @@ def make_codec(name: str, params: list[str] | None) -> codecs.Codec:
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/bold red] {exc}")
     raise typer.Exit(2)
+
+
+def _command_line() -> str:
+    """The command as typed, for the "Produced by" line of a results page."""
+    return "kvpack " + " ".join(sys.argv[1:])
 
 
 @app.command()
@@ -288,8 +294,6 @@ def bench_codecs(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of ratio against perplexity increase here.")] = None,
 ) -> None:
     """Every codec setting on the real model: ratio, bits/element, quality metrics and MB/s, side by side."""
-    import sys
-
     from kvpack.bench import codecs as bench
     from kvpack.eval import documents, evaluate
 
@@ -304,7 +308,7 @@ def bench_codecs(
         _fail(exc)
     print_rows(rows, title=f"kvpack bench codecs ({rows[0]['machine']})")
     profiles = {f"{c.name} {c.profile_hash()}": n for c in chosen if (n := c.profile_nbytes()) is not None}
-    command = "kvpack " + " ".join(sys.argv[1:])
+    command = _command_line()
     bench.write_outputs(rows, console, command, profiles, json_path, markdown, plot)
 
 
@@ -321,8 +325,6 @@ def bench_speed(
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
 ) -> None:
     """Ratio, bits/element, encode/decode MB/s and error of each codec on real caches, next to zstd and ZipNN."""
-    import sys
-
     from kvpack.bench import speed
     from kvpack.eval import documents
 
@@ -334,7 +336,7 @@ def bench_speed(
     except (KvpackError, ValueError) as exc:
         _fail(exc)
     if markdown:
-        markdown.write_text(speed.markdown(rows, "kvpack " + " ".join(sys.argv[1:])))
+        markdown.write_text(speed.markdown(rows, _command_line()))
 
 
 @bench_app.command("ttft")
@@ -350,8 +352,6 @@ def bench_ttft(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of TTFT against context length here.")] = None,
 ) -> None:
     """TTFT: full recompute vs loading each codec from memory, disk, Redis and emulated 1/10/25 Gbps links."""
-    import sys
-
     from kvpack.bench import ttft
 
     try:
@@ -360,7 +360,7 @@ def bench_ttft(
         lm, tokenizer, spec = load_model(model)
         ttft.run(lm, tokenizer, spec, chosen, [int(x) for x in lengths.split(",")], repeats=repeats,
                  console=console, json_path=json_path, markdown_path=markdown, plot_path=plot,
-                 command="kvpack " + " ".join(sys.argv[1:]))
+                 command=_command_line())
     except (KvpackError, ValueError) as exc:
         _fail(exc)
 
