@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kvpack.errors import FormatError, StoreError
 from kvpack.format import write_container
 from kvpack.store import DiskStore, MemoryStore, RedisStore, Store
-from kvpack.store.redis_server import RedisServer, redis_server_available
+from servers import RedisServer, redis_server_available
 
 REQUIRES_REDIS_SERVER = pytest.mark.skipif(
     not redis_server_available(),

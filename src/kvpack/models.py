@@ -36,11 +36,22 @@ def bundled_path(name: str = DEFAULT_MODEL) -> tuple[Path, str]:
     return directory, gguf_file
 
 
+def _require_gguf_support() -> None:
+    """:class:`ModelLoadError` naming the extra kvpack[models] unless transformers' GGUF loader can run here."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelLoadError(
+            f"loading a GGUF model needs {' and '.join(missing)}, from the optional extra kvpack[models]: "
+            "pip install 'kvpack[models]'"
+        )
+
+
 def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode on the CPU.
 
     ``name_or_path`` is a bundled model name (``"smollm2-135m"``) or a local Hugging Face checkpoint directory
-    (optionally with a ``.gguf`` file inside, given as ``DIR/FILE.gguf``).
+    (optionally with a ``.gguf`` file inside, given as ``DIR/FILE.gguf``). A GGUF file (the bundled model is one)
+    needs the optional extra kvpack[models] (gguf and accelerate); without it :class:`ModelLoadError` says so.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,6 +71,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16)
                 f"{name_or_path!r} is neither a bundled model ({sorted(_BUNDLED)}) nor a local checkpoint directory; "
                 "kvpack never downloads models"
             )
+    if "gguf_file" in kwargs:
+        _require_gguf_support()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs)

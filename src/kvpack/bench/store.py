@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kvpack.format import verify, write_container
-from kvpack.store import DiskStore, MemoryStore, RedisStore, Store
+from kvpack.store import DiskStore, MemoryStore, Store
 
 BACKENDS = ("memory", "disk", "disk-nofsync", "redis", "sqlite-blob", "lmdb")
 
@@ -145,6 +145,8 @@ def _open(cfg: BenchConfig, root: Path) -> _KV | Store:
         return DiskStore(root / "disk", max_bytes=capacity, fsync=cfg.backend == "disk")
     if cfg.backend == "redis":
         assert cfg.redis_url is not None
+        from kvpack.store.redis import RedisStore  # StoreError naming kvpack[redis] without redis-py
+
         return RedisStore(cfg.redis_url, namespace_prefix=f"kvpack-bench:{os.getpid()}:")
     if cfg.backend == "sqlite-blob":
         return _SqliteBlobs(root)

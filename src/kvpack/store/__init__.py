@@ -6,14 +6,18 @@ Backends: :class:`MemoryStore` (in-process LRU), :class:`DiskStore` (local files
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kvpack.errors import StoreError
 from kvpack.store.base import Store, StoreStats, StoreWarning, validate_key
 from kvpack.store.disk import DiskStore, default_cache_dir
 from kvpack.store.memory import MemoryStore
-from kvpack.store.redis import RedisStore, redact_url
+
+if TYPE_CHECKING:
+    from kvpack.store.redis import RedisStore
 
 __all__ = [
     "DiskStore",
@@ -24,8 +28,24 @@ __all__ = [
     "StoreWarning",
     "default_cache_dir",
     "open",
+    "redact_url",
     "validate_key",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``RedisStore`` on first use: it imports redis-py (the optional extra kvpack[redis]), which plain use of the
+    other stores never needs. Without redis-py it raises :class:`StoreError` naming the extra."""
+    if name == "RedisStore":
+        from kvpack.store.redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages)."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def _parse_bool(value: str) -> bool:
@@ -58,7 +78,8 @@ def open(url: str) -> Store:
     - ``redis://HOST:PORT/DB``, ``rediss://...``, ``unix:///path.sock`` with optional ``prefix=``, ``ttl=``
       (seconds), ``socket_timeout=``, ``connect_timeout=``, ``batch_size=``; other query options go to redis-py.
 
-    Raises :class:`StoreError` for an unknown scheme, an unknown or malformed option, or an unusable directory.
+    Raises :class:`StoreError` for an unknown scheme, an unknown or malformed option, an unusable directory, or a
+    Redis URL without redis-py installed (install kvpack[redis]).
     """
     if not isinstance(url, str) or not url:
         raise StoreError(f"a store URL is a non-empty string, got {url!r}")
@@ -80,6 +101,8 @@ def open(url: str) -> Store:
         ours = [(k, v) for k, v in parse_qsl(parts.query) if k in _REDIS_OPTIONS]
         rest = [(k, v) for k, v in parse_qsl(parts.query) if k not in _REDIS_OPTIONS]
         kwargs = _options(url, ours, _REDIS_OPTIONS)
+        from kvpack.store.redis import RedisStore  # StoreError naming kvpack[redis] when redis-py is missing
+
         return _build(RedisStore, {"url": urlunsplit(parts._replace(query=urlencode(rest))), **kwargs})
     raise StoreError(
         f"unknown store URL scheme {parts.scheme!r} in {redact_url(url)!r}; use memory://, file://PATH or redis://"

@@ -16,12 +16,18 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-import redis as redis_py
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from kvpack.errors import StoreError
+from kvpack.store import redact_url
 from kvpack.store.base import Store
+
+try:
+    import redis as redis_py
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # redis-py is the optional extra kvpack[redis]
+    raise StoreError(
+        f"Redis stores need redis-py ({exc}); install kvpack[redis]: pip install 'kvpack[redis]'"
+    ) from exc
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._:/-]{0,100}")
 _SCHEMES = ("redis://", "rediss://", "unix://")
@@ -140,8 +146,3 @@ class RedisStore(Store):
 
     def _close(self) -> None:
         self._client.close()
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages)."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
