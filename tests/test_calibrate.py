@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import make_spec
-from kvpack.calibrate import _allocate, calibrate_from_caches
-from kvpack.codecs.transform import TYPE_DROP, feature_groups, profile_from
+from kvpack.codecs.transform.calibrate import _allocate, calibrate_from_caches
+from kvpack.codecs.transform.features import feature_groups
+from kvpack.codecs.transform.profile import profile_from
+from kvpack.codecs.transform.quant import TYPE_DROP
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
 from kvpack.rope import rotate

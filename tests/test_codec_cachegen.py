@@ -13,15 +13,9 @@ from hypothesis import strategies as st
 
 from conftest import PROSE, make_kv
 from kvpack import codecs
-from kvpack.cachegen_profile import build_profile, build_profile_from_caches
-from kvpack.codecs.cachegen import (
-    GROUP_SIZE,
-    CacheGenCodec,
-    CacheGenTables,
-    error_bound,
-    load_tables,
-    quantize_indices,
-)
+from kvpack.codecs.cachegen.calibrate import build_profile, build_profile_from_caches
+from kvpack.codecs.cachegen.codec import CacheGenCodec, error_bound, quantize_indices
+from kvpack.codecs.cachegen.profile import GROUP_SIZE, CacheGenTables, load_tables
 from kvpack.entropy import split_escapes, unpack
 from kvpack.entropy.tables import decode_varints
 from kvpack.errors import CodecError, FormatError, ModelMismatchError, ProfileMismatchError

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import kvpack
-from kvpack.calibrate import calibrate, calibrate_from_caches
 from kvpack.codecs import get
 from kvpack.codecs.transform import KvtcCodec, TransformCodec
+from kvpack.codecs.transform.calibrate import calibrate, calibrate_from_caches
 from kvpack.errors import CodecError, FormatError, ProfileMismatchError
 from kvpack.kv import KVCache
 from kvpack.profile import Profile

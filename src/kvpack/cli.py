@@ -246,11 +246,11 @@ def calibrate(
 
         try:
             if codec == "cachegen":
-                from kvpack.cachegen_profile import build_profile
+                from kvpack.codecs.cachegen.calibrate import build_profile
 
                 profile = build_profile(lm, tokenizer, spec, corpus or docs, on_progress=say)
             else:
-                from kvpack.calibrate import calibrate as calibrate_transform
+                from kvpack.codecs.transform.calibrate import calibrate as calibrate_transform
 
                 profile = calibrate_transform(lm, tokenizer, spec, docs=corpus, n_docs=docs, recipe=codec,
                                               log=say)

@@ -38,8 +38,9 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpack.bench.entropy import _cpu_model
-from kvpack.cachegen_profile import build_profile_from_caches
-from kvpack.codecs.cachegen import GROUP_SIZE, LEVELS, CacheGenCodec, error_bound, layer_groups, quantize_indices
+from kvpack.codecs.cachegen.calibrate import build_profile_from_caches
+from kvpack.codecs.cachegen.codec import CacheGenCodec, error_bound, quantize_indices
+from kvpack.codecs.cachegen.profile import GROUP_SIZE, LEVELS, layer_groups
 from kvpack.entropy import PROB_SCALE
 from kvpack.kv import KVCache
 

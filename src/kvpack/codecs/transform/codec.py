@@ -4,10 +4,11 @@ Following KVTC (Staniszewski et al., "KV Cache Transform Coding", arXiv 2511.018
 :mod:`kvpack.rope`), the keys and values of all layers and KV heads of a token are concatenated into one vector
 ``x [D]`` (``D = 2 * layers * kv_heads * head_dim``), centred and weighted per feature (``w``: how much an error in
 that feature costs, measured at calibration), and projected on a PCA basis computed once per model
-(:mod:`kvpack.calibrate`). Each principal component ``i`` is normalized by its calibration standard deviation
-``sigma_i``; the normalized coefficients ``z`` are quantized block by block (``BLOCK`` components) as the profile's
-allocation says (:data:`TYPES`), and entropy-coded with the rANS engine using frequency tables kept in the profile,
-so a chunk carries no tables. Tokens at positions ``< sinks`` (attention sinks) are stored apart, exactly (or fp8).
+(:mod:`kvpack.codecs.transform.calibrate`). Each principal component ``i`` is normalized by its calibration
+standard deviation ``sigma_i``; the normalized coefficients ``z`` are quantized block by block (``BLOCK``
+components) as the profile's allocation says (:data:`TYPES`), and entropy-coded with the rANS engine using frequency
+tables kept in the profile, so a chunk carries no tables. Tokens at positions ``< sinks`` (attention sinks) are
+stored apart, exactly (or fp8).
 
 Bitstream (``meta`` + sections, per progressive layer ``k``; a layer is a set of blocks, most important first):
 
@@ -25,9 +26,7 @@ A prefix of the bytes that holds complete layers decodes at lower quality (:meth
 from __future__ import annotations
 
 import json
-import os
 import struct
-import threading
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,370 +35,35 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from kvpack import entropy, rope
+from kvpack import entropy
 from kvpack.codecs.base import Codec, Payload, _tokens_info, register
 from kvpack.codecs.raw import tensor_bytes
+from kvpack.codecs.transform.features import features, unfeatures
+from kvpack.codecs.transform.profile import Allocation, TransformProfile, load_profile
+from kvpack.codecs.transform.quant import (
+    ESCAPE,
+    INT_BITS,
+    N_RATES,
+    TYPE_DROP,
+    TYPE_EC,
+    TYPE_FP8,
+    ec_dequantize,
+    ec_quantize,
+    fixed_bytes,
+    fixed_decode,
+    fixed_encode,
+    low_bits,
+    pack_bits,
+    rates,
+    unpack_bits,
+    unzigzag,
+    zigzag,
+)
 from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import PREFIX_BYTES, Container, crc32
 from kvpack.kv import KVCache
-from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
-
-#: Components per allocation block.
-BLOCK = 64
-#: Block types: 0 dropped, 1 entropy-coded uniform levels, 2-4 int2/int4/int8 with a group scale, 5 fp8 (e4m3).
-TYPE_DROP, TYPE_EC, TYPE_INT2, TYPE_INT4, TYPE_INT8, TYPE_FP8 = range(6)
-TYPES = ("drop", "ec", "int2", "int4", "int8", "fp8")
-INT_BITS = {TYPE_INT2: 2, TYPE_INT4: 4, TYPE_INT8: 8}
-#: Clip of the static (profile) int scale, in standard deviations (near-optimal uniform quantizers of a Gaussian).
-INT_CLIP = {2: 2.0, 4: 2.7, 8: 4.5}
-#: Group sizes of int blocks (consecutive components of one token share an fp16 scale); 0: static scale.
-GROUPS = (0, 16, 64)
-FP8_GAIN = 16.0
-#: Entropy-coded step ladder: class j quantizes z with step 1 / r_j, r_j = 2 ** ((j + RATE_OFFSET) / 4).
-N_RATES = 48
-RATE_OFFSET = -8
-#: Classes with r_j above this store log2(r_j / DIRECT_MAX) low bits of each symbol raw.
-DIRECT_MAX = 16.0
-ALPHABET = 256
-ESCAPE = ALPHABET - 1
-#: Coded tokens per chunk above which a container is refused (bounds decode allocations with the base's limit).
-MAX_CODED = 1 << 20
-
-
-def rates() -> np.ndarray:
-    """float64 ``[N_RATES]``: the ratio ``sigma / step`` of each entropy-coded class."""
-    return 2.0 ** ((np.arange(N_RATES) + RATE_OFFSET) / 4.0)
-
-
-def low_bits() -> np.ndarray:
-    """int64 ``[N_RATES]``: raw low bits per symbol of each class (0 while ``r_j <= DIRECT_MAX``)."""
-    return np.maximum(0, np.ceil(np.log2(rates() / DIRECT_MAX) - 1e-9)).astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------------------ features
-
-
-def feature_groups(layers: int, width: int, grouping: str) -> list[np.ndarray]:
-    """Feature indices of each PCA group: ``joint`` (one basis over K and V) or ``kv`` (keys, then values).
-
-    Feature order: for each layer, its keys ``[width = kv_heads * head_dim]`` (pre-RoPE) then its values.
-    """
-    index = np.arange(2 * layers * width).reshape(layers, 2, width)
-    if grouping == "joint":
-        return [index.reshape(-1)]
-    if grouping == "kv":
-        return [index[:, 0].reshape(-1), index[:, 1].reshape(-1)]
-    raise ValueError(f"grouping must be 'joint' or 'kv', got {grouping!r}")
-
-
-def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 ``[tokens, D]``: pre-RoPE keys and values of all layers and heads per token (``rows``: a token mask),
-    features ordered ``(layer, K/V, head, channel)``."""
-    spec = kv.spec
-    pos = kv.positions if rows is None else kv.positions[rows]
-    keys, values = torch.stack(kv.keys), torch.stack(kv.values)  # [L, H, T, D]
-    if rows is not None:
-        keys, values = keys[:, :, rows], values[:, :, rows]
-    pre = rope.unrotate(keys, pos, spec.rope, spec.head_dim) if spec.rope.type != "none" else keys.float()
-    both = torch.stack((pre, values.float()), dim=1)  # [L, 2, H, T, D]
-    return both.permute(3, 0, 1, 2, 4).reshape(pos.numel(), 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim)
-
-
-def unfeatures(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`features`: post-RoPE keys and values ``[layers, kv_heads, tokens, head_dim]`` (float32)."""
-    tokens, heads, dim = x.shape[0], spec.num_kv_heads, spec.head_dim
-    per_layer = x.reshape(tokens, spec.num_layers, 2, heads, dim).permute(1, 2, 3, 0, 4)  # [L, 2, H, T, D]
-    keys = per_layer[:, 0]
-    if spec.rope.type != "none":
-        keys = rope.rotate(keys, positions, spec.rope, dim)
-    return keys, per_layer[:, 1]
-
-
-# ------------------------------------------------------------------------------------------------ quantizers
-
-
-def ec_quantize(z: np.ndarray, r: np.ndarray, rounding: float) -> np.ndarray:
-    """Uniform levels with a dead zone: int64 ``q = sign(z) floor(|z| r + rounding)`` (``rounding`` 0.5 = nearest)."""
-    scaled = z * r
-    return (np.sign(scaled) * np.floor(np.abs(scaled) + rounding)).astype(np.int64)
-
-
-def ec_dequantize(q: np.ndarray, r: np.ndarray, shrink: np.ndarray | float = 0.0) -> np.ndarray:
-    """float32 ``z`` of levels ``q`` (reconstruction pulled towards zero by ``shrink`` steps for ``q != 0``)."""
-    qf = q.astype(np.float32)
-    return ((qf - np.sign(qf) * np.float32(shrink)) / r).astype(np.float32)
-
-
-def zigzag(q: np.ndarray) -> np.ndarray:
-    """Signed to unsigned: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
-    return np.where(q < 0, -2 * q - 1, 2 * q)
-
-
-def unzigzag(u: np.ndarray) -> np.ndarray:
-    return np.where(u & 1, -(u >> 1) - 1, u >> 1)
-
-
-def int_quantize(z: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mid-rise uniform ``bits``-bit codes ``uint8 [T, n]`` and fp16 absmax scales ``[T, n / group]`` (or static)."""
-    half = 2 ** (bits - 1) - 0.5
-    if group:
-        t, n = z.shape
-        amax = np.abs(z.reshape(t, n // group, group)).max(axis=2)
-        scales = (amax / half).astype(np.float16)
-        s = np.repeat(np.maximum(scales.astype(np.float32), 1e-12), group, axis=1)
-    else:
-        scales = None
-        s = np.full(z.shape[1], INT_CLIP[bits] / half, np.float32)
-    codes = np.clip(np.floor(z / s + half + 0.5), 0, 2 * half)
-    return codes.astype(np.uint8), scales
-
-
-def int_dequantize(codes: np.ndarray, scales: np.ndarray | None, bits: int, group: int) -> np.ndarray:
-    half = 2 ** (bits - 1) - 0.5
-    if scales is None:
-        s: np.ndarray | float = INT_CLIP[bits] / half
-    else:
-        s = np.repeat(scales.astype(np.float32), group, axis=1)
-    return ((codes.astype(np.float32) - half) * s).astype(np.float32)
-
-
-def fp8_quantize(z: np.ndarray) -> np.ndarray:
-    """e4m3 bytes of ``z * FP8_GAIN`` (saturating at +-448)."""
-    t = torch.from_numpy(np.clip(z * FP8_GAIN, -448, 448).astype(np.float32))
-    return t.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-
-
-def fp8_dequantize(data: np.ndarray) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(data)).view(torch.float8_e4m3fn).float()
-    return (t.numpy() / FP8_GAIN).astype(np.float32)
-
-
-def fixed_bytes(kind: int, group: int, tokens: int, n: int) -> int:
-    """Bytes of one fixed-width block of ``n`` components over ``tokens`` tokens."""
-    if kind == TYPE_FP8:
-        return tokens * n
-    bits = INT_BITS[kind]
-    return (tokens * n * bits + 7) // 8 + (2 * tokens * (n // group) if group else 0)
-
-
-def _pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """``values`` (uint, < 2**bits) as a little-endian bit stream."""
-    if bits == 0 or values.size == 0:
-        return b""
-    planes = np.unpackbits(values.astype("<u2").reshape(-1, 1).view(np.uint8), axis=1, bitorder="little")
-    return np.packbits(planes[:, :bits], bitorder="little").tobytes()
-
-
-def _unpack_bits(data: np.ndarray, count: int, bits: int) -> np.ndarray:
-    if bits == 0 or count == 0:
-        return np.zeros(count, np.int64)
-    planes = np.unpackbits(data, bitorder="little")[: count * bits].reshape(count, bits).astype(np.int64)
-    return (planes << np.arange(bits, dtype=np.int64)).sum(axis=1)
-
-
-def fixed_encode(z: np.ndarray, kind: int, group: int) -> bytes:
-    """Bytes of a fixed-width block ``z [T, n]`` (see :func:`fixed_bytes`)."""
-    if kind == TYPE_FP8:
-        return fp8_quantize(z).tobytes()
-    bits = INT_BITS[kind]
-    codes, scales = int_quantize(z, bits, group)
-    return _pack_bits(codes.reshape(-1), bits) + (b"" if scales is None else scales.astype("<f2").tobytes())
-
-
-def fixed_decode(data: np.ndarray, kind: int, group: int, tokens: int, n: int) -> np.ndarray:
-    """Inverse of :func:`fixed_encode` (``data`` exactly :func:`fixed_bytes` long)."""
-    if kind == TYPE_FP8:
-        return fp8_dequantize(data.reshape(tokens, n))
-    bits = INT_BITS[kind]
-    code_bytes = (tokens * n * bits + 7) // 8
-    codes = _unpack_bits(data[:code_bytes], tokens * n, bits).reshape(tokens, n)
-    scales = data[code_bytes:].view("<f2").reshape(tokens, n // group) if group else None
-    return int_dequantize(codes, scales, bits, group)
-
-
-def simulate_fixed(z: np.ndarray, kind: int, group: int) -> np.ndarray:
-    """Reconstruction of ``z [T, n]`` through a fixed-width block (what the decoder will see)."""
-    if kind == TYPE_FP8:
-        return fp8_dequantize(fp8_quantize(z))
-    codes, scales = int_quantize(z, INT_BITS[kind], group)
-    return int_dequantize(codes, scales, INT_BITS[kind], group)
-
-
-# ------------------------------------------------------------------------------------------------ profile
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """One preset: per block its type (:data:`TYPES`), parameter (rate class or group size) and progressive rank."""
-
-    name: str
-    block_type: np.ndarray  # uint8 [blocks]
-    block_param: np.ndarray  # int64 [blocks]: rate class (ec) or group size (int)
-    block_rank: np.ndarray  # int64 [blocks]: order of importance (0 first) for progressive layers
-    info: dict[str, Any]
-
-
-@dataclass(frozen=True, eq=False)
-class Projection:
-    """Group ``g``'s PCA restricted to the ``U`` used components, with centring, weights and ``sigma`` folded in:
-    ``z = x_g @ encode - encode_bias`` and ``x_g = z @ decode + decode_bias`` (float32; ``x_g = x[:, columns]``, all
-    of ``x`` when ``columns`` is ``None``)."""
-
-    used: np.ndarray  # int64 [U]: component indices
-    columns: torch.Tensor | None  # int64 [D_g] feature indices, None for the identity
-    encode: torch.Tensor  # [D_g, U]
-    encode_bias: torch.Tensor  # [U]
-    decode: torch.Tensor  # [U, D_g]
-    decode_bias: torch.Tensor  # [D_g]
-
-
-@dataclass(frozen=True, eq=False)
-class TransformProfile:
-    """A parsed, validated transform profile (see :mod:`kvpack.calibrate` for how it is made)."""
-
-    profile: Profile
-    groups: list[np.ndarray]  # feature indices per PCA group
-    means: list[torch.Tensor]  # float32 [D_g]
-    weights: list[torch.Tensor]  # float32 [D_g]
-    bases: list[torch.Tensor]  # float32 [C_g, D_g], rows orthonormal
-    sigmas: list[np.ndarray]  # float32 [C_g]
-    freqs: np.ndarray  # uint32 [N_RATES, ALPHABET]
-    shrink: np.ndarray  # float32 [N_RATES]: reconstruction offset per class
-    presets: dict[str, Allocation]
-    recipe: str
-    rounding: float
-    sink_format: str
-
-    subs: dict[tuple[str, int], Projection] = field(default_factory=dict)
-
-    @property
-    def hash(self) -> str:
-        return self.profile.hash
-
-    def projection(self, alloc: Allocation, g: int) -> Projection:
-        """The affine maps of group ``g`` restricted to the components ``alloc`` codes (cached per preset)."""
-        key = (alloc.name, g)
-        if key not in self.subs:
-            comps = [np.arange(s, s + n) for b in np.flatnonzero(alloc.block_type != TYPE_DROP)
-                     for gg, s, n in [self.block_span(int(b))] if gg == g]
-            used = np.concatenate(comps) if comps else np.zeros(0, np.int64)
-            basis = self.bases[g][torch.from_numpy(used)].double()  # [U, D_g]
-            sigma = torch.from_numpy(self.sigmas[g][used]).double()[:, None]
-            w, mean = self.weights[g].double(), self.means[g].double()
-            idx = self.groups[g]
-            whole = idx.size == sum(len(i) for i in self.groups) and bool((idx == np.arange(idx.size)).all())
-            self.subs[key] = Projection(
-                used=used, columns=None if whole else torch.from_numpy(idx),
-                encode=(basis * w / sigma).T.float().contiguous(), encode_bias=((mean * w) @ basis.T / sigma[:, 0])
-                .float(), decode=(basis * sigma / w).float().contiguous(), decode_bias=self.means[g])
-        return self.subs[key]
-
-    @property
-    def block_group(self) -> np.ndarray:
-        """int64 [blocks]: the PCA group of each block."""
-        return np.concatenate([np.full(-(-len(s) // BLOCK), g) for g, s in enumerate(self.sigmas)]).astype(np.int64)
-
-    def block_span(self, block: int) -> tuple[int, int, int]:
-        """``(group, first component, count)`` of ``block``."""
-        for g, s in enumerate(self.sigmas):
-            n = -(-len(s) // BLOCK)
-            if block < n:
-                start = block * BLOCK
-                return g, start, min(BLOCK, len(s) - start)
-            block -= n
-        raise IndexError(block)
-
-    def choose(self, preset: str | None, target_ratio: float | None, max_kl: float | None) -> Allocation:
-        """The allocation a codec asks for (rate control over the stored presets' calibration measurements)."""
-        ordered = sorted(self.presets.values(), key=lambda a: a.info["ratio"])
-        if preset is not None:
-            if preset not in self.presets:
-                raise CodecError(f"profile has no preset {preset!r}; it has {sorted(self.presets)}")
-            return self.presets[preset]
-        if target_ratio is not None:
-            meeting = [a for a in ordered if a.info["ratio"] >= target_ratio]
-            if not meeting:
-                raise CodecError(f"no preset reaches ratio {target_ratio} (highest {ordered[-1].info['ratio']:.1f})")
-            return meeting[0]
-        if max_kl is not None:
-            measured = [a for a in ordered if a.info.get("kl") is not None]
-            if not measured:
-                raise CodecError("this profile has no KL measurements; recalibrate with the model to use max_kl")
-            good = [a for a in measured if a.info["kl"] <= max_kl]
-            if not good:
-                raise CodecError(f"no preset meets KL <= {max_kl} (best {min(a.info['kl'] for a in measured):.4g})")
-            return good[-1]
-        default = self.profile.meta.get("default_preset")
-        if default not in self.presets:
-            raise CodecError("profile names no default preset; pass preset=, target_ratio= or max_kl=")
-        return self.presets[default]
-
-
-def profile_from(profile: Profile) -> TransformProfile:
-    """Validate a profile written by :mod:`kvpack.calibrate`; :class:`FormatError` on anything inconsistent."""
-    meta, arrays = profile.meta, profile.arrays
-    try:
-        grouping, recipe = str(meta["grouping"]), str(meta["recipe"])
-        rounding, sink_format = float(meta["rounding"]), str(meta["sink_format"])
-        groups = feature_groups(int(meta["layers"]), int(meta["width"]), grouping)
-        means, weights, bases, sigmas = [], [], [], []
-        for g, idx in enumerate(groups):
-            mean, weight = arrays[f"mean{g}"].astype(np.float32), arrays[f"weight{g}"].astype(np.float32)
-            basis, sigma = arrays[f"basis{g}"].astype(np.float32), arrays[f"sigma{g}"].astype(np.float32)
-            if mean.shape != (len(idx),) or weight.shape != (len(idx),) or basis.ndim != 2 \
-                    or basis.shape[1] != len(idx) or sigma.shape != (basis.shape[0],) or not np.all(sigma > 0):
-                raise FormatError(f"profile group {g} arrays have inconsistent shapes")
-            means.append(torch.from_numpy(mean))
-            weights.append(torch.from_numpy(weight))
-            bases.append(torch.from_numpy(basis))
-            sigmas.append(sigma)
-        freqs = entropy.tables.validate_freqs(arrays["freqs"]).astype(np.uint32)
-        shrink = arrays["shrink"].astype(np.float32)
-        if freqs.shape != (N_RATES, ALPHABET) or shrink.shape != (N_RATES,):
-            raise FormatError("profile tables have the wrong shape")
-        n_blocks = sum(-(-len(s) // BLOCK) for s in sigmas)
-        presets = {}
-        for info in meta["presets"]:
-            name = str(info["name"])
-            kinds, params = arrays[f"type.{name}"].astype(np.int64), arrays[f"param.{name}"].astype(np.int64)
-            rank = arrays[f"rank.{name}"].astype(np.int64)
-            if kinds.shape != (n_blocks,) or params.shape != (n_blocks,) or rank.shape != (n_blocks,):
-                raise FormatError(f"preset {name!r} does not cover the profile's {n_blocks} blocks")
-            if np.any((kinds < 0) | (kinds >= len(TYPES))) or sorted(rank.tolist()) != list(range(n_blocks)):
-                raise FormatError(f"preset {name!r} has invalid block types or ranks")
-            ec = kinds == TYPE_EC
-            fixed = (kinds >= TYPE_INT2) & (kinds <= TYPE_INT8)
-            if np.any(ec & ((params < 0) | (params >= N_RATES))) or np.any(fixed & ~np.isin(params, GROUPS)):
-                raise FormatError(f"preset {name!r} has invalid block parameters")
-            presets[name] = Allocation(name, kinds.astype(np.uint8), params, rank, dict(info))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FormatError(f"not a valid transform profile: {exc}") from None
-    if sink_format not in ("exact", "fp8") or recipe not in ("transform", "kvtc") or not 0 < rounding <= 0.5:
-        raise FormatError("profile has an unknown recipe, sink format or rounding")
-    return TransformProfile(profile, groups, means, weights, bases, sigmas, freqs, shrink, presets, recipe, rounding,
-                            sink_format)
-
-
-_CACHE: dict[tuple[str, int, int], TransformProfile] = {}
-_LOCK = threading.Lock()
-
-
-def load_profile(path: str) -> TransformProfile:
-    """Load and validate the profile at ``path`` once per (path, size, mtime)."""
-    try:
-        stat = os.stat(path)
-    except OSError as exc:
-        raise CodecError(f"cannot read transform profile {path!r}: {exc}; run `kvpack calibrate` first") from None
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    with _LOCK:
-        if key not in _CACHE:
-            _CACHE[key] = profile_from(Profile.load(path))
-        return _CACHE[key]
-
-
-# ------------------------------------------------------------------------------------------------ codec
 
 
 @dataclass(frozen=True)
@@ -421,11 +85,11 @@ class _Partial(Container):
 class TransformCodec(Codec):
     """Calibrated PCA transform coding (KVTC-style, with weighted distortion and entropy-coded levels).
 
-    Parameters: ``profile`` (path of a profile made by :func:`kvpack.calibrate.calibrate`); at most one of
-    ``preset`` (a name stored in the profile), ``target_ratio`` (the highest-quality preset whose calibration ratio is
-    at least this) and ``max_kl`` (the highest-ratio preset whose KL measured at calibration is at most this); the
-    profile's default preset otherwise. ``sinks``: tokens at positions below it are stored apart (exact bf16, or fp8
-    under the kvtc recipe). ``layers``: progressive layers (1 = not progressive).
+    Parameters: ``profile`` (path of a profile made by :func:`kvpack.codecs.transform.calibrate.calibrate`); at most
+    one of ``preset`` (a name stored in the profile), ``target_ratio`` (the highest-quality preset whose calibration
+    ratio is at least this) and ``max_kl`` (the highest-ratio preset whose KL measured at calibration is at most
+    this); the profile's default preset otherwise. ``sinks``: tokens at positions below it are stored apart (exact
+    bf16, or fp8 under the kvtc recipe). ``layers``: progressive layers (1 = not progressive).
     """
 
     name = "transform"
@@ -551,7 +215,7 @@ class TransformCodec(Codec):
             classes, counts = np.unique(lay.ec_class, return_counts=True)
             starts = np.concatenate([[0], np.cumsum(counts * tokens)]).astype(np.int64)
             blob = entropy.pack(symbols, starts, classes.astype(np.int32), st.freqs, include_tables=False)
-            lows = b"".join(_pack_bits(low[b[:, 0] == nb].reshape(-1), int(nb)) for nb in np.unique(b[:, 0]) if nb)
+            lows = b"".join(pack_bits(low[b[:, 0] == nb].reshape(-1), int(nb)) for nb in np.unique(b[:, 0]) if nb)
         fixed = b"".join(fixed_encode(zs[g][:, s : s + n], kind, gs) for g, s, n, kind, gs in lay.fixed)
         if st.recipe == "kvtc":
             fixed = zlib.compress(fixed, 9)
@@ -638,7 +302,7 @@ class TransformCodec(Codec):
                 if nb:
                     rows = b == nb
                     size = (int(rows.sum()) * tokens * int(nb) + 7) // 8
-                    low[rows] = _unpack_bits(lows[pos : pos + size], int(rows.sum()) * tokens, int(nb)).reshape(-1,
+                    low[rows] = unpack_bits(lows[pos : pos + size], int(rows.sum()) * tokens, int(nb)).reshape(-1,
                                                                                                                 tokens)
                     pos += size
             q = unzigzag((high << b[:, None]) | low)
@@ -735,17 +399,3 @@ def _inflate(data: np.ndarray, limit: int) -> np.ndarray:
     if len(out) > limit or not d.eof:
         raise FormatError("fixed-width section inflates to the wrong size")
     return np.frombuffer(out, np.uint8)
-
-
-@register
-@dataclass(frozen=True)
-class KvtcCodec(TransformCodec):
-    """The KVTC recipe as published (arXiv 2511.01815): separate K and V PCA, int2/int4/fp8 blocks with group scales,
-    DEFLATE of the packed symbols, fp8 sinks; calibrate with ``recipe="kvtc"``. Same parameters as ``transform``."""
-
-    name = "kvtc"
-    recipe: ClassVar[str] = "kvtc"
-
-
-__all__ = ["TYPES", "Allocation", "KvtcCodec", "TransformCodec", "TransformProfile", "features", "load_profile",
-           "profile_from", "unfeatures"]

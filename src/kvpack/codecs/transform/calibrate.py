@@ -3,7 +3,7 @@
 Steps (KVTC, arXiv 2511.01815, section 3, with the changes measured in docs/transform.md):
 
 1. Pre-RoPE keys and values of all layers and KV heads, one vector ``x [D]`` per token, from calibration documents
-   only, sink tokens excluded (:func:`kvpack.codecs.transform.features`).
+   only, sink tokens excluded (:func:`kvpack.codecs.transform.features.features`).
 2. Per-feature weights ``w`` (``weights=``): how much squared error in a feature costs. :func:`sensitivity` measures
    them with the model (diagonal Fisher information of the continuation log-likelihood with respect to the cache,
    averaged per layer, K/V, head and channel, RoPE channel pairs tied); without a model, uniform (plain MSE, KVTC).
@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from kvpack.codecs import transform as tc
+from kvpack.codecs.transform import quant
+from kvpack.codecs.transform.features import feature_groups, features
 from kvpack.entropy.tables import quantize_freqs
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
@@ -124,7 +125,7 @@ def _split(caches: Sequence[KVCache], sinks: int, max_tokens: int) -> tuple[torc
     With 3+ caches the last third of the caches is held out (documents are correlated inside); otherwise the last
     30% of each cache's tokens. Each set is evenly subsampled to at most ``max_tokens``.
     """
-    feats = [tc.features(kv, kv.positions >= sinks) for kv in caches]
+    feats = [features(kv, kv.positions >= sinks) for kv in caches]
     if len(feats) >= 3:
         cut = len(feats) - len(feats) // 3
         fit, held = torch.cat(feats[:cut]), torch.cat(feats[cut:])
@@ -166,32 +167,32 @@ def _block_options(z: np.ndarray, sigma: np.ndarray, recipe: str, ec_bits: np.nd
     Returns ``(options [(type, param)], bits [blocks, options], err [blocks, options])``.
     """
     var = sigma.astype(np.float64) ** 2
-    options: list[tuple[int, int]] = [(tc.TYPE_DROP, 0)]
+    options: list[tuple[int, int]] = [(quant.TYPE_DROP, 0)]
     if recipe == "transform":
-        options += [(tc.TYPE_EC, j) for j in range(tc.N_RATES)]
-        fixed_types: tuple[int, ...] = (tc.TYPE_INT2, tc.TYPE_INT4, tc.TYPE_INT8)
+        options += [(quant.TYPE_EC, j) for j in range(quant.N_RATES)]
+        fixed_types: tuple[int, ...] = (quant.TYPE_INT2, quant.TYPE_INT4, quant.TYPE_INT8)
     else:
-        fixed_types = (tc.TYPE_INT2, tc.TYPE_INT4)
-    options += [(t, g) for t in fixed_types for g in tc.GROUPS] + [(tc.TYPE_FP8, 0)]
-    n_blocks = -(-z.shape[1] // tc.BLOCK)
+        fixed_types = (quant.TYPE_INT2, quant.TYPE_INT4)
+    options += [(t, g) for t in fixed_types for g in quant.GROUPS] + [(quant.TYPE_FP8, 0)]
+    n_blocks = -(-z.shape[1] // quant.BLOCK)
     bits = np.zeros((n_blocks, len(options)))
     err = np.zeros((n_blocks, len(options)))
     tokens = z.shape[0]
     for b in range(n_blocks):
-        s, e = b * tc.BLOCK, min((b + 1) * tc.BLOCK, z.shape[1])
+        s, e = b * quant.BLOCK, min((b + 1) * quant.BLOCK, z.shape[1])
         zb = z[:, s:e]
         for o, (kind, param) in enumerate(options):
-            if kind == tc.TYPE_DROP:
+            if kind == quant.TYPE_DROP:
                 err[b, o] = float((np.mean(zb.astype(np.float64) ** 2, axis=0) * var[s:e]).sum())
-            elif kind == tc.TYPE_EC:
+            elif kind == quant.TYPE_EC:
                 assert ec_bits is not None and ec_err is not None
                 bits[b, o] = ec_bits[s:e, param].sum()
                 err[b, o] = (ec_err[s:e, param] * var[s:e]).sum()
             elif param and (e - s) % param:
                 bits[b, o], err[b, o] = np.inf, np.inf
             else:
-                rec = tc.simulate_fixed(zb, kind, param)
-                bits[b, o] = 8 * tc.fixed_bytes(kind, param, tokens, e - s) / tokens
+                rec = quant.simulate_fixed(zb, kind, param)
+                bits[b, o] = 8 * quant.fixed_bytes(kind, param, tokens, e - s) / tokens
                 err[b, o] = float((np.mean((zb - rec).astype(np.float64) ** 2, axis=0) * var[s:e]).sum())
     return options, bits, err
 
@@ -266,9 +267,9 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         raise ValueError(f"weights must be positive [{dims}]")
     say(f"{fit_x.shape[0]} tokens for the basis, {held_x.shape[0]} held-out tokens for the allocation, {dims} features")
     width = spec.num_kv_heads * spec.head_dim
-    groups = tc.feature_groups(spec.num_layers, width, grouping)
-    r = tc.rates()
-    low = tc.low_bits()
+    groups = feature_groups(spec.num_layers, width, grouping)
+    r = quant.rates()
+    low = quant.low_bits()
     fits = []
     residual = 0.0
     for g, idx in enumerate(groups):
@@ -283,10 +284,10 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         fits.append((mean, basis, sigma, z))
         say(f"group {g}: PCA of {len(idx)} features, {len(sigma)} components")
     ec_stats: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(groups)
-    freqs = np.zeros((tc.N_RATES, tc.ALPHABET), np.uint16)
-    shrink = np.zeros(tc.N_RATES)
+    freqs = np.zeros((quant.N_RATES, quant.ALPHABET), np.uint16)
+    shrink = np.zeros(quant.N_RATES)
     if recipe == "transform":
-        hist = np.zeros((tc.N_RATES, 256))
+        hist = np.zeros((quant.N_RATES, 256))
         offsets = []
         for _, _, _, z in fits:
             h, off = _class_stats(z, r, low, rounding)
@@ -331,7 +332,7 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
             "name": name, "nominal_ratio": ratio, "ratio": 2 * dims * reference_tokens / stored,
             "bits_per_token": per_token, "relative_error": (float(chosen_err.sum()) + residual) / total_var,
             "kl": None,
-            "types": {tc.TYPES[t]: int((kinds == t).sum()) for t in range(len(tc.TYPES)) if (kinds == t).any()},
+            "types": {quant.TYPES[t]: int((kinds == t).sum()) for t in range(len(quant.TYPES)) if (kinds == t).any()},
         }
         presets.append(info)
         arrays.update({f"type.{name}": kinds, f"param.{name}": params, f"rank.{name}": rank})
@@ -358,16 +359,16 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
 def _trim(fits: list[tuple[Any, Any, np.ndarray, Any]], arrays: dict[str, np.ndarray], presets: list[dict[str, Any]],
           out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Cut every group to the last block some preset uses; re-index the per-block arrays."""
-    n_blocks = [-(-len(s) // tc.BLOCK) for _, _, s, _ in fits]
+    n_blocks = [-(-len(s) // quant.BLOCK) for _, _, s, _ in fits]
     starts = np.concatenate([[0], np.cumsum(n_blocks)])
     used_any = np.zeros(int(starts[-1]), bool)
     for p in presets:
-        used_any |= arrays[f"type.{p['name']}"] != tc.TYPE_DROP
+        used_any |= arrays[f"type.{p['name']}"] != quant.TYPE_DROP
     keep_blocks = []
     for g, (_, _, sigma, _) in enumerate(fits):
         used = np.flatnonzero(used_any[starts[g] : starts[g + 1]])
         n_keep = int(used[-1]) + 1 if used.size else 1
-        out[f"sigma{g}"] = sigma[: min(len(sigma), n_keep * tc.BLOCK)].astype(np.float32)
+        out[f"sigma{g}"] = sigma[: min(len(sigma), n_keep * quant.BLOCK)].astype(np.float32)
         keep_blocks.append(np.arange(starts[g], starts[g] + n_keep))
     keep = np.concatenate(keep_blocks)
     trimmed = {}

@@ -18,7 +18,7 @@ What the paper's encoder does, and what this codec does for each step (full acco
   the profile.
 - *Arithmetic coding with per-(layer, channel) distributions profiled offline* (§5.2): each (layer, K/V, channel,
   role) has its own frequency table, where role is ``raw`` (anchors, or every token without anchor/delta) or
-  ``delta``. Tables live in the per-model profile (:mod:`kvpack.cachegen_profile`), never in a chunk: a chunk's
+  ``delta``. Tables live in the per-model profile (:mod:`kvpack.codecs.cachegen.calibrate`), never in a chunk: a chunk's
   header names the profile's hash. Coding is kvpack's interleaved rANS (:mod:`kvpack.entropy`), one lane per
   (layer, K/V, channel, role) in the order of the tables.
 - *Quality levels* (§5.3 streams each chunk at one of several levels): ``level`` 0/1/2 (``"low"``, ``"medium"``,
@@ -42,13 +42,8 @@ Payload: meta ``{"group_size": 10, "escapes": E}``; sections ``symbols`` (a :fun
 with ``include_tables=False``) and ``escapes`` (``E`` varints).
 """
 
-from __future__ import annotations
-
-import functools
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,40 +51,29 @@ import torch
 from numba import njit, prange
 
 from kvpack.codecs.base import Codec, Payload, register
-from kvpack.entropy import pack, parse, unpack_tables
+from kvpack.codecs.cachegen.profile import (
+    CODEC_NAME,
+    GROUP_SIZE,
+    LEVELS,
+    ROLE_DELTA,
+    ROLE_RAW,
+    CacheGenTables,
+    load_tables,
+)
+from kvpack.entropy import pack, parse
 from kvpack.entropy.rans import decode_lanes
-from kvpack.entropy.tables import MAX_ALPHABET, decode_varints, encode_varints
+from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import CodecError, FormatError, ModelMismatchError
 from kvpack.format import Container
 from kvpack.kv import KVCache
-from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
 
-__all__ = ["GROUP_SIZE", "LEVELS", "CacheGenCodec", "CacheGenTables", "error_bound", "kv_array", "layer_groups",
-           "load_tables", "quantize_indices"]
+__all__ = ["CacheGenCodec", "error_bound", "kv_array", "quantize_indices"]
 
-#: Tokens per anchor group (CacheGen §5.2).
-GROUP_SIZE = 10
-#: Names of the quality levels; a level selects one row of the profile's ``bins``.
-LEVELS = {"low": 0, "medium": 1, "high": 2}
-#: Layer groups (first, middle, last third of the layers).
-N_GROUPS = 3
-#: Table roles: ``raw`` codes an index itself (anchors; every token without anchor/delta), ``delta`` codes ``q - q_a``.
-ROLE_RAW, ROLE_DELTA = 0, 1
-#: Profile format version (``meta["format"]``).
-PROFILE_FORMAT = 1
 #: Largest ``|q|`` accepted; keeps every escape value inside int32.
 MAX_INDEX = 1 << 28
-#: Largest ``|lo|`` a profile window may start at (the builder's histogram range).
-MAX_WINDOW_LO = 1 << 12
 
 _DTYPE_ROUNDOFF = {torch.bfloat16: 2.0**-8 + 2.0**-23, torch.float16: 2.0**-11 + 2.0**-23, torch.float32: 2.0**-24}
-
-
-def layer_groups(num_layers: int) -> np.ndarray:
-    """Layer group of each layer, int64 ``[num_layers]``: 0 for the first third, 1 the middle, 2 the last."""
-    return np.minimum(N_GROUPS * np.arange(num_layers, dtype=np.int64) // num_layers, N_GROUPS - 1)
-
 
 # --------------------------------------------------------------------------------------------- numba kernels
 
@@ -304,128 +288,6 @@ def quantize_indices(kv: KVCache, mean: np.ndarray, scale: np.ndarray) -> tuple[
     return out, not bad.any()
 
 
-# --------------------------------------------------------------------------------------------- profile tables
-
-
-@dataclass(frozen=True, eq=False)
-class CacheGenTables:
-    """A validated CacheGen profile, unpacked for coding. Rows ``r`` index (layer, K/V, channel) as
-    ``(layer * 2 + kind) * C + channel`` with ``C = num_kv_heads * head_dim`` and kind 0 = keys, 1 = values.
-
-    Attributes:
-        profile: the :class:`~kvpack.profile.Profile` it came from.
-        mean: float64 ``[R]``; std: float64 ``[R]``.
-        bins: float64 ``[3, 3]``, bin size in units of ``std`` per (level, layer group).
-        lo, width: int64 ``[3, R, 2]``: window of each (level, row, role).
-        freqs: per level, uint32 ``[2 R, alphabet]``; row ``2 r + role``; the last column is the escape symbol.
-    """
-
-    profile: Profile
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    mean: np.ndarray
-    std: np.ndarray
-    bins: np.ndarray
-    lo: np.ndarray
-    width: np.ndarray
-    freqs: tuple[np.ndarray, ...]
-
-    @property
-    def rows(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
-
-    def scale(self, level: int) -> np.ndarray:
-        """Bin width of every row at ``level``: float64 ``[R]``."""
-        groups = layer_groups(self.num_layers)
-        per_row = np.repeat(self.bins[level][groups], 2 * self.num_kv_heads * self.head_dim)
-        return per_row * self.std
-
-    @functools.cached_property
-    def raw_freqs(self) -> tuple[np.ndarray, ...]:
-        """Per level, the ``raw`` tables only: uint32 ``[R, alphabet]`` (for ``anchor_delta=False``)."""
-        return tuple(np.ascontiguousarray(f[ROLE_RAW::2]) for f in self.freqs)
-
-    @classmethod
-    def from_profile(cls, profile: Profile) -> CacheGenTables:
-        """Validate and unpack ``profile``; :class:`FormatError` on any inconsistency."""
-        if profile.codec != CacheGenCodec.name:
-            raise FormatError(f"profile is for codec {profile.codec!r}, not {CacheGenCodec.name!r}")
-        meta = profile.meta
-        if meta.get("format") != PROFILE_FORMAT or meta.get("group_size") != GROUP_SIZE:
-            raise FormatError(f"CacheGen profile format {meta.get('format')!r} / group size "
-                              f"{meta.get('group_size')!r} is not supported (expected {PROFILE_FORMAT} / {GROUP_SIZE})")
-        dims = [meta.get(k) for k in ("num_layers", "num_kv_heads", "head_dim")]
-        if not all(isinstance(d, int) and 0 < d <= 1 << 16 for d in dims):
-            raise FormatError(f"CacheGen profile has bad dimensions {dims}")
-        layers, heads, head_dim = (int(d) for d in dims)  # type: ignore[arg-type]
-        channels = heads * head_dim
-        rows = 2 * layers * channels
-        a = profile.arrays
-        levels = len(LEVELS)
-        expect: dict[str, tuple[str, tuple[int, ...] | None]] = {
-            "mean": ("<f4", (layers, 2, channels)), "std": ("<f4", (layers, 2, channels)),
-            "bins": ("<f8", (levels, N_GROUPS)), "window_lo": ("<i4", (levels, rows, 2)),
-            "window_width": ("|u1", (levels, rows, 2))}
-        expect |= {f"tables{lv}": ("|u1", None) for lv in range(len(LEVELS))}
-        for name, (dtype, shape) in expect.items():
-            arr = a.get(name)
-            if arr is None or arr.dtype.newbyteorder("<").str != dtype or (shape is not None and arr.shape != shape) \
-                    or (shape is None and arr.ndim != 1):
-                raise FormatError(f"CacheGen profile array {name!r} is missing or not {dtype} {shape or '[n]'}")
-        mean = a["mean"].astype(np.float64).reshape(rows)
-        std = a["std"].astype(np.float64).reshape(rows)
-        bins = a["bins"].astype(np.float64)
-        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
-            raise FormatError("CacheGen profile has a non-finite mean or a non-positive std")
-        if not (np.all(np.isfinite(bins)) and np.all(bins > 0)):
-            raise FormatError("CacheGen profile bins must be finite and positive")
-        lo = a["window_lo"].astype(np.int64)
-        width = a["window_width"].astype(np.int64)
-        if np.any(np.abs(lo) > MAX_WINDOW_LO) or np.any(width < 1):
-            raise FormatError("CacheGen profile has a window outside the supported range")
-        freqs = []
-        for lv in range(len(LEVELS)):
-            packed = unpack_tables(a[f"tables{lv}"].tobytes(), 2 * rows, MAX_ALPHABET)
-            w = width[lv].reshape(-1)
-            cols = np.arange(MAX_ALPHABET)
-            inside = cols[None, :] <= w[:, None]  # window symbols 0..w-1, then the escape at w
-            if np.any((packed > 0) != inside):
-                raise FormatError(f"CacheGen profile level {lv}: a table does not match its window width")
-            alphabet = int(w.max()) + 1
-            f = np.zeros((2 * rows, alphabet), np.uint32)
-            window = cols[None, :alphabet - 1] < w[:, None]
-            f[:, : alphabet - 1] = np.where(window, packed[:, : alphabet - 1], 0)
-            f[:, alphabet - 1] = packed[np.arange(2 * rows), w]
-            freqs.append(f)
-        return cls(profile=profile, num_layers=layers, num_kv_heads=heads, head_dim=head_dim, mean=mean, std=std,
-                   bins=bins, lo=lo, width=width, freqs=tuple(freqs))
-
-    def check_spec(self, spec: ModelSpec) -> None:
-        """:class:`ModelMismatchError` unless ``spec`` is the model this profile was built for."""
-        if spec.fingerprint != self.profile.model_fingerprint or \
-                (spec.num_layers, spec.num_kv_heads, spec.head_dim) != (self.num_layers, self.num_kv_heads,
-                                                                        self.head_dim):
-            raise ModelMismatchError(
-                f"the CacheGen profile {self.profile.hash} was built for model {self.profile.model_fingerprint[:12]}, "
-                f"not for {spec.name or '?'} ({spec.fingerprint[:12]}); build a profile for this model")
-
-
-@functools.lru_cache(maxsize=8)
-def _read_profile(path: str, mtime_ns: int, size: int) -> CacheGenTables:
-    return CacheGenTables.from_profile(Profile.load(path))
-
-
-def load_tables(path: str | os.PathLike[str]) -> CacheGenTables:
-    """The unpacked profile at ``path``, read once per (file, modification time)."""
-    resolved = Path(path).resolve()
-    try:
-        st = resolved.stat()
-    except OSError as exc:
-        raise ValueError(f"cannot read CacheGen profile {str(path)!r}: {exc.strerror}") from None
-    return _read_profile(str(resolved), st.st_mtime_ns, st.st_size)
-
-
 # --------------------------------------------------------------------------------------------- the codec
 
 
@@ -447,16 +309,16 @@ class CacheGenCodec(Codec):
     """CacheGen's encoder (arXiv 2310.07240 §5.2) with tables from a per-model profile.
 
     Parameters:
-        profile: path of the profile file (:func:`kvpack.cachegen_profile.build_profile`), loaded once per path. It
-            is not one of :meth:`params`: the profile's hash (:meth:`profile_hash`) identifies it in ``codec_id`` and
-            in every chunk header, so moving the file changes nothing; decode with
+        profile: path of the profile file (:func:`kvpack.codecs.cachegen.calibrate.build_profile`), loaded once per
+            path. It is not one of :meth:`params`: the profile's hash (:meth:`profile_hash`) identifies it in
+            ``codec_id`` and in every chunk header, so moving the file changes nothing; decode with
             ``kvpack.decode(data, codec=CacheGenCodec(profile=...))``.
         level: quality level 0/1/2 or ``"low"``/``"medium"``/``"high"`` (stored as the integer).
         anchor_delta: code groups of 10 tokens as an anchor plus deltas (the paper); ``False`` codes every token's
             bin index directly (same reconstruction, bit for bit; only the entropy coding differs).
     """
 
-    name = "cachegen"
+    name = CODEC_NAME
     version = 1
     profile: str = field(repr=False)  # not in params(): chunks are tied to the profile's hash, not to a path
     level: int | str = 1
@@ -464,7 +326,7 @@ class CacheGenCodec(Codec):
 
     def __post_init__(self) -> None:
         if not isinstance(self.profile, str) or not self.profile:
-            raise ValueError("cachegen needs profile=PATH of a CacheGen profile (kvpack.cachegen_profile)")
+            raise ValueError("cachegen needs profile=PATH of a CacheGen profile (kvpack.codecs.cachegen.calibrate)")
         level = LEVELS.get(self.level) if isinstance(self.level, str) else self.level
         if isinstance(level, bool) or level not in LEVELS.values():
             raise ValueError(f"cachegen level must be 0, 1, 2 or one of {list(LEVELS)}, got {self.level!r}")

@@ -1,31 +1,9 @@
-"""Offline profiling for the `cachegen` codec: the per-model CacheGen Profile.
+"""Offline profiling for the `cachegen` codec: the per-model CacheGen Profile (format: :mod:`.profile`).
 
 CacheGen (Liu et al., SIGCOMM 2024, arXiv 2310.07240, §5.2) arithmetic-codes its quantized KV symbols with a
 probability distribution per (layer, channel) that it profiles offline, once per model. :func:`build_profile` does
 that on calibration documents (:func:`kvpack.eval.corpora.documents` with ``split="calibration"``);
 :func:`build_profile_from_caches` does it from given KV caches (tests, dumped caches).
-
-Profile contents (a :class:`~kvpack.profile.Profile` with ``codec="cachegen"``; rows ``r`` are (layer, K/V,
-channel) with channel ``= kv_head * head_dim + dim``; ``C = num_kv_heads * head_dim``):
-
-==================  ==========================  ==============================================================
-array               dtype, shape                meaning
-==================  ==========================  ==============================================================
-``mean``            f4 ``[L, 2, C]``            calibration mean of every channel (kind 0 = keys, 1 = values)
-``std``             f4 ``[L, 2, C]``            calibration standard deviation (floored at 1e-6 of the largest
-                                                in its layer and kind, and at 1e-30): the unit of the bins
-``bins``            f8 ``[3, 3]``               bin size in units of ``std``, per (level, layer group)
-``window_lo``       i4 ``[3, R, 2]``            first bin index of each table's window, per (level, row, role);
-                                                ``R = 2 L C``, row ``r = (layer * 2 + kind) * C + channel``
-``window_width``    u1 ``[3, R, 2]``            window width ``w`` (1..255); role 0 = raw, 1 = delta
-``tables{level}``   u1 ``[bytes]``              :func:`kvpack.entropy.pack_tables` of ``[2 R, 256]`` tables: row
-                                                ``2 r + role`` has the window's frequencies at ``0..w-1`` and the
-                                                escape symbol's at ``w``, zeros after; every entry in ``0..w`` is
-                                                at least 1, so any index can be coded
-==================  ==========================  ==============================================================
-
-``meta``: ``format`` (1), ``group_size`` (10), ``num_layers``, ``num_kv_heads``, ``head_dim``, ``layer_groups``,
-``levels``, ``margin``, ``smoothing`` and ``calibration`` (document names, caches, tokens).
 
 How tables are made: every calibration cache is quantized exactly as the encoder does (groups of 10 tokens from its
 first token); per table the bin indices are counted (raw: every token's index, since anchors are every tenth token
@@ -45,15 +23,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from kvpack.codecs.cachegen import (
-    GROUP_SIZE,
-    LEVELS,
-    N_GROUPS,
-    PROFILE_FORMAT,
-    CacheGenCodec,
-    layer_groups,
-    quantize_indices,
-)
+from kvpack.codecs.cachegen.codec import CacheGenCodec, quantize_indices
+from kvpack.codecs.cachegen.profile import GROUP_SIZE, LEVELS, N_GROUPS, PROFILE_FORMAT, layer_groups
 from kvpack.entropy import pack_tables, quantize_freqs
 from kvpack.entropy.tables import MAX_ALPHABET
 from kvpack.eval.corpora import Document, documents

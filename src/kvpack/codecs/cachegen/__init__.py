@@ -1,0 +1,10 @@
+"""`cachegen`: CacheGen's KV encoder with per-model tables (docs/cachegen.md).
+
+Modules: :mod:`.profile` (the profile format and its tables), :mod:`.codec` (the codec and its kernels),
+:mod:`.calibrate` (making a profile).
+"""
+
+from kvpack.codecs.cachegen.codec import CacheGenCodec
+from kvpack.codecs.cachegen.profile import CacheGenTables, load_tables
+
+__all__ = ["CacheGenCodec", "CacheGenTables", "load_tables"]

@@ -1,0 +1,11 @@
+"""`transform` and `kvtc`: calibrated PCA transform coding (docs/transform.md).
+
+Modules: :mod:`.features` (whole-model KV vectors), :mod:`.quant` (quantizers, block layout), :mod:`.profile` (the
+validated profile), :mod:`.codec` (``transform``), :mod:`.kvtc` (``kvtc``), :mod:`.calibrate` (making a profile).
+"""
+
+from kvpack.codecs.transform.codec import TransformCodec
+from kvpack.codecs.transform.kvtc import KvtcCodec
+from kvpack.codecs.transform.profile import TransformProfile, load_profile
+
+__all__ = ["KvtcCodec", "TransformCodec", "TransformProfile", "load_profile"]

@@ -1,0 +1,48 @@
+"""Whole-model KV vectors of the `transform` / `kvtc` codecs: per token the pre-RoPE keys and values of all layers and
+KV heads, ``x [D]`` with ``D = 2 * layers * kv_heads * head_dim``, and the PCA groups over its features."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvpack import rope
+from kvpack.kv import KVCache
+from kvpack.spec import ModelSpec
+
+
+def feature_groups(layers: int, width: int, grouping: str) -> list[np.ndarray]:
+    """Feature indices of each PCA group: ``joint`` (one basis over K and V) or ``kv`` (keys, then values).
+
+    Feature order: for each layer, its keys ``[width = kv_heads * head_dim]`` (pre-RoPE) then its values.
+    """
+    index = np.arange(2 * layers * width).reshape(layers, 2, width)
+    if grouping == "joint":
+        return [index.reshape(-1)]
+    if grouping == "kv":
+        return [index[:, 0].reshape(-1), index[:, 1].reshape(-1)]
+    raise ValueError(f"grouping must be 'joint' or 'kv', got {grouping!r}")
+
+
+def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 ``[tokens, D]``: pre-RoPE keys and values of all layers and heads per token (``rows``: a token mask),
+    features ordered ``(layer, K/V, head, channel)``."""
+    spec = kv.spec
+    pos = kv.positions if rows is None else kv.positions[rows]
+    keys, values = torch.stack(kv.keys), torch.stack(kv.values)  # [L, H, T, D]
+    if rows is not None:
+        keys, values = keys[:, :, rows], values[:, :, rows]
+    pre = rope.unrotate(keys, pos, spec.rope, spec.head_dim) if spec.rope.type != "none" else keys.float()
+    both = torch.stack((pre, values.float()), dim=1)  # [L, 2, H, T, D]
+    return both.permute(3, 0, 1, 2, 4).reshape(pos.numel(), 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim)
+
+
+def unfeatures(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`features`: post-RoPE keys and values ``[layers, kv_heads, tokens, head_dim]`` (float32)."""
+    tokens, heads, dim = x.shape[0], spec.num_kv_heads, spec.head_dim
+    per_layer = x.reshape(tokens, spec.num_layers, 2, heads, dim).permute(1, 2, 3, 0, 4)  # [L, 2, H, T, D]
+    keys = per_layer[:, 0]
+    if spec.rope.type != "none":
+        keys = rope.rotate(keys, positions, spec.rope, dim)
+    return keys, per_layer[:, 1]
+

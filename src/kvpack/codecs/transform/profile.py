@@ -1,0 +1,200 @@
+"""The transform profile: a validated :class:`~kvpack.profile.Profile` of the `transform` / `kvtc` codecs (PCA
+bases, weights, per-class rANS tables, presets), loaded once per file (see :mod:`kvpack.codecs.transform.calibrate`
+for how it is made)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpack import entropy
+from kvpack.codecs.transform.features import feature_groups
+from kvpack.codecs.transform.quant import (
+    ALPHABET,
+    BLOCK,
+    GROUPS,
+    N_RATES,
+    TYPE_DROP,
+    TYPE_EC,
+    TYPE_INT2,
+    TYPE_INT8,
+    TYPES,
+)
+from kvpack.errors import CodecError, FormatError
+from kvpack.profile import Profile
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One preset: per block its type (:data:`TYPES`), parameter (rate class or group size) and progressive rank."""
+
+    name: str
+    block_type: np.ndarray  # uint8 [blocks]
+    block_param: np.ndarray  # int64 [blocks]: rate class (ec) or group size (int)
+    block_rank: np.ndarray  # int64 [blocks]: order of importance (0 first) for progressive layers
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """Group ``g``'s PCA restricted to the ``U`` used components, with centring, weights and ``sigma`` folded in:
+    ``z = x_g @ encode - encode_bias`` and ``x_g = z @ decode + decode_bias`` (float32; ``x_g = x[:, columns]``, all
+    of ``x`` when ``columns`` is ``None``)."""
+
+    used: np.ndarray  # int64 [U]: component indices
+    columns: torch.Tensor | None  # int64 [D_g] feature indices, None for the identity
+    encode: torch.Tensor  # [D_g, U]
+    encode_bias: torch.Tensor  # [U]
+    decode: torch.Tensor  # [U, D_g]
+    decode_bias: torch.Tensor  # [D_g]
+
+
+@dataclass(frozen=True, eq=False)
+class TransformProfile:
+    """A parsed, validated transform profile (see :mod:`kvpack.codecs.transform.calibrate` for how it is made)."""
+
+    profile: Profile
+    groups: list[np.ndarray]  # feature indices per PCA group
+    means: list[torch.Tensor]  # float32 [D_g]
+    weights: list[torch.Tensor]  # float32 [D_g]
+    bases: list[torch.Tensor]  # float32 [C_g, D_g], rows orthonormal
+    sigmas: list[np.ndarray]  # float32 [C_g]
+    freqs: np.ndarray  # uint32 [N_RATES, ALPHABET]
+    shrink: np.ndarray  # float32 [N_RATES]: reconstruction offset per class
+    presets: dict[str, Allocation]
+    recipe: str
+    rounding: float
+    sink_format: str
+
+    subs: dict[tuple[str, int], Projection] = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return self.profile.hash
+
+    def projection(self, alloc: Allocation, g: int) -> Projection:
+        """The affine maps of group ``g`` restricted to the components ``alloc`` codes (cached per preset)."""
+        key = (alloc.name, g)
+        if key not in self.subs:
+            comps = [np.arange(s, s + n) for b in np.flatnonzero(alloc.block_type != TYPE_DROP)
+                     for gg, s, n in [self.block_span(int(b))] if gg == g]
+            used = np.concatenate(comps) if comps else np.zeros(0, np.int64)
+            basis = self.bases[g][torch.from_numpy(used)].double()  # [U, D_g]
+            sigma = torch.from_numpy(self.sigmas[g][used]).double()[:, None]
+            w, mean = self.weights[g].double(), self.means[g].double()
+            idx = self.groups[g]
+            whole = idx.size == sum(len(i) for i in self.groups) and bool((idx == np.arange(idx.size)).all())
+            self.subs[key] = Projection(
+                used=used, columns=None if whole else torch.from_numpy(idx),
+                encode=(basis * w / sigma).T.float().contiguous(), encode_bias=((mean * w) @ basis.T / sigma[:, 0])
+                .float(), decode=(basis * sigma / w).float().contiguous(), decode_bias=self.means[g])
+        return self.subs[key]
+
+    @property
+    def block_group(self) -> np.ndarray:
+        """int64 [blocks]: the PCA group of each block."""
+        return np.concatenate([np.full(-(-len(s) // BLOCK), g) for g, s in enumerate(self.sigmas)]).astype(np.int64)
+
+    def block_span(self, block: int) -> tuple[int, int, int]:
+        """``(group, first component, count)`` of ``block``."""
+        for g, s in enumerate(self.sigmas):
+            n = -(-len(s) // BLOCK)
+            if block < n:
+                start = block * BLOCK
+                return g, start, min(BLOCK, len(s) - start)
+            block -= n
+        raise IndexError(block)
+
+    def choose(self, preset: str | None, target_ratio: float | None, max_kl: float | None) -> Allocation:
+        """The allocation a codec asks for (rate control over the stored presets' calibration measurements)."""
+        ordered = sorted(self.presets.values(), key=lambda a: a.info["ratio"])
+        if preset is not None:
+            if preset not in self.presets:
+                raise CodecError(f"profile has no preset {preset!r}; it has {sorted(self.presets)}")
+            return self.presets[preset]
+        if target_ratio is not None:
+            meeting = [a for a in ordered if a.info["ratio"] >= target_ratio]
+            if not meeting:
+                raise CodecError(f"no preset reaches ratio {target_ratio} (highest {ordered[-1].info['ratio']:.1f})")
+            return meeting[0]
+        if max_kl is not None:
+            measured = [a for a in ordered if a.info.get("kl") is not None]
+            if not measured:
+                raise CodecError("this profile has no KL measurements; recalibrate with the model to use max_kl")
+            good = [a for a in measured if a.info["kl"] <= max_kl]
+            if not good:
+                raise CodecError(f"no preset meets KL <= {max_kl} (best {min(a.info['kl'] for a in measured):.4g})")
+            return good[-1]
+        default = self.profile.meta.get("default_preset")
+        if default not in self.presets:
+            raise CodecError("profile names no default preset; pass preset=, target_ratio= or max_kl=")
+        return self.presets[default]
+
+
+def profile_from(profile: Profile) -> TransformProfile:
+    """Validate a profile written by :mod:`kvpack.codecs.transform.calibrate`; :class:`FormatError` on anything
+    inconsistent."""
+    meta, arrays = profile.meta, profile.arrays
+    try:
+        grouping, recipe = str(meta["grouping"]), str(meta["recipe"])
+        rounding, sink_format = float(meta["rounding"]), str(meta["sink_format"])
+        groups = feature_groups(int(meta["layers"]), int(meta["width"]), grouping)
+        means, weights, bases, sigmas = [], [], [], []
+        for g, idx in enumerate(groups):
+            mean, weight = arrays[f"mean{g}"].astype(np.float32), arrays[f"weight{g}"].astype(np.float32)
+            basis, sigma = arrays[f"basis{g}"].astype(np.float32), arrays[f"sigma{g}"].astype(np.float32)
+            if mean.shape != (len(idx),) or weight.shape != (len(idx),) or basis.ndim != 2 \
+                    or basis.shape[1] != len(idx) or sigma.shape != (basis.shape[0],) or not np.all(sigma > 0):
+                raise FormatError(f"profile group {g} arrays have inconsistent shapes")
+            means.append(torch.from_numpy(mean))
+            weights.append(torch.from_numpy(weight))
+            bases.append(torch.from_numpy(basis))
+            sigmas.append(sigma)
+        freqs = entropy.tables.validate_freqs(arrays["freqs"]).astype(np.uint32)
+        shrink = arrays["shrink"].astype(np.float32)
+        if freqs.shape != (N_RATES, ALPHABET) or shrink.shape != (N_RATES,):
+            raise FormatError("profile tables have the wrong shape")
+        n_blocks = sum(-(-len(s) // BLOCK) for s in sigmas)
+        presets = {}
+        for info in meta["presets"]:
+            name = str(info["name"])
+            kinds, params = arrays[f"type.{name}"].astype(np.int64), arrays[f"param.{name}"].astype(np.int64)
+            rank = arrays[f"rank.{name}"].astype(np.int64)
+            if kinds.shape != (n_blocks,) or params.shape != (n_blocks,) or rank.shape != (n_blocks,):
+                raise FormatError(f"preset {name!r} does not cover the profile's {n_blocks} blocks")
+            if np.any((kinds < 0) | (kinds >= len(TYPES))) or sorted(rank.tolist()) != list(range(n_blocks)):
+                raise FormatError(f"preset {name!r} has invalid block types or ranks")
+            ec = kinds == TYPE_EC
+            fixed = (kinds >= TYPE_INT2) & (kinds <= TYPE_INT8)
+            if np.any(ec & ((params < 0) | (params >= N_RATES))) or np.any(fixed & ~np.isin(params, GROUPS)):
+                raise FormatError(f"preset {name!r} has invalid block parameters")
+            presets[name] = Allocation(name, kinds.astype(np.uint8), params, rank, dict(info))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"not a valid transform profile: {exc}") from None
+    if sink_format not in ("exact", "fp8") or recipe not in ("transform", "kvtc") or not 0 < rounding <= 0.5:
+        raise FormatError("profile has an unknown recipe, sink format or rounding")
+    return TransformProfile(profile, groups, means, weights, bases, sigmas, freqs, shrink, presets, recipe, rounding,
+                            sink_format)
+
+
+_CACHE: dict[tuple[str, int, int], TransformProfile] = {}
+_LOCK = threading.Lock()
+
+
+def load_profile(path: str) -> TransformProfile:
+    """Load and validate the profile at ``path`` once per (path, size, mtime)."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise CodecError(f"cannot read transform profile {path!r}: {exc}; run `kvpack calibrate` first") from None
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = profile_from(Profile.load(path))
+        return _CACHE[key]
+
