@@ -31,7 +31,7 @@ def make_kv(tokens: int = 16, seed: int = 0, start: int = 0, **spec_kwargs: Any)
     keys = [(torch.randn(shape, generator=gen) * 3).to(spec.torch_dtype) for _ in range(spec.num_layers)]
     values = [torch.randn(shape, generator=gen).to(spec.torch_dtype) for _ in range(spec.num_layers)]
     ids = torch.randint(0, 50000, (tokens,), generator=gen, dtype=torch.int64)
-    return KVCache(spec=spec, keys=keys, values=values,
+    return KVCache.from_layers(spec=spec, keys=keys, values=values,
                    positions=torch.arange(start, start + tokens, dtype=torch.int64), token_ids=ids)
 
 

@@ -35,7 +35,7 @@ def low_rank_caches(n: int = 3, tokens: int = 200, rank: int = 12, seed: int = 0
         keys = [rotate(per[layer, 0], pos, spec.rope, spec.head_dim).to(spec.torch_dtype)
                 for layer in range(spec.num_layers)]
         values = [per[layer, 1].to(spec.torch_dtype) for layer in range(spec.num_layers)]
-        out.append(KVCache(spec=spec, keys=keys, values=values, positions=pos))
+        out.append(KVCache.from_layers(spec=spec, keys=keys, values=values, positions=pos))
     return out
 
 

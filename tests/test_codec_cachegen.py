@@ -222,7 +222,7 @@ def test_corrupted_payloads_raise_format_error(profile_path: Path) -> None:
             codec.decode(bad)
     other_level = _codec(profile_path, level=0)
     with pytest.raises(FormatError):
-        other_level.decode_payload(meta, container, kv.spec, 21)
+        other_level.decode_payload(meta, container, kv.spec, 21, None)
 
 
 def test_profile_validation(profile_path: Path) -> None:
@@ -253,7 +253,7 @@ def test_profile_validation(profile_path: Path) -> None:
 def test_error_bound_property(profile_path: Path, tokens: int, seed: int, level: int, anchor_delta: bool,
                               gain: float) -> None:
     kv = make_kv(tokens=tokens, seed=seed)
-    kv = KVCache(spec=kv.spec, keys=[(k.float() * gain).to(k.dtype) for k in kv.keys], values=kv.values,
+    kv = KVCache.from_layers(spec=kv.spec, keys=[(k.float() * gain).to(k.dtype) for k in kv.keys], values=kv.values,
                  positions=kv.positions)
     codec = _codec(profile_path, level=level, anchor_delta=anchor_delta)
     assert _within_bound(codec, kv, codec.decode(codec.encode(kv)))

@@ -96,7 +96,7 @@ def test_error_bound_on_random_kv(dtype: str, tokens: int, head_dim: int, log_sc
     heavy = [((t + offset) * 2.0**log_scale * torch.exp(torch.randn(t.shape, generator=gen))).clamp(-6e4, 6e4)
              for t in kv.keys]
     spec = kvpack.spec.ModelSpec(**{**kv.spec.__dict__, "dtype": dtype})
-    kv = KVCache(spec=spec, keys=[t.to(spec.torch_dtype) for t in heavy],
+    kv = KVCache.from_layers(spec=spec, keys=[t.to(spec.torch_dtype) for t in heavy],
                  values=[t.to(spec.torch_dtype) for t in kv.values], positions=kv.positions)
     check_bound(kv, classes=classes)
 
@@ -109,7 +109,7 @@ def test_special_rows(kv_factory: Any) -> None:
     keys[0][:, :, 1] = torch.logspace(-12, 2, 50, base=2).to(torch.bfloat16)
     keys[1][:, :, 2] = -torch.rand(50).to(torch.bfloat16) - 3
     keys[1][0, 7, 3] = -1000.0
-    kv = KVCache(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions)
+    kv = KVCache.from_layers(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions)
     out, _ = check_bound(kv)
     assert bool((out.keys[0][:, :, 0] == 0).all())
     assert float(out.keys[1][0, 7, 3]) == -1000.0  # absmax maps to ±448 exactly
@@ -121,7 +121,7 @@ def test_refuses_what_it_cannot_represent(kv_factory: Any) -> None:
         keys = [k.clone() for k in kv.keys]
         keys[1][0, 3, 2] = bad
         with pytest.raises(CodecError):
-            get("fp8").encode(KVCache(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions))
+            get("fp8").encode(KVCache.from_layers(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions))
     with pytest.raises(CodecError, match="classes"):
         get("fp8", classes=5)
 

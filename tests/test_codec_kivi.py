@@ -62,7 +62,7 @@ def test_error_bound_on_random_kv(dtype: str, bits: int, group: int, tokens: int
     kv = make_kv(tokens=tokens, seed=seed, start=start, head_dim=head_dim, dtype="float32")
     spec = kvpack.spec.ModelSpec(**{**kv.spec.__dict__, "dtype": dtype})
     shifted = [(t * 2.0**scale + 5.0 * (torch.arange(head_dim) % 3 - 1)).to(spec.torch_dtype) for t in kv.keys]
-    kv = KVCache(spec=spec, keys=shifted, values=[(t * 2.0**scale).to(spec.torch_dtype) for t in kv.values],
+    kv = KVCache.from_layers(spec=spec, keys=shifted, values=[(t * 2.0**scale).to(spec.torch_dtype) for t in kv.values],
                  positions=kv.positions)
     _, _, n_sink, n_res = check_bound(kv, bits=bits, group=group, sink=sink, residual=residual, classes=classes)
     assert n_sink == max(0, min(sink - start, tokens))
@@ -86,7 +86,7 @@ def test_constant_groups_and_outlier_channel() -> None:
     keys[1][:, :, 1] = 300.0 * torch.randn(2, 40).to(torch.bfloat16)
     values = [v.clone() for v in kv.values]
     values[2][:, 5, :] = -0.25  # constant token
-    kv = KVCache(spec=kv.spec, keys=keys, values=values, positions=kv.positions)
+    kv = KVCache.from_layers(spec=kv.spec, keys=keys, values=values, positions=kv.positions)
     out = check_bound(kv, bits=2, sink=0)[0]
     assert bool((out.keys[0][:, :, 0] == 1.5).all()) and bool((out.values[2][:, 5, :] == -0.25).all())
 
@@ -100,7 +100,7 @@ def test_bad_parameters_and_unencodable_caches() -> None:
         keys = [k.clone() for k in kv.keys]
         keys[0][1, 4, 3] = bad
         with pytest.raises(CodecError):
-            get("kivi").encode(KVCache(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions))
+            get("kivi").encode(KVCache.from_layers(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions))
 
 
 def test_bad_sections_and_meta_are_format_errors() -> None:
@@ -130,8 +130,7 @@ def test_encoding_is_deterministic(name: str) -> None:
     """Same cache, same bytes (two encodes, one of them on a copy), with the small-chunk and the threaded paths."""
     for tokens in (20, 700):
         kv = make_kv(tokens=tokens, layers=4, heads=2, head_dim=64)
-        copy = KVCache(spec=kv.spec, keys=[t.clone() for t in kv.keys], values=[t.clone() for t in kv.values],
-                       positions=kv.positions.clone(), token_ids=kv.token_ids)
+        copy = KVCache(spec=kv.spec, data=kv.data.clone(), positions=kv.positions.clone(), token_ids=kv.token_ids)
         assert get(name).encode(kv) == get(name).encode(copy)
 
 

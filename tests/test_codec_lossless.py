@@ -43,7 +43,7 @@ def from_bits(bits: np.ndarray, dtype: str, layers: int, heads: int, tokens: int
     ints = torch.from_numpy(bits.astype(np.uint64).astype(np.int64)).to(torch.int32 if WIDTH[dtype] == 32 else
                                                                          torch.int16)
     tensors = ints.view(kvpack.spec.DTYPES[dtype]).reshape(2 * layers, heads, tokens, head_dim)
-    return KVCache(spec=spec, keys=list(tensors[0::2]), values=list(tensors[1::2]),
+    return KVCache.from_layers(spec=spec, keys=list(tensors[0::2]), values=list(tensors[1::2]),
                    positions=torch.arange(tokens, dtype=torch.int64))
 
 
@@ -114,7 +114,7 @@ def test_low_zero_bits_are_not_stored(kv_factory: Any) -> None:
     """A bf16 cache upcast to fp32 has 16 zero mantissa bits per element: they cost nothing."""
     kv = kv_factory(tokens=64, dtype="bfloat16")
     spec = kvpack.spec.ModelSpec(**{**kv.spec.__dict__, "dtype": "float32"})
-    wide = KVCache(spec=spec, keys=[t.float() for t in kv.keys], values=[t.float() for t in kv.values],
+    wide = KVCache.from_layers(spec=spec, keys=[t.float() for t in kv.keys], values=[t.float() for t in kv.values],
                    positions=kv.positions)
     out, data = roundtrip(wide)
     assert out.equal(wide) and read_container(data).section("mantissa")[0] == 16

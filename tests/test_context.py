@@ -11,6 +11,7 @@ from conftest import PROSE
 from kvpack.context import ContextCache
 from kvpack.inference import forward, new_cache
 from kvpack.kv import KVCache
+from kvpack.prefix import RequestStats
 from kvpack.store import MemoryStore
 
 pytestmark = pytest.mark.model
@@ -42,19 +43,19 @@ def test_raw_reuse_is_bit_exact_and_matches_split_prefill(smollm) -> None:  # ty
         assert warm.chunks_written == 2
         cc.flush()
         assert cc.lookup(ids) == 64
-        out = cc.generate(ids, **GEN)
-        stats = cc.last_stats
+        result = cc.generate(ids, **GEN)
+        stats = result.stats
         assert (stats.tokens_hit, stats.chunks_hit, stats.prompt_tokens) == (64, 2, 100)
         assert stats.bytes_read > 64 * spec.elements_per_token * 2 and stats.ttft_s > 0
         # the loaded cache is bit-identical to what the model produced for those tokens
-        loaded = cc._load(ids[:64], stats)
+        loaded = cc.prefixes.load(ids[:64], RequestStats())
         assert loaded is not None
         cache = new_cache(model)
         forward(model, ids[:64], cache)
         assert loaded.equal(KVCache.from_hf(cache, spec, token_ids=ids[:64]))
         cc.flush()
         assert cc.lookup(ids) == 96  # generate wrote the prompt's third full chunk back
-    assert torch.equal(out, plain_split_generate(model, ids, 64))
+    assert torch.equal(result.sequences, plain_split_generate(model, ids, 64))
 
 
 def test_corrupted_entry_is_a_miss_and_recomputed(smollm) -> None:  # type: ignore[no-untyped-def]
@@ -68,10 +69,10 @@ def test_corrupted_entry_is_a_miss_and_recomputed(smollm) -> None:  # type: igno
         data = bytearray(store.get(second) or b"")
         data[-5] ^= 0xFF
         store._write(second, bytes(data))  # damage the stored bytes behind the store's back
-        out = cc.generate(ids, **GEN)
-        assert cc.last_stats.tokens_hit == CHUNK
+        result = cc.generate(ids, **GEN)
+        assert result.stats.tokens_hit == CHUNK
         assert store.stats().corrupt_entries == 1
-    assert torch.equal(out, plain_split_generate(model, ids, CHUNK))
+    assert torch.equal(result.sequences, plain_split_generate(model, ids, CHUNK))
 
 
 def test_namespaces_isolate(smollm) -> None:  # type: ignore[no-untyped-def]

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import PROSE, make_kv, make_spec
+from kvpack import decode, encode
 from kvpack.errors import UnsupportedModelError
+from kvpack.inference import new_cache
 from kvpack.kv import KVCache
 from kvpack.spec import ModelSpec, RopeSpec
 
@@ -29,9 +33,9 @@ def test_equal_sees_one_flipped_bit() -> None:
 def test_validation_rejects_wrong_shapes() -> None:
     kv = make_kv(tokens=4)
     with pytest.raises(ValueError, match="layer 0"):
-        KVCache(spec=kv.spec, keys=[k[:, :3] for k in kv.keys], values=kv.values, positions=kv.positions)
+        KVCache.from_layers(spec=kv.spec, keys=[k[:, :3] for k in kv.keys], values=kv.values, positions=kv.positions)
     with pytest.raises(ValueError, match="dtype"):
-        KVCache(spec=kv.spec, keys=[k.float() for k in kv.keys], values=kv.values, positions=kv.positions)
+        KVCache.from_layers(spec=kv.spec, keys=[k.float() for k in kv.keys], values=kv.values, positions=kv.positions)
 
 
 def test_spec_json_round_trip() -> None:
@@ -41,13 +45,34 @@ def test_spec_json_round_trip() -> None:
         RopeSpec(type="bogus")
 
 
-def test_sliding_window_models_are_refused_by_name() -> None:
-    spec = ModelSpec(num_layers=2, num_kv_heads=1, head_dim=4, dtype="float32", rope=RopeSpec(),
-                     sliding_windows=(512, None), fingerprint="0" * 64)
-    kv = KVCache(spec=spec, keys=[torch.zeros(1, 2, 4)] * 2, values=[torch.zeros(1, 2, 4)] * 2,
-                 positions=torch.arange(2))
-    with pytest.raises(UnsupportedModelError, match="layer 0: sliding_attention"):
-        kv.to_hf()
+def test_buffer_views_slices_and_out_decode() -> None:
+    kv = make_kv(tokens=12)
+    spec = kv.spec
+    assert tuple(kv.data.shape) == (spec.num_layers, 2, spec.num_kv_heads, 12, spec.head_dim)
+    assert kv.keys[1].data_ptr() == kv.data[1, 0].data_ptr()  # views, no copies
+    part = kv[4:8]
+    assert part.data.data_ptr() == kv.data[:, :, :, 4:].data_ptr() and part.positions.tolist() == [4, 5, 6, 7]
+    whole = KVCache.empty(spec, 12)
+    for chunk in kv.chunks(4):
+        start = int(chunk.positions[0])
+        decode(encode(chunk, "raw"), spec, out=whole[start : start + 4])
+    assert torch.equal(whole.data.view(torch.int16), kv.data.view(torch.int16))
+    with pytest.raises(ValueError, match="out="):
+        decode(encode(kv[:4], "raw"), spec, out=whole[:5])
+
+
+def test_to_hf_hands_views_and_sliding_layers_keep_history() -> None:
+    spec = dataclasses.replace(make_spec(layers=2), sliding_windows=(4, None))
+    kv = make_kv(tokens=10, layers=2)
+    kv = KVCache(spec=spec, data=kv.data, positions=kv.positions)
+    full = kv.to_hf()
+    assert full.layers[0].keys.data_ptr() == kv.data[0, 0].data_ptr() and full.layers[0].keys.shape[2] == 10
+    assert KVCache.from_hf(full, spec).equal(kv)
+    windowed = kv.to_hf(keep_history=False)
+    assert windowed.layers[0].keys.shape[2] == 3 and windowed.layers[1].keys.shape[2] == 10  # transformers keeps W-1
+    assert windowed.get_seq_length(0) == 10
+    with pytest.raises(UnsupportedModelError, match="sliding-window cache that kept 3 of its 10"):
+        KVCache.from_hf(windowed, spec)
 
 
 @pytest.mark.model
@@ -56,7 +81,8 @@ def test_hf_round_trip_gives_bit_identical_logits(smollm) -> None:  # type: igno
     ids = tokenizer(PROSE * 4, return_tensors="pt").input_ids
     prefix, rest = ids[:, :48], ids[:, 48:64]
     with torch.no_grad():
-        cache = model(prefix, use_cache=True).past_key_values
+        cache = new_cache(model)
+        model(prefix, cache=cache, use_cache=True)
         kv = KVCache.from_hf(cache, spec, token_ids=prefix[0])
         reference = model(rest, cache=cache, use_cache=True).logits
         restored = model(rest, cache=kv.to_hf(), use_cache=True).logits

@@ -1,6 +1,8 @@
 """kvpack: store and reuse the KV caches of language models, small and fast to move."""
 
+from kvpack import codecs, store
 from kvpack.codecs import Codec, decode, encode
+from kvpack.context import ContextCache, Generation
 from kvpack.errors import (
     CodecError,
     FormatError,
@@ -13,6 +15,7 @@ from kvpack.errors import (
     UnsupportedModelError,
 )
 from kvpack.kv import KVCache
+from kvpack.prefix import PrefixStore, RequestStats, load_prefix, save_prefix
 from kvpack.spec import ModelSpec, RopeSpec
 
 __version__ = "0.1.0"
@@ -20,18 +23,26 @@ __version__ = "0.1.0"
 __all__ = [
     "Codec",
     "CodecError",
+    "ContextCache",
     "FormatError",
+    "Generation",
     "KVCache",
     "KvpackError",
     "ModelLoadError",
     "ModelMismatchError",
     "ModelSpec",
+    "PrefixStore",
     "ProfileMismatchError",
+    "RequestStats",
     "RopeSpec",
     "StoreError",
     "TokenMismatchError",
     "UnsupportedModelError",
     "__version__",
+    "codecs",
     "decode",
     "encode",
+    "load_prefix",
+    "save_prefix",
+    "store",
 ]

@@ -101,9 +101,9 @@ def run_demo(console: Console, model: str, codec: Codec, store_url: str | None =
                     bar.add_task(f"{question} (cold: full prefill of {len(ids)} tokens)", total=None)
                     cold_answer, cold = _uncached(lm, ids)
                     bar.add_task(f"{question} (warm: from the store)", total=None)
-                    out = cc.generate(ids, max_new_tokens=ANSWER_TOKENS, do_sample=False)
-                stats = cc.last_stats
-                warm_answer = out[0, len(ids):]
+                    result = cc.generate(ids, max_new_tokens=ANSWER_TOKENS, do_sample=False)
+                stats = result.stats
+                warm_answer = result.new_tokens
                 same = torch.equal(warm_answer, cold_answer)
                 agree = next((i for i, (a, b) in enumerate(zip(warm_answer, cold_answer, strict=False)) if a != b),
                              min(len(warm_answer), len(cold_answer)))

@@ -22,10 +22,17 @@ def as_batch(ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
 
 
 def new_cache(model: Any) -> Any:
-    """An empty transformers ``DynamicCache`` shaped for ``model``."""
+    """An empty transformers ``DynamicCache`` for ``model`` that keeps every token of every layer.
+
+    Layers are those transformers itself builds for the model (sliding-window layers included), with past recording
+    on: a sliding layer still shows the model exactly its window (so logits are bit-identical to transformers'
+    default cache), but keeps the tokens that fell out of it, which kvpack stores.
+    """
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
+    cache.activate_past_recording()
+    return cache
 
 
 @torch.no_grad()

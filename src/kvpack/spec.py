@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kvpack.errors import FormatError
+from kvpack.errors import FormatError, UnsupportedModelError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope", "none")
@@ -88,6 +88,10 @@ class ModelSpec:
         """Number of K and V elements one token occupies across all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
+    def buffer_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        """Shape of a :class:`~kvpack.kv.KVCache` buffer: ``[num_layers, 2, num_kv_heads, tokens, head_dim]``."""
+        return (self.num_layers, 2, self.num_kv_heads, num_tokens, self.head_dim)
+
     @property
     def sliding_layers(self) -> list[int]:
         return [i for i, w in enumerate(self.sliding_windows) if w is not None]
@@ -112,6 +116,7 @@ class ModelSpec:
         """Read the spec of a transformers causal LM (and its tokenizer, which enters the fingerprint)."""
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        _refuse_unsupported(text_config)
         num_heads = int(text_config.num_attention_heads)
         head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads)
         num_kv_heads = int(getattr(text_config, "num_key_value_heads", None) or num_heads)
@@ -142,7 +147,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, tensor in sorted(tensors, key=lambda item: item[0]):
         data = tensor.detach().contiguous().cpu()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     value = digest.hexdigest()
     setattr(model, _WEIGHTS_DIGEST_ATTR, value)
     return value
@@ -177,6 +182,37 @@ def _rope_spec(config: Any) -> RopeSpec:
     if scaled and "original_max_position_embeddings" not in clean:
         clean["original_max_position_embeddings"] = getattr(config, "max_position_embeddings", None)
     return RopeSpec(type=rope_type, theta=theta, partial_rotary_factor=partial, params=clean)
+
+
+#: Cache layer types kvpack stores: a K/V pair per token (transformers' ``layer_types`` vocabulary).
+KV_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def _refuse_unsupported(config: Any) -> None:
+    """:class:`UnsupportedModelError` for caches that are not one K/V pair per token per layer, naming what differs."""
+    name = getattr(config, "model_type", "this model")
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    other = sorted({t for t in layer_types if t not in KV_LAYER_TYPES})
+    if other:
+        raise UnsupportedModelError(
+            f"{name} has cache layers of type {', '.join(other)} (recurrent/linear-attention state or shared KV), "
+            f"besides {', '.join(sorted(set(layer_types) & set(KV_LAYER_TYPES))) or 'none'}; kvpack stores one K/V "
+            "pair per token per layer. Supporting it needs a codec section for that state and exact restore rules.")
+    if getattr(config, "kv_lora_rank", None) or getattr(config, "kv_sharing_modes", None):
+        raise UnsupportedModelError(
+            f"{name} caches multi-head latent attention (MLA) latents or shares KV between layers; kvpack stores one "
+            "K/V pair of equal head dims per layer. Supporting it needs a latent-cache layout in ModelSpec.")
+    for attr in ("state_size", "mamba_d_state", "ssm_state_size", "linear_num_key_heads"):
+        if getattr(config, attr, None):
+            raise UnsupportedModelError(
+                f"{name} has recurrent (Mamba/linear-attention) layers ({attr}); their state is not a per-token "
+                "K/V pair, which is what kvpack stores")
+    per_layer = getattr(config, "per_layer_config", None) or []
+    dims = {(getattr(c, "num_key_value_heads", None), getattr(c, "head_dim", None)) for c in per_layer}
+    if len(dims) > 1:
+        raise UnsupportedModelError(
+            f"{name} has layers with different KV heads / head dims {sorted(dims, key=str)}; kvpack keeps one buffer "
+            "of uniform layers. Supporting it needs one buffer per layer group.")
 
 
 def _sliding_windows(config: Any, num_layers: int) -> tuple[int | None, ...]:

@@ -143,7 +143,7 @@ def anchor_delta_stats(codec: CacheGenCodec, caches: list[KVCache]) -> dict[str,
     var_c, var_d, mean_sq = (np.zeros(t.rows) for _ in range(3))
     bits_raw, bits_anchor, bits_delta, n_raw, n_delta = (np.zeros(t.rows) for _ in range(5))
     for kv in caches:
-        stacked = torch.stack([torch.stack(kv.keys), torch.stack(kv.values)], dim=1).double()  # [L, 2, H, T, D]
+        stacked = kv.data.double()  # [L, 2, H, T, D]
         x = stacked.transpose(-1, -2).reshape(t.rows, kv.num_tokens).numpy()
         anchor = (np.arange(kv.num_tokens) // GROUP_SIZE) * GROUP_SIZE
         others = np.arange(kv.num_tokens) % GROUP_SIZE != 0
@@ -296,10 +296,7 @@ def _diagnose(profile_path: Path, calibration: list[KVCache], eval_docs: int, pr
             stored, fp16 = stored + len(data), fp16 + kv.fp16_bytes
             if sinks:
                 out = KVCache(spec=kv.spec, positions=kv.positions,
-                              keys=[torch.cat([a[:, :sinks], b[:, sinks:]], 1) for a, b in zip(kv.keys, out.keys,
-                                                                                                 strict=True)],
-                              values=[torch.cat([a[:, :sinks], b[:, sinks:]], 1)
-                                      for a, b in zip(kv.values, out.values, strict=True)])
+                              data=torch.cat([kv.data[:, :, :, :sinks], out.data[:, :, :, sinks:]], dim=3))
             logprobs = forward(model, cont_ids, out.to_hf()).log_softmax(-1)
             kls.append(float((ref.exp() * (ref - logprobs)).sum(-1).mean()))
             increases[doc.name] = 100 * (perplexity(logprobs, cont_ids) / perplexity(ref, cont_ids) - 1)

@@ -80,7 +80,7 @@ def _anchors(kv: KVCache) -> dict[str, Any]:
     """Byte counts of zstd -3 / -19 and ZipNN on the cache's raw bytes, and zstd -3 decode time."""
     import zipnn
 
-    raw = tensor_bytes([t for pair in zip(kv.keys, kv.values, strict=True) for t in pair])
+    raw = tensor_bytes(kv.data)
     z3 = zstandard.ZstdCompressor(level=3).compress(raw)
     z19 = zstandard.ZstdCompressor(level=19).compress(raw)
     zn = zipnn.ZipNN(input_format="byte", bytearray_dtype="bfloat16", threads=numba.get_num_threads())
@@ -96,8 +96,7 @@ def _as_dtype(kv: KVCache, dtype: str | None) -> KVCache:
     if dtype is None:
         return kv
     spec = dataclasses.replace(kv.spec, dtype=dtype)
-    return KVCache(spec=spec, keys=[t.to(spec.torch_dtype) for t in kv.keys],
-                   values=[t.to(spec.torch_dtype) for t in kv.values], positions=kv.positions)
+    return KVCache(spec=spec, data=kv.data.to(spec.torch_dtype), positions=kv.positions)
 
 
 def caches(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Document], prefix: int

@@ -66,11 +66,12 @@ class Codec(ABC):
         """Compress ``kv`` into a :class:`Payload`."""
 
     @abstractmethod
-    def decode_payload(
-        self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Rebuild per-layer keys and values ``[num_kv_heads, num_tokens, head_dim]`` in ``spec.dtype``.
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
+        """Rebuild the KV buffer ``[num_layers, 2, num_kv_heads, num_tokens, head_dim]`` in ``spec.dtype``.
 
+        ``out``, when given, is a buffer of exactly that shape and dtype (possibly a token-slice view of a larger
+        cache): a codec may write into it and return it, or return a tensor of its own, which the caller copies.
         Must raise :class:`FormatError` (never crash) on inconsistent sections.
         """
 
@@ -97,8 +98,12 @@ class Codec(ABC):
         return write_container(header, {**sections, **payload.sections})
 
     def decode(self, data: bytes | memoryview, spec: ModelSpec | None = None,
-               token_ids: torch.Tensor | Sequence[int] | None = None) -> KVCache:
-        """Decode a container written by this codec (same name, version and parameters)."""
+               token_ids: torch.Tensor | Sequence[int] | None = None, out: KVCache | None = None) -> KVCache:
+        """Decode a container written by this codec (same name, version and parameters).
+
+        With ``out`` (e.g. a slice of :meth:`KVCache.empty`), the tensors are written into its buffer and ``out`` is
+        returned with the stored positions and token ids; its spec and token count must match the container.
+        """
         container = read_container(data)
         header = container.header
         info = _codec_info(header)
@@ -107,10 +112,10 @@ class Codec(ABC):
                 f"container was written by codec {info['name']} v{info['version']} {info['params']}, not by "
                 f"{self.name} v{self.version} {self.params()}; use kvpack.decode(data) to pick the codec from the file"
             )
-        return self._decode_container(container, spec, token_ids)
+        return self._decode_container(container, spec, token_ids, out)
 
     def _decode_container(self, container: Container, spec: ModelSpec | None,
-                          token_ids: torch.Tensor | Sequence[int] | None) -> KVCache:
+                          token_ids: torch.Tensor | Sequence[int] | None, out: KVCache | None) -> KVCache:
         header = container.header
         written_with = _codec_info(header).get("profile")
         if written_with != self.profile_hash():
@@ -134,8 +139,21 @@ class Codec(ABC):
         if not isinstance(meta, dict):
             raise FormatError("header has no codec meta object")
         the_spec = spec or stored_spec
-        keys, values = self.decode_payload(meta, container, the_spec, num_tokens)
-        return KVCache(spec=the_spec, keys=keys, values=values, positions=positions, token_ids=ids)
+        if out is not None and (out.spec.fingerprint != the_spec.fingerprint or out.num_tokens != num_tokens):
+            raise ValueError(f"out= holds {out.num_tokens} tokens of model {out.spec.fingerprint[:12]}; this "
+                             f"container holds {num_tokens} tokens of {the_spec.fingerprint[:12]}")
+        target = None if out is None else out.data
+        data = self.decode_payload(meta, container, the_spec, num_tokens, target)
+        if tuple(data.shape) != the_spec.buffer_shape(num_tokens) or data.dtype != the_spec.torch_dtype:
+            raise CodecError(f"codec {self.name} decoded {tuple(data.shape)} {data.dtype}, expected "
+                             f"{the_spec.buffer_shape(num_tokens)} {the_spec.torch_dtype}")  # a codec bug, not input
+        if out is None:
+            return KVCache(spec=the_spec, data=data, positions=positions, token_ids=ids)
+        if data is not out.data:
+            out.data.copy_(data)
+        out.positions.copy_(positions)
+        out.token_ids = ids
+        return out
 
 
 def _positions_header(positions: torch.Tensor) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -248,12 +266,14 @@ def _convert(value: str, hint: Any) -> Any:
 
 
 def decode(data: bytes | memoryview, spec: ModelSpec | None = None, *, codec: Codec | None = None,
-           profile: str | None = None, token_ids: torch.Tensor | Sequence[int] | None = None) -> KVCache:
+           profile: str | None = None, token_ids: torch.Tensor | Sequence[int] | None = None,
+           out: KVCache | None = None) -> KVCache:
     """Decode any kvpack KV container, picking the codec named in its header.
 
     With ``spec`` the model fingerprint is checked (:class:`ModelMismatchError`). Codecs that need a calibration
     profile take its path as ``profile`` (or are passed whole as ``codec``); the header names the profile's hash,
-    which must match. ``token_ids``, when given, are checked against the stored hash.
+    which must match. ``token_ids``, when given, are checked against the stored hash. ``out``: see
+    :meth:`Codec.decode`.
     """
     container = read_container(data)
     info = _codec_info(container.header)
@@ -271,7 +291,7 @@ def decode(data: bytes | memoryview, spec: ModelSpec | None = None, *, codec: Co
             raise FormatError(f"codec parameters in the header are invalid: {exc}") from None
     elif info["name"] != codec.name or info["version"] != codec.version or info["params"] != codec.params():
         raise CodecError(f"container was written by {info['name']} {info['params']}, not by the codec given")
-    return codec._decode_container(container, spec, token_ids)
+    return codec._decode_container(container, spec, token_ids, out)
 
 
 def encode(kv: KVCache, codec: Codec | str = "raw", **params: Any) -> bytes:

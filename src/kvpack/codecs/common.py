@@ -258,15 +258,13 @@ def float_bits(u: int, kind: int) -> int:
 def stacked_float32(kv: KVCache) -> np.ndarray:
     """Keys and values of every layer as one float32 array ``[2 * num_layers * num_kv_heads, tokens, head_dim]``
     (tiles ordered layer, K/V, head); exact for every KV dtype, numpy only (no torch thread pool)."""
-    tensors = [t.contiguous() for pair in zip(kv.keys, kv.values, strict=True) for t in pair]
-    spec = kv.spec
-    shape = (2 * spec.num_layers * spec.num_kv_heads, kv.num_tokens, spec.head_dim)
-    if spec.dtype == "bfloat16":
-        halves = np.stack([t.view(torch.int16).numpy() for t in tensors]).view(np.uint16)
-        return (halves.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    if spec.dtype == "float16":
-        return np.stack([t.numpy() for t in tensors]).astype(np.float32).reshape(shape)
-    return np.stack([t.numpy() for t in tensors]).reshape(shape)
+    tiles = kv.tiles()
+    if kv.spec.dtype == "bfloat16":
+        halves = tiles.view(torch.int16).numpy().view(np.uint16)
+        return (halves.astype(np.uint32) << 16).view(np.float32)
+    if kv.spec.dtype == "float16":
+        return tiles.numpy().astype(np.float32)
+    return tiles.numpy()
 
 
 def out_buffer(shape: tuple[int, ...], dtype: str) -> tuple[torch.Tensor, np.ndarray]:

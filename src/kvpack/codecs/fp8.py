@@ -178,8 +178,8 @@ class Fp8Codec(Codec):
                 "symbols": blob,
             })
 
-    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
-                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
         with threads_for(num_tokens * spec.elements_per_token):
             groups, heads, dim = 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim
             tiles, n_rows = groups * heads, groups * heads * dim
@@ -192,7 +192,7 @@ class Fp8Codec(Codec):
             flips = np.unpackbits(np.frombuffer(rows, np.uint8, offset=2 * n_rows), count=n_rows)
             symbols, row_offset = decode_rows(container.section("symbols"), container.section("classes"),
                                               (groups, heads * dim, num_tokens), 256, self.classes)
-            out, bits = out_buffer((groups, heads, num_tokens, dim), spec.dtype)
+            data, bits = out_buffer((groups, heads, num_tokens, dim), spec.dtype)
             _DECODERS[spec.dtype](bits.reshape(tiles, num_tokens, dim), symbols, row_offset, scales, flips,
                                   E4M3_VALUES)
-            return list(out[0::2]), list(out[1::2])
+            return data.view(spec.buffer_shape(num_tokens))

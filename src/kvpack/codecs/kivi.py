@@ -243,7 +243,6 @@ class KiviCodec(Codec):
     def encode_payload(self, kv: KVCache) -> Payload:
         with threads_for(kv.num_tokens * kv.spec.elements_per_token):
             n_sink, n_res = self._exact_counts(kv.positions)
-            tensors = [t for pair in zip(kv.keys, kv.values, strict=True) for t in pair]
             groups, heads, tokens, dim = 2 * kv.spec.num_layers, kv.spec.num_kv_heads, kv.num_tokens, kv.spec.head_dim
             count = tokens - n_sink - n_res
             xs = stacked_float32(kv)
@@ -262,15 +261,15 @@ class KiviCodec(Codec):
             k_m, k_s, v_m, v_s = (p.astype(np.float64) for p in params)
             symbols = _quantize(xs, heads, n_sink, count, self.group, levels + 1, k_m, k_s, v_m, v_s)
             blob, classes = encode_rows(symbols.reshape(groups, heads * dim, count), levels + 1, self.classes)
-            exact = [torch.cat([t[:, :n_sink], t[:, tokens - n_res :]], dim=1) for t in tensors]
+            exact = torch.cat([kv.data[:, :, :, :n_sink], kv.data[:, :, :, tokens - n_res :]], dim=3)
             sections = {"classes": classes, "symbols": blob, "exact": tensor_bytes(exact)}
             for prefix, minima, steps in (("key_params", params[0], params[1]), ("value_params", params[2], params[3])):
                 coded = encode_bits(_param_bits(minima, steps, prefix == "key_params"), "float16", PARAM_CLASSES)
                 sections.update({f"{prefix}.{name}": data for name, data in coded.items()})
             return Payload(meta={"sink_tokens": n_sink, "residual_tokens": n_res}, sections=sections)
 
-    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
-                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
         with threads_for(num_tokens * spec.elements_per_token):
             n_sink, n_res = meta.get("sink_tokens"), meta.get("residual_tokens")
             if not (isinstance(n_sink, int) and isinstance(n_res, int) and n_sink >= 0 and n_res >= 0
@@ -283,7 +282,7 @@ class KiviCodec(Codec):
             v_m, v_s = _read_params(container, "value_params", (layers, heads, count, gv), False)
             symbols, row_offset = decode_rows(container.section("symbols"), container.section("classes"),
                                               (2 * layers, heads * dim, count), 1 << self.bits, self.classes)
-            out, bits = out_buffer((2 * layers, heads, num_tokens, dim), spec.dtype)
+            data, bits = out_buffer((2 * layers, heads, num_tokens, dim), spec.dtype)
             tiles = bits.reshape(2 * layers * heads, num_tokens, dim)
             exact = container.section("exact")
             n_exact = n_sink + n_res
@@ -295,4 +294,4 @@ class KiviCodec(Codec):
             tiles[:, num_tokens - n_res :] = kept[:, n_sink:]
             _DECODERS[spec.dtype](tiles, heads, n_sink, count, group, 1 << self.bits, symbols, row_offset, k_m, k_s,
                                   v_m, v_s)
-            return list(out[0::2]), list(out[1::2])
+            return data.view(spec.buffer_shape(num_tokens))

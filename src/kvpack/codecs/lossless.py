@@ -46,7 +46,7 @@ from kvpack.codecs.common import check_classes, decode_rows, encode_rows, out_bu
 from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import FormatError
 from kvpack.format import Container
-from kvpack.kv import KVCache
+from kvpack.kv import KVCache, int_view
 from kvpack.spec import ModelSpec
 
 #: (exponent bits E, mantissa bits M, top mantissa bits k coded in the symbol) per dtype; chosen so that the
@@ -298,21 +298,21 @@ class LosslessCodec(Codec):
 
     def encode_payload(self, kv: KVCache) -> Payload:
         wide = kv.spec.dtype == "float32"
-        views = [t.contiguous().view(torch.int32 if wide else torch.int16).numpy()
-                 for pair in zip(kv.keys, kv.values, strict=True) for t in pair]
-        bits = np.stack(views).view(np.uint32 if wide else np.uint16)
+        spec = kv.spec
+        tiles = int_view(kv.tiles()).numpy().view(np.uint32 if wide else np.uint16)
+        bits = tiles.reshape(2 * spec.num_layers, spec.num_kv_heads, kv.num_tokens, spec.head_dim)
         with threads_for(bits.size):
             sections = encode_bits(bits, kv.spec.dtype, self.classes)
         return Payload(meta={"dtype": kv.spec.dtype}, sections=sections)
 
-    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
-                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
         if meta.get("dtype") != spec.dtype:
             raise FormatError(f"lossless payload holds {meta.get('dtype')!r}, but the model's KV is {spec.dtype}")
-        out, bits = out_buffer((2 * spec.num_layers, spec.num_kv_heads, num_tokens, spec.head_dim), spec.dtype)
+        data, bits = out_buffer((2 * spec.num_layers, spec.num_kv_heads, num_tokens, spec.head_dim), spec.dtype)
         with threads_for(bits.size):
             decode_bits({name: container.section(name) for name in SECTIONS}, bits, spec.dtype, self.classes)
-        return list(out[0::2]), list(out[1::2])
+        return data.view(spec.buffer_shape(num_tokens))
 
 
 def _read_escapes(data: memoryview, tiles: int, per_tile: int) -> tuple[np.ndarray, np.ndarray]:

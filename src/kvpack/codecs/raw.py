@@ -1,11 +1,14 @@
 """`raw`: the KV tensors as they are, bit-exact (fp32, fp16 or bf16), optionally down-cast to fp16.
 
-Section ``kv`` holds, for each layer in order, the keys then the values, each ``[num_kv_heads, tokens, head_dim]``
-row-major, little-endian, in ``dtype`` (the cache's own dtype when ``dtype`` is ``None``).
+Section ``kv`` holds the KV buffer ``[layers, 2, kv_heads, tokens, head_dim]`` row-major (so, for each layer in
+order, the keys then the values), little-endian, in ``dtype`` (the cache's own dtype when ``dtype`` is ``None``).
 """
 
 from __future__ import annotations
 
+import math
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,14 +19,13 @@ import torch
 from kvpack.codecs.base import Codec, Payload, register
 from kvpack.errors import FormatError
 from kvpack.format import Container
-from kvpack.kv import KVCache
+from kvpack.kv import KVCache, int_view
 from kvpack.spec import DTYPES, ModelSpec
 
 
-def tensor_bytes(tensors: list[torch.Tensor]) -> bytes:
-    """Little-endian bytes of ``tensors`` concatenated (bit patterns, any dtype)."""
-    flat = torch.cat([t.contiguous().reshape(-1) for t in tensors])
-    ints = flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).numpy()
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Little-endian bytes of ``tensor`` in row-major order (bit patterns, any dtype)."""
+    ints = int_view(tensor.contiguous()).numpy()
     return ints.astype(ints.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
@@ -42,30 +44,34 @@ class RawCodec(Codec):
 
     def encode_payload(self, kv: KVCache) -> Payload:
         target = DTYPES[self.dtype] if self.dtype else kv.spec.torch_dtype
-        tensors = [t.to(target) for pair in zip(kv.keys, kv.values, strict=True) for t in pair]
-        return Payload(meta={"dtype": self.dtype or kv.spec.dtype}, sections={"kv": tensor_bytes(tensors)})
+        return Payload(meta={"dtype": self.dtype or kv.spec.dtype}, sections={"kv": tensor_bytes(kv.data.to(target))})
 
-    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
-                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return tensors_from_bytes(container.section("kv"), meta.get("dtype"), spec, num_tokens)
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
+        return buffer_from_bytes(container.section("kv"), meta.get("dtype"), spec, num_tokens, out)
 
 
-def tensors_from_bytes(data: bytes | memoryview, stored: Any, spec: ModelSpec,
-                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Inverse of :func:`tensor_bytes` for a whole cache: per-layer keys and values in ``spec.dtype``.
+def buffer_from_bytes(data: bytes | memoryview, stored: Any, spec: ModelSpec, num_tokens: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`tensor_bytes` for a whole cache: the buffer ``[layers, 2, kv_heads, tokens, head_dim]``.
 
-    ``stored`` is the dtype name the bytes hold; their length is checked before anything is allocated.
+    ``stored`` is the dtype name the bytes hold; their length is checked before anything is allocated. With
+    ``out`` the values are written there (one copy, converting to ``spec.dtype`` on the way) and ``out`` returned.
     """
     if stored not in DTYPES:
         raise FormatError(f"raw payload has unknown dtype {stored!r}")
     dtype = DTYPES[stored]
-    size = torch.empty((), dtype=dtype).element_size()
-    per_tensor = spec.num_kv_heads * num_tokens * spec.head_dim
-    if len(data) != 2 * spec.num_layers * per_tensor * size:
-        raise FormatError(f"raw section has {len(data)} bytes, expected {2 * spec.num_layers * per_tensor * size}")
-    ints = np.frombuffer(data, dtype="<i2" if size == 2 else "<i4").astype("=i2" if size == 2 else "=i4")
-    flat = torch.from_numpy(ints).view(dtype).to(spec.torch_dtype)
-    shape = (spec.num_kv_heads, num_tokens, spec.head_dim)
-    tensors = list(flat.split(per_tensor)) if per_tensor else [flat] * (2 * spec.num_layers)
-    views = [t.view(shape) for t in tensors]
-    return views[0::2], views[1::2]
+    size = dtype.itemsize
+    shape = spec.buffer_shape(num_tokens)
+    expected = math.prod(shape) * size
+    if len(data) != expected:
+        raise FormatError(f"raw section has {len(data)} bytes, expected {expected}")
+    ints = np.frombuffer(data, dtype="<i2" if size == 2 else "<i4")
+    if sys.byteorder != "little":
+        ints = ints.astype("=i2" if size == 2 else "=i4")
+    with warnings.catch_warnings():  # a read-only view of the input: torch only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        stored_view = torch.from_numpy(ints).view(dtype).view(shape)
+    if out is not None:
+        return out.copy_(stored_view)
+    return stored_view.to(spec.torch_dtype, copy=True)

@@ -14,7 +14,7 @@ import torch
 import zstandard
 
 from kvpack.codecs.base import Codec, Payload, register
-from kvpack.codecs.raw import RawCodec, tensors_from_bytes
+from kvpack.codecs.raw import RawCodec, buffer_from_bytes
 from kvpack.errors import FormatError
 from kvpack.format import Container
 from kvpack.kv import KVCache
@@ -40,8 +40,8 @@ class ZstdCodec(Codec):
         packed = zstandard.ZstdCompressor(level=self.level).compress(raw)
         return Payload(meta={**inner.meta, "raw_bytes": len(raw)}, sections={"kv": packed})
 
-    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
-                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
         size = meta.get("raw_bytes")
         expected = 2 * spec.num_layers * spec.num_kv_heads * num_tokens * spec.head_dim * spec.torch_dtype.itemsize
         if size != expected:
@@ -52,4 +52,4 @@ class ZstdCodec(Codec):
             raise FormatError(f"zstd payload is corrupted: {exc}") from None
         if len(raw) != expected:
             raise FormatError(f"zstd payload decompressed to {len(raw)} bytes, expected {expected}")
-        return tensors_from_bytes(raw, meta.get("dtype"), spec, num_tokens)
+        return buffer_from_bytes(raw, meta.get("dtype"), spec, num_tokens, out)

@@ -147,6 +147,20 @@ class Store(ABC):
             return False
         return found
 
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """:meth:`contains` for many keys in one round trip where the backend can batch; ``False`` on failure."""
+        self._check_open()
+        keys = [validate_key(k) for k in keys]
+        if not keys:
+            return []
+        try:
+            found = self._exists_many(keys)
+            self._recovered()
+        except self._transient_errors as exc:
+            self._failed("contains", exc)
+            return [False] * len(keys)
+        return found
+
     def delete(self, key: str) -> bool:
         """Remove the entry under ``key``; whether there was one (``False`` too when the backend failed)."""
         self._check_open()
@@ -192,6 +206,10 @@ class Store(ABC):
     @abstractmethod
     def _read_many(self, keys: list[str]) -> list[bytes | None]:
         """Raw bytes for each key (``None`` if absent), unverified."""
+
+    def _exists_many(self, keys: list[str]) -> list[bool]:
+        """Whether each key exists; backends with a batched check override this."""
+        return [self._exists(k) for k in keys]
 
     @abstractmethod
     def _write(self, key: str, data: bytes) -> bool:

@@ -138,6 +138,12 @@ class RedisStore(Store):
     def _exists(self, key: str) -> bool:
         return bool(self._client.exists(self._name(key)))
 
+    def _exists_many(self, keys: list[str]) -> list[bool]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(self._name(key))
+        return [bool(n) for n in pipe.execute()]
+
     def _remove(self, key: str) -> bool:
         return bool(self._client.delete(self._name(key)))
 

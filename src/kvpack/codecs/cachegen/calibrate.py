@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from numba import njit, prange
 
 from kvpack.codecs.cachegen.codec import CacheGenCodec, quantize_indices
@@ -140,7 +139,7 @@ def build_profile_from_caches(caches: Sequence[KVCache], *,
     if n_tokens == 0:
         raise ValueError("the calibration caches hold no tokens")
     for kv in caches:
-        x = torch.stack([torch.stack(kv.keys), torch.stack(kv.values)], dim=1).double()  # [L, 2, H, T, D]
+        x = kv.data.double()  # [L, 2, H, T, D]
         total += x.sum(dim=3).reshape(rows).numpy()
         square += x.square().sum(dim=3).reshape(rows).numpy()
     mean = total / n_tokens

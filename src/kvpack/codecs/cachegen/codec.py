@@ -268,11 +268,10 @@ def kv_array(kv: KVCache) -> tuple[np.ndarray, bool]:
 
     Built with numpy copies only (torch's thread pool competes with numba's when both are busy).
     """
-    tensors = [kv.keys, kv.values]
+    data = kv.data.contiguous()
     if kv.spec.torch_dtype == torch.bfloat16:
-        parts = [[t.view(torch.int16).numpy() for t in ts] for ts in tensors]
-        return np.stack([np.stack(p) for p in parts], axis=1).view(np.uint16), True
-    return np.stack([np.stack([t.numpy() for t in ts]) for ts in tensors], axis=1).astype(np.float32), False
+        return data.view(torch.int16).numpy().view(np.uint16), True
+    return data.numpy().astype(np.float32), False
 
 
 def quantize_indices(kv: KVCache, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -394,8 +393,8 @@ class CacheGenCodec(Codec):
         return Payload(meta={"group_size": GROUP_SIZE, "escapes": int(escapes.size)},
                        sections={"symbols": blob, "escapes": encode_varints(escapes).tobytes()})
 
-    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
-                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
         t = self.tables
         t.check_spec(spec)
         n_escapes = meta.get("escapes")
@@ -423,14 +422,12 @@ class CacheGenCodec(Codec):
         lvl = self._level
         bits = spec.torch_dtype == torch.bfloat16
         shape = (spec.num_layers, 2, spec.num_kv_heads, num_tokens, spec.head_dim)
-        out = np.empty(shape, np.uint16 if bits else np.float32)
+        decoded = np.empty(shape, np.uint16 if bits else np.float32)
         _decode_kernel(symbols, escapes, offsets, t.mean, t.scale(lvl), t.lo[lvl], self.anchor_delta, escape,
-                       float(torch.finfo(spec.torch_dtype).max), bits, out)
+                       float(torch.finfo(spec.torch_dtype).max), bits, decoded)
         if bits:
-            kv = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
-        else:
-            kv = torch.from_numpy(out.astype(np.float16) if spec.torch_dtype == torch.float16 else out)
-        return list(kv[:, 0].unbind(0)), list(kv[:, 1].unbind(0))
+            return torch.from_numpy(decoded.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(decoded).to(spec.torch_dtype)
 
 
 def error_bound(codec: CacheGenCodec, decoded: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

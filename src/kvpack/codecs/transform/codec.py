@@ -223,9 +223,10 @@ class TransformCodec(Codec):
 
     @staticmethod
     def _encode_sinks(kv: KVCache, sink: torch.Tensor, fmt: str) -> bytes:
-        tensors = [t[:, sink] for pair in zip(kv.keys, kv.values, strict=True) for t in pair]
-        if fmt == "exact" or not tensors[0].numel():
-            return tensor_bytes(tensors)
+        kept = kv.data[:, :, :, sink]  # [L, 2, H, sinks, D]
+        if fmt == "exact" or not kept.numel():
+            return tensor_bytes(kept)
+        tensors = kept.reshape(-1, *kept.shape[2:]).unbind(0)  # one tensor per (layer, K/V)
         out = []
         for t in tensors:
             scale = max(float(t.float().abs().max()), 1e-30) / 448.0
@@ -235,8 +236,8 @@ class TransformCodec(Codec):
 
     # -------------------------------------------------------------------------------------------- decode
 
-    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec,
-                       num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
         st = self.state()
         preset, n_layers, coded = meta.get("preset"), meta.get("layers"), meta.get("coded")
         if preset not in st.presets or not isinstance(n_layers, int) or not 1 <= n_layers <= 8 \
@@ -263,18 +264,16 @@ class TransformCodec(Codec):
                 x[:, p.columns] = torch.addmm(p.decode_bias, z, p.decode)
         keys_c, values_c = unfeatures(x, positions[~sink], spec)
         keys_s, values_s = self._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
+        data = torch.empty(spec.buffer_shape(num_tokens), dtype=spec.torch_dtype) if out is None else out
         if not bool(sink.any()):
-            return [t.to(spec.torch_dtype) for t in keys_c], [t.to(spec.torch_dtype) for t in values_c]
-        shape = (spec.num_kv_heads, num_tokens, spec.head_dim)
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
+            data[:, 0].copy_(keys_c)
+            data[:, 1].copy_(values_c)
+            return data
         for layer in range(spec.num_layers):
-            for out, c, s in ((keys, keys_c, keys_s), (values, values_c, values_s)):
-                t = torch.empty(shape, dtype=spec.torch_dtype)
-                t[:, ~sink] = c[layer].to(spec.torch_dtype)
-                t[:, sink] = s[layer]
-                out.append(t)
-        return keys, values
+            for kind, c, s in ((0, keys_c, keys_s), (1, values_c, values_s)):
+                data[layer, kind][:, ~sink] = c[layer].to(spec.torch_dtype)
+                data[layer, kind][:, sink] = s[layer]
+        return data
 
     def _decode_layer(self, st: TransformProfile, lay: _Layout, data: list[memoryview], zs: list[np.ndarray],
                       tokens: int) -> None:
@@ -382,7 +381,7 @@ class TransformCodec(Codec):
             raise CodecError("container was not written by this codec with these parameters")
         if "sinks" not in sections:
             raise FormatError("prefix does not reach the sink section; read more bytes")
-        return self._decode_container(_Partial(header=header, sections=sections), spec, None)
+        return self._decode_container(_Partial(header=header, sections=sections), spec, None, None)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -29,7 +29,7 @@ def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
     features ordered ``(layer, K/V, head, channel)``."""
     spec = kv.spec
     pos = kv.positions if rows is None else kv.positions[rows]
-    keys, values = torch.stack(kv.keys), torch.stack(kv.values)  # [L, H, T, D]
+    keys, values = kv.data[:, 0], kv.data[:, 1]  # [L, H, T, D]
     if rows is not None:
         keys, values = keys[:, :, rows], values[:, :, rows]
     pre = rope.unrotate(keys, pos, spec.rope, spec.head_dim) if spec.rope.type != "none" else keys.float()

@@ -1,0 +1,91 @@
+"""The transformers-level API (load_prefix/save_prefix), batched lookup, and ContextCache under concurrent requests."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import kvpack
+from kvpack.inference import forward, new_cache
+from kvpack.store import MemoryStore
+from test_families import BASE, prompt, tiny
+
+CHUNK = 8
+
+
+class CountingStore(MemoryStore):
+    """A real memory store that counts the batched existence checks it serves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exists_calls = 0
+
+    def _exists_many(self, keys: list[str]) -> list[bool]:
+        self.exists_calls += 1
+        return super()._exists_many(keys)
+
+
+def test_save_then_load_prefix_with_model_generate() -> None:
+    model = tiny("gemma2")
+    ids = prompt()
+    store = MemoryStore()
+    gen = {"max_new_tokens": 6, "do_sample": False}
+    past, hit = kvpack.load_prefix(store, model, ids, codec="lossless", chunk_tokens=CHUNK)
+    assert hit == 0
+    with torch.no_grad():
+        cold = model.generate(ids[None], cache=past, **gen)
+    assert kvpack.save_prefix(store, model, ids, past, codec="lossless", chunk_tokens=CHUNK) == len(ids) // CHUNK
+    assert kvpack.save_prefix(store, model, ids, past, codec="lossless", chunk_tokens=CHUNK,
+                              skip_tokens=len(ids) // CHUNK * CHUNK) == 0
+    past, hit = kvpack.load_prefix(store, model, ids, codec="lossless", chunk_tokens=CHUNK)
+    assert hit == (len(ids) - 1) // CHUNK * CHUNK  # one token is always left for the model
+    with torch.no_grad():
+        warm = model.generate(ids[None], cache=past, **gen)
+        plain = new_cache(model)
+        forward(model, ids[:hit], plain)
+        split = model.generate(ids[None], cache=plain, **gen)
+    assert torch.equal(warm, split)
+    assert torch.equal(warm[0, : len(ids)], cold[0, : len(ids)])
+    other, hit = kvpack.load_prefix(store, model, ids, codec="raw", chunk_tokens=CHUNK)  # another codec: other keys
+    assert hit == 0
+
+
+def test_lookup_asks_the_store_once() -> None:
+    model = tiny("llama")
+    store = CountingStore()
+    ids = prompt()
+    with kvpack.ContextCache(model, None, store=store, chunk_tokens=CHUNK) as cc:
+        cc.prefill(ids[:24])
+        cc.flush()
+        store.exists_calls = 0
+        assert cc.lookup(ids) == 24
+        assert store.exists_calls == 1
+
+
+def test_concurrent_requests_equal_sequential_runs() -> None:
+    model = tiny("qwen2-sliding")
+    vocab = BASE["vocab_size"]
+    gen = torch.Generator().manual_seed(7)
+    shared = torch.randint(3, vocab, (24,), generator=gen)
+    # distinct tails, so every prompt hits exactly the shared chunks whatever order the requests run in
+    prompts = [torch.cat([shared, torch.randint(3, vocab, (n,), generator=gen)]) for n in (5, 9, 13, 17, 11, 20)]
+    prompts += [torch.randint(3, vocab, (30,), generator=gen) for _ in range(2)]  # misses
+    kwargs = {"max_new_tokens": 5, "do_sample": False}
+
+    def run(cc: kvpack.ContextCache, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        result = cc.generate(ids, attention_mask=torch.ones(1, len(ids), dtype=torch.int64), **kwargs)
+        return result.sequences, result.stats.tokens_hit
+
+    with kvpack.ContextCache(model, None, store=MemoryStore(), codec="lossless", chunk_tokens=CHUNK) as cc:
+        cc.prefill(shared)
+        cc.flush()
+        sequential = [run(cc, ids) for ids in prompts]
+    with kvpack.ContextCache(model, None, store=MemoryStore(), codec="lossless", chunk_tokens=CHUNK) as cc:
+        cc.prefill(shared)
+        cc.flush()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            concurrent = list(pool.map(lambda ids: run(cc, ids), prompts))  # write-backs race with decodes
+    assert [hit for _, hit in sequential] == [24] * 6 + [0, 0]
+    for (seq, hit), (con, con_hit) in zip(sequential, concurrent, strict=True):
+        assert torch.equal(seq, con) and con_hit == hit
