@@ -4,7 +4,7 @@ Measures kvpack's backends (``memory``, ``disk``, ``disk-nofsync`` = ``DiskStore
 ``--redis URL``) and, for the choice of the disk backend's design, two embedded alternatives with the same semantics
 (durable puts, LRU access times updated on every hit, every entry verified on put and get): ``sqlite-blob`` (entries
 as BLOBs in one SQLite file, WAL) and ``lmdb`` (one LMDB environment with an access-time sub-database; needs
-``pip install lmdb``). Results and the command used are in docs/store.md.
+``pip install lmdb``). docs/store.md (section 6) says what it compares and why the disk backend is plain files.
 
     python -m kvpack.bench.store --backends disk,sqlite-blob,lmdb --sizes 100000,1000000 --procs 1,2 --repeat 3
 """
