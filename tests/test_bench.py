@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpack
 from conftest import make_kv
 from kvpack.bench import codecs as bench_codecs
 from kvpack.bench import ttft
+from kvpack.context import ContextCache
+from kvpack.spec import ModelSpec
 from kvpack.store import MemoryStore
+
+VOCAB = 64
+
+
+class CharTokenizer:
+    """Just enough of a tokenizer for the TTFT benchmark: one token id per character."""
+
+    def __call__(self, text: str, return_tensors: str = "pt", add_special_tokens: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=torch.tensor([[3 + ord(c) % (VOCAB - 3) for c in text]]))
 
 
 def test_link_store_serves_the_inner_bytes() -> None:
@@ -32,6 +51,51 @@ def test_ttft_page_and_plot(tmp_path: Path) -> None:
     assert "`kvpack bench ttft --repeats 2`" in page
     ttft.plot(rows, tmp_path / "ttft.png")
     assert (tmp_path / "ttft.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ttft_times_every_arm_under_one_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    float32_model = LlamaForCausalLM(config).eval()
+    calls: Counter[str] = Counter()
+    recompute, generate = ttft._recompute_ttft, ContextCache.generate
+
+    def counted_recompute(lm: Any, ids: torch.Tensor) -> float:
+        calls[str(lm.dtype)] += 1
+        return recompute(lm, ids)
+
+    def counted_generate(self: ContextCache, *args: Any, **kwargs: Any) -> Any:
+        calls["load"] += 1
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ttft, "_recompute_ttft", counted_recompute)
+    monkeypatch.setattr(ContextCache, "generate", counted_generate)
+    rows = ttft.run(model, CharTokenizer(), ModelSpec.from_model(model), [kvpack.codecs.get("raw")], [256],
+                    repeats=2, json_path=tmp_path / "t.json", markdown_path=tmp_path / "t.md",
+                    float32_model=float32_model)
+    assert json.loads((tmp_path / "t.json").read_text()) == rows
+    (base,) = [r for r in rows if r["method"] == "recompute"]
+    assert set(base["recompute_s"]) == {"bfloat16", "float32"}
+    assert base["dtype"] in base["recompute_s"] and base["ttft_s"] == min(base["recompute_s"].values())
+    loads = [r for r in rows if r["method"] != "recompute"]
+    assert loads and all(r["tokens_hit"] == 256 for r in loads)
+    # one warm-up and `repeats` timed runs for every arm: each recompute dtype and each transport
+    assert calls == {"torch.bfloat16": 3, "torch.float32": 3, "load": 3 * len(loads)}
+    page = (tmp_path / "t.md").read_text()
+    assert "Previous protocol" not in page and "| 256 |" in page and "| bfloat16 | float32 | baseline |" in page
+    with pytest.raises(ValueError, match=r"float32 recompute model is torch\.bfloat16"):
+        ttft.run(model, CharTokenizer(), ModelSpec.from_model(model), [], [256], float32_model=model)
+
+
+def test_ttft_page_from_the_previous_protocol_says_to_regenerate() -> None:
+    rows = [{"context_tokens": 1024, "method": "recompute", "transport": "-", "ttft_s": 9.0, "bytes_read": 0,
+             "ratio": None, "machine": "test"},
+            {"context_tokens": 1024, "method": "raw", "transport": "disk", "ttft_s": 0.1, "bytes_read": 10,
+             "ratio": 1.0, "machine": "test"}]
+    page = ttft.markdown(rows, None, "kvpack bench ttft --repeats 2")
+    assert page.splitlines()[2].startswith("> **Previous protocol: regenerate this page with `kvpack bench ttft")
 
 
 def test_codecs_page_and_plot(tmp_path: Path) -> None:

@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
-from rich.console import Console
-from rich.table import Table
+try:
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+except ImportError as exc:  # typer and rich are the optional extra kvpack[cli]
+    raise SystemExit(f"the kvpack command needs the extra kvpack[cli] ({exc}): pip install 'kvpack[cli]'") from None
 
 from kvpack import codecs
 from kvpack.errors import KvpackError
@@ -352,6 +355,9 @@ def bench_ttft(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of TTFT against context length here.")] = None,
 ) -> None:
     """TTFT: full recompute vs loading each codec from memory, disk, Redis and emulated 1/10/25 Gbps links."""
+    import torch
+
+    from kvpack import models
     from kvpack.bench import ttft
 
     try:
@@ -360,7 +366,7 @@ def bench_ttft(
         lm, tokenizer, spec = load_model(model)
         ttft.run(lm, tokenizer, spec, chosen, [int(x) for x in lengths.split(",")], repeats=repeats,
                  console=console, json_path=json_path, markdown_path=markdown, plot_path=plot,
-                 command=_command_line())
+                 command=_command_line(), float32_model=models.load(model, dtype=torch.float32)[0])
     except (KvpackError, ValueError) as exc:
         _fail(exc)
 
