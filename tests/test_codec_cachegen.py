@@ -15,10 +15,10 @@ from conftest import PROSE, make_kv
 from kvpack import codecs
 from kvpack.codecs.cachegen.calibrate import build_profile, build_profile_from_caches
 from kvpack.codecs.cachegen.codec import CacheGenCodec, error_bound, quantize_indices
-from kvpack.codecs.cachegen.profile import GROUP_SIZE, CacheGenTables, load_tables
+from kvpack.codecs.cachegen.profile import GROUP_SIZE, CacheGenTables
 from kvpack.entropy import split_escapes, unpack
 from kvpack.entropy.tables import decode_varints
-from kvpack.errors import CodecError, FormatError, ModelMismatchError, ProfileMismatchError
+from kvpack.errors import CodecError, FormatError, ModelMismatchError, ProfileError, ProfileMismatchError
 from kvpack.eval.corpora import Document
 from kvpack.format import read_container, write_container
 from kvpack.kv import KVCache
@@ -167,7 +167,7 @@ def test_parameters_registry_and_profile_identity(profile_path: Path) -> None:
     for bad in ({"level": 3}, {"level": "best"}, {"level": True}, {"anchor_delta": 1}):
         with pytest.raises(CodecError):
             codecs.get("cachegen", profile=str(profile_path), **bad)
-    with pytest.raises(CodecError, match="cannot read CacheGen profile"):
+    with pytest.raises(ProfileError, match="cannot read calibration profile"):
         codecs.get("cachegen", profile=str(profile_path.parent / "missing.kvprof"))
     with pytest.raises(CodecError, match="profile=PATH"):
         codecs.get("cachegen", profile="")
@@ -244,7 +244,7 @@ def test_profile_validation(profile_path: Path) -> None:
         CacheGenTables.from_profile(Profile(codec="cachegen", model_fingerprint="f", meta={}, arrays=arrays))
     with pytest.raises(FormatError, match="not 'cachegen'"):
         CacheGenTables.from_profile(Profile(codec="kvtc", model_fingerprint="f", meta=profile.meta, arrays=arrays))
-    assert load_tables(profile_path) is load_tables(str(profile_path))  # loaded once per file
+    assert _codec(profile_path).tables is _codec(profile_path, level=2).tables  # compiled once per profile
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import kvpack
-from kvpack.codecs import get
+from kvpack import codecs
+from kvpack.codecs import CalibratedCodec, get
 from kvpack.codecs.transform import KvtcCodec, TransformCodec
-from kvpack.codecs.transform.calibrate import calibrate, calibrate_from_caches
-from kvpack.errors import CodecError, FormatError, ProfileMismatchError
+from kvpack.codecs.transform.calibrate import calibrate_from_caches
+from kvpack.errors import CodecError, FormatError, ProfileError, ProfileMismatchError
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
 from test_calibrate import low_rank_caches
@@ -99,7 +100,8 @@ def test_profile_mismatch(profiles: dict[str, Path], tmp_path: Path) -> None:
     other = calibrate_from_caches(low_rank_caches(seed=3), kv.spec, ratios=RATIOS, reference_tokens=256)
     path.write_bytes(other.data)
     with pytest.raises(ProfileMismatchError):
-        codec.decode(data)
+        TransformCodec(profile=str(path), preset="4x").decode(data)
+    assert codec.decode(data).num_tokens == kv.num_tokens  # a codec keeps the profile it was made with
 
 
 def test_rate_control(profiles: dict[str, Path], tmp_path: Path) -> None:
@@ -164,14 +166,40 @@ def test_params_validated(profiles: dict[str, Path]) -> None:
 
 
 @pytest.mark.model
+def test_profile_read_and_compiled_once(profiles: dict[str, Path], tmp_path: Path) -> None:
+    path, copy = tmp_path / "p.kvprof", tmp_path / "copy.kvprof"
+    path.write_bytes(profiles["transform"].read_bytes())
+    copy.write_bytes(path.read_bytes())
+    codec = TransformCodec(profile=str(path), preset="4x")
+    assert TransformCodec(profile=str(copy), preset="2x").compiled is codec.compiled  # once per profile hash
+    path.unlink()  # coding chunks reads and stats no file
+    kv = _held_out()
+    data = codec.encode(kv)
+    assert codec.decode(data).num_tokens == kv.num_tokens
+    assert TransformCodec(profile=Profile.load(copy), preset="4x").encode(kv) == data
+
+
+def test_calibrated_codecs_and_profile_errors(profiles: dict[str, Path], tmp_path: Path) -> None:
+    assert codecs.calibrated() == ["cachegen", "kvtc", "transform"]
+    assert [n for n in codecs.available() if issubclass(codecs.codec_class(n), CalibratedCodec)] == codecs.calibrated()
+    bad = tmp_path / "bad.kvprof"
+    bad.write_bytes(b"not a profile")
+    with pytest.raises(ProfileError, match="not a calibration profile"):
+        TransformCodec(profile=str(bad))
+    with pytest.raises(ProfileError, match="recipe"):
+        KvtcCodec(profile=str(profiles["transform"]))
+    with pytest.raises(ProfileError, match="cachegen"):
+        get("cachegen", profile=str(profiles["transform"]))
+
+
 def test_real_model_quality(smollm: tuple[Any, Any, Any], tmp_path: Path) -> None:
     """Calibrate on 3 short calibration documents (2 for the basis), then Δppl on 1 eval document (256 + 64)."""
     from kvpack.eval import documents
     from kvpack.eval.quality import evaluate_document, reference
 
     model, tokenizer, spec = smollm
-    prof = calibrate(model, tokenizer, spec, n_docs=3, tokens=512, cont=32, ratios=(8.0, 16.0), default_ratio=8.0,
-                     fisher_docs=1, measure_kl=False)
+    prof = TransformCodec.calibrate(model, tokenizer, docs=3, spec=spec, tokens=512, cont=32, ratios=(8.0, 16.0),
+                                    default_ratio=8.0, fisher_docs=1, measure_kl=False)
     path = prof.save(tmp_path / "smollm.kvprof")
     codec = TransformCodec(profile=str(path), preset="8x")
     ref = reference(model, tokenizer, spec, documents(1)[0], 256, 64)

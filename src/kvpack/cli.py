@@ -33,8 +33,6 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON to this path.")]
 
 
-CALIBRATED = ("transform", "kvtc", "cachegen")
-
 
 def load_model(name: str) -> tuple[Any, Any, Any]:
     """Load model, tokenizer and spec with a status line."""
@@ -229,7 +227,7 @@ def demo(
 @app.command()
 def calibrate(
     output: Annotated[Path, typer.Option("-o", "--output", help="Profile file (or directory) to write.")],
-    codec: Annotated[str, typer.Option(help="Codec to calibrate: transform, kvtc or cachegen.")] = "transform",
+    codec: Annotated[str, typer.Option(help=f"Codec to calibrate: {', '.join(codecs.calibrated())}.")] = "transform",
     docs: Annotated[int, typer.Option(help="Calibration documents (never eval documents).")] = 6,
     text: Annotated[list[Path] | None, typer.Option(help="Calibrate on these text files instead (repeatable).")]
     = None,
@@ -238,25 +236,19 @@ def calibrate(
     """Build a codec's per-model calibration profile (PCA basis and bit allocations, or CacheGen's symbol tables)."""
     from kvpack.eval.corpora import text_documents
 
-    if codec not in CALIBRATED:
-        _fail(ValueError(f"calibrate knows {', '.join(CALIBRATED)}, not {codec!r}"))
+    cls = codecs.codec_class(codec) if codec in codecs.available() else None
+    if cls is None or not issubclass(cls, codecs.CalibratedCodec):
+        _fail(ValueError(f"calibrate makes profiles for {', '.join(codecs.calibrated())}, not for {codec!r}"))
+        return
     lm, tokenizer, spec = load_model(model)
-    corpus = text_documents(text) if text else None
+    texts = [d.text for d in text_documents(text)] if text else None
     t0 = time.perf_counter()
     with console.status(f"calibrating {codec} ...") as status:
         def say(msg: str) -> None:
             status.update(f"calibrating {codec} ({time.perf_counter() - t0:.0f} s): {msg}")
 
         try:
-            if codec == "cachegen":
-                from kvpack.codecs.cachegen.calibrate import build_profile
-
-                profile = build_profile(lm, tokenizer, spec, corpus or docs, on_progress=say)
-            else:
-                from kvpack.codecs.transform.calibrate import calibrate as calibrate_transform
-
-                profile = calibrate_transform(lm, tokenizer, spec, docs=corpus, n_docs=docs, recipe=codec,
-                                              log=say)
+            profile = cls.calibrate(lm, tokenizer, texts, docs=docs, spec=spec, log=say)
         except (KvpackError, ValueError) as exc:
             _fail(exc)
     path = profile.save(output)

@@ -41,3 +41,8 @@ class UnsupportedModelError(KvpackError):
 
 class TokenMismatchError(KvpackError):
     """Token ids given to decode a cache are not the ones the cache was computed from."""
+
+
+class ProfileError(CodecError):
+    """A calibration profile cannot be used: its file is missing or unreadable, it is not a valid profile, or it was
+    made for another codec or recipe. Make one with ``kvpack calibrate --codec NAME`` for the model in use."""

@@ -4,25 +4,39 @@ A profile is a container (``"kind": "profile"``) whose header names the codec it
 codec-specific JSON ``meta``, and whose sections hold named numeric arrays (dtype and shape in the header). It is
 named by its hash: BLAKE2b-128 of its bytes. Chunks record that hash, and a codec given another profile refuses to
 decode them (:class:`~kvpack.errors.ProfileMismatchError`).
+
+:meth:`Profile.open` reads a profile file once per version of the file and shares it by hash; what a codec builds
+from it (validated arrays, entropy models) is kept on it with :meth:`Profile.compiled`, so coding a chunk touches
+no file and rebuilds no table.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from kvpack.errors import FormatError
+from kvpack.errors import FormatError, ProfileError
 from kvpack.format import read_container, write_container
 
 KIND = "profile"
 #: Array dtypes a profile may hold (little-endian numpy type strings).
 DTYPES = ("<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "|i1", "<u4", "<u2", "|u1")
 MAX_DIMS = 4
+#: Profiles kept in memory by :meth:`Profile.open` (a transform profile is ~100 MB).
+CACHED = 8
+T = TypeVar("T")
+_LOCK = threading.RLock()
+_BY_HASH: OrderedDict[str, Profile] = OrderedDict()
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +47,7 @@ class Profile:
     model_fingerprint: str
     meta: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    _compiled: dict[object, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, array in self.arrays.items():
@@ -96,3 +111,40 @@ class Profile:
     @classmethod
     def load(cls, path: str | Path) -> Profile:
         return cls.from_bytes(Path(path).read_bytes())
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Profile:
+        """The profile at ``path``, read once per version of the file (path, size, modification time) and shared by
+        hash with every other path holding the same bytes; :class:`ProfileError` if it cannot be read or parsed."""
+        resolved = Path(path).resolve()
+        try:
+            st = resolved.stat()
+        except OSError as exc:
+            raise ProfileError(f"cannot read calibration profile {str(path)!r}: {exc.strerror}; make one with "
+                               "`kvpack calibrate --codec NAME`") from None
+        return _read(str(resolved), st.st_size, st.st_mtime_ns)
+
+    def compiled(self, key: object, build: Callable[[Profile], T]) -> T:
+        """``build(self)``, run once per ``key`` and kept on this profile (what a codec derives from it: validated
+        arrays, entropy models)."""
+        with _LOCK:
+            if key not in self._compiled:
+                self._compiled[key] = build(self)
+            return self._compiled[key]
+
+
+@functools.lru_cache(maxsize=CACHED)
+def _read(path: str, size: int, mtime_ns: int) -> Profile:
+    """Parse the file at ``path`` (the size and time key the cache); the one profile object per hash."""
+    try:
+        profile = Profile.from_bytes(Path(path).read_bytes())
+    except OSError as exc:
+        raise ProfileError(f"cannot read calibration profile {path!r}: {exc.strerror}") from None
+    except FormatError as exc:
+        raise ProfileError(f"{path} is not a calibration profile ({exc}); make one with `kvpack calibrate`") from None
+    with _LOCK:
+        shared = _BY_HASH.setdefault(profile.hash, profile)
+        _BY_HASH.move_to_end(profile.hash)
+        while len(_BY_HASH) > CACHED:
+            _BY_HASH.popitem(last=False)
+    return shared

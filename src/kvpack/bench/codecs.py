@@ -36,7 +36,7 @@ def settings(extra: list[Codec] | None = None) -> list[Codec]:
 
 
 def label(row: dict[str, Any]) -> str:
-    params = ",".join(f"{k}={v}" for k, v in row["params"].items() if v is not None and k != "profile")
+    params = ",".join(f"{k}={v}" for k, v in row["params"].items() if v is not None)
     return f"{row['codec']}({params})" if params else row["codec"]
 
 

@@ -138,7 +138,7 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
             base["zipnn_exact"] &= a["zipnn_exact"]
             base["zstd3_decode_s"].append(cache.fp16_bytes / a["zstd3_decode_s"])
         for name, setting, codec in settings:
-            label = name + "".join(f" {k}={v}" for k, v in setting.items() if v is not None and k != "profile")
+            label = name + "".join(f" {k}={v}" for k, v in setting.items() if v is not None)
             kv = _as_dtype(cache, setting.get("as"))
             with console.status(f"{label} on {doc.name} ..."):
                 data = codec.encode(kv)

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if isinstance(codec, TransformCodec):
             alloc = codec.allocation()
             row.update(preset=alloc.name, calibration_kl=alloc.info.get("kl"),
-                       profile_bytes=codec.state().profile.nbytes)
+                       profile_bytes=codec.profile_nbytes())
     print_rows(rows, title=f"transform codecs ({rows[0]['machine']})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

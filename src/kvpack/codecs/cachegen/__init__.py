@@ -5,6 +5,6 @@ Modules: :mod:`.profile` (the profile format and its tables), :mod:`.codec` (the
 """
 
 from kvpack.codecs.cachegen.codec import CacheGenCodec
-from kvpack.codecs.cachegen.profile import CacheGenTables, load_tables
+from kvpack.codecs.cachegen.profile import CacheGenTables
 
-__all__ = ["CacheGenCodec", "CacheGenTables", "load_tables"]
+__all__ = ["CacheGenCodec", "CacheGenTables"]

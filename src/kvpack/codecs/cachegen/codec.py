@@ -42,15 +42,15 @@ Payload: meta ``{"group_size": 10, "escapes": E}``; sections ``symbols`` (a :fun
 with ``include_tables=False``) and ``escapes`` (``E`` varints).
 """
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from numba import njit, prange
 
-from kvpack.codecs.base import Codec, Payload, register
+from kvpack.codecs.base import Payload, register
 from kvpack.codecs.cachegen.profile import (
     CODEC_NAME,
     GROUP_SIZE,
@@ -58,14 +58,15 @@ from kvpack.codecs.cachegen.profile import (
     ROLE_DELTA,
     ROLE_RAW,
     CacheGenTables,
-    load_tables,
 )
+from kvpack.codecs.calibrated import CalibratedCodec, Log
 from kvpack.entropy import pack, parse
 from kvpack.entropy.rans import decode_lanes
 from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import CodecError, FormatError, ModelMismatchError
 from kvpack.format import Container
 from kvpack.kv import KVCache
+from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
 
 __all__ = ["CacheGenCodec", "error_bound", "kv_array", "quantize_indices"]
@@ -304,14 +305,13 @@ def _lane_sizes(rows: int, tokens: int, anchor_delta: bool) -> np.ndarray:
 
 @register
 @dataclass(frozen=True)
-class CacheGenCodec(Codec):
+class CacheGenCodec(CalibratedCodec[CacheGenTables]):
     """CacheGen's encoder (arXiv 2310.07240 §5.2) with tables from a per-model profile.
 
     Parameters:
-        profile: path of the profile file (:func:`kvpack.codecs.cachegen.calibrate.build_profile`), loaded once per
-            path. It is not one of :meth:`params`: the profile's hash (:meth:`profile_hash`) identifies it in
-            ``codec_id`` and in every chunk header, so moving the file changes nothing; decode with
-            ``kvpack.decode(data, codec=CacheGenCodec(profile=...))``.
+        profile: the profile (:meth:`calibrate`, :func:`kvpack.codecs.cachegen.calibrate.build_profile`; see
+            :class:`CalibratedCodec`): chunks name its hash, so moving the file changes nothing; decode with
+            ``kvpack.decode(data, profile=PATH)``.
         level: quality level 0/1/2 or ``"low"``/``"medium"``/``"high"`` (stored as the integer).
         anchor_delta: code groups of 10 tokens as an anchor plus deltas (the paper); ``False`` codes every token's
             bin index directly (same reconstruction, bit for bit; only the entropy coding differs).
@@ -319,34 +319,43 @@ class CacheGenCodec(Codec):
 
     name = CODEC_NAME
     version = 1
-    profile: str = field(repr=False)  # not in params(): chunks are tied to the profile's hash, not to a path
     level: int | str = 1
     anchor_delta: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.profile, str) or not self.profile:
-            raise ValueError("cachegen needs profile=PATH of a CacheGen profile (kvpack.codecs.cachegen.calibrate)")
         level = LEVELS.get(self.level) if isinstance(self.level, str) else self.level
         if isinstance(level, bool) or level not in LEVELS.values():
             raise ValueError(f"cachegen level must be 0, 1, 2 or one of {list(LEVELS)}, got {self.level!r}")
         object.__setattr__(self, "level", level)
         if not isinstance(self.anchor_delta, bool):
             raise ValueError(f"cachegen anchor_delta must be a bool, got {self.anchor_delta!r}")
-        load_tables(self.profile)
+        super().__post_init__()
+
+    @classmethod
+    def calibrate(cls, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, *, docs: int = 6,
+                  spec: ModelSpec | None = None, log: Log | None = None, **options: Any) -> Profile:
+        """The profile of :func:`kvpack.codecs.cachegen.calibrate.build_profile` (``options``: its keyword
+        arguments)."""
+        from kvpack.codecs.cachegen.calibrate import build_profile
+        from kvpack.eval.corpora import Document
+
+        chosen = docs if texts is None else [Document(name=f"text {i + 1}", kind="file", text=text)
+                                             for i, text in enumerate(texts)]
+        return build_profile(model, tokenizer, spec or ModelSpec.from_model(model, tokenizer), chosen,
+                             on_progress=log, **options)
+
+    @classmethod
+    def compile(cls, profile: Profile) -> CacheGenTables:
+        return CacheGenTables.from_profile(profile)
 
     @property
     def tables(self) -> CacheGenTables:
-        return load_tables(self.profile)
+        """The compiled profile."""
+        return self.compiled
 
     @property
     def _level(self) -> int:
         return int(self.level)
-
-    def profile_hash(self) -> str:
-        return self.tables.profile.hash
-
-    def profile_nbytes(self) -> int:
-        return self.tables.profile.nbytes
 
     def bin_widths(self) -> np.ndarray:
         """Bin width ``s`` of every channel at this level: float64 ``[layers, 2 (K, V), kv_heads * head_dim]``.

@@ -26,9 +26,7 @@ array               dtype, shape                meaning
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -161,18 +159,3 @@ class CacheGenTables:
             raise ModelMismatchError(
                 f"the CacheGen profile {self.profile.hash} was built for model {self.profile.model_fingerprint[:12]}, "
                 f"not for {spec.name or '?'} ({spec.fingerprint[:12]}); build a profile for this model")
-
-
-@functools.lru_cache(maxsize=8)
-def _read_profile(path: str, mtime_ns: int, size: int) -> CacheGenTables:
-    return CacheGenTables.from_profile(Profile.load(path))
-
-
-def load_tables(path: str | os.PathLike[str]) -> CacheGenTables:
-    """The unpacked profile at ``path``, read once per (file, modification time)."""
-    resolved = Path(path).resolve()
-    try:
-        st = resolved.stat()
-    except OSError as exc:
-        raise ValueError(f"cannot read CacheGen profile {str(path)!r}: {exc.strerror}") from None
-    return _read_profile(str(resolved), st.st_mtime_ns, st.st_size)

@@ -6,6 +6,6 @@ validated profile), :mod:`.codec` (``transform``), :mod:`.kvtc` (``kvtc``), :mod
 
 from kvpack.codecs.transform.codec import TransformCodec
 from kvpack.codecs.transform.kvtc import KvtcCodec
-from kvpack.codecs.transform.profile import TransformProfile, load_profile
+from kvpack.codecs.transform.profile import TransformProfile
 
-__all__ = ["KvtcCodec", "TransformCodec", "TransformProfile", "load_profile"]
+__all__ = ["KvtcCodec", "TransformCodec", "TransformProfile"]

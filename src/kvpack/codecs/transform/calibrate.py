@@ -24,13 +24,14 @@ Steps (KVTC, arXiv 2511.01815, section 3, with the changes measured in docs/tran
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from numba import njit, prange
 
+from kvpack.codecs.calibrated import Log
 from kvpack.codecs.transform import quant
 from kvpack.codecs.transform.features import feature_groups, features
 from kvpack.entropy.tables import quantize_freqs
@@ -44,7 +45,6 @@ HEADER_BYTES = 2600
 #: Bit-grid steps of the allocation DP (at the largest budget).
 DP_STEPS = 4096
 _ESCAPE_BITS = 24.0  # an escaped symbol costs its rANS escape code plus a ~2-3 byte varint
-Log = Callable[[str], None]
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -450,8 +450,6 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
             for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
     """
-    import tempfile
-
     from kvpack.codecs.transform import KvtcCodec, TransformCodec
     from kvpack.eval.corpora import documents
     from kvpack.inference import forward, prefill
@@ -481,15 +479,13 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
     if not measure_kl:
         return profile
     cont_ids, reference = refs[-1]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(profile.save(f"{tmp}/profile.kvprof"))
-        cls = TransformCodec if recipe == "transform" else KvtcCodec
-        presets = [dict(p) for p in profile.meta["presets"]]
-        for p in presets:
-            codec = cls(profile=path, preset=p["name"], sinks=sinks)
-            decoded = codec.decode(codec.encode(caches[-1]))
-            logprobs = forward(model, cont_ids, decoded.to_hf()).log_softmax(-1)
-            p["kl"] = float((reference.exp() * (reference - logprobs)).sum(-1).clamp_min(0).mean())
-            say(f"preset {p['name']}: KL {p['kl']:.4f}")
+    cls = TransformCodec if recipe == "transform" else KvtcCodec
+    presets = [dict(p) for p in profile.meta["presets"]]
+    for p in presets:
+        codec = cls(profile=profile, preset=p["name"], sinks=sinks)
+        decoded = codec.decode(codec.encode(caches[-1]))
+        logprobs = forward(model, cont_ids, decoded.to_hf()).log_softmax(-1)
+        p["kl"] = float((reference.exp() * (reference - logprobs)).sum(-1).clamp_min(0).mean())
+        say(f"preset {p['name']}: KL {p['kl']:.4f}")
     return Profile(codec=profile.codec, model_fingerprint=profile.model_fingerprint,
                    meta={**profile.meta, "presets": presets}, arrays=profile.arrays)

@@ -28,18 +28,19 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from kvpack import entropy
-from kvpack.codecs.base import Codec, Payload, _tokens_info, register
+from kvpack.codecs.base import Payload, _tokens_info, register
+from kvpack.codecs.calibrated import CalibratedCodec, Log
 from kvpack.codecs.raw import tensor_bytes
 from kvpack.codecs.transform.features import features, unfeatures
-from kvpack.codecs.transform.profile import Allocation, TransformProfile, load_profile
+from kvpack.codecs.transform.profile import Allocation, TransformProfile, profile_from
 from kvpack.codecs.transform.quant import (
     ESCAPE,
     INT_BITS,
@@ -63,6 +64,7 @@ from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import PREFIX_BYTES, Container, crc32
 from kvpack.kv import KVCache
+from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
 
 
@@ -82,10 +84,10 @@ class _Partial(Container):
 
 @register
 @dataclass(frozen=True)
-class TransformCodec(Codec):
+class TransformCodec(CalibratedCodec[TransformProfile]):
     """Calibrated PCA transform coding (KVTC-style, with weighted distortion and entropy-coded levels).
 
-    Parameters: ``profile`` (path of a profile made by :func:`kvpack.codecs.transform.calibrate.calibrate`); at most
+    Parameters: ``profile`` (a profile made by :meth:`calibrate`, see :class:`CalibratedCodec`); at most
     one of ``preset`` (a name stored in the profile), ``target_ratio`` (the highest-quality preset whose calibration
     ratio is at least this) and ``max_kl`` (the highest-ratio preset whose KL measured at calibration is at most
     this); the profile's default preset otherwise. ``sinks``: tokens at positions below it are stored apart (exact
@@ -95,7 +97,6 @@ class TransformCodec(Codec):
     name = "transform"
     version = 1
     recipe: ClassVar[str] = "transform"
-    profile: str = field(default="", repr=False)  # not in params(): chunks are tied to the profile's hash
     preset: str | None = None
     target_ratio: float | None = None
     max_kl: float | None = None
@@ -103,8 +104,6 @@ class TransformCodec(Codec):
     layers: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.profile, str) or not self.profile:
-            raise ValueError(f"{self.name} needs profile=PATH (make one with `kvpack calibrate`)")
         if sum(x is not None for x in (self.preset, self.target_ratio, self.max_kl)) > 1:
             raise ValueError("give at most one of preset, target_ratio and max_kl")
         if self.target_ratio is not None and not (isinstance(self.target_ratio, int | float) and self.target_ratio > 1):
@@ -117,21 +116,30 @@ class TransformCodec(Codec):
             raise ValueError(f"sinks must be an int in [0, 4096], got {self.sinks!r}")
         if not isinstance(self.layers, int) or not 1 <= self.layers <= 8:
             raise ValueError(f"layers must be an int in [1, 8], got {self.layers!r}")
+        super().__post_init__()
 
     # -------------------------------------------------------------------------------------------- profile
 
-    def state(self) -> TransformProfile:
-        """The loaded profile (cached per path)."""
-        st = load_profile(self.profile)
-        if st.recipe != self.recipe:
-            raise CodecError(f"profile {self.profile} was calibrated for the {st.recipe!r} recipe, not {self.recipe!r}")
+    @classmethod
+    def calibrate(cls, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, *, docs: int = 6,
+                  spec: ModelSpec | None = None, log: Log | None = None, **options: Any) -> Profile:
+        """A profile made with the model (:func:`kvpack.codecs.transform.calibrate.calibrate` under this codec's
+        recipe; ``options``: its keyword arguments)."""
+        from kvpack.codecs.transform.calibrate import calibrate
+
+        return calibrate(model, tokenizer, spec or ModelSpec.from_model(model, tokenizer), n_docs=docs, texts=texts,
+                         recipe=cls.recipe, log=log, **options)
+
+    @classmethod
+    def compile(cls, profile: Profile) -> TransformProfile:
+        st = profile_from(profile)
+        if st.recipe != cls.recipe:
+            raise FormatError(f"it was calibrated for the {st.recipe!r} recipe, not {cls.recipe!r}")
         return st
 
-    def profile_hash(self) -> str | None:
-        return self.state().hash
-
-    def profile_nbytes(self) -> int | None:
-        return self.state().profile.nbytes
+    def state(self) -> TransformProfile:
+        """The compiled profile."""
+        return self.compiled
 
     def allocation(self) -> Allocation:
         """The preset this codec's rate control picks."""

@@ -1,11 +1,9 @@
 """The transform profile: a validated :class:`~kvpack.profile.Profile` of the `transform` / `kvtc` codecs (PCA
-bases, weights, per-class rANS tables, presets), loaded once per file (see :mod:`kvpack.codecs.transform.calibrate`
-for how it is made)."""
+bases, weights, per-class rANS tables, presets), compiled once per profile by the codecs (see
+:mod:`kvpack.codecs.transform.calibrate` for how it is made)."""
 
 from __future__ import annotations
 
-import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,21 +178,3 @@ def profile_from(profile: Profile) -> TransformProfile:
         raise FormatError("profile has an unknown recipe, sink format or rounding")
     return TransformProfile(profile, groups, means, weights, bases, sigmas, freqs, shrink, presets, recipe, rounding,
                             sink_format)
-
-
-_CACHE: dict[tuple[str, int, int], TransformProfile] = {}
-_LOCK = threading.Lock()
-
-
-def load_profile(path: str) -> TransformProfile:
-    """Load and validate the profile at ``path`` once per (path, size, mtime)."""
-    try:
-        stat = os.stat(path)
-    except OSError as exc:
-        raise CodecError(f"cannot read transform profile {path!r}: {exc}; run `kvpack calibrate` first") from None
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    with _LOCK:
-        if key not in _CACHE:
-            _CACHE[key] = profile_from(Profile.load(path))
-        return _CACHE[key]
-
