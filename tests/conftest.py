@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,12 @@ def make_kv(tokens: int = 16, seed: int = 0, start: int = 0, **spec_kwargs: Any)
     ids = torch.randint(0, 50000, (tokens,), generator=gen, dtype=torch.int64)
     return KVCache.from_layers(spec=spec, keys=keys, values=values,
                    positions=torch.arange(start, start + tokens, dtype=torch.int64), token_ids=ids)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep what kvpack writes to its cache directory (loader estimates, default disk store) out of the home dir."""
+    os.environ["KVPACK_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvpack-cache"))
 
 
 @pytest.fixture

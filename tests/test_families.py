@@ -21,12 +21,15 @@ from kvpack.context import ContextCache
 from kvpack.errors import UnsupportedModelError
 from kvpack.inference import forward, new_cache
 from kvpack.kv import KVCache
+from kvpack.loader import LoaderConfig
 from kvpack.spec import ModelSpec
 from kvpack.store import MemoryStore
 
 WINDOW = 8
 PROMPT = 40  # > WINDOW: sliding layers have dropped tokens in transformers' own cache
 CHUNK = 16
+#: Load every stored chunk (no compute from the front), so outputs can be compared with a plain split prefill.
+EXACT = LoaderConfig(compute_front=False, estimates_path="")
 BASE: dict[str, Any] = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -110,7 +113,8 @@ def test_context_cache_matches_plain_split_generate(family: tuple[str, Any, Mode
     _, model, spec = family
     ids = prompt()
     gen = {"max_new_tokens": 8, "do_sample": False, "attention_mask": torch.ones(1, PROMPT, dtype=torch.int64)}
-    with ContextCache(model, None, store=MemoryStore(), codec="lossless", chunk_tokens=CHUNK, spec=spec) as cc:
+    with ContextCache(model, None, store=MemoryStore(), codec="lossless", chunk_tokens=CHUNK, spec=spec,
+                      loader=EXACT) as cc:
         assert cc.prefill(ids[:32]).chunks_written == 2
         cc.flush()
         result = cc.generate(ids, **gen)

@@ -9,7 +9,7 @@ import torch
 import kvpack
 from kvpack.inference import forward, new_cache
 from kvpack.store import MemoryStore
-from test_families import BASE, prompt, tiny
+from test_families import BASE, EXACT, prompt, tiny
 
 CHUNK = 8
 
@@ -77,11 +77,13 @@ def test_concurrent_requests_equal_sequential_runs() -> None:
         result = cc.generate(ids, attention_mask=torch.ones(1, len(ids), dtype=torch.int64), **kwargs)
         return result.sequences, result.stats.tokens_hit
 
-    with kvpack.ContextCache(model, None, store=MemoryStore(), codec="lossless", chunk_tokens=CHUNK) as cc:
+    with kvpack.ContextCache(model, None, store=MemoryStore(), codec="lossless", chunk_tokens=CHUNK,
+                             loader=EXACT) as cc:
         cc.prefill(shared)
         cc.flush()
         sequential = [run(cc, ids) for ids in prompts]
-    with kvpack.ContextCache(model, None, store=MemoryStore(), codec="lossless", chunk_tokens=CHUNK) as cc:
+    with kvpack.ContextCache(model, None, store=MemoryStore(), codec="lossless", chunk_tokens=CHUNK,
+                             loader=EXACT) as cc:
         cc.prefill(shared)
         cc.flush()
         with ThreadPoolExecutor(max_workers=4) as pool:

@@ -30,6 +30,7 @@ from kvpack.codecs.base import Codec
 from kvpack.inference import as_batch, forward, new_cache
 from kvpack.keys import DEFAULT_CHUNK_TOKENS, KeySpace
 from kvpack.kv import KVCache
+from kvpack.loader import LoaderConfig
 from kvpack.prefix import PrefixStore, RequestStats, spec_for
 from kvpack.spec import ModelSpec
 from kvpack.store import Store
@@ -65,7 +66,8 @@ class ContextCache:
     """Model + tokenizer + store + codec; all reuse goes through :meth:`generate`, :meth:`prefill`, :meth:`lookup`.
 
     ``store`` is a :class:`~kvpack.store.Store` or a URL (``memory://``, ``file://PATH``, ``redis://HOST:PORT/DB``);
-    ``codec`` an instance (``kvpack.codecs.Lossless()``) or a registered name. ``namespace`` isolates tenants.
+    ``codec`` an instance (``kvpack.codecs.get("lossless")``) or a registered name. ``namespace`` isolates tenants.
+    ``loader`` configures how stored prefixes come back (:class:`~kvpack.loader.LoaderConfig`).
     Thread-safe: requests may run concurrently; background writes are serialized on one writer thread.
     """
 
@@ -76,11 +78,13 @@ class ContextCache:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     namespace: str = "default"
     spec: ModelSpec | None = None
+    loader: LoaderConfig | None = None
     prefixes: PrefixStore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.spec = self.spec or spec_for(self.model, self.tokenizer)
-        self.prefixes = PrefixStore(self.store, self.spec, self.codec, self.chunk_tokens, self.namespace)
+        self.prefixes = PrefixStore(self.store, self.model, self.spec, self.codec, self.chunk_tokens, self.namespace,
+                                    self.loader)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpack-write")
         self._pending: list[Future[int]] = []
         self._lock = threading.Lock()
@@ -109,8 +113,9 @@ class ContextCache:
             out = self.model.generate(as_batch(ids), cache=cache, logits_processor=[clock, *processors],
                                       **generate_kwargs)
         stats.ttft_s = (clock.at or time.perf_counter()) - start
-        stats.prefill_s = stats.ttft_s - stats.load_s - stats.decode_s
-        stats.chunks_written = self._write_back(cache, ids, stats.tokens_hit)
+        stats.prefill_s = stats.ttft_s - stats.load_s
+        self.prefixes.loader.observe_prefill(len(ids) - stats.tokens_hit, stats.prefill_s)
+        stats.chunks_written = self._write_back(cache, ids, stats)
         return Generation(sequences=out, stats=stats)
 
     def prefill(self, text: str | torch.Tensor | Sequence[int]) -> RequestStats:
@@ -122,8 +127,9 @@ class ContextCache:
         kv = self.prefixes.load(ids[:full], stats)
         cache = kv.to_hf() if kv is not None else new_cache(self.model)
         forward(self.model, ids[stats.tokens_hit : full], cache)
-        stats.prefill_s = time.perf_counter() - start - stats.load_s - stats.decode_s
-        stats.chunks_written = self._write_back(cache, ids, stats.tokens_hit)
+        stats.prefill_s = time.perf_counter() - start - stats.load_s
+        self.prefixes.loader.observe_prefill(full - stats.tokens_hit, stats.prefill_s)
+        stats.chunks_written = self._write_back(cache, ids, stats)
         return stats
 
     def flush(self) -> None:
@@ -150,14 +156,16 @@ class ContextCache:
             return self.tokenizer(prompt, return_tensors="pt").input_ids[0]
         return as_batch(prompt)[0]
 
-    def _write_back(self, cache: Any, ids: torch.Tensor, tokens_hit: int) -> int:
-        """Copy the prompt's full chunks after ``tokens_hit`` out of ``cache`` and queue them for storing."""
-        start, stop = self.prefixes.chunk_span(ids, tokens_hit)
-        if stop <= start:
-            return 0
+    def _write_back(self, cache: Any, ids: torch.Tensor, stats: RequestStats) -> int:
+        """Queue for storing: the prompt's full chunks after the stored prefix, and the ones that failed to load."""
         assert self.spec is not None
-        kv = KVCache.from_hf(cache, self.spec, token_ids=ids, span=(start, stop))
-        future = self._writer.submit(self.prefixes.save, kv, ids)
+        c = self.chunk_tokens
+        start, stop = self.prefixes.chunk_span(ids, stats.tokens_hit)
+        spans = [(i * c, (i + 1) * c) for i in stats.failed_chunks] + ([(start, stop)] if stop > start else [])
+        if not spans:
+            return 0
+        parts = [KVCache.from_hf(cache, self.spec, token_ids=ids, span=span) for span in spans]
+        futures = [self._writer.submit(self.prefixes.save, kv, ids) for kv in parts]
         with self._lock:
-            self._pending = [f for f in self._pending if not f.done()] + [future]
-        return (stop - start) // self.chunk_tokens
+            self._pending = [f for f in self._pending if not f.done()] + futures
+        return sum(kv.num_tokens for kv in parts) // c

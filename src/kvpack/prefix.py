@@ -2,10 +2,10 @@
 
 A token sequence is cut into chunks of ``chunk_tokens`` tokens; each full chunk has a chained content key
 (:mod:`kvpack.keys`), so a key names the whole prefix up to its chunk. Loading asks the store once which chunks
-exist, reads the leading run of them in one batch, allocates the KV buffer of the whole reused prefix once
-(:meth:`KVCache.empty`) and decodes every chunk into its slice of it (``decode(..., out=)``); transformers gets views
-of that buffer (:meth:`KVCache.to_hf`). Any chunk that is missing, corrupted or undecodable ends the reused prefix
-there: the model recomputes the rest, so a store failure costs time, never a wrong answer.
+exist, and the :class:`~kvpack.loader.Loader` brings the leading run of them back into one buffer allocated once,
+loading from the back while computing from the front; transformers gets views of that buffer
+(:meth:`KVCache.to_hf`). A chunk that cannot be read or decoded is computed instead, so a store failure costs time,
+never a wrong answer.
 
 :class:`~kvpack.context.ContextCache` is built on :class:`PrefixStore`; :func:`load_prefix` and :func:`save_prefix`
 serve people who call ``model.generate`` themselves::
@@ -17,8 +17,6 @@ serve people who call ``model.generate`` themselves::
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +25,10 @@ import torch
 
 from kvpack import codecs
 from kvpack.codecs.base import Codec
-from kvpack.errors import KvpackError
 from kvpack.inference import new_cache
 from kvpack.keys import DEFAULT_CHUNK_TOKENS, KeySpace
 from kvpack.kv import KVCache
+from kvpack.loader import Loader, LoaderConfig, Plan
 from kvpack.spec import ModelSpec
 from kvpack.store import Store
 from kvpack.store import open as open_store
@@ -40,34 +38,50 @@ _SPECS_ATTR = "_kvpack_specs"
 
 @dataclass
 class RequestStats:
-    """What one request did: tokens reused, bytes read, where the time went (seconds)."""
+    """What one request did (times in seconds).
+
+    ``tokens_hit``/``chunks_hit``: the stored prefix the request reused. Of its chunks, ``chunks_loaded`` came from
+    the store and ``chunks_computed`` were prefilled from the front while the rest loaded (:mod:`kvpack.loader`);
+    ``failed_chunks`` lists those whose entry could not be read or decoded (computed instead, and re-stored).
+    ``load_s`` is the wall time of the whole load; ``fetch_s``, ``decode_s``, ``compute_s`` the time spent in each
+    activity (they overlap, so they may add up to more). ``plan`` is what the loader decided and the estimates it
+    decided on.
+    """
 
     prompt_tokens: int = 0
     tokens_hit: int = 0
     chunks_hit: int = 0
+    chunks_loaded: int = 0
+    chunks_computed: int = 0
+    failed_chunks: list[int] = field(default_factory=list)
     bytes_read: int = 0
     load_s: float = 0.0
+    fetch_s: float = 0.0
     decode_s: float = 0.0
+    compute_s: float = 0.0
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     chunks_written: int = 0
-    decode_errors: int = 0
+    plan: Plan | None = None
 
 
 @dataclass
 class PrefixStore:
-    """A store, a codec and a model spec bound together: chunk keys, batched lookup, load into one buffer, save.
+    """A model, a store and a codec bound together: chunk keys, batched lookup, loading (:class:`Loader`), saving.
 
     ``store`` is a :class:`~kvpack.store.Store` or a URL; ``codec`` an instance or a registered name. ``namespace``
     isolates tenants: nothing written under one namespace is found under another. Thread-safe when the store is.
     """
 
     store: Store | str
+    model: Any
     spec: ModelSpec
     codec: Codec | str = "raw"
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     namespace: str = "default"
+    loader_config: LoaderConfig | None = None
     keys: KeySpace = field(init=False)
+    loader: Loader = field(init=False)
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 1:
@@ -78,6 +92,7 @@ class PrefixStore:
             self.codec = codecs.get(self.codec)
         self.keys = KeySpace(namespace=self.namespace, model_fingerprint=self.spec.fingerprint,
                              codec_id=self.codec.codec_id, chunk_tokens=self.chunk_tokens)
+        self.loader = Loader(self.model, self.spec, self.store, self.codec, self.chunk_tokens, self.loader_config)
 
     @property
     def backend(self) -> Store:
@@ -89,48 +104,30 @@ class PrefixStore:
         assert isinstance(self.codec, Codec)
         return self.codec
 
+    def _stored_run(self, keys: list[str]) -> int:
+        found = self.backend.exists_many(keys)
+        return next((i for i, ok in enumerate(found) if not ok), len(found))
+
     def lookup(self, ids: torch.Tensor) -> int:
         """How many leading tokens of ``ids`` are stored (whole chunks), asking the store once."""
-        found = self.backend.exists_many(self.keys.keys(ids))
-        hit = next((i for i, ok in enumerate(found) if not ok), len(found))
-        return hit * self.chunk_tokens
+        return self._stored_run(self.keys.keys(ids)) * self.chunk_tokens
 
     def load(self, ids: torch.Tensor, stats: RequestStats) -> KVCache | None:
-        """Fetch and decode the longest run of stored leading full chunks of ``ids`` into one buffer.
+        """The KV of the longest stored run of leading full chunks of ``ids``, in one buffer; fills ``stats``.
 
-        Fills ``stats`` (tokens/chunks hit, bytes read, fetch and decode time, decode errors).
+        Chunks that fail to load are computed instead, so the result is always the prefix's KV.
         """
         keys = self.keys.keys(ids)
-        if not keys:
+        chunks = self._stored_run(keys) if keys else 0
+        if chunks == 0:
             return None
-        t0 = time.perf_counter()
-        blobs = self.backend.get_many(keys)
-        t1 = time.perf_counter()
-        run = next((i for i, blob in enumerate(blobs) if blob is None), len(blobs))
-        if run == 0:
-            stats.load_s = t1 - t0
-            return None
-        c = self.chunk_tokens
-        kv = KVCache.empty(self.spec, run * c)
-        kv.token_ids = ids[: run * c].clone()
-        loaded = 0
-        for i, blob in enumerate(blobs[:run]):
-            assert blob is not None
-            try:
-                self.the_codec.decode(blob, self.spec, token_ids=ids[i * c : (i + 1) * c], out=kv[i * c : (i + 1) * c])
-            except KvpackError as exc:
-                warnings.warn(f"kvpack: chunk {i} could not be decoded ({exc}); recomputing from there", stacklevel=3)
-                stats.decode_errors += 1
-                break
-            if int(kv.positions[i * c]) != i * c:  # a chunk stored for other positions: not this prefix
-                stats.decode_errors += 1
-                break
-            stats.bytes_read += len(blob)
-            loaded += 1
-        stats.load_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
-        stats.chunks_hit = loaded
-        stats.tokens_hit = loaded * c
-        return kv[: loaded * c] if loaded else None
+        kv, report = self.loader.load(ids, keys, chunks)
+        stats.chunks_hit, stats.tokens_hit = chunks, chunks * self.chunk_tokens
+        stats.chunks_loaded, stats.chunks_computed = report.chunks_loaded, report.chunks_computed
+        stats.failed_chunks, stats.bytes_read, stats.plan = report.failed_chunks, report.bytes_read, report.plan
+        stats.load_s, stats.fetch_s, stats.decode_s, stats.compute_s = (report.wall_s, report.fetch_s,
+                                                                        report.decode_s, report.compute_s)
+        return kv
 
     def chunk_span(self, ids: torch.Tensor, tokens_hit: int) -> tuple[int, int]:
         """The token range ``[tokens_hit, full)`` of ``ids`` whose full chunks are not stored yet."""
@@ -177,7 +174,7 @@ def load_prefix(store: Store | str, model: Any, input_ids: torch.Tensor | Sequen
     ``codec``, ``tokenizer``, ``chunk_tokens`` and ``namespace`` as when the chunks were saved.
     """
     ids = _ids(input_ids)
-    prefixes = PrefixStore(store, spec_for(model, tokenizer), codec, chunk_tokens, namespace)
+    prefixes = PrefixStore(store, model, spec_for(model, tokenizer), codec, chunk_tokens, namespace)
     kv = prefixes.load(ids[:-1], RequestStats(prompt_tokens=len(ids)))
     if kv is None:
         return new_cache(model), 0
@@ -196,7 +193,7 @@ def save_prefix(store: Store | str, model: Any, input_ids: torch.Tensor | Sequen
     """
     ids = _ids(input_ids)
     spec = spec_for(model, tokenizer)
-    prefixes = PrefixStore(store, spec, codec, chunk_tokens, namespace)
+    prefixes = PrefixStore(store, model, spec, codec, chunk_tokens, namespace)
     start, stop = prefixes.chunk_span(ids, skip_tokens)
     if stop <= start:
         return 0
