@@ -47,7 +47,7 @@ def test_save_then_load_prefix_with_model_generate() -> None:
         split = model.generate(ids[None], cache=plain, **gen)
     assert torch.equal(warm, split)
     assert torch.equal(warm[0, : len(ids)], cold[0, : len(ids)])
-    other, hit = kvpack.load_prefix(store, model, ids, codec="raw", chunk_tokens=CHUNK)  # another codec: other keys
+    _, hit = kvpack.load_prefix(store, model, ids, codec="raw", chunk_tokens=CHUNK)  # another codec: other keys
     assert hit == 0
 
 
