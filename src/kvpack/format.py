@@ -28,7 +28,7 @@ import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from kvpack.errors import FormatError
 
@@ -52,6 +52,8 @@ class Container:
 
     header: dict[str, Any]
     sections: dict[str, memoryview]
+    #: Whether every section of the file is here (a container read from a prefix of its bytes may lack some).
+    complete: ClassVar[bool] = True
 
     def section(self, name: str) -> memoryview:
         """The bytes of section ``name``; a missing section is a :class:`FormatError`."""

@@ -18,13 +18,15 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from kvpack.codecs import validate
+from kvpack.codecs.validate import MAX_ELEMENTS as MAX_ELEMENTS  # re-exported: the documented names
+from kvpack.codecs.validate import MAX_TOKENS as MAX_TOKENS
+from kvpack.codecs.validate import Size
 from kvpack.errors import CodecError, FormatError, ModelMismatchError, ProfileMismatchError, TokenMismatchError
 from kvpack.format import Container, read_container, write_container
 from kvpack.kv import KVCache, token_ids_hash
 from kvpack.spec import ModelSpec
 
-#: Decoding refuses containers that declare more tokens than this (bounds the memory a decode allocates).
-MAX_TOKENS = 1 << 20
 KIND = "kvcache"
 
 
@@ -66,6 +68,17 @@ class Codec(ABC):
         """Compress ``kv`` into a :class:`Payload`."""
 
     @abstractmethod
+    def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
+        """Validate ``meta`` and state the byte length of every section it implies for a cache of ``num_tokens``
+        tokens of ``spec`` (``[num_layers, 2, num_kv_heads, num_tokens, head_dim]``), exactly or, for
+        entropy-coded sections, as a range.
+
+        Runs before :meth:`decode_payload`, which may then rely on the sections being present with those lengths and
+        on no other section being present. Raises :class:`FormatError` for invalid meta. Must not allocate more
+        than the meta itself.
+        """
+
+    @abstractmethod
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         """Rebuild the KV buffer ``[num_layers, 2, num_kv_heads, num_tokens, head_dim]`` in ``spec.dtype``.
@@ -77,9 +90,10 @@ class Codec(ABC):
 
     def encode(self, kv: KVCache) -> bytes:
         """A complete, self-describing container for ``kv``."""
-        if kv.num_tokens > MAX_TOKENS:
-            raise CodecError(f"{kv.num_tokens} tokens exceed the per-container limit of {MAX_TOKENS}; "
-                             "store the cache in chunks")
+        if kv.num_tokens > validate.MAX_TOKENS or kv.num_tokens * kv.spec.elements_per_token > validate.MAX_ELEMENTS:
+            raise CodecError(f"{kv.num_tokens} tokens of {kv.spec.elements_per_token} K/V elements exceed the "
+                             f"per-container limits ({validate.MAX_TOKENS} tokens, {validate.MAX_ELEMENTS} "
+                             "elements); store the cache in chunks")
         payload = self.encode_payload(kv)
         positions, sections = _positions_header(kv.positions)
         tokens = {"count": kv.num_tokens, "positions": positions,
@@ -123,12 +137,14 @@ class Codec(ABC):
                 f"this chunk was encoded with calibration profile {written_with}, but the codec has "
                 f"{self.profile_hash()}; decode it with the profile it names"
             )
-        stored_spec = ModelSpec.from_json(header.get("spec"))
+        stored_spec = validate.header_spec(header.get("spec"))
         if spec is not None and spec.fingerprint != stored_spec.fingerprint:
             raise ModelMismatchError(
                 f"this cache was made by model {stored_spec.name or '?'} (fingerprint {stored_spec.fingerprint[:12]}), "
                 f"not by {spec.name or '?'} ({spec.fingerprint[:12]}); recompute it with the model you are using"
             )
+        if spec is not None:
+            validate.check_layout(stored_spec, spec)
         num_tokens, positions, ids_hash = _tokens_info(header, container)
         ids = None
         if token_ids is not None:
@@ -139,6 +155,11 @@ class Codec(ABC):
         if not isinstance(meta, dict):
             raise FormatError("header has no codec meta object")
         the_spec = spec or stored_spec
+        validate.element_count(the_spec, num_tokens)
+        sizes = self.section_sizes(meta, the_spec, num_tokens)
+        if "positions" in container.sections:
+            sizes = {**sizes, "positions": validate.exact(8 * num_tokens)}
+        validate.check_sections(container, sizes)
         if out is not None and (out.spec.fingerprint != the_spec.fingerprint or out.num_tokens != num_tokens):
             raise ValueError(f"out= holds {out.num_tokens} tokens of model {out.spec.fingerprint[:12]}; this "
                              f"container holds {num_tokens} tokens of {the_spec.fingerprint[:12]}")
@@ -168,9 +189,10 @@ def _codec_info(header: Mapping[str, Any]) -> dict[str, Any]:
     if header.get("kind") != KIND:
         raise FormatError(f"container holds a {header.get('kind')!r}, not a KV cache")
     info = header.get("codec")
-    if (not isinstance(info, dict) or not isinstance(info.get("name"), str) or not isinstance(info.get("version"), int)
-            or not isinstance(info.get("params"), dict)):
+    if (not isinstance(info, dict) or not isinstance(info.get("name"), str) or not isinstance(info.get("params"), dict)
+            or not isinstance(info.get("profile"), str | None)):
         raise FormatError("header has no valid codec description")
+    validate.json_int(info.get("version"), "codec.version", 1, 1 << 16)
     return info
 
 
@@ -178,18 +200,17 @@ def _tokens_info(header: Mapping[str, Any], container: Container) -> tuple[int, 
     tokens = header.get("tokens")
     if not isinstance(tokens, dict):
         raise FormatError("header has no tokens object")
-    count, positions, ids_hash = tokens.get("count"), tokens.get("positions"), tokens.get("ids_hash")
-    if not isinstance(count, int) or not 0 <= count <= MAX_TOKENS:
-        raise FormatError(f"token count {count!r} is not an integer in [0, {MAX_TOKENS}]")
-    if not isinstance(positions, dict):
-        raise FormatError("header has no positions object")
+    positions, ids_hash = tokens.get("positions"), tokens.get("ids_hash")
+    count = validate.json_int(tokens.get("count"), "tokens.count", 0, validate.MAX_TOKENS)
+    if not isinstance(positions, dict) or len(positions) != 1 or not {"start", "section"} & set(positions):
+        raise FormatError("header has no positions object ({\"start\": s} or {\"section\": \"positions\"})")
     if ids_hash is not None and not isinstance(ids_hash, str):
         raise FormatError("bad token ids hash")
     if "start" in positions:
-        start = positions["start"]
-        if not isinstance(start, int) or not 0 <= start < 1 << 40:
-            raise FormatError(f"bad start position {start!r}")
+        start = validate.json_int(positions["start"], "tokens.positions.start", 0, validate.MAX_POSITION - 1)
         return count, torch.arange(start, start + count, dtype=torch.int64), ids_hash
+    if positions["section"] != "positions":
+        raise FormatError(f"positions must be in the section named 'positions', not {positions['section']!r}")
     raw = container.section("positions")
     if len(raw) != 8 * count:
         raise FormatError(f"positions section has {len(raw)} bytes, expected {8 * count}")
@@ -285,6 +306,7 @@ def decode(data: bytes | memoryview, spec: ModelSpec | None = None, *, codec: Co
         if cls.version != info["version"]:
             raise FormatError(f"codec {info['name']} v{info['version']} is not supported by this kvpack "
                               f"(it has v{cls.version}); upgrade kvpack or re-encode")
+        validate.check_params(cls, info["params"])
         try:
             codec = cls(**info["params"], **({"profile": profile} if info.get("profile") else {}))
         except (TypeError, ValueError) as exc:

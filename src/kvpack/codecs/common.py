@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from kvpack.entropy import pack, parse, quantize_freqs
+from kvpack.codecs.validate import Size, exact
+from kvpack.entropy import MIN_PACKED_BYTES, max_packed_bytes, pack, parse, quantize_freqs
 from kvpack.entropy.rans import decode_lanes
 from kvpack.errors import FormatError
 from kvpack.kv import KVCache
@@ -191,21 +192,34 @@ def decode_rows(blob: bytes | memoryview, classes: bytes | memoryview, shape: tu
 
     Raises:
         FormatError: a blob that is not exactly ``n_groups * rows * tokens`` symbols of this alphabet, coded with
-            ``n_groups * n_classes`` tables, or a class section of the wrong size.
+            ``n_groups * n_classes`` tables in the lanes the class ids imply (the encoder's layout: any other lane
+            layout could make the decoder rebuild a table per lane), or a class section of the wrong size.
     """
     n_groups, rows, tokens = shape
     n_rows = n_groups * rows
     total = n_rows * tokens
     cls = unpack_classes(classes, n_rows, n_classes)
-    stream = parse(blob, max_symbols=total)
-    if int(stream.lane_starts[-1]) != total:
-        raise FormatError(f"symbol stream holds {int(stream.lane_starts[-1])} symbols, expected {total}")
-    if stream.freqs.shape != (n_groups * n_classes, alphabet):
-        raise FormatError(f"symbol stream has tables {stream.freqs.shape}, expected {(n_groups * n_classes, alphabet)}")
+    stream = parse(blob, max_symbols=total, tables=(n_groups * n_classes, alphabet))
+    order = _row_order(cls, n_groups, n_classes)
+    key = (np.repeat(np.arange(n_groups, dtype=np.int64), rows) * n_classes + cls)[order]
+    starts, lane_table = _lanes(key, tokens)
+    if not (np.array_equal(stream.lane_starts, starts) and np.array_equal(stream.lane_table, lane_table)):
+        raise FormatError(f"symbol stream's lanes do not match the {n_rows} rows of {tokens} symbols and their "
+                          "classes: the stream is corrupted")
     symbols = decode_lanes(stream.words, stream.word_offsets, stream.lane_starts, stream.lane_table, stream.freqs)
     row_offset = np.empty(n_rows, np.int64)
-    row_offset[_row_order(cls, n_groups, n_classes)] = np.arange(n_rows, dtype=np.int64) * tokens
+    row_offset[order] = np.arange(n_rows, dtype=np.int64) * tokens
     return symbols, row_offset
+
+
+def rows_sizes(shape: tuple[int, int, int], alphabet: int, n_classes: int, prefix: str = "") -> dict[str, Size]:
+    """Byte lengths of the ``classes`` (exact) and ``symbols`` (bounded) sections :func:`encode_rows` writes for
+    symbols ``[n_groups, rows, tokens]`` (named ``prefix + name``)."""
+    n_groups, rows, tokens = shape
+    n_rows = n_groups * rows
+    return {f"{prefix}classes": exact((n_rows * _class_bits(n_classes) + 7) // 8),
+            f"{prefix}symbols": Size(MIN_PACKED_BYTES, max_packed_bytes(n_rows * tokens, n_rows,
+                                                                        n_groups * n_classes, alphabet))}
 
 
 #: Output float layouts of :func:`float_bits`: the KV dtypes, each written as its bit pattern.
@@ -276,4 +290,4 @@ def out_buffer(shape: tuple[int, ...], dtype: str) -> tuple[torch.Tensor, np.nda
 
 __all__ = ["CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "assign_classes", "check_classes", "decode_rows",
            "encode_rows", "f32_to_bf16_bits", "f32_to_f16_bits", "float_bits", "out_buffer", "pack_classes",
-           "stacked_float32", "threads_for", "unpack_classes"]
+           "rows_sizes", "stacked_float32", "threads_for", "unpack_classes"]

@@ -32,9 +32,11 @@ from kvpack.codecs.common import (
     encode_rows,
     float_bits,
     out_buffer,
+    rows_sizes,
     stacked_float32,
     threads_for,
 )
+from kvpack.codecs.validate import Size, exact
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import Container
 from kvpack.kv import KVCache
@@ -178,14 +180,20 @@ class Fp8Codec(Codec):
                 "symbols": blob,
             })
 
+    def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
+        if meta:
+            raise FormatError(f"fp8 payload meta must be empty, got {dict(meta)}")
+        groups, rows = 2 * spec.num_layers, spec.num_kv_heads * spec.head_dim
+        n_rows = groups * rows
+        return {"rows": exact(2 * n_rows + (n_rows + 7) // 8), **rows_sizes((groups, rows, num_tokens), 256,
+                                                                             self.classes)}
+
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         with threads_for(num_tokens * spec.elements_per_token):
             groups, heads, dim = 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim
             tiles, n_rows = groups * heads, groups * heads * dim
             rows = container.section("rows")
-            if len(rows) != 2 * n_rows + (n_rows + 7) // 8:
-                raise FormatError(f"rows section has {len(rows)} bytes, expected {2 * n_rows + (n_rows + 7) // 8}")
             scales = np.frombuffer(rows, "<f2", count=n_rows).astype(np.float32)
             if not (np.isfinite(scales).all() and (scales >= 0).all()):
                 raise FormatError("fp8 scales must be finite and nonnegative")

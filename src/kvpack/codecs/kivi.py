@@ -44,11 +44,13 @@ from kvpack.codecs.common import (
     encode_rows,
     float_bits,
     out_buffer,
+    rows_sizes,
     stacked_float32,
     threads_for,
 )
-from kvpack.codecs.lossless import SECTIONS, decode_bits, encode_bits
+from kvpack.codecs.lossless import SECTIONS, bits_sizes, decode_bits, encode_bits
 from kvpack.codecs.raw import tensor_bytes
+from kvpack.codecs.validate import Size, exact, json_int
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import Container
 from kvpack.kv import KVCache
@@ -268,13 +270,29 @@ class KiviCodec(Codec):
                 sections.update({f"{prefix}.{name}": data for name, data in coded.items()})
             return Payload(meta={"sink_tokens": n_sink, "residual_tokens": n_res}, sections=sections)
 
+    def _exact_meta(self, meta: Mapping[str, Any], num_tokens: int) -> tuple[int, int]:
+        """``(sink tokens, residual tokens)`` from the meta: ints (never bools) that add up to at most the tokens."""
+        if set(meta) != {"sink_tokens", "residual_tokens"}:
+            raise FormatError(f"kivi meta has bad exact token counts: it must hold sink_tokens and residual_tokens "
+                              f"only, got {sorted(meta)}")
+        what = f"kivi meta has bad exact token counts {meta['sink_tokens']!r}, {meta['residual_tokens']!r} for " \
+               f"{num_tokens} tokens:"
+        n_sink = json_int(meta["sink_tokens"], f"{what} sink_tokens", 0, num_tokens)
+        return n_sink, json_int(meta["residual_tokens"], f"{what} residual_tokens", 0, num_tokens - n_sink)
+
+    def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
+        n_sink, n_res = self._exact_meta(meta, num_tokens)
+        layers, heads, dim, count = spec.num_layers, spec.num_kv_heads, spec.head_dim, num_tokens - n_sink - n_res
+        gk, gv = -(-count // self.group), -(-dim // self.group)
+        return {"exact": exact(2 * layers * heads * (n_sink + n_res) * dim * spec.torch_dtype.itemsize),
+                **rows_sizes((2 * layers, heads * dim, count), 1 << self.bits, self.classes),
+                **bits_sizes((2 * layers, heads, gk, dim), "float16", PARAM_CLASSES, "key_params."),
+                **bits_sizes((2 * layers, heads, count, gv), "float16", PARAM_CLASSES, "value_params.")}
+
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         with threads_for(num_tokens * spec.elements_per_token):
-            n_sink, n_res = meta.get("sink_tokens"), meta.get("residual_tokens")
-            if not (isinstance(n_sink, int) and isinstance(n_res, int) and n_sink >= 0 and n_res >= 0
-                    and n_sink + n_res <= num_tokens):
-                raise FormatError(f"kivi meta has bad exact token counts {n_sink!r}, {n_res!r} for {num_tokens} tokens")
+            n_sink, n_res = self._exact_meta(meta, num_tokens)
             layers, heads, dim, group = spec.num_layers, spec.num_kv_heads, spec.head_dim, self.group
             count = num_tokens - n_sink - n_res
             gk, gv = -(-count // group), -(-dim // group)
@@ -284,12 +302,9 @@ class KiviCodec(Codec):
                                               (2 * layers, heads * dim, count), 1 << self.bits, self.classes)
             data, bits = out_buffer((2 * layers, heads, num_tokens, dim), spec.dtype)
             tiles = bits.reshape(2 * layers * heads, num_tokens, dim)
-            exact = container.section("exact")
             n_exact = n_sink + n_res
-            if len(exact) != 2 * layers * heads * n_exact * dim * bits.itemsize:
-                raise FormatError(f"exact section has {len(exact)} bytes, expected "
-                                  f"{2 * layers * heads * n_exact * dim * bits.itemsize}")
-            kept = np.frombuffer(exact, bits.dtype.newbyteorder("<")).reshape(2 * layers * heads, n_exact, dim)
+            kept = np.frombuffer(container.section("exact"), bits.dtype.newbyteorder("<"))
+            kept = kept.reshape(2 * layers * heads, n_exact, dim)
             tiles[:, :n_sink] = kept[:, :n_sink]
             tiles[:, num_tokens - n_res :] = kept[:, n_sink:]
             _DECODERS[spec.dtype](tiles, heads, n_sink, count, group, 1 << self.bits, symbols, row_offset, k_m, k_s,

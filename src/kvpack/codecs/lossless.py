@@ -42,7 +42,8 @@ import torch
 from numba import njit, prange
 
 from kvpack.codecs.base import Codec, Payload, register
-from kvpack.codecs.common import check_classes, decode_rows, encode_rows, out_buffer, threads_for
+from kvpack.codecs.common import check_classes, decode_rows, encode_rows, out_buffer, rows_sizes, threads_for
+from kvpack.codecs.validate import Size, exact
 from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import FormatError
 from kvpack.format import Container
@@ -240,6 +241,21 @@ def encode_bits(bits: np.ndarray, dtype: str, classes: int) -> dict[str, bytes]:
     }
 
 
+def bits_sizes(shape: tuple[int, int, int, int], dtype: str, classes: int, prefix: str = "") -> dict[str, Size]:
+    """Byte lengths of the sections :func:`encode_bits` writes for bits ``[groups, heads, tokens, dim]`` (named
+    ``prefix + name``): exact for ``rows``, bounded for the others (``mantissa`` depends on its shift byte and
+    ``escapes`` on its counts, which :func:`decode_bits` checks exactly)."""
+    _, man_bits, k = FIELDS[dtype]
+    groups, heads, tokens, dim = shape
+    tiles, n_rows, low = groups * heads, groups * heads * dim, man_bits - k
+    mantissa = [1 + tiles * tokens * (dim * ((low - shift) // 8) + (dim + 7) // 8 * ((low - shift) % 8))
+                for shift in range(0, low + 1, 8)]
+    return {f"{prefix}rows": exact(n_rows + (n_rows + 7) // 8),
+            f"{prefix}escapes": Size(tiles, 9 * tiles + 2 * n_rows * tokens),
+            f"{prefix}mantissa": Size(min(mantissa), max(mantissa)),
+            **rows_sizes((groups, heads * dim, tokens), 256, classes, prefix)}
+
+
 def decode_bits(sections: Mapping[str, memoryview], out: np.ndarray, dtype: str, classes: int) -> None:
     """Inverse of :func:`encode_bits`: fill ``out [groups, heads, tokens, dim]`` (the bit patterns, uint16/uint32).
 
@@ -305,10 +321,15 @@ class LosslessCodec(Codec):
             sections = encode_bits(bits, kv.spec.dtype, self.classes)
         return Payload(meta={"dtype": kv.spec.dtype}, sections=sections)
 
+    def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
+        if meta != {"dtype": spec.dtype}:
+            raise FormatError(f"lossless payload holds {meta.get('dtype')!r} (meta {dict(meta)}), but the model's KV "
+                              f"is {spec.dtype}")
+        shape = (2 * spec.num_layers, spec.num_kv_heads, num_tokens, spec.head_dim)
+        return bits_sizes(shape, spec.dtype, self.classes)
+
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
-        if meta.get("dtype") != spec.dtype:
-            raise FormatError(f"lossless payload holds {meta.get('dtype')!r}, but the model's KV is {spec.dtype}")
         data, bits = out_buffer((2 * spec.num_layers, spec.num_kv_heads, num_tokens, spec.head_dim), spec.dtype)
         with threads_for(bits.size):
             decode_bits({name: container.section(name) for name in SECTIONS}, bits, spec.dtype, self.classes)

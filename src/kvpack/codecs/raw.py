@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kvpack.codecs.base import Codec, Payload, register
+from kvpack.codecs.validate import Size, exact
 from kvpack.errors import FormatError
 from kvpack.format import Container
 from kvpack.kv import KVCache, int_view
@@ -46,9 +47,20 @@ class RawCodec(Codec):
         target = DTYPES[self.dtype] if self.dtype else kv.spec.torch_dtype
         return Payload(meta={"dtype": self.dtype or kv.spec.dtype}, sections={"kv": tensor_bytes(kv.data.to(target))})
 
+    def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
+        return {"kv": exact(raw_nbytes(meta, spec, num_tokens, self.dtype or spec.dtype))}
+
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         return buffer_from_bytes(container.section("kv"), meta.get("dtype"), spec, num_tokens, out)
+
+
+def raw_nbytes(meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int, stored: str) -> int:
+    """Bytes of the raw layout of a cache of ``num_tokens`` tokens of ``spec`` in dtype ``stored``; a meta that
+    names another dtype is a :class:`FormatError`."""
+    if meta.get("dtype") != stored or not isinstance(meta.get("dtype"), str):
+        raise FormatError(f"raw payload meta names dtype {meta.get('dtype')!r}; the codec stores {stored}")
+    return math.prod(spec.buffer_shape(num_tokens)) * DTYPES[stored].itemsize
 
 
 def buffer_from_bytes(data: bytes | memoryview, stored: Any, spec: ModelSpec, num_tokens: int,

@@ -14,7 +14,8 @@ import torch
 import zstandard
 
 from kvpack.codecs.base import Codec, Payload, register
-from kvpack.codecs.raw import RawCodec, buffer_from_bytes
+from kvpack.codecs.raw import RawCodec, buffer_from_bytes, raw_nbytes
+from kvpack.codecs.validate import Size
 from kvpack.errors import FormatError
 from kvpack.format import Container
 from kvpack.kv import KVCache
@@ -40,16 +41,26 @@ class ZstdCodec(Codec):
         packed = zstandard.ZstdCompressor(level=self.level).compress(raw)
         return Payload(meta={**inner.meta, "raw_bytes": len(raw)}, sections={"kv": packed})
 
+    def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
+        expected = raw_nbytes(meta, spec, num_tokens, spec.dtype)
+        if meta.get("raw_bytes") != expected or isinstance(meta.get("raw_bytes"), bool):
+            raise FormatError(f"zstd payload declares {meta.get('raw_bytes')!r} raw bytes, expected {expected}")
+        # a zstd frame is at least 9 bytes; it never exceeds ZSTD_compressBound (the input plus 1/256 plus 64)
+        return {"kv": Size(9, expected + (expected >> 8) + 64)}
+
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
-        size = meta.get("raw_bytes")
-        expected = 2 * spec.num_layers * spec.num_kv_heads * num_tokens * spec.head_dim * spec.torch_dtype.itemsize
-        if size != expected:
-            raise FormatError(f"zstd payload declares {size} raw bytes, expected {expected}")
+        expected = int(meta["raw_bytes"])
+        packed = bytes(container.section("kv"))
+        stream = zstandard.ZstdDecompressor().decompressobj()
         try:
-            raw = zstandard.ZstdDecompressor().decompress(bytes(container.section("kv")), max_output_size=expected)
+            # libzstd stops a frame that outgrows the content size its header declares: the output is bounded
+            if zstandard.frame_content_size(packed) != expected:
+                raise FormatError(f"zstd frame does not declare the {expected} bytes the header implies")
+            raw = stream.decompress(packed)
         except zstandard.ZstdError as exc:
             raise FormatError(f"zstd payload is corrupted: {exc}") from None
-        if len(raw) != expected:
-            raise FormatError(f"zstd payload decompressed to {len(raw)} bytes, expected {expected}")
+        if len(raw) != expected or not stream.eof or stream.unused_data:
+            raise FormatError(f"zstd payload decompressed to {len(raw)} bytes (one whole frame of {expected} bytes "
+                              "expected, nothing after it)")
         return buffer_from_bytes(raw, meta.get("dtype"), spec, num_tokens, out)

@@ -4,7 +4,16 @@
 serialization) and the escape scheme for values outside an alphabet. Layout spec: ``docs/entropy.md``.
 """
 
-from kvpack.entropy.rans import LaneStream, decode_lanes, encode_lanes, pack, parse, unpack
+from kvpack.entropy.rans import (
+    MIN_PACKED_BYTES,
+    LaneStream,
+    decode_lanes,
+    encode_lanes,
+    max_packed_bytes,
+    pack,
+    parse,
+    unpack,
+)
 from kvpack.entropy.tables import (
     PROB_BITS,
     PROB_SCALE,
@@ -17,12 +26,14 @@ from kvpack.entropy.tables import (
 )
 
 __all__ = [
+    "MIN_PACKED_BYTES",
     "PROB_BITS",
     "PROB_SCALE",
     "LaneStream",
     "counts_to_tables",
     "decode_lanes",
     "encode_lanes",
+    "max_packed_bytes",
     "merge_escapes",
     "pack",
     "pack_tables",

@@ -50,7 +50,8 @@ from kvpack.entropy.tables import (
 )
 from kvpack.errors import FormatError
 
-__all__ = ["STATE_LOWER", "LaneStream", "decode_lanes", "encode_lanes", "pack", "parse", "unpack"]
+__all__ = ["MIN_PACKED_BYTES", "STATE_LOWER", "LaneStream", "decode_lanes", "encode_lanes", "max_packed_bytes", "pack",
+           "parse", "unpack"]
 
 STATE_LOWER = 1 << 16  # L: the state lies in [L, 2**32) between symbols
 BLOB_VERSION = 1
@@ -516,17 +517,21 @@ def pack(
     return header + b"".join(parts)
 
 
-def parse(data: bytes | bytearray | memoryview, *, max_symbols: int, freqs: npt.ArrayLike | None = None) -> LaneStream:
+def parse(data: bytes | bytearray | memoryview, *, max_symbols: int, freqs: npt.ArrayLike | None = None,
+          tables: tuple[int, int] | None = None) -> LaneStream:
     """Read a :func:`pack` blob without decoding it.
 
     Args:
         data: the blob.
         max_symbols: the most symbols the caller accepts; a blob declaring more is refused before any allocation.
         freqs: the tables, required if and only if the blob was packed with ``include_tables=False``.
+        tables: ``(n_tables, alphabet)`` the caller expects, checked before the tables are unpacked (without it, a
+            blob may make the reader allocate up to ``1 KiB`` of tables per byte of its own).
 
     Raises:
-        FormatError: truncated, malformed or inconsistent bytes, too many symbols, tables missing or not the ones
-            the blob was written with. Allocations are bounded by ``len(data)`` and ``max_symbols``.
+        FormatError: truncated, malformed or inconsistent bytes, too many symbols, tables missing, of another shape
+            than ``tables`` or not the ones the blob was written with. Allocations are bounded by ``len(data)`` and
+            ``max_symbols`` (and by ``1 KiB * len(data)`` for the tables when ``tables`` is not given).
     """
     if not 0 <= max_symbols < 1 << 62:
         raise ValueError(f"max_symbols must be in 0..2**62, got {max_symbols}")
@@ -540,6 +545,8 @@ def parse(data: bytes | bytearray | memoryview, *, max_symbols: int, freqs: npt.
     n_lanes, n_tables, alphabet = (int(v) for v in header)
     if n_lanes > raw.size or not 1 <= alphabet <= MAX_ALPHABET:
         raise FormatError(f"rANS blob declares {n_lanes} lanes / alphabet {alphabet}: impossible for its size")
+    if tables is not None and (n_tables, alphabet) != tables:
+        raise FormatError(f"rANS blob has tables {(n_tables, alphabet)}, expected {tables}")
     if flags & _FLAG_UNIFORM:
         lane_len, pos = read_varint(raw, pos, _MAX_COUNT)
         if pos < 0 or n_lanes == 0 or lane_len * n_lanes > max_symbols:
@@ -586,6 +593,18 @@ def parse(data: bytes | bytearray | memoryview, *, max_symbols: int, freqs: npt.
     np.cumsum(n_sym, out=lane_starts[1:])
     words = raw[pos:].view("<u2").astype(np.uint16)
     return LaneStream(words, word_offsets, lane_starts, table_of, f)
+
+
+def max_packed_bytes(n_symbols: int, n_lanes: int, n_tables: int, alphabet: int, include_tables: bool = True) -> int:
+    """An upper bound on the size of a :func:`pack` blob of ``n_symbols`` symbols in at most ``n_lanes`` lanes with
+    ``n_tables`` tables of ``alphabet`` symbols (a reader's sanity bound on a section's length)."""
+    varints = 9 * (3 + 1 + 3 * n_lanes)  # header, table size, per-lane symbol count, table index, word count
+    table_bytes = 9 * n_tables * (2 + alphabet) if include_tables else 4
+    return 3 + varints + table_bytes + 2 * (n_symbols + 2 * n_lanes)
+
+
+#: The smallest :func:`pack` blob: version, probability bits, flags and three one-byte header varints.
+MIN_PACKED_BYTES = 6
 
 
 def unpack(

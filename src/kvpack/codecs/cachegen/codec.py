@@ -60,7 +60,8 @@ from kvpack.codecs.cachegen.profile import (
     CacheGenTables,
 )
 from kvpack.codecs.calibrated import CalibratedCodec, Log
-from kvpack.entropy import pack, parse
+from kvpack.codecs.validate import Size, json_int
+from kvpack.entropy import MIN_PACKED_BYTES, max_packed_bytes, pack, parse
 from kvpack.entropy.rans import decode_lanes
 from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import CodecError, FormatError, ModelMismatchError
@@ -402,17 +403,26 @@ class CacheGenCodec(CalibratedCodec[CacheGenTables]):
         return Payload(meta={"group_size": GROUP_SIZE, "escapes": int(escapes.size)},
                        sections={"symbols": blob, "escapes": encode_varints(escapes).tobytes()})
 
+    def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
+        t = self.tables
+        t.check_spec(spec)
+        n_symbols = t.rows * num_tokens
+        if set(meta) != {"group_size", "escapes"} or json_int(meta["group_size"], "cachegen group_size", 0,
+                                                                GROUP_SIZE) != GROUP_SIZE:
+            raise FormatError(f"cachegen meta {dict(meta)} is not valid (group_size {GROUP_SIZE}, escapes >= 0)")
+        n_escapes = json_int(meta["escapes"], "cachegen escape count", 0, n_symbols)
+        freqs = self._freqs()
+        lanes = 2 * t.rows if self.anchor_delta else t.rows
+        return {"symbols": Size(MIN_PACKED_BYTES, max_packed_bytes(n_symbols, lanes, freqs.shape[0], freqs.shape[1],
+                                                                   include_tables=False)),
+                "escapes": Size(n_escapes, 5 * n_escapes)}  # varints of at most 2**31 - 1: 1 to 5 bytes
+
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         t = self.tables
-        t.check_spec(spec)
-        n_escapes = meta.get("escapes")
-        if meta.get("group_size") != GROUP_SIZE or not isinstance(n_escapes, int) or n_escapes < 0:
-            raise FormatError(f"cachegen meta {dict(meta)} is not valid (group_size {GROUP_SIZE}, escapes >= 0)")
+        n_escapes = int(meta["escapes"])
         starts = _lane_sizes(t.rows, num_tokens, self.anchor_delta)
         escape_raw = np.frombuffer(container.section("escapes"), np.uint8)
-        if n_escapes > min(int(starts[-1]), escape_raw.size):
-            raise FormatError(f"cachegen meta declares {n_escapes} escapes: more than symbols or escape bytes")
         freqs = self._freqs()
         escape = freqs.shape[1] - 1
         stream = parse(container.section("symbols"), max_symbols=int(starts[-1]), freqs=freqs)

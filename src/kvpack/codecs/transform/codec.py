@@ -60,8 +60,9 @@ from kvpack.codecs.transform.quant import (
     unzigzag,
     zigzag,
 )
+from kvpack.codecs.validate import Size, json_int
 from kvpack.entropy.tables import decode_varints, encode_varints
-from kvpack.errors import CodecError, FormatError
+from kvpack.errors import CodecError, FormatError, ModelMismatchError
 from kvpack.format import PREFIX_BYTES, Container, crc32
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
@@ -80,6 +81,8 @@ class _Layout:
 
 class _Partial(Container):
     """A container read from a prefix of its bytes: trailing layers may be missing."""
+
+    complete = False
 
 
 @register
@@ -244,13 +247,32 @@ class TransformCodec(CalibratedCodec[TransformProfile]):
 
     # -------------------------------------------------------------------------------------------- decode
 
+    def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
+        st = self.state()
+        if spec.fingerprint != st.profile.model_fingerprint:
+            raise ModelMismatchError(f"this chunk's model {spec.fingerprint[:12]} is not the one the profile was "
+                                     f"calibrated on ({st.profile.model_fingerprint[:12]})")
+        width = sum(len(g) for g in st.groups)
+        if spec.elements_per_token != width:
+            raise FormatError(f"the header's model has {spec.elements_per_token} K/V elements per token, its profile "
+                              f"{width}: the header is forged or corrupted")
+        preset, n_layers = meta.get("preset"), json_int(meta.get("layers"), "transform meta layers", 1, 8)
+        coded = json_int(meta.get("coded"), "transform meta coded", 0, num_tokens)
+        if set(meta) != {"preset", "layers", "coded"} or not isinstance(preset, str) or preset not in st.presets:
+            raise FormatError("transform payload meta is invalid or names a preset the profile lacks")
+        values = coded * width  # coefficients of the coded tokens: every layer section is bounded by a few per one
+        n_tables, alphabet = st.freqs.shape
+        sizes = {"sinks": Size(0, (num_tokens - coded) * width * 4 + 8 * spec.num_layers)}
+        for k in range(n_layers):
+            blob = entropy.max_packed_bytes(values, n_tables, n_tables, alphabet, include_tables=False)
+            sizes |= {f"e{k}": Size(0, blob), f"x{k}": Size(0, 5 * values), f"b{k}": Size(0, 4 * values),
+                      f"i{k}": Size(0, 9 * values + 1024)}
+        return sizes
+
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         st = self.state()
-        preset, n_layers, coded = meta.get("preset"), meta.get("layers"), meta.get("coded")
-        if preset not in st.presets or not isinstance(n_layers, int) or not 1 <= n_layers <= 8 \
-                or not isinstance(coded, int) or not 0 <= coded <= num_tokens:
-            raise FormatError("transform payload meta is invalid or names a preset the profile lacks")
+        preset, n_layers, coded = str(meta["preset"]), int(meta["layers"]), int(meta["coded"])
         _, positions, _ = _tokens_info(container.header, container)
         sink = positions < self.sinks
         if int((~sink).sum()) != coded:
@@ -403,6 +425,6 @@ def _inflate(data: np.ndarray, limit: int) -> np.ndarray:
         out = d.decompress(data.tobytes(), limit + 1)
     except zlib.error as exc:
         raise FormatError(f"fixed-width section is not valid DEFLATE: {exc}") from None
-    if len(out) > limit or not d.eof:
+    if len(out) > limit or not d.eof or d.unused_data:
         raise FormatError("fixed-width section inflates to the wrong size")
     return np.frombuffer(out, np.uint8)
