@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING, Any
 
 from kvpack.codecs.base import Codec
 from kvpack.eval import passkey
@@ -13,11 +11,18 @@ from kvpack.eval.corpora import Document, documents, text_documents
 from kvpack.eval.quality import DocumentResult, Reference, evaluate_document, machine, reference, summarize
 from kvpack.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 __all__ = ["Document", "documents", "evaluate", "machine", "progress_bar", "text_documents"]
 
 
 def progress_bar(disable: bool = False) -> Progress:
-    """The rich progress bar kvpack shows on long work."""
+    """The rich progress bar kvpack shows on long work (rich comes with the ``cli`` extra, and with transformers)."""
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"progress bars need rich ({exc}): pip install 'kvpack[cli]'") from None
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     transient=True, disable=disable)
 
