@@ -97,7 +97,9 @@ def sample_cache(codec: str, tokens: int, seed: int = 3, start: int = 3, **spec_
 
     if codec in ("transform", "kvtc"):
         positions = torch.arange(start, start + tokens, dtype=torch.int64)
-        return low_rank_caches(n=1, tokens=tokens, seed=seed, positions=positions)[0]
+        kv = low_rank_caches(n=1, tokens=tokens, seed=seed, positions=positions)[0]
+        kv.token_ids = torch.randint(0, 50000, (tokens,), generator=torch.Generator().manual_seed(seed))
+        return kv
     if codec == "cachegen":
         return make_kv(tokens=tokens, seed=seed, start=start)
     return make_kv(tokens=tokens, seed=seed, start=start, **spec_kwargs)
@@ -146,6 +148,26 @@ def _set(path: tuple[str, ...], value: Any) -> Edit:
     return edit
 
 
+def _delete(path: tuple[str, ...]) -> Edit:
+    """An edit removing ``header[path[0]]...[path[-1]]``."""
+    def edit(header: Header, _: Sections) -> None:
+        node = header
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return edit
+
+
+def _section(name: str, change: Callable[[bytes], bytes] | None) -> Edit:
+    """An edit replacing section ``name`` by ``change(its bytes)`` (``b""`` if absent), or removing it (``None``)."""
+    def edit(_: Header, sections: Sections) -> None:
+        if change is None:
+            del sections[name]
+        else:
+            sections[name] = change(sections.get(name, b""))
+    return edit
+
+
 def _each(*edits: Edit) -> Edit:
     def edit(header: Header, sections: Sections) -> None:
         for e in edits:
@@ -188,7 +210,7 @@ def _spec_attacks(spec: Mapping[str, Any]) -> Iterator[Attack]:
     yield Attack("spec.rope.params=list", _set(("spec", "rope", "params"), [1, 2]))
     yield Attack("spec.fingerprint=int", _set(("spec", "fingerprint"), 7))
     yield Attack("spec=list", _set(("spec",), [1, 2, 3]))
-    yield Attack("spec missing", lambda header, _: header.pop("spec"))
+    yield Attack("spec missing", _delete(("spec",)))
 
 
 def _token_attacks(count: int) -> Iterator[Attack]:
@@ -239,7 +261,7 @@ def _meta_attacks(meta: Mapping[str, Any]) -> Iterator[Attack]:
     yield Attack("meta=list", _set(("meta",), []))
     yield Attack("meta=null", _set(("meta",), None))
     for field, value in meta.items():
-        yield Attack(f"meta.{field} missing", lambda header, _, field=field: header["meta"].pop(field))
+        yield Attack(f"meta.{field} missing", _delete(("meta", field)))
         if isinstance(value, int) and not isinstance(value, bool):
             bad: tuple[Any, ...] = (*BAD_INTS, value + 1, (1 << 20) - 1)
         elif isinstance(value, str):
@@ -253,13 +275,13 @@ def _meta_attacks(meta: Mapping[str, Any]) -> Iterator[Attack]:
 
 def _section_attacks(sections: Mapping[str, bytes]) -> Iterator[Attack]:
     for name, body in sections.items():
-        yield Attack(f"section {name} missing", lambda _, s, name=name: s.pop(name))
-        yield Attack(f"section {name} + 1 byte", lambda _, s, name=name: s.update({name: s[name] + b"\x00"}))
-        yield Attack(f"section {name} doubled", lambda _, s, name=name: s.update({name: s[name] * 2 + b"\x01"}))
+        yield Attack(f"section {name} missing", _section(name, None))
+        yield Attack(f"section {name} + 1 byte", _section(name, lambda b: b + b"\x00"))
+        yield Attack(f"section {name} doubled", _section(name, lambda b: b * 2 + b"\x01"))
         if body:
-            yield Attack(f"section {name} - 1 byte", lambda _, s, name=name: s.update({name: s[name][:-1]}))
-            yield Attack(f"section {name} emptied", lambda _, s, name=name: s.update({name: b""}))
-    yield Attack("unknown extra section", lambda _, s: s.update({"zzz": b"\x00" * 16}))
+            yield Attack(f"section {name} - 1 byte", _section(name, lambda b: b[:-1]))
+            yield Attack(f"section {name} emptied", _section(name, lambda b: b""))
+    yield Attack("unknown extra section", _section("zzz", lambda b: b"\x00" * 16))
 
 
 def _consistent_lies(source: Source, header: Mapping[str, Any]) -> Iterator[Attack]:
