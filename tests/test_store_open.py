@@ -48,7 +48,7 @@ def test_redis_urls() -> None:
     "url",
     [
         "",
-        "s3://bucket/x",
+        "gs://bucket/x",
         "memory://host",
         "memory://?max_bytes=abc",
         "memory://?max_bytes=0",

@@ -1,7 +1,8 @@
 """Stores: bytes by key, with every entry a verified kvpack container.
 
-Backends: :class:`MemoryStore` (in-process LRU), :class:`DiskStore` (local files, the embedded default) and
-:class:`RedisStore` (Redis or Valkey, shared between processes and machines). :func:`open` builds one from a URL.
+Backends: :class:`MemoryStore` (in-process LRU), :class:`DiskStore` (local files, the embedded default),
+:class:`RedisStore` (Redis or Valkey, shared between processes and machines) and :class:`S3Store` (S3-compatible
+object storage). :func:`open` builds one from a URL.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from kvpack.store.memory import MemoryStore
 
 if TYPE_CHECKING:
     from kvpack.store.redis import RedisStore
+    from kvpack.store.s3 import S3Store
 
 __all__ = [
     "DiskStore",
     "MemoryStore",
     "RedisStore",
+    "S3Store",
     "Store",
     "StoreStats",
     "StoreWarning",
@@ -34,12 +37,17 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """``RedisStore`` on first use: it imports redis-py (the optional extra kvpack[redis]), which plain use of the
-    other stores never needs. Without redis-py it raises :class:`StoreError` naming the extra."""
+    """``RedisStore`` and ``S3Store`` on first use: they import redis-py and boto3 (the optional extras
+    kvpack[redis] and kvpack[s3]), which plain use of the other stores never needs. Without the package it raises
+    :class:`StoreError` naming the extra."""
     if name == "RedisStore":
         from kvpack.store.redis import RedisStore
 
         return RedisStore
+    if name == "S3Store":
+        from kvpack.store.s3 import S3Store
+
+        return S3Store
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -67,6 +75,14 @@ _REDIS_OPTIONS: _Options = {
 }
 _FILE_OPTIONS: _Options = {"max_bytes": ("max_bytes", int), "fsync": ("fsync", _parse_bool)}
 _MEMORY_OPTIONS: _Options = {"max_bytes": ("max_bytes", int)}
+_S3_OPTIONS: _Options = {
+    "endpoint": ("endpoint_url", str),
+    "region": ("region", str),
+    "connect_timeout": ("connect_timeout", float),
+    "read_timeout": ("read_timeout", float),
+    "max_attempts": ("max_attempts", int),
+    "max_workers": ("max_workers", int),
+}
 
 
 def open(url: str) -> Store:
@@ -77,9 +93,11 @@ def open(url: str) -> Store:
       a :class:`DiskStore`; ``file://`` alone means the default cache directory.
     - ``redis://HOST:PORT/DB``, ``rediss://...``, ``unix:///path.sock`` with optional ``prefix=``, ``ttl=``
       (seconds), ``socket_timeout=``, ``connect_timeout=``, ``batch_size=``; other query options go to redis-py.
+    - ``s3://BUCKET/PREFIX`` with optional ``endpoint=http://HOST:PORT``, ``region=``, ``connect_timeout=``,
+      ``read_timeout=``, ``max_attempts=``, ``max_workers=``: an :class:`S3Store` (credentials the boto3 way).
 
     Raises :class:`StoreError` for an unknown scheme, an unknown or malformed option, an unusable directory, or a
-    Redis URL without redis-py installed (install kvpack[redis]).
+    Redis or S3 URL without its package installed (install kvpack[redis] or kvpack[s3]).
     """
     if not isinstance(url, str) or not url:
         raise StoreError(f"a store URL is a non-empty string, got {url!r}")
@@ -104,9 +122,21 @@ def open(url: str) -> Store:
         from kvpack.store.redis import RedisStore  # StoreError naming kvpack[redis] when redis-py is missing
 
         return _build(RedisStore, {"url": urlunsplit(parts._replace(query=urlencode(rest))), **kwargs})
+    if scheme == "s3":
+        kwargs = _options(url, parse_qsl(parts.query), _S3_OPTIONS)
+        from kvpack.store.s3 import S3Store  # StoreError naming kvpack[s3] when boto3 is missing
+
+        return _build(S3Store, {"bucket": parts.netloc, "prefix": _s3_prefix(parts.path), **kwargs})
     raise StoreError(
-        f"unknown store URL scheme {parts.scheme!r} in {redact_url(url)!r}; use memory://, file://PATH or redis://"
+        f"unknown store URL scheme {parts.scheme!r} in {redact_url(url)!r}; use memory://, file://PATH, redis:// "
+        "or s3://BUCKET/PREFIX"
     )
+
+
+def _s3_prefix(path: str) -> str:
+    """``/a/b`` -> ``a/b/``: the URL's path names a folder of the bucket."""
+    stripped = path.strip("/")
+    return f"{stripped}/" if stripped else ""
 
 
 def _options(url: str, query: list[tuple[str, str]], known: _Options) -> dict[str, object]:

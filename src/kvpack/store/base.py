@@ -56,7 +56,7 @@ class StoreStats:
         hits: reads that returned an intact entry.
         misses: reads that returned ``None`` (absent, corrupted, or the backend failed).
         puts: entries written.
-        bytes_read: bytes returned by hits.
+        bytes_read: bytes returned by hits and by :meth:`Store.get_range`.
         bytes_written: bytes written by puts.
         corrupt_entries: entries that failed verification on read (each was deleted and counted as a miss).
         errors: backend failures (I/O errors, unreachable server) that were degraded to misses or no-ops.
@@ -113,6 +113,32 @@ class Store(ABC):
             self._failed("get", exc)
             raw = [None] * len(keys)
         return [self._accept(k, data) for k, data in zip(keys, raw, strict=True)]
+
+    def get_range(self, key: str, start: int, stop: int) -> bytes | None:
+        """Bytes ``[start, stop)`` of the entry under ``key``, clipped to its length like a slice; ``None`` if absent
+        or the backend failed.
+
+        For a loader that fetches a prefix of an entry (for example the header and the first sections). The bytes
+        are **not verified**: they are not a whole container, so the caller checks what it uses (every section of
+        a container has its own CRC-32 in the header, :mod:`kvpack.format`). Counts ``bytes_read``, not hits or
+        misses. ``0 <= start <= stop`` or :class:`ValueError`.
+        """
+        self._check_open()
+        validate_key(key)
+        for name, value in (("start", start), ("stop", stop)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if stop < start:
+            raise ValueError(f"stop ({stop}) must not be below start ({start})")
+        try:
+            data = self._read_range(key, start, stop)
+            self._recovered()
+        except self._transient_errors as exc:
+            self._failed("get_range", exc)
+            return None
+        if data is not None:
+            self._count(bytes_read=len(data))
+        return data
 
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` (an intact kvpack container, else :class:`FormatError`) under ``key``, replacing any entry.
@@ -206,6 +232,12 @@ class Store(ABC):
     @abstractmethod
     def _read_many(self, keys: list[str]) -> list[bytes | None]:
         """Raw bytes for each key (``None`` if absent), unverified."""
+
+    def _read_range(self, key: str, start: int, stop: int) -> bytes | None:
+        """Raw bytes ``[start, stop)`` of ``key``'s entry (clipped), ``None`` if absent; backends that can read part
+        of an entry override this, the default reads it whole."""
+        data = self._read_many([key])[0]
+        return None if data is None else data[start:stop]
 
     def _exists_many(self, keys: list[str]) -> list[bool]:
         """Whether each key exists; backends with a batched check override this."""

@@ -50,6 +50,14 @@ class MemoryStore(Store):
                 out.append(data)
         return out
 
+    def _read_range(self, key: str, start: int, stop: int) -> bytes | None:
+        with self._lock:
+            data = self._entries.get(key)
+            if data is None:
+                return None
+            self._entries.move_to_end(key)
+        return data[start:stop]
+
     def _write(self, key: str, data: bytes) -> bool:
         if len(data) > self.config.max_bytes:
             return False

@@ -130,6 +130,19 @@ class RedisStore(Store):
             pipe.mget(names[start : start + size])
         return [value for batch in pipe.execute() for value in batch]
 
+    def _read_range(self, key: str, start: int, stop: int) -> bytes | None:
+        # GETRANGE cannot tell an absent key from an empty range (and its end is inclusive, -1 meaning the last
+        # byte), so EXISTS goes in the same round trip and an empty range is not sent at all.
+        name = self._name(key)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.exists(name)
+        if stop > start:
+            pipe.getrange(name, start, stop - 1)
+        found, *data = pipe.execute()
+        if not found:
+            return None
+        return bytes(data[0]) if data else b""
+
     def _write(self, key: str, data: bytes) -> bool:
         ttl = self.config.ttl_seconds
         self._client.set(self._name(key), data, px=None if ttl is None else max(1, round(ttl * 1000)))
