@@ -29,7 +29,7 @@ from kvpack.codecs.common import PARALLEL_MIN_ELEMENTS
 from kvpack.errors import CodecError, FormatError, KvpackError, ModelMismatchError, TokenMismatchError
 from kvpack.format import read_container
 from kvpack.kv import KVCache
-from kvpack.spec import ModelSpec
+from kvpack.spec import DTYPES, ModelSpec
 
 #: Codecs that return exactly the bits they were given.
 EXACT = ("lossless", "raw", "zstd")
@@ -72,18 +72,20 @@ def _rel_error(a: KVCache, b: KVCache) -> float:
 @pytest.mark.parametrize("name", available())
 @pytest.mark.parametrize("tokens", [0, 1, 37])
 def test_round_trip(profiles: dict[str, str], name: str, tokens: int) -> None:
-    kv = sample_cache(name, tokens)
-    data = _codec(name, profiles).encode(kv)
-    out = _decode(data, name, profiles, spec=kv.spec, token_ids=kv.token_ids)
-    assert out.spec == kv.spec and out.num_tokens == tokens
-    assert tuple(out.data.shape) == kv.spec.buffer_shape(tokens) and out.data.dtype == kv.spec.torch_dtype
-    assert torch.equal(out.positions, kv.positions)
-    assert out.token_ids is not None and kv.token_ids is not None and torch.equal(out.token_ids, kv.token_ids)
-    if name in EXACT:
-        assert out.equal(kv)
-    else:
-        assert bool(torch.isfinite(out.data).all())
-        assert tokens == 0 or _rel_error(out, kv) < LOSSY_REL_ERROR
+    """Every KV dtype (calibrated codecs: their profile's), with the spec and token ids checked on the way."""
+    for dtype in ("bfloat16",) if name in PROFILED else sorted(DTYPES):
+        kv = sample_cache(name, tokens, dtype=dtype)
+        data = _codec(name, profiles).encode(kv)
+        out = _decode(data, name, profiles, spec=kv.spec, token_ids=kv.token_ids)
+        assert out.spec == kv.spec and out.num_tokens == tokens
+        assert tuple(out.data.shape) == kv.spec.buffer_shape(tokens) and out.data.dtype == kv.spec.torch_dtype
+        assert torch.equal(out.positions, kv.positions)
+        assert out.token_ids is not None and kv.token_ids is not None and torch.equal(out.token_ids, kv.token_ids)
+        if name in EXACT:
+            assert out.equal(kv)
+        else:
+            assert bool(torch.isfinite(out.data).all())
+            assert tokens == 0 or _rel_error(out, kv) < LOSSY_REL_ERROR
 
 
 @pytest.mark.parametrize("name", available())
