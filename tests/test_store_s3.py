@@ -119,7 +119,7 @@ def test_get_many_is_concurrent_and_keeps_order(shared: S3Server) -> None:
         seen.add(threading.current_thread().name)
         return original(key)
 
-    store._get_one = spy  # type: ignore[method-assign]
+    store._get_one = spy
     got = store.get_many(keys)
     assert got == [entry(bytes([i]) * 2000) if i % 3 == 0 else None for i in range(40)]
     assert len(seen) > 1 and all(name.startswith("kvpack-s3") for name in seen)

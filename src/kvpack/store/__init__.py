@@ -2,7 +2,8 @@
 
 Backends: :class:`MemoryStore` (in-process LRU), :class:`DiskStore` (local files, the embedded default),
 :class:`RedisStore` (Redis or Valkey, shared between processes and machines) and :class:`S3Store` (S3-compatible
-object storage). :func:`open` builds one from a URL.
+object storage); :class:`TieredStore` puts several of them in front of each other. :func:`open` builds one from
+a URL or a TOML file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from kvpack.errors import StoreError
 from kvpack.store.base import Store, StoreStats, StoreWarning, validate_key
 from kvpack.store.disk import DiskStore, default_cache_dir
 from kvpack.store.memory import MemoryStore
+from kvpack.store.tiered import TieredStore, TieredStoreStats, TierStats, open_config, open_tiered_url
 
 if TYPE_CHECKING:
     from kvpack.store.redis import RedisStore
@@ -29,6 +31,9 @@ __all__ = [
     "Store",
     "StoreStats",
     "StoreWarning",
+    "TierStats",
+    "TieredStore",
+    "TieredStoreStats",
     "default_cache_dir",
     "open",
     "redact_url",
@@ -95,6 +100,8 @@ def open(url: str) -> Store:
       (seconds), ``socket_timeout=``, ``connect_timeout=``, ``batch_size=``; other query options go to redis-py.
     - ``s3://BUCKET/PREFIX`` with optional ``endpoint=http://HOST:PORT``, ``region=``, ``connect_timeout=``,
       ``read_timeout=``, ``max_attempts=``, ``max_workers=``: an :class:`S3Store` (credentials the boto3 way).
+    - ``tiered://URL1|URL2|...``: a :class:`TieredStore` of those stores, fastest first.
+    - a path ending in ``.toml``: the store that configuration file describes (:func:`open_config`).
 
     Raises :class:`StoreError` for an unknown scheme, an unknown or malformed option, an unusable directory, or a
     Redis or S3 URL without its package installed (install kvpack[redis] or kvpack[s3]).
@@ -102,7 +109,11 @@ def open(url: str) -> Store:
     if not isinstance(url, str) or not url:
         raise StoreError(f"a store URL is a non-empty string, got {url!r}")
     if "://" not in url:
+        if url.endswith(".toml"):
+            return open_config(url)
         return _build(DiskStore, {"path": url})
+    if url.startswith("tiered://"):
+        return open_tiered_url(url)
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "memory":
@@ -128,8 +139,8 @@ def open(url: str) -> Store:
 
         return _build(S3Store, {"bucket": parts.netloc, "prefix": _s3_prefix(parts.path), **kwargs})
     raise StoreError(
-        f"unknown store URL scheme {parts.scheme!r} in {redact_url(url)!r}; use memory://, file://PATH, redis:// "
-        "or s3://BUCKET/PREFIX"
+        f"unknown store URL scheme {parts.scheme!r} in {redact_url(url)!r}; use memory://, file://PATH, redis://, "
+        "s3://BUCKET/PREFIX, tiered://URL1|URL2 or a .toml file"
     )
 
 
