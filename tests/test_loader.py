@@ -80,10 +80,10 @@ def test_plan_from_injected_estimates() -> None:
     assert not load.plan(4).compute_front  # nothing measured yet: load only, and measure
     fp16 = 2 * CHUNK * spec.elements_per_token
     est = load.estimates
-    est.update(load._bytes_name, fp16)
-    est.update(load._decode_name, fp16 * 1000.0)  # decode: 1 ms per chunk
-    est.update(load._prefill_name, CHUNK / 0.01)  # compute: 10 ms per chunk
-    est.update(load._fetch_name, fp16 * 1000.0)  # a fast link: 1 ms per chunk
+    est.update(load.names.chunk_bytes, fp16)
+    est.update(load.names.decode, fp16 * 1000.0)  # decode: 1 ms per chunk
+    est.update(load.names.prefill, CHUNK / 0.01)  # compute: 10 ms per chunk
+    est.update(load.names.fetch, fp16 * 1000.0)  # a fast link: 1 ms per chunk
     plan = load.plan(4)
     assert not plan.compute_front and plan.predicted_load_s == pytest.approx(0.004)
     assert plan.predicted_chunk_compute_s == pytest.approx(0.01)
@@ -91,7 +91,7 @@ def test_plan_from_injected_estimates() -> None:
     load.estimates = slow
     for name, value in est._values.items():
         slow.update(name, value)
-    slow.update(load._fetch_name, fp16 * 10.0)  # a slow link: 100 ms per chunk
+    slow.update(load.names.fetch, fp16 * 10.0)  # a slow link: 100 ms per chunk
     assert load.plan(4).compute_front and load.plan(4).predicted_load_s == pytest.approx(0.4)
     assert not Loader(model, spec, MemoryStore(), codecs.get("raw"), CHUNK,
                       LoaderConfig(compute_front=False, estimates_path="")).plan(4).compute_front
@@ -155,13 +155,13 @@ def test_estimates_survive_a_restart_and_bad_files_are_ignored(tmp_path: Path) -
     path = tmp_path / "estimates.json"
     first = Loader(model, spec, store, the_codec, CHUNK, LoaderConfig(estimates_path=str(path)))
     first.load(ids, keys, len(keys))
-    assert path.exists() and first.estimates.get(first._decode_name)
+    assert path.exists() and first.estimates.get(first.names.decode)
     again = Loader(model, spec, store, the_codec, CHUNK, LoaderConfig(estimates_path=str(path)))
-    assert again.estimates.get(again._decode_name) == first.estimates.get(first._decode_name)
+    assert again.estimates.get(again.names.decode) == first.estimates.get(first.names.decode)
     path.write_text("{not json")
     with pytest.warns(Warning, match="unreadable"):
         fresh = Loader(model, spec, store, the_codec, CHUNK, LoaderConfig(estimates_path=str(path)))
-    assert fresh.estimates.get(fresh._decode_name) is None
+    assert fresh.estimates.get(fresh.names.decode) is None
 
 
 def test_context_cache_reports_the_load_and_repairs_failed_chunks() -> None:

@@ -133,6 +133,23 @@ def _short(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class EstimateNames:
+    """The names under which a loader keeps its estimates (shared by loaders of the same store, codec and model).
+
+    ``fetch``: bytes/s of reading one chunk from the store (latency included); ``chunk_bytes``: stored bytes per
+    chunk; ``decode``: fp16-equivalent bytes/s of decoding; ``prefill``: tokens/s of this model's prefill here.
+    """
+
+    fetch: str
+    chunk_bytes: str
+    decode: str
+    prefill: str
+
+    def all(self) -> tuple[str, str, str, str]:
+        return self.fetch, self.chunk_bytes, self.decode, self.prefill
+
+
+@dataclass(frozen=True)
 class Plan:
     """What the loader decided for ``chunks`` stored chunks, and the predictions it decided on (seconds)."""
 
@@ -173,17 +190,16 @@ class Loader:
         path = self.config.estimates_path
         resolved = default_cache_dir() / ESTIMATES_FILE if path is None else (Path(path) if path else None)
         self.estimates = Estimates(resolved, self.config.ewma)
-        self._fetch_name = f"fetch_Bps/{_short(repr(store))}"
-        self._bytes_name = f"chunk_bytes/{_short(codec.codec_id)}/{chunk_tokens}"
-        self._decode_name = f"decode_Bps/{_short(codec.codec_id)}"
-        self._prefill_name = f"prefill_tps/{spec.fingerprint[:16]}"
+        self.names = EstimateNames(fetch=f"fetch_Bps/{_short(repr(store))}",
+                                   chunk_bytes=f"chunk_bytes/{_short(codec.codec_id)}/{chunk_tokens}",
+                                   decode=f"decode_Bps/{_short(codec.codec_id)}",
+                                   prefill=f"prefill_tps/{spec.fingerprint[:16]}")
 
     # ------------------------------------------------------------------------------------------------- planning
     def plan(self, chunks: int) -> Plan:
         """Whether to compute from the front for ``chunks`` stored chunks, from the current estimates."""
         est = self.estimates
-        fetch, size, dec, tps = (est.get(n) for n in (self._fetch_name, self._bytes_name, self._decode_name,
-                                                       self._prefill_name))
+        fetch, size, dec, tps = (est.get(n) for n in self.names.all())
         fp16 = 2 * self.chunk_tokens * self.spec.elements_per_token
         load = None
         if fetch and size and dec:
@@ -195,7 +211,7 @@ class Loader:
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """Record a prefill of ``tokens`` tokens that took ``seconds`` (ContextCache reports its tail prefill)."""
         if tokens >= 16:
-            self.estimates.update(self._prefill_name, tokens / seconds)
+            self.estimates.update(self.names.prefill, tokens / seconds)
 
     # -------------------------------------------------------------------------------------------------- loading
     def load(self, ids: torch.Tensor, keys: list[str], chunks: int,
@@ -222,8 +238,7 @@ class Loader:
             self._fill(ids, kv, hole, report)
         report.wall_s = time.perf_counter() - start
         self.estimates.save()
-        report.estimates = {n: self.estimates.get(n) for n in (self._fetch_name, self._bytes_name,
-                                                              self._decode_name, self._prefill_name)}
+        report.estimates = {n: self.estimates.get(n) for n in self.names.all()}
         return kv, report
 
     def _compute_front(self, ids: torch.Tensor, claim: _Claims, report: LoadReport,
@@ -284,8 +299,8 @@ class Loader:
         blob = self.store.get(key)
         seconds = time.perf_counter() - t0
         if blob is not None:
-            self.estimates.update(self._fetch_name, len(blob) / max(seconds, 1e-9))
-            self.estimates.update(self._bytes_name, len(blob))
+            self.estimates.update(self.names.fetch, len(blob) / max(seconds, 1e-9))
+            self.estimates.update(self.names.chunk_bytes, len(blob))
         return blob, seconds
 
     def _decode(self, blob: bytes, ids: torch.Tensor, kv: KVCache, i: int, report: LoadReport) -> bool:
@@ -300,7 +315,7 @@ class Loader:
         report.decode_s += seconds
         if int(part.positions[0]) != i * c:  # stored for other positions: not this prefix
             return False
-        self.estimates.update(self._decode_name, 2 * part.num_tokens * self.spec.elements_per_token / seconds)
+        self.estimates.update(self.names.decode, 2 * part.num_tokens * self.spec.elements_per_token / seconds)
         return True
 
 
