@@ -168,6 +168,11 @@ def _section(name: str, change: Callable[[bytes], bytes] | None) -> Edit:
     return edit
 
 
+def _constant(body: bytes) -> Callable[[bytes], bytes]:
+    """A section change that replaces whatever was there by ``body``."""
+    return lambda _: body
+
+
 def _each(*edits: Edit) -> Edit:
     def edit(header: Header, sections: Sections) -> None:
         for e in edits:
@@ -284,6 +289,34 @@ def _section_attacks(sections: Mapping[str, bytes]) -> Iterator[Attack]:
     yield Attack("unknown extra section", _section("zzz", lambda b: b"\x00" * 16))
 
 
+def _stream_attacks(sections: Mapping[str, bytes]) -> Iterator[Attack]:
+    """rANS blobs (those that carry their tables) re-packed with the same symbol count but a lane layout or a table
+    count the shapes do not imply: one-symbol lanes alternating between tables (a decoder that accepted them would
+    rebuild a 32K-slot table per lane) and 4096 tables (the reader allocates 1 KiB per table)."""
+    import numpy as np
+
+    from kvpack.entropy import PROB_SCALE, pack, parse
+    from kvpack.errors import FormatError
+
+    for name, body in sections.items():
+        try:
+            stream = parse(body, max_symbols=1 << 40)
+        except FormatError:  # not a blob, or one whose tables live in a profile
+            continue
+        total = int(stream.lane_starts[-1])
+        n_tables, alphabet = stream.freqs.shape
+        if total == 0 or n_tables < 2:
+            continue
+        zeros = np.zeros(total, np.uint8)
+        for tables in (n_tables, 4096):
+            freqs = np.zeros((tables, alphabet), np.uint32)
+            freqs[:, 0] = PROB_SCALE
+            lanes = np.arange(total + 1, dtype=np.int64)
+            blob = pack(zeros, lanes, (np.arange(total) % tables).astype(np.int32), freqs)
+            yield Attack(f"section {name}: {total} one-symbol lanes over {tables} tables",
+                         _section(name, _constant(blob)))
+
+
 def _consistent_lies(source: Source, header: Mapping[str, Any]) -> Iterator[Attack]:
     """Lies that keep the sections the lengths they were: only the content of the sections can give them away."""
     meta = header["meta"]
@@ -311,7 +344,7 @@ def attacks(source: Source) -> list[Attack]:
     sections = {name: bytes(view) for name, view in container.sections.items()}
     out = [*_spec_attacks(header["spec"]), *_token_attacks(header["tokens"]["count"]),
            *_codec_attacks(source.codec, header["codec"]["params"], source.profile), *_meta_attacks(header["meta"]),
-           *_section_attacks(sections), *_consistent_lies(source, header)]
+           *_section_attacks(sections), *_stream_attacks(sections), *_consistent_lies(source, header)]
     names = [a.name for a in out]
     assert len(set(names)) == len(names), "attack names must be unique"
     return out
@@ -372,9 +405,10 @@ class Sandbox:
 
     @staticmethod
     def _send(proc: subprocess.Popen[bytes], data: bytes, profile: str | None, spec: dict[str, Any] | None,
-              limit: bool = False, timeout: float = 600.0) -> Outcome:
+              limit: bool = False, timeout: float = 600.0, prefix_of: dict[str, Any] | None = None) -> Outcome:
         assert proc.stdin is not None and proc.stdout is not None
-        request = {"data": base64.b64encode(data).decode(), "profile": profile, "spec": spec, "limit": limit}
+        request = {"data": base64.b64encode(data).decode(), "profile": profile, "spec": spec, "limit": limit,
+                   "prefix_of": prefix_of}
         start = time.monotonic()
         try:
             proc.stdin.write(json.dumps(request).encode() + b"\n")
@@ -390,10 +424,11 @@ class Sandbox:
         return Outcome(reply["error"], reply["typed"], reply["message"], reply["seconds"])
 
     def decode(self, data: bytes, profile: str | None = None, spec: dict[str, Any] | None = None,
-               timeout: float = CASE_SECONDS) -> Outcome:
-        """Decode ``data`` in the worker (``kvpack.decode(data, spec, profile=profile)``) and report the outcome."""
+               timeout: float = CASE_SECONDS, prefix_of: dict[str, Any] | None = None) -> Outcome:
+        """Decode ``data`` in the worker (``kvpack.decode(data, spec, profile=profile)``; with ``prefix_of``, the
+        ``codec`` object of a header, through that codec's ``decode_prefix``) and report the outcome."""
         proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
-        outcome = self._send(proc, data, profile, spec, timeout=timeout)
+        outcome = self._send(proc, data, profile, spec, timeout=timeout, prefix_of=prefix_of)
         if outcome.crashed:
             self._stop()
         return outcome
@@ -402,6 +437,7 @@ class Sandbox:
 def _serve() -> None:
     """The worker loop: one JSON request per line on stdin, one JSON reply per line on stdout."""
     import kvpack
+    from kvpack.codecs import get
     from kvpack.errors import KvpackError
     from kvpack.spec import ModelSpec
 
@@ -420,7 +456,12 @@ def _serve() -> None:
             spec = None if request["spec"] is None else ModelSpec.from_json(request["spec"])
             start = time.monotonic()
             try:
-                kv = kvpack.decode(data, spec, profile=request["profile"])
+                codec = request["prefix_of"]
+                if codec is None:
+                    kv = kvpack.decode(data, spec, profile=request["profile"])
+                else:
+                    kv = get(codec["name"], **codec["params"], profile=request["profile"]).decode_prefix(data,
+                                                                                                       spec=spec)
                 reply = {"error": None, "typed": True, "message": f"{kv.num_tokens} tokens"}
             except Exception as exc:  # the point of the worker: report any exception, typed or not
                 reply = {"error": type(exc).__name__, "typed": isinstance(exc, KvpackError), "message": str(exc)[:500]}

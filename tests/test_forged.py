@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from forged import Outcome, Sandbox, Source, attacks, rewrite, sources
-from kvpack.codecs import available
+from kvpack.codecs import available, codec_class
 from kvpack.format import read_container
 
 
@@ -39,17 +39,23 @@ def _refused(outcome: Outcome) -> bool:
 
 @pytest.mark.parametrize("codec", available())
 def test_named_attacks_end_in_typed_errors(corpus: dict[str, Source], sandbox: Sandbox, codec: str) -> None:
-    """Every attack of the corpus, decoded with and without the trusted spec, raises a KvpackError subclass."""
+    """Every attack of the corpus, decoded with and without the trusted spec (and, for progressive codecs, through
+    ``decode_prefix``), raises a KvpackError subclass."""
     source = corpus[codec]
     clean = sandbox.decode(source.data, source.profile)
     assert clean.error is None and not clean.crashed, clean  # the unmodified container decodes under the limit
     failures = []
+    # a progressive codec also reads prefixes of containers, with its own header and section-table parsing
+    ways: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = [(None, None), (source.spec_json, None)]
+    if hasattr(codec_class(codec), "decode_prefix"):
+        ways.append((None, read_container(source.data).header["codec"]))
     for attack in attacks(source):
         forged = rewrite(source.data, attack.edit)
-        for spec in (None, source.spec_json):
-            outcome = sandbox.decode(forged, source.profile, spec)
+        for spec, prefix_of in ways:
+            outcome = sandbox.decode(forged, source.profile, spec, prefix_of=prefix_of)
             if not _refused(outcome):
-                failures.append(f"{attack.name} (spec {'given' if spec else 'from header'}): {outcome}")
+                how = "decode_prefix" if prefix_of else f"spec {'given' if spec else 'from header'}"
+                failures.append(f"{attack.name} ({how}): {outcome}")
     assert not failures, f"{len(failures)} forged containers were not refused:\n" + "\n".join(failures)
 
 

@@ -88,8 +88,12 @@ def write_container(header: Mapping[str, Any], sections: Mapping[str, bytes | me
     return b"".join(parts)
 
 
-def read_header(data: bytes | memoryview) -> dict[str, Any]:
-    """Parse and verify the prefix and JSON header (not the sections); raises :class:`FormatError`."""
+def read_header(data: bytes | memoryview, *, prefix: bool = False) -> dict[str, Any]:
+    """Parse and verify the prefix and JSON header (not the sections); raises :class:`FormatError`.
+
+    With ``prefix``, ``data`` may be the first bytes of a longer container (a progressive read), as long as it holds
+    the whole header.
+    """
     view = memoryview(data).cast("B")
     if len(view) < PREFIX_BYTES:
         raise FormatError(f"{len(view)} bytes is too short for a kvpack container (at least {PREFIX_BYTES})")
@@ -105,13 +109,13 @@ def read_header(data: bytes | memoryview) -> dict[str, Any]:
         raise FormatError(f"unknown container flags {flags:#x}")
     if head_len > MAX_HEADER_BYTES:
         raise FormatError(f"header length {head_len} exceeds the limit of {MAX_HEADER_BYTES} bytes")
-    if total != len(view):
+    if total != len(view) and not (prefix and total > len(view)):
         raise FormatError(
             f"container declares {total} bytes but {len(view)} were given: the file is truncated or has trailing "
             "bytes"
         )
-    if PREFIX_BYTES + head_len > total:
-        raise FormatError("header runs past the end of the container")
+    if PREFIX_BYTES + head_len > min(total, len(view)):
+        raise FormatError("header runs past the end of the container (or of the bytes given)")
     (stored_crc,) = _CRC.unpack_from(view, _PREFIX.size)
     head = view[PREFIX_BYTES : PREFIX_BYTES + head_len]
     if crc32(bytes(view[: _PREFIX.size]) + bytes(head)) != stored_crc:

@@ -158,7 +158,7 @@ class Codec(ABC):
         validate.element_count(the_spec, num_tokens)
         sizes = self.section_sizes(meta, the_spec, num_tokens)
         if "positions" in container.sections:
-            sizes = {**sizes, "positions": validate.exact(8 * num_tokens)}
+            sizes = {"positions": validate.exact(8 * num_tokens), **sizes}
         validate.check_sections(container, sizes)
         if out is not None and (out.spec.fingerprint != the_spec.fingerprint or out.num_tokens != num_tokens):
             raise ValueError(f"out= holds {out.num_tokens} tokens of model {out.spec.fingerprint[:12]}; this "

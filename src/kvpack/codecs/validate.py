@@ -156,12 +156,18 @@ def exact(n: int) -> Size:
 def check_sections(container: Container, sizes: Mapping[str, Size]) -> None:
     """Every section in ``sizes`` present with a length in its range, and no other section.
 
-    A container read from a prefix (``container.complete`` false) may lack sections; those present are checked.
+    A container read from a prefix (``container.complete`` false) may lack sections at the end, but its header's
+    section table must still list every section, and those present must be the table's first ones.
     """
     extra = sorted(set(container.sections) - set(sizes))
     if extra:
         raise FormatError(f"container has sections {extra} that its codec does not write: the file is forged or "
                           "was written by another codec")
+    if not container.complete:
+        listed = [entry.get("name") for entry in container.header.get("sections", []) if isinstance(entry, dict)]
+        if sorted(map(str, listed)) != sorted(sizes) or list(container.sections) != listed[: len(container.sections)]:
+            raise FormatError(f"the section table lists {listed}, but the codec writes {sorted(sizes)} and a prefix "
+                              "holds the table's first sections: the header is forged or corrupted")
     for name, size in sizes.items():
         if name not in container.sections:
             if container.complete:

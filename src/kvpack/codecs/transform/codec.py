@@ -25,7 +25,6 @@ A prefix of the bytes that holds complete layers decodes at lower quality (:meth
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
@@ -63,7 +62,7 @@ from kvpack.codecs.transform.quant import (
 from kvpack.codecs.validate import Size, json_int
 from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import CodecError, FormatError, ModelMismatchError
-from kvpack.format import PREFIX_BYTES, Container, crc32
+from kvpack.format import PREFIX_BYTES, Container, crc32, read_header
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
@@ -385,29 +384,31 @@ class TransformCodec(CalibratedCodec[TransformProfile]):
         """
         view = memoryview(data).cast("B")
         view = view[: len(view) if max_bytes is None else max_bytes]
-        if len(view) < PREFIX_BYTES:
-            raise FormatError("prefix too short for a container header")
-        _, _, _, head_len, _ = struct.unpack_from("<8sHHIQ", view, 0)
-        if PREFIX_BYTES + head_len > len(view):
-            raise FormatError("prefix does not hold the container header")
-        (stored,) = struct.unpack_from("<I", view, PREFIX_BYTES - 4)
-        head = bytes(view[PREFIX_BYTES : PREFIX_BYTES + head_len])
-        if bytes(view[:4]) != b"\x89KVP" or crc32(bytes(view[: PREFIX_BYTES - 4]) + head) != stored:
-            raise FormatError("not a kvpack container, or its header is corrupted")
-        header = json.loads(head)
+        header = read_header(view, prefix=True)
+        head_len = struct.unpack_from("<I", view, 12)[0]  # verified by read_header
         area = view[PREFIX_BYTES + head_len :]
+        table = header.get("sections")
+        if not isinstance(table, list):
+            raise FormatError("header has no valid section table")
         sections: dict[str, memoryview] = {}
-        for entry in header.get("sections", []):
+        end = 0
+        for entry in table:
+            if not isinstance(entry, dict):
+                raise FormatError("section table entry is not an object")
             off, length, name = entry.get("offset"), entry.get("length"), entry.get("name")
-            if not (isinstance(off, int) and isinstance(length, int) and isinstance(name, str)) \
-                    or off + length > len(area):
+            if not (isinstance(off, int) and isinstance(length, int) and isinstance(name, str)) or off != end \
+                    or length < 0 or name in sections:
+                raise FormatError(f"section {name!r} has a bad table entry")
+            end = off + length
+            if end > len(area):
                 break
             body = area[off : off + length]
             if crc32(body) != entry.get("crc32"):
                 raise FormatError(f"section {name!r} checksum mismatch")
             sections[name] = body
         info = header.get("codec")
-        if not isinstance(info, dict) or info.get("name") != self.name or info.get("params") != self.params():
+        if not isinstance(info, dict) or info.get("name") != self.name or info.get("version") != self.version \
+                or info.get("params") != self.params():
             raise CodecError("container was not written by this codec with these parameters")
         if "sinks" not in sections:
             raise FormatError("prefix does not reach the sink section; read more bytes")
