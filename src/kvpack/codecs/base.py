@@ -19,8 +19,6 @@ import numpy as np
 import torch
 
 from kvpack.codecs import validate
-from kvpack.codecs.validate import MAX_ELEMENTS as MAX_ELEMENTS  # re-exported: the documented names
-from kvpack.codecs.validate import MAX_TOKENS as MAX_TOKENS
 from kvpack.codecs.validate import Size
 from kvpack.errors import CodecError, FormatError, ModelMismatchError, ProfileMismatchError, TokenMismatchError
 from kvpack.format import Container, read_container, write_container
