@@ -16,6 +16,7 @@ import kvpack
 from conftest import make_kv
 from kvpack.bench import codecs as bench_codecs
 from kvpack.bench import ttft
+from kvpack.bench.links import links_available
 from kvpack.context import ContextCache
 from kvpack.spec import ModelSpec
 from kvpack.store import MemoryStore
@@ -34,31 +35,83 @@ def test_link_store_serves_the_inner_bytes() -> None:
     inner = MemoryStore()
     data = kvpack.encode(make_kv(tokens=4))
     inner.put("k", data)
-    link = ttft.LinkStore(inner, gbps=1000.0)
-    assert link.get_many(["k", "missing"]) == [data, None]
+    seen: list[list[bytes | None]] = []
+    link = ttft.LinkStore(inner, gbps=1000.0, on_read=seen.append)
+    assert link.get_many(["k", "missing"]) == [data, None] and seen == [[data, None]]
     assert link.contains("k") and link.stats().hits == 1
     link.put("k2", data)
     assert inner.get("k2") == data
+    link.set_rate(2000.0)
+    assert link.gbps == 2000.0
+
+
+def test_rate_drop_lowers_the_rate_once_after_a_quarter_and_restores_it() -> None:
+    rates: list[float] = []
+    drop = ttft.RateDrop(rates.append, high=10.0, low=1.0)
+    drop.arrived([b"x"])  # not armed: ignored
+    with drop.armed(after=2):
+        drop.arrived([b"x", None])
+        assert rates == [] and not drop.dropped
+        drop.arrived([b"x"])
+        drop.arrived([b"x"])
+        assert rates == [1.0] and drop.dropped
+    assert rates == [1.0, 10.0]
+    with drop.armed(after=5):
+        drop.arrived([b"x"])
+    assert rates == [1.0, 10.0] and not drop.dropped  # never dropped: nothing to restore
+
+
+def test_ttft_config_says_what_is_allowed() -> None:
+    with pytest.raises(ValueError, match="needs recompute"):
+        ttft.TtftConfig(strategies=("load", "adaptive"))
+    with pytest.raises(ValueError, match="strategies are some of"):
+        ttft.TtftConfig(strategies=("cake",))
+    with pytest.raises(ValueError, match="Gbit/s"):
+        ttft.TtftConfig(links_gbps=(0.0,))
+    assert ttft.TtftConfig(strategies=("recompute", "adaptive")).loads == ("adaptive",)
+
+
+def _row(n: int, strategy: str, method: str, transport: str, ttft_s: float, **extra: Any) -> dict[str, Any]:
+    row = {"context_tokens": n, "method": method, "strategy": strategy, "transport": transport, "ttft_s": ttft_s,
+           "bytes_read": 10, "ratio": n / 1024, "machine": "test", "chunks_hit": 4, "chunks_loaded": 4,
+           "chunks_computed": 0, "fetch_gbps": 0.8, "link": "tbf" if transport.startswith("link") else None,
+           "runs": [{"ttft_s": ttft_s, "chunks_loaded": 4, "chunks_computed": 0}]}
+    return row | extra
 
 
 def test_ttft_page_and_plot(tmp_path: Path) -> None:
-    rows = [{"context_tokens": n, "method": "recompute", "transport": "-", "ttft_s": n / 100, "bytes_read": 0,
-             "ratio": None, "machine": "test"} for n in (1024, 2048)]
-    rows += [{"context_tokens": n, "method": "raw", "transport": t, "ttft_s": 0.1, "bytes_read": 10,
-              "ratio": n / 1024, "machine": "test"} for n in (1024, 2048) for t in ("disk", "link 10 Gbps")]
+    rows = [{"context_tokens": n, "method": "recompute", "strategy": "recompute", "transport": "-",
+             "ttft_s": n / 100, "bytes_read": 0, "ratio": None, "machine": "test", "dtype": "float32",
+             "recompute_s": {"bfloat16": n / 50, "float32": n / 100}} for n in (1024, 2048)]
+    for n in (1024, 2048):
+        for t in ("disk", "link 10 Gbps"):
+            rows += [_row(n, "load", "raw", t, 0.1), _row(n, "adaptive", "raw", t, 0.05, chunks_loaded=3,
+                                                             chunks_computed=1)]
+    rows.append(_row(1024, "adaptive", "raw", "link 10→1 Gbps", 0.2, drop_to_gbps=1.0, runs=[
+        {"ttft_s": 0.2, "chunks_loaded": 3, "chunks_computed": 1, "dropped": True},
+        {"ttft_s": 0.3, "chunks_loaded": 4, "chunks_computed": 0, "dropped": False}]))
     page = ttft.markdown(rows, tmp_path / "ttft.png", "kvpack bench ttft --repeats 2")
-    assert "| 1024 | raw | 1.0x | 0.100 | 0.100 |" in page and "| 2048 | raw | 2.0x | 0.100 | 0.100 |" in page
-    assert "`kvpack bench ttft --repeats 2`" in page
+    assert "| 1024 | load | raw | 1.0x | 0.100 | 0.100 | - |" in page
+    assert "| 2048 | adaptive | raw | 2.0x | 0.050 | 0.050 | - |" in page
+    assert "| 1024 | raw | 3/1 | 3/1 | 4/0 |" in page  # chunks loaded / computed
+    assert "| 1024 | link 10→1 Gbps | recompute | 10.240 | raw | 0.200 | 51.20x | - |" in page
+    assert "| 1024 | disk | load raw | 0.100 | raw | 0.050 | 2.00x | 2.00x |" in page
+    assert "| 1024 | adaptive | raw | link 10→1 Gbps | 0.200 0.300 | 1/2 | 1 0 | 0.200 |" in page
+    assert "`kvpack bench ttft --repeats 2`" in page and "real" in page and "emulated" not in page
+    assert "Previous protocol" not in page and "| 1024 | 20.48 | 10.24 | float32 |" in page
     ttft.plot(rows, tmp_path / "ttft.png")
     assert (tmp_path / "ttft.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_ttft_times_every_arm_under_one_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _tiny_models() -> tuple[Any, Any]:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    float32_model = LlamaForCausalLM(config).eval()
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval(), LlamaForCausalLM(config).eval()
+
+
+def test_ttft_times_every_arm_under_one_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, float32_model = _tiny_models()
     calls: Counter[str] = Counter()
     recompute, generate = ttft._recompute_ttft, ContextCache.generate
 
@@ -72,21 +125,49 @@ def test_ttft_times_every_arm_under_one_protocol(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(ttft, "_recompute_ttft", counted_recompute)
     monkeypatch.setattr(ContextCache, "generate", counted_generate)
-    rows = ttft.run(model, CharTokenizer(), ModelSpec.from_model(model), [kvpack.codecs.get("raw")], [256],
-                    repeats=2, json_path=tmp_path / "t.json", markdown_path=tmp_path / "t.md",
-                    float32_model=float32_model)
+    config = ttft.TtftConfig(lengths=(512,), links_gbps=(1.0,), repeats=2, emulate_links=True)
+    rows = ttft.run(model, CharTokenizer(), ModelSpec.from_model(model), [kvpack.codecs.get("raw")], config,
+                    json_path=tmp_path / "t.json", markdown_path=tmp_path / "t.md", float32_model=float32_model)
     assert json.loads((tmp_path / "t.json").read_text()) == rows
-    (base,) = [r for r in rows if r["method"] == "recompute"]
+    (base,) = [r for r in rows if r["strategy"] == "recompute"]
     assert set(base["recompute_s"]) == {"bfloat16", "float32"}
     assert base["dtype"] in base["recompute_s"] and base["ttft_s"] == min(base["recompute_s"].values())
-    loads = [r for r in rows if r["method"] != "recompute"]
-    assert loads and all(r["tokens_hit"] == 256 for r in loads)
-    # one warm-up and `repeats` timed runs for every arm: each recompute dtype and each transport
+    loads = [r for r in rows if r["strategy"] != "recompute"]
+    by = {(r["strategy"], r["transport"]): r for r in loads}
+    transports = ("memory", "disk", "link 1 Gbps (emulated)", "link 10→1 Gbps (emulated)")
+    assert set(by) == {(s, t) for s in ("load", "adaptive") for t in transports}
+    for (strategy, transport), r in by.items():
+        assert r["tokens_hit"] == 512 and r["chunks_hit"] == 2 and r["ratio"] > 0.9
+        assert r["chunks_loaded"] + r["chunks_computed"] + len(r["failed_chunks"]) == 2
+        assert r["plan"]["chunks"] == 2 and r["plan"]["compute_front"] in (True, False)
+        assert len(r["runs"]) == 2 and all(set(run) >= {"ttft_s", "chunks_loaded", "chunks_computed"}
+                                           for run in r["runs"])
+        assert all(isinstance(r[k], float) for k in ("ttft_s", "load_s", "fetch_s", "decode_s", "compute_s"))
+        if strategy == "load":  # loading only: nothing computed from the front
+            assert r["chunks_loaded"] == 2 and not r["plan"]["compute_front"]
+        if transport.startswith("link"):
+            assert r["link"] == "emulated" and r["link_note"] == "emulated links were asked for"
+        if "→" in transport:
+            assert r["drop_to_gbps"] == 1.0 and all("dropped" in run for run in r["runs"])
+    # one warm-up and `repeats` timed runs for every arm: each recompute dtype and each (strategy, transport)
     assert calls == {"torch.bfloat16": 3, "torch.float32": 3, "load": 3 * len(loads)}
     page = (tmp_path / "t.md").read_text()
-    assert "Previous protocol" not in page and "| 256 |" in page and "| bfloat16 | float32 | baseline |" in page
+    assert "Previous protocol" not in page and "| 512 | adaptive | raw |" in page
+    assert "**emulated**" in page and "| bfloat16 | float32 | baseline |" in page
     with pytest.raises(ValueError, match=r"float32 recompute model is torch\.bfloat16"):
-        ttft.run(model, CharTokenizer(), ModelSpec.from_model(model), [], [256], float32_model=model)
+        ttft.run(model, CharTokenizer(), ModelSpec.from_model(model), [], config, float32_model=model)
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not links_available()[0], reason=f"shaped links unavailable: {links_available()[1]}")
+def test_ttft_over_a_real_shaped_link(tmp_path: Path) -> None:
+    model, float32_model = _tiny_models()
+    config = ttft.TtftConfig(lengths=(512,), links_gbps=(1.0,), repeats=1, drop=True)
+    rows = ttft.run(model, CharTokenizer(), ModelSpec.from_model(model), [kvpack.codecs.get("raw")], config,
+                    float32_model=float32_model)
+    links = [r for r in rows if r["transport"] in ("link 1 Gbps", "link 10→1 Gbps")]
+    assert len(links) == 4 and all(r["link"] == "tbf" and r["chunks_hit"] == 2 for r in links)
+    assert all(r["fetch_gbps"] is not None for r in links if r["chunks_loaded"])
 
 
 def test_ttft_page_from_the_previous_protocol_says_to_regenerate() -> None:
@@ -96,6 +177,7 @@ def test_ttft_page_from_the_previous_protocol_says_to_regenerate() -> None:
              "ratio": 1.0, "machine": "test"}]
     page = ttft.markdown(rows, None, "kvpack bench ttft --repeats 2")
     assert page.splitlines()[2].startswith("> **Previous protocol: regenerate this page with `kvpack bench ttft")
+    assert "| 1024 | load | raw | 1.0x | 0.100 |" in page
 
 
 def test_codecs_page_and_plot(tmp_path: Path) -> None:

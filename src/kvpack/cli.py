@@ -340,25 +340,35 @@ def bench_ttft(
         help="Codec setting NAME:k=v,k=v to load (repeatable; default raw, and lossless/fp8/kivi when present).")]
     = None,
     lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated.")] = "1024,2048,4096,7168",
-    repeats: Annotated[int, typer.Option(help="Runs per measurement (median).")] = 3,
+    links: Annotated[str, typer.Option(help="Link rates in Gbit/s, comma-separated; empty for none.")]
+    = "0.1,1,10,25",
+    strategies: Annotated[str, typer.Option(help="Of recompute, load, adaptive; comma-separated.")]
+    = "recompute,load,adaptive",
+    drop: Annotated[bool, typer.Option(help="Also run the drop scenario (10 Gbps falling to 1 Gbps).")] = True,
+    emulate_links: Annotated[bool, typer.Option(
+        help="Emulate the links (sleep per read) even where shaped links (root, netns, tc) work.")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement after the warm-up (lower median).")] = 3,
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of TTFT against context length here.")] = None,
 ) -> None:
-    """TTFT: full recompute vs loading each codec from memory, disk, Redis and emulated 1/10/25 Gbps links."""
+    """TTFT: recompute vs loading each codec (all chunks, or adaptively) from memory, disk and shaped links."""
     import torch
 
     from kvpack import models
     from kvpack.bench import ttft
 
     try:
+        config = ttft.TtftConfig(lengths=tuple(int(x) for x in lengths.split(",") if x.strip()),
+                                 links_gbps=tuple(float(x) for x in links.split(",") if x.strip()),
+                                 strategies=tuple(x.strip() for x in strategies.split(",") if x.strip()),
+                                 repeats=repeats, drop=drop, emulate_links=emulate_links)
         chosen = [parse_setting(s) for s in setting or []] or [
             codecs.get(name, **params) for name, params in ttft.DEFAULT_SETTINGS if name in codecs.available()]
         lm, tokenizer, spec = load_model(model)
-        ttft.run(lm, tokenizer, spec, chosen, [int(x) for x in lengths.split(",")], repeats=repeats,
-                 console=console, json_path=json_path, markdown_path=markdown, plot_path=plot,
-                 command=_command_line(), float32_model=models.load(model, dtype=torch.float32)[0])
+        ttft.run(lm, tokenizer, spec, chosen, config, console=console, json_path=json_path, markdown_path=markdown,
+                 plot_path=plot, command=_command_line(), float32_model=models.load(model, dtype=torch.float32)[0])
     except (KvpackError, ValueError) as exc:
         _fail(exc)
 

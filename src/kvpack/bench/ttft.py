@@ -1,109 +1,279 @@
-"""`kvpack bench ttft`: time to first token with and without kvpack, per context length, codec and transport.
+"""`kvpack bench ttft`: time to first token with and without kvpack, per context length, strategy, codec and transport.
 
 For each context length (tokens of CPython stdlib source) the context's KV cache is computed once, encoded with
 every codec setting and put, chunk by chunk under its chain keys, into each transport: a memory store, a disk store,
-a Redis server (started on a loopback port when ``redis-server`` is installed), and a memory store behind an
-emulated network link of 1, 10 or 25 Gbps. The link is emulated in this benchmark's transport: after every batched
-read the caller sleeps ``bytes * 8 / bandwidth`` seconds (no latency term; transfer and decode do not overlap).
-Then a prompt made of the context plus a short question is answered through :class:`~kvpack.context.ContextCache`
-with one new token; TTFT is measured from the call to the first token's logits.
+and Redis behind links of 0.1, 1, 10 and 25 Gbps. The links are real where the machine permits it
+(:class:`~kvpack.bench.links.ShapedLink`: a ``redis-server`` in a network namespace behind a veth pair shaped by
+``tc tbf`` in both directions, TCP through the kernel's shaper, no added delay); elsewhere they are *emulated*, and
+labelled so in every row, table and page: a memory store that sleeps ``bytes * 8 / bandwidth`` after each read
+(:class:`LinkStore`). Then a prompt made of the context plus a short question is answered through
+:class:`~kvpack.context.ContextCache` with one new token; TTFT is measured from the call to the first token's logits.
 
-The baseline is full recompute: plain ``model.generate`` on the same prompt, timed in bfloat16 and in float32 (a
-float32 copy of the model loaded the same way), because which one is faster depends on the CPU: bf16 compute is
-~4x slower than fp32 on AVX2-only CPUs and fast on AVX-512/AMX ones. Both are recorded and printed; the faster is
-the ``recompute`` baseline. Every arm, recompute and loading alike, follows one protocol (:func:`timed`): one untimed
-warm-up run (numba's first-call compile, the page cache, torch's first-call set-up), then ``repeats`` timed runs, of
-which the lower median is reported.
+Strategies, per context length and transport:
+
+- ``recompute``: plain ``model.generate`` on the whole prompt, timed in bfloat16 and in float32 (a float32 copy of
+  the model loaded the same way), because which one is faster depends on the CPU (bf16 compute is ~4x slower than
+  fp32 on AVX2-only CPUs, fast on AVX-512/AMX ones); the faster is the baseline, both are recorded.
+- ``load``: each codec, every chunk loaded (``LoaderConfig(compute_front=False)``).
+- ``adaptive``: each codec, the loader free to compute from the front while it loads from the back
+  (``LoaderConfig(compute_front=True)``, :mod:`kvpack.loader`); it decides from its estimates, whose prefill rate is
+  seeded with this prompt's measured bfloat16 recompute and whose fetch and decode rates the warm-up run measures.
+
+Plus the drop scenario: a link at 10 Gbps that falls to 1 Gbps once a quarter of the chunks have arrived (counted as
+entries come out of the store, the rate changed by ``tc qdisc change``, or the emulated rate lowered), reported per
+run. Every arm follows one protocol (:func:`timed`): one untimed warm-up run (numba's first-call compile, the page
+cache, torch's first-call set-up, the loader's first estimates), then ``repeats`` timed runs, of which the lower
+median is reported. Loader estimates are kept in memory per arm (``estimates_path=""``), so arms do not leak into
+each other. Each row records what the loader did (chunks loaded and computed, fetch/decode/compute seconds, the
+throughput the link gave) from :class:`~kvpack.prefix.RequestStats`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvpack.bench.redis_server import RedisServer, redis_server_available
+from kvpack.bench.links import MAX_GBPS, LinkShape, ShapedLink, links_available
 from kvpack.codecs.base import Codec
 from kvpack.context import ContextCache, _FirstTokenClock
 from kvpack.errors import StoreError
 from kvpack.eval.corpora import documents
 from kvpack.eval.quality import machine
 from kvpack.inference import as_batch, prefill
+from kvpack.kv import KVCache
+from kvpack.loader import LoaderConfig
+from kvpack.prefix import RequestStats
 from kvpack.store import DiskStore, MemoryStore, Store
 
 QUESTION = "\n# Question: which function above is the most complex, and why?\n"
-LINKS_GBPS = (1.0, 10.0, 25.0)
+LINKS_GBPS = (0.1, 1.0, 10.0, 25.0)
+#: The drop scenario: (Gbps before, Gbps after) the first quarter of the chunks has arrived.
+DROP_GBPS = (10.0, 1.0)
+STRATEGIES = ("recompute", "load", "adaptive")
 #: Codec settings loaded by default, as (codec name, parameters); those not installed are skipped.
 DEFAULT_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("raw", {}), ("lossless", {}), ("fp8", {}), ("kivi", {"bits": 4}), ("kivi", {"bits": 2}),
 )
 #: The compute dtypes of the recompute baseline, by the names the JSON and the tables use.
 RECOMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+#: Seconds a Redis read over a shaped link may take (a 25 MB chunk at 0.1 Gbps takes 2 s).
+LINK_SOCKET_TIMEOUT_S = 60.0
 T = TypeVar("T")
 
 
-class LinkStore(Store):
-    """A store behind an emulated link of ``gbps``: each batched read sleeps for its bytes' transfer time."""
+@dataclass(frozen=True)
+class TtftConfig:
+    """What `kvpack bench ttft` measures.
 
-    def __init__(self, inner: Store, gbps: float) -> None:
+    Attributes:
+        lengths: context lengths in tokens.
+        links_gbps: link rates in Gbit/s (each a transport besides memory and disk).
+        strategies: of :data:`STRATEGIES`; ``adaptive`` needs ``recompute`` (its prefill estimate is seeded with
+            the measured bfloat16 recompute).
+        repeats: timed runs per arm after the warm-up run (the lower median is reported).
+        drop: also measure the drop scenario (:data:`DROP_GBPS`).
+        emulate_links: use emulated links even where shaped links work.
+    """
+
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 7168)
+    links_gbps: tuple[float, ...] = LINKS_GBPS
+    strategies: tuple[str, ...] = STRATEGIES
+    repeats: int = 3
+    drop: bool = True
+    emulate_links: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.lengths or any(not isinstance(n, int) or n < 1 for n in self.lengths):
+            raise ValueError(f"lengths must be positive token counts, got {self.lengths!r}")
+        for gbps in self.links_gbps:
+            if not (isinstance(gbps, int | float) and math.isfinite(gbps) and 0 < gbps <= MAX_GBPS):
+                raise ValueError(f"link rates must be in (0, {MAX_GBPS:g}] Gbit/s, got {gbps!r}")
+        unknown = set(self.strategies) - set(STRATEGIES)
+        if not self.strategies or unknown:
+            raise ValueError(f"strategies are some of {', '.join(STRATEGIES)}, got {', '.join(self.strategies)}")
+        if "adaptive" in self.strategies and "recompute" not in self.strategies:
+            raise ValueError("the adaptive strategy needs recompute too: its prefill estimate is seeded with the "
+                             "measured bfloat16 recompute; add recompute to the strategies")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {self.repeats!r}")
+
+    @property
+    def loads(self) -> tuple[str, ...]:
+        """The loading strategies asked for, in order."""
+        return tuple(s for s in self.strategies if s != "recompute")
+
+
+class RelayStore(Store):
+    """A store that passes every raw operation on to ``inner`` and calls ``on_read(entries)`` after each read.
+
+    ``inner``'s backend failures stay failures here (re-raised as :class:`StoreError`: degraded and counted).
+    """
+
+    _transient_errors: ClassVar[tuple[type[Exception], ...]] = (StoreError,)
+
+    def __init__(self, inner: Store, on_read: Callable[[list[bytes | None]], None] | None = None) -> None:
         super().__init__()
-        self.inner, self.gbps = inner, gbps
+        self.inner, self.on_read = inner, on_read
 
     def __repr__(self) -> str:
-        return f"LinkStore({self.inner!r}, {self.gbps} Gbps)"
+        return f"{type(self).__name__}({self.inner!r})"
+
+    def _relay(self, op: Callable[..., T], *args: Any) -> T:
+        try:
+            return op(*args)
+        except self.inner._transient_errors as exc:
+            raise StoreError(f"{self.inner!r} failed: {exc}") from exc
 
     def _read_many(self, keys: list[str]) -> list[bytes | None]:
-        found = self.inner._read_many(keys)
-        time.sleep(sum(len(d) for d in found if d is not None) * 8 / (self.gbps * 1e9))
+        found = self._relay(self.inner._read_many, keys)
+        self._arrived(found)
         return found
 
+    def _arrived(self, entries: list[bytes | None]) -> None:
+        """What happens as a read's entries arrive: ``on_read`` is told."""
+        if self.on_read is not None:
+            self.on_read(entries)
+
+    def _exists_many(self, keys: list[str]) -> list[bool]:
+        return self._relay(self.inner._exists_many, keys)
+
     def _write(self, key: str, data: bytes) -> bool:
-        return self.inner._write(key, data)
+        return self._relay(self.inner._write, key, data)
 
     def _exists(self, key: str) -> bool:
-        return self.inner._exists(key)
+        return self._relay(self.inner._exists, key)
 
     def _remove(self, key: str) -> bool:
-        return self.inner._remove(key)
+        return self._relay(self.inner._remove, key)
 
     def _usage(self) -> tuple[int, int] | None:
-        return self.inner._usage()
+        return self._relay(self.inner._usage)
 
     def _close(self) -> None:
         self.inner.close()
 
 
-@contextmanager
-def transports(workdir: Path, console: Console) -> Iterator[dict[str, Store]]:
-    """The stores to measure, by name; Redis only when a ``redis-server`` binary and redis-py are installed."""
-    with ExitStack() as stack:
-        out: dict[str, Store] = {"memory": MemoryStore(max_bytes=1 << 34), "disk": DiskStore(workdir / "disk")}
+class LinkStore(RelayStore):
+    """A store behind an *emulated* link of ``gbps``: each batched read sleeps for its bytes' transfer time."""
+
+    def __init__(self, inner: Store, gbps: float, on_read: Callable[[list[bytes | None]], None] | None = None) -> None:
+        super().__init__(inner, on_read)
+        self.gbps = gbps
+
+    def __repr__(self) -> str:
+        return f"LinkStore({self.inner!r}, {self.gbps} Gbps)"
+
+    def set_rate(self, gbps: float) -> None:
+        """Emulate ``gbps`` from the next read on."""
+        self.gbps = gbps
+
+    def _arrived(self, entries: list[bytes | None]) -> None:
+        """The entries arrive after their transfer time at the current rate."""
+        time.sleep(sum(len(e) for e in entries if e is not None) * 8 / (self.gbps * 1e9))
+        super()._arrived(entries)
+
+
+class RateDrop:
+    """The drop scenario on one link: inside ``with drop.armed(after):``, the link runs at ``high`` Gbps until
+    ``after`` entries have arrived through the store (:meth:`arrived`, a :class:`RelayStore` ``on_read``), then at
+    ``low``; back at ``high`` on exit. :attr:`dropped` says whether the rate fell during the last run."""
+
+    def __init__(self, set_rate: Callable[[float], None], high: float, low: float) -> None:
+        self.set_rate, self.high, self.low = set_rate, high, low
+        self._lock = threading.Lock()
+        self._left: int | None = None
+        self.dropped = False
+
+    def arrived(self, entries: list[bytes | None]) -> None:
+        """Count the entries of one read; the one that completes the quarter lowers the rate (in the I/O thread)."""
+        with self._lock:
+            if self._left is None:
+                return
+            self._left -= sum(e is not None for e in entries)
+            if self._left > 0:
+                return
+            self._left, self.dropped = None, True
+        self.set_rate(self.low)
+
+    @contextmanager
+    def armed(self, after: int) -> Iterator[RateDrop]:
+        with self._lock:
+            self._left, self.dropped = after, False
         try:
-            from kvpack.store.redis import RedisStore
-        except StoreError as exc:
-            console.print(f"[yellow]skipping the Redis transport: {exc}[/yellow]")
-        else:
-            if redis_server_available():
-                server = stack.enter_context(RedisServer(workdir / "redis"))
-                out["redis"] = RedisStore(server.url)
+            yield self
+        finally:
+            with self._lock:
+                self._left = None
+            if self.dropped:
+                self.set_rate(self.high)
+
+
+@dataclass
+class Transport:
+    """One column of the table: a store, and for links their kind (``"tbf"`` or ``"emulated"``) and rate."""
+
+    name: str
+    store: Store
+    link: str | None = None
+    gbps: float | None = None
+    drop: RateDrop | None = None
+    note: str | None = None
+
+
+def _link_name(gbps: float, drop_to: float | None, emulated: bool) -> str:
+    rate = f"{gbps:g}" if drop_to is None else f"{gbps:g}→{drop_to:g}"
+    return f"link {rate} Gbps" + (" (emulated)" if emulated else "")
+
+
+@contextmanager
+def transports(workdir: Path, console: Console, config: TtftConfig) -> Iterator[list[Transport]]:
+    """The stores to measure: memory, disk, and a link per rate (and the drop scenario's), real where possible."""
+    with ExitStack() as stack:
+        out = [Transport("memory", MemoryStore(max_bytes=1 << 34)), Transport("disk", DiskStore(workdir / "disk"))]
+        real, why = (False, "emulated links were asked for") if config.emulate_links else links_available()
+        redis_store: Any = None
+        if real:
+            try:
+                from kvpack.store.redis import RedisStore as redis_store
+            except StoreError as exc:
+                real, why = False, str(exc)
+        if not real:
+            console.print(f"[yellow]links are emulated (sleep bytes*8/rate after each read): {why}[/yellow]")
+        rates = [(g, None) for g in config.links_gbps] + ([DROP_GBPS] if config.drop else [])
+        for gbps, low in rates:
+            name = _link_name(gbps, low, emulated=not real)
+            drop: RateDrop | None = None
+            if real:
+                link = stack.enter_context(ShapedLink(gbps, LinkShape()))
+                inner = redis_store(link.url, socket_timeout=LINK_SOCKET_TIMEOUT_S)
+                if low is not None:
+                    drop = RateDrop(link.set_rate, gbps, low)
+                store: Store = RelayStore(inner, drop.arrived) if drop else inner
             else:
-                console.print("[yellow]redis-server not installed: skipping the Redis transport[/yellow]")
-        for gbps in LINKS_GBPS:
-            out[f"link {gbps:g} Gbps"] = LinkStore(MemoryStore(max_bytes=1 << 34), gbps)
+                emulated = LinkStore(MemoryStore(max_bytes=1 << 34), gbps)
+                if low is not None:
+                    drop = RateDrop(emulated.set_rate, gbps, low)
+                    emulated.on_read = drop.arrived
+                store = emulated
+            out.append(Transport(name, store, "tbf" if real else "emulated", gbps, drop, None if real else why))
         try:
             yield out
         finally:
-            for store in out.values():
-                store.close()
+            for transport in out:
+                transport.store.close()
 
 
 def context_ids(tokenizer: Any, tokens: int) -> torch.Tensor:
@@ -136,15 +306,87 @@ def _recompute_ttft(model: Any, ids: torch.Tensor) -> float:
     return (clock.at or time.perf_counter()) - start
 
 
-def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], lengths: list[int], repeats: int = 3,
+def _label(codec: Codec) -> str:
+    return codec.name + "".join(f" {k}={v}" for k, v in codec.params().items() if v is not None and k != "profile")
+
+
+def _put_context(cc: ContextCache, kv: KVCache, ctx: torch.Tensor) -> tuple[int, int]:
+    """Encode the context's full chunks into ``cc``'s store under its keys; ``(tokens, bytes)`` stored."""
+    codec, store = cc.prefixes.the_codec, cc.prefixes.backend
+    keys = cc.keys.keys(ctx)
+    chunks = kv[: len(keys) * cc.chunk_tokens]
+    chunks.token_ids = ctx[: chunks.num_tokens]
+    stored = 0
+    for key, part in zip(keys, chunks.chunks(cc.chunk_tokens), strict=True):
+        blob = codec.encode(part)
+        store.put(key, blob)
+        stored += len(blob)
+    return chunks.num_tokens, stored
+
+
+def _run_record(stats: RequestStats, dropped: bool | None) -> dict[str, Any]:
+    record: dict[str, Any] = {"ttft_s": stats.ttft_s, "chunks_loaded": stats.chunks_loaded,
+                              "chunks_computed": stats.chunks_computed}
+    if dropped is not None:
+        record["dropped"] = dropped
+    return record
+
+
+def _load_arm(cc: ContextCache, prompt: torch.Tensor, transport: Transport, repeats: int,
+              seed: tuple[int, float] | None) -> tuple[RequestStats, list[dict[str, Any]]]:
+    """One loading arm under :func:`timed`: the lower-median run's stats and a record of every timed run.
+
+    ``seed`` (tokens, seconds) is a measured prefill to start the loader's prefill estimate from.
+    """
+    if seed is not None:
+        cc.prefixes.loader.observe_prefill(*seed)
+    drop = transport.drop
+    quarter = max(1, math.ceil(cc.lookup(prompt) / cc.chunk_tokens / 4))
+    runs: list[dict[str, Any]] = []
+
+    def once() -> RequestStats:
+        if drop is None:
+            stats = cc.generate(prompt, max_new_tokens=1, do_sample=False).stats
+            runs.append(_run_record(stats, None))
+        else:
+            with drop.armed(quarter):
+                stats = cc.generate(prompt, max_new_tokens=1, do_sample=False).stats
+            runs.append(_run_record(stats, drop.dropped))
+        return stats
+
+    best = timed(once, lambda s: s.ttft_s, repeats)
+    return best, runs[1:]  # the first is the warm-up
+
+
+def _load_row(length: int, label: str, strategy: str, transport: Transport, stats: RequestStats,
+              runs: list[dict[str, Any]], ratio: float) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "context_tokens": length, "method": label, "strategy": strategy, "transport": transport.name,
+        "link": transport.link, "link_gbps": transport.gbps, "ttft_s": stats.ttft_s, "load_s": stats.load_s,
+        "fetch_s": stats.fetch_s, "decode_s": stats.decode_s, "compute_s": stats.compute_s,
+        "prefill_s": stats.prefill_s, "tokens_hit": stats.tokens_hit, "chunks_hit": stats.chunks_hit,
+        "chunks_loaded": stats.chunks_loaded, "chunks_computed": stats.chunks_computed,
+        "failed_chunks": stats.failed_chunks, "bytes_read": stats.bytes_read,
+        "fetch_gbps": stats.bytes_read * 8 / stats.fetch_s / 1e9 if stats.fetch_s > 0 else None,
+        "ratio": ratio, "plan": asdict(stats.plan) if stats.plan is not None else None, "runs": runs,
+    }
+    if transport.drop is not None:
+        row["drop_to_gbps"] = transport.drop.low
+    if transport.note is not None:
+        row["link_note"] = transport.note
+    return row
+
+
+def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], config: TtftConfig | None = None,
         console: Console | None = None, json_path: Path | None = None, markdown_path: Path | None = None,
         plot_path: Path | None = None, command: str = "kvpack bench ttft", *,
         float32_model: Any) -> list[dict[str, Any]]:
-    """Measure TTFT for every (length, method, transport); returns the JSON rows.
+    """Measure TTFT for every (length, strategy, codec, transport); returns the JSON rows.
 
     ``model`` is the bfloat16 model whose caches are stored and loaded; ``float32_model`` is the same model loaded
     in float32 (``kvpack.models.load(name, dtype=torch.float32)``), timed for the recompute baseline only.
     """
+    config = config or TtftConfig()
     recompute_models = {"bfloat16": model, "float32": float32_model}
     for name, lm in recompute_models.items():
         if lm.dtype != RECOMPUTE_DTYPES[name]:
@@ -152,38 +394,39 @@ def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], lengths: lis
     console = console or Console()
     question = tokenizer(QUESTION, return_tensors="pt", add_special_tokens=False).input_ids[0]
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="kvpack-ttft-") as tmp, transports(Path(tmp), console) as stores:
-        for length in lengths:
+    with tempfile.TemporaryDirectory(prefix="kvpack-ttft-") as tmp, \
+            transports(Path(tmp), console, config) as stores:
+        for length in config.lengths:
             ctx = context_ids(tokenizer, length)
             prompt = torch.cat([ctx, question])
-            recompute = {name: timed(partial(_recompute_ttft, lm, prompt), float, repeats)
-                         for name, lm in recompute_models.items()}
-            fastest = min(recompute, key=recompute.__getitem__)
-            rows.append({"context_tokens": length, "method": "recompute", "transport": "-",
-                         "ttft_s": recompute[fastest], "dtype": fastest, "recompute_s": recompute,
-                         "bytes_read": 0, "ratio": None})
-            console.print(f"{length} tokens: recompute done")
+            seed: tuple[int, float] | None = None
+            if "recompute" in config.strategies:
+                recompute = {name: timed(partial(_recompute_ttft, lm, prompt), float, config.repeats)
+                             for name, lm in recompute_models.items()}
+                fastest = min(recompute, key=recompute.__getitem__)
+                rows.append({"context_tokens": length, "method": "recompute", "strategy": "recompute",
+                             "transport": "-", "ttft_s": recompute[fastest], "dtype": fastest,
+                             "recompute_s": recompute, "bytes_read": 0, "ratio": None})
+                seed = (len(prompt), recompute["bfloat16"])
+                console.print(f"{length} tokens: recompute done")
+            if not config.loads:
+                continue
             kv, _ = prefill(model, spec, ctx)
             for codec in codecs:
-                label = codec.name + "".join(f" {k}={v}" for k, v in codec.params().items()
-                                             if v is not None and k != "profile")
-                for transport, store in stores.items():
-                    with ContextCache(model, tokenizer, store=store, codec=codec, spec=spec,
-                                      namespace=f"bench-{length}") as cc:
-                        keys = cc.keys.keys(ctx)
-                        chunks = kv[: len(keys) * cc.chunk_tokens]
-                        chunks.token_ids = ctx[: chunks.num_tokens]
-                        for key, part in zip(keys, chunks.chunks(cc.chunk_tokens), strict=True):
-                            store.put(key, codec.encode(part))
-                        answer = partial(cc.generate, prompt, max_new_tokens=1, do_sample=False)
-                        best = timed(answer, lambda g: g.stats.ttft_s, repeats).stats
-                        for key in cc.keys.keys(prompt):
-                            store.delete(key)
-                    rows.append({"context_tokens": length, "method": label, "transport": transport,
-                                 "ttft_s": best.ttft_s, "load_s": best.load_s, "decode_s": best.decode_s,
-                                 "prefill_s": best.prefill_s, "tokens_hit": best.tokens_hit,
-                                 "bytes_read": best.bytes_read,
-                                 "ratio": 2 * best.tokens_hit * spec.elements_per_token / max(best.bytes_read, 1)})
+                label = _label(codec)
+                for transport in stores:
+                    stored: tuple[int, int] | None = None
+                    for strategy in config.loads:
+                        loader = LoaderConfig(compute_front=strategy == "adaptive", estimates_path="")
+                        with ContextCache(model, tokenizer, store=transport.store, codec=codec, spec=spec,
+                                          namespace=f"bench-{length}", loader=loader) as cc:
+                            stored = stored or _put_context(cc, kv, ctx)
+                            stats, runs = _load_arm(cc, prompt, transport, config.repeats,
+                                                    seed if strategy == "adaptive" else None)
+                            ratio = 2 * stored[0] * spec.elements_per_token / max(stored[1], 1)
+                            rows.append(_load_row(length, label, strategy, transport, stats, runs, ratio))
+                    for key in cc.keys.keys(prompt):
+                        transport.store.delete(key)
                 console.print(f"{length} tokens: {label} done")
     for row in rows:
         row["machine"] = machine()
@@ -197,101 +440,197 @@ def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], lengths: lis
     return rows
 
 
-def _pivot(rows: list[dict[str, Any]]) -> tuple[list[str], dict[tuple[int, str], dict[str, float]]]:
-    transports_seen = list(dict.fromkeys(r["transport"] for r in rows if r["method"] != "recompute"))
-    table: dict[tuple[int, str], dict[str, float]] = {}
+# ------------------------------------------------------------------------------------------------------ the tables
+Section = tuple[str, list[str], list[list[str]]]
+
+
+def _strategy(row: dict[str, Any]) -> str:
+    """A row's strategy; rows from before the loader have none (they loaded every chunk)."""
+    return str(row.get("strategy") or ("recompute" if row["method"] == "recompute" else "load"))
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["transport"] for r in rows if r["method"] != "recompute"))
+
+
+def _grid(rows: list[dict[str, Any]], strategies: tuple[str, ...]) -> dict[tuple[int, str, str], dict[str, Any]]:
+    """Rows of the given strategies by (context, strategy, method), then by transport."""
+    grid: dict[tuple[int, str, str], dict[str, Any]] = {}
     for r in rows:
-        table.setdefault((r["context_tokens"], r["method"]), {})[r["transport"]] = r["ttft_s"]
-    return transports_seen, table
+        if _strategy(r) in strategies:
+            grid.setdefault((r["context_tokens"], _strategy(r), r["method"]), {})[r["transport"]] = r
+    return grid
+
+
+def _ttft_section(rows: list[dict[str, Any]]) -> Section:
+    columns = _columns(rows)
+    body = []
+    for (length, strategy, method), cells in _grid(rows, STRATEGIES).items():
+        if strategy == "recompute":
+            body.append([str(length), strategy, method, "-", *[f"{cells['-']['ttft_s']:.2f}"] * len(columns)])
+        else:
+            ratio = next((f"{r['ratio']:.1f}x" for r in cells.values() if r.get("ratio")), "-")
+            body.append([str(length), strategy, method, ratio,
+                         *[f"{cells[t]['ttft_s']:.3f}" if t in cells else "-" for t in columns]])
+    return "TTFT (s)", ["context", "strategy", "method", "ratio", *columns], body
+
+
+def _decisions_section(rows: list[dict[str, Any]]) -> Section:
+    columns = _columns(rows)
+    body = [[str(length), method, *[f"{cells[t]['chunks_loaded']}/{cells[t]['chunks_computed']}" if t in cells
+                                    else "-" for t in columns]]
+            for (length, _, method), cells in _grid(rows, ("adaptive",)).items()]
+    return ("What the adaptive loader did: chunks loaded / computed (of the reported run)", ["context", "method",
+                                                                                             *columns], body)
+
+
+def _throughput_section(rows: list[dict[str, Any]]) -> Section:
+    links = [t for t in _columns(rows) if t.startswith("link")]
+    body = [[str(length), method, *[f"{cells[t]['fetch_gbps']:.2f}" if t in cells and cells[t].get("fetch_gbps")
+                                    else "-" for t in links]]
+            for (length, _, method), cells in _grid(rows, ("load",)).items() if method.startswith("raw")]
+    return "Throughput the links gave to the raw loads: bytes read / fetch seconds (Gbit/s)", \
+        ["context", "method", *links], body
+
+
+def _versus_section(rows: list[dict[str, Any]]) -> Section:
+    """Per (context, transport): the best fixed strategy (recompute included), the best adaptive, their ratio."""
+    body = []
+    for length in dict.fromkeys(r["context_tokens"] for r in rows):
+        recompute = [r for r in rows if r["context_tokens"] == length and _strategy(r) == "recompute"]
+        for transport in _columns(rows):
+            cell = [r for r in rows if r["context_tokens"] == length and r["transport"] == transport]
+            adaptive = [r for r in cell if _strategy(r) == "adaptive"]
+            fixed = [r for r in cell if _strategy(r) == "load"] + recompute
+            if not adaptive or not fixed:
+                continue
+            best, ours = min(fixed, key=lambda r: r["ttft_s"]), min(adaptive, key=lambda r: r["ttft_s"])
+            raw = next((r for r in cell if _strategy(r) == "load" and r["method"] == "raw"), None)
+            fixed_name = "recompute" if _strategy(best) == "recompute" else f"load {best['method']}"
+            body.append([str(length), transport, fixed_name, f"{best['ttft_s']:.3f}",
+                         ours["method"], f"{ours['ttft_s']:.3f}", f"{best['ttft_s'] / ours['ttft_s']:.2f}x",
+                         f"{raw['ttft_s'] / ours['ttft_s']:.2f}x" if raw else "-"])
+    return ("Adaptive against the best fixed strategy of each cell", ["context", "transport", "best fixed", "s",
+                                                                      "best adaptive", "s", "fixed / adaptive",
+                                                                      "raw load / adaptive"], body)
+
+
+def _drop_section(rows: list[dict[str, Any]]) -> Section:
+    body = [[str(r["context_tokens"]), _strategy(r), r["method"], r["transport"],
+             " ".join(f"{run['ttft_s']:.3f}" for run in r["runs"]),
+             f"{sum(run['dropped'] for run in r['runs'])}/{len(r['runs'])}",
+             " ".join(str(run["chunks_computed"]) for run in r["runs"]), f"{r['ttft_s']:.3f}"]
+            for r in rows if r.get("drop_to_gbps") is not None]
+    return ("Drop scenario: TTFT of every timed run", ["context", "strategy", "method", "transport", "runs (s)",
+                                                       "runs with the drop", "chunks computed per run",
+                                                       "reported (s)"], body)
+
+
+def _recompute_section(rows: list[dict[str, Any]]) -> Section:
+    body = [[str(r["context_tokens"]), *[f"{r['recompute_s'][d]:.2f}" for d in RECOMPUTE_DTYPES], r["dtype"]]
+            for r in rows if "recompute_s" in r]
+    return "Recompute TTFT by compute dtype (s)", ["context", *RECOMPUTE_DTYPES, "baseline"], body
+
+
+def _sections(rows: list[dict[str, Any]]) -> list[Section]:
+    sections = [_ttft_section(rows), _decisions_section(rows), _versus_section(rows), _throughput_section(rows),
+                _drop_section(rows), _recompute_section(rows)]
+    return [s for s in sections if s[2]]
 
 
 def _print(console: Console, rows: list[dict[str, Any]]) -> None:
-    transports_seen, table = _pivot(rows)
-    out = Table(title=f"TTFT in seconds ({rows[0]['machine'] if rows else ''})")
-    for column in ("context", "method", *transports_seen):
-        out.add_column(column, justify="right" if column not in ("method",) else "left")
-    for (length, method), cells in table.items():
-        if method == "recompute":
-            out.add_row(str(length), method, *[f"{cells['-']:.2f}"] * len(transports_seen))
-        else:
-            out.add_row(str(length), method, *[f"{cells[t]:.3f}" if t in cells else "-" for t in transports_seen])
-    console.print(out)
-    for row in rows:
-        if row["method"] == "recompute":
-            console.print(f"{row['context_tokens']} tokens: {_recompute_note(row)}")
+    for title, header, body in _sections(rows):
+        out = Table(title=f"{title} ({rows[0]['machine']})" if title.startswith("TTFT") else title)
+        for i, column in enumerate(header):
+            out.add_column(column, justify="left" if i in (1, 2) else "right")
+        for line in body:
+            out.add_row(*line)
+        console.print(out)
 
 
-def _recompute_note(row: dict[str, Any]) -> str:
-    """A recompute row in words: the TTFT of each compute dtype and which one is the baseline."""
-    times = row.get("recompute_s")
-    if times is None:
-        return f"recompute {row['ttft_s']:.2f} s (bfloat16 only: the previous protocol)"
-    return "recompute " + ", ".join(f"{name} {t:.2f} s" for name, t in times.items()) + f"; baseline {row['dtype']}"
+def _links_text(rows: list[dict[str, Any]]) -> str:
+    """What the page's link columns are: real shaped links, emulated ones (and why), or both."""
+    kinds = {r.get("link") for r in rows if str(r["transport"]).startswith("link")}
+    text = []
+    if "tbf" in kinds:
+        shape = LinkShape()
+        text.append("Links marked `Gbps` are real: Redis in a network namespace of its own, reached over a veth pair "
+                    f"shaped by `tc qdisc ... tbf` in both directions (burst {shape.burst_ms:g} ms at the rate, "
+                    f"queue {shape.queue_ms:g} ms; no added delay, as this kernel has no netem), so TCP, the "
+                    "shaper and Redis are in every number. On 2 shared cores Redis and its client cannot fill "
+                    "10 or 25 Gbit/s: the throughput table below says what each link gave.")
+    if kinds - {"tbf"}:
+        notes = sorted({r["link_note"] for r in rows if r.get("link_note")})
+        why = f" ({'; '.join(notes)})" if notes else ""
+        text.append(f"Links marked `(emulated)` are **emulated**{why}: a memory store that sleeps "
+                    "`bytes * 8 / bandwidth` after each read (no latency term).")
+    if any(r.get("drop_to_gbps") is not None for r in rows):
+        high, low = DROP_GBPS
+        text.append(f"`link {high:g}→{low:g} Gbps` is the drop scenario: {high:g} Gbps until a quarter of the "
+                    f"chunks have arrived, then {low:g} Gbps for the rest of the request.")
+    return " ".join(text)
 
 
 def markdown(rows: list[dict[str, Any]], plot_path: Path | None, command: str = "kvpack bench ttft") -> str:
     """docs/results/ttft.md from the rows."""
-    transports_seen, table = _pivot(rows)
     recomputes = [r for r in rows if r["method"] == "recompute"]
     lines = ["# Time to first token", ""]
-    if any("recompute_s" not in r for r in recomputes):
-        lines += [f"> **Previous protocol: regenerate this page with `{command}`.** Its recompute rows are "
-                  "bfloat16 compute only, timed without the loading rows' warm-up run, so they overstate every "
-                  "speed-up wherever float32 compute is faster (~4x on AVX2-only CPUs). `kvpack bench ttft` now "
-                  "times recompute in bfloat16 and float32 under the loading rows' protocol and takes the faster."
+    if any("recompute_s" not in r for r in recomputes) or any("strategy" not in r for r in rows):
+        lines += [f"> **Previous protocol: regenerate this page with `{command}`.** Its rows predate the loader "
+                  "(every chunk loaded, then decoded, then the rest prefilled) and its recompute rows are bfloat16 "
+                  "compute only, timed without the loading rows' warm-up run. `kvpack bench ttft` now compares "
+                  "recompute (the faster of bfloat16 and float32), loading and the adaptive loader under one "
+                  "protocol, over real shaped links where the machine permits."
                   + (" Make the profiles it names first with `kvpack calibrate --codec NAME -o PATH`."
                      if "profile=" in command else ""), ""]
-        protocol = ("loading rows are the lower median of the timed runs after one untimed warm-up run; recompute "
-                    "rows are plain `model.generate` on the whole prompt in bfloat16, the median of `repeats - 1` runs "
-                    "without a warm-up run")
-    else:
-        protocol = ("every row is the lower median of the timed runs after one untimed warm-up run; recompute is "
-                    "plain `model.generate` on the whole prompt in bfloat16 or float32 compute, whichever is "
-                    "faster on this machine (both are listed below the table)")
     lines += [f"Produced by `{command}` on " + (rows[0]["machine"] if rows else "?") + ".", "",
-              f"TTFT in seconds: {protocol}. Links are emulated by sleeping `bytes * 8 / bandwidth` after each "
-              "batched read of a memory store (no latency; transfer and decode do not overlap). Ratios count "
+              "TTFT in seconds; every row is the lower median of the timed runs after one untimed warm-up run. "
+              "`recompute` is plain `model.generate` on the whole prompt in bfloat16 or float32 compute, whichever "
+              "is faster on this machine; `load` loads every stored chunk; `adaptive` lets the loader compute "
+              "chunks from the front while it loads from the back, deciding from its own estimates (prefill seeded "
+              "with the measured bfloat16 recompute, fetch and decode measured by the warm-up run). Ratios count "
               "every stored byte.", ""]
-    ratios = {(r["context_tokens"], r["method"]): r["ratio"] for r in rows if r["ratio"]}  # same in every transport
-    lines.append("| context | method | ratio | " + " | ".join(transports_seen) + " |")
-    lines.append("|---|---|---|" + "---|" * len(transports_seen))
-    for (length, method), cells in table.items():
-        if method == "recompute":
-            values = [f"{cells['-']:.2f}"] * len(transports_seen)
-            ratio = "-"
-        else:
-            values = [f"{cells[t]:.3f}" if t in cells else "-" for t in transports_seen]
-            ratio = f"{ratios.get((length, method), 0):.1f}x"
-        lines.append(f"| {length} | {method} | {ratio} | " + " | ".join(values) + " |")
-    timed_both = [r for r in recomputes if "recompute_s" in r]
-    if timed_both:
-        lines += ["", "Recompute TTFT by compute dtype (s):", "", "| context | bfloat16 | float32 | baseline |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['context_tokens']} | {r['recompute_s']['bfloat16']:.2f} | {r['recompute_s']['float32']:.2f} "
-                  f"| {r['dtype']} |" for r in timed_both]
+    if links := _links_text(rows):
+        lines += [links, ""]
+    for title, header, body in _sections(rows):
+        lines += [f"{title}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(line) + " |" for line in body]
+        lines.append("")
     if plot_path:
-        lines += ["", f"![TTFT against context length]({plot_path.name})"]
-    return "\n".join(lines) + "\n"
+        lines += [f"![TTFT against context length]({plot_path.name})", ""]
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """TTFT against context length: recompute and each method over a 10 Gbps link and from disk."""
+    """TTFT against context length, one panel per transport: recompute, and each codec loaded (solid) and loaded
+    adaptively (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, transport in zip(axes, ("link 10 Gbps", "disk"), strict=True):
-        methods = list(dict.fromkeys(r["method"] for r in rows))
+    columns = _columns(rows)
+    ncols = min(3, max(1, len(columns)))
+    nrows = max(1, math.ceil(len(columns) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), sharey=True, squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "recompute"))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    recompute = sorted((r["context_tokens"], r["ttft_s"]) for r in rows if _strategy(r) == "recompute")
+    for ax, transport in zip(axes.flat, columns, strict=False):
+        if recompute:
+            ax.plot(*zip(*recompute, strict=True), marker="o", color="black", label="recompute")
         for method in methods:
-            pts = sorted((r["context_tokens"], r["ttft_s"]) for r in rows if r["method"] == method
-                         and (r["transport"] == transport or method == "recompute"))
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=method)
-        ax.set(title=f"kvpack loads from {transport}", xlabel="context tokens", ylabel="TTFT (s)", yscale="log")
+            for strategy, style in (("load", "-"), ("adaptive", "--")):
+                pts = sorted((r["context_tokens"], r["ttft_s"]) for r in rows if r["method"] == method
+                             and r["transport"] == transport and _strategy(r) == strategy)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", linestyle=style, color=colors[method],
+                            label=f"{method} ({strategy})")
+        ax.set(title=transport, xlabel="context tokens", ylabel="TTFT (s)", yscale="log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
