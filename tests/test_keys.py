@@ -1,4 +1,5 @@
-"""Chunk keys: the documented byte encoding, determinism across processes, isolation, chaining."""
+"""Chunk keys: the documented byte encoding, determinism across processes, isolation, chaining, and the secret per
+namespace (explicit, environment, secrets file, public default)."""
 
 from __future__ import annotations
 
@@ -16,36 +17,52 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpack.keys import KEY_TAG, KeySpace, chunk_keys
+from kvpack.keys import KEY_TAG, KeySpace, chunk_keys, default_secret, env_name, namespace_secret
 
 KEYS_PY = Path(__file__).resolve().parents[1] / "src" / "kvpack" / "keys.py"
 SPACE = {"namespace": "tenant-1", "model_fingerprint": "f" * 64, "codec_id": "raw:v1"}
 
 
-def reference_keys(namespace: str, fingerprint: str, codec_id: str, ids: list[int], n: int) -> list[str]:
+def field(b: bytes) -> bytes:
+    return struct.pack("<Q", len(b)) + b
+
+
+def reference_keys(
+    namespace: str, fingerprint: str, codec_id: str, ids: list[int], n: int, secret: bytes | None = None
+) -> list[str]:
     """The encoding exactly as docs/store.md states it, written out independently."""
-
-    def field(b: bytes) -> bytes:
-        return struct.pack("<Q", len(b)) + b
-
+    if secret is None:  # the documented public default
+        secret = hashlib.blake2b(field(b"kvpack/namespace-secret/v1") + field(namespace.encode()), digest_size=32)
+        secret = secret.digest()
     out: list[str] = []
     parent = b""
     for start in range(0, len(ids) - n + 1, n):
-        msg = field(b"kvpack/chunk-key/v1") + field(namespace.encode()) + field(fingerprint.encode())
+        msg = field(b"kvpack/chunk-key/v2") + field(namespace.encode()) + field(fingerprint.encode())
         msg += field(codec_id.encode()) + field(parent) + field(struct.pack(f"<{n}q", *ids[start : start + n]))
-        digest = hashlib.blake2b(msg, digest_size=32).digest()
+        digest = hashlib.blake2b(msg, digest_size=32, key=secret).digest()
         out.append(digest.hex())
         parent = digest
     return out
 
 
+@pytest.fixture(autouse=True)
+def no_configured_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys in these tests use the public default unless a test configures a secret."""
+    for name in list(os.environ):
+        if name.startswith("KVPACK_KEY_SECRET_") or name == "KVPACK_SECRETS_FILE":
+            monkeypatch.delenv(name)
+
+
 def test_matches_the_documented_encoding() -> None:
     ids = list(range(1000, 1000 + 700))
-    assert KEY_TAG == b"kvpack/chunk-key/v1"
+    assert KEY_TAG == b"kvpack/chunk-key/v2"
     assert chunk_keys(**SPACE, token_ids=ids) == reference_keys("tenant-1", "f" * 64, "raw:v1", ids, 256)
     assert chunk_keys(**SPACE, token_ids=ids, chunk_tokens=100) == reference_keys(
         "tenant-1", "f" * 64, "raw:v1", ids, 100
     )
+
+
+PINNED_KEY = "e98369a37337d7ffd4ab31745051bdd26694ad7325d8ccc4d19ef278848ae768"
 
 
 def test_pinned_value() -> None:
@@ -54,16 +71,18 @@ def test_pinned_value() -> None:
         namespace="ns", model_fingerprint="model", codec_id="codec", token_ids=[1, 2, 3, 4], chunk_tokens=2
     )
     assert keys == reference_keys("ns", "model", "codec", [1, 2, 3, 4], 2)
+    secret = hashlib.blake2b(field(b"kvpack/namespace-secret/v1") + field(b"ns"), digest_size=32).digest()
     assert (
         keys[0]
         == hashlib.blake2b(
             b"".join(
-                struct.pack("<Q", len(b)) + b
-                for b in (b"kvpack/chunk-key/v1", b"ns", b"model", b"codec", b"", struct.pack("<2q", 1, 2))
+                field(b) for b in (b"kvpack/chunk-key/v2", b"ns", b"model", b"codec", b"", struct.pack("<2q", 1, 2))
             ),
             digest_size=32,
+            key=secret,
         ).hexdigest()
     )
+    assert keys[0] == PINNED_KEY, "the encoding changed: stored caches would become unreachable"
 
 
 CHILD = """
@@ -214,3 +233,60 @@ def test_properties(ids: list[int], n: int, ns: str) -> None:
     assert len(set(keys)) == len(keys)  # chained: even repeated chunks get distinct keys
     other = KeySpace(namespace=ns + "x", model_fingerprint="fp", codec_id="c", chunk_tokens=n).keys(ids)
     assert not set(keys) & set(other)
+
+
+SECRET = bytes(range(32))
+
+
+def test_a_secret_changes_every_key_and_follows_the_documented_encoding() -> None:
+    ids = list(range(600))
+    keyed = chunk_keys(**SPACE, token_ids=ids, secret=SECRET)
+    assert keyed == reference_keys("tenant-1", "f" * 64, "raw:v1", ids, 256, secret=SECRET)
+    assert not set(keyed) & set(chunk_keys(**SPACE, token_ids=ids))
+    other = chunk_keys(**SPACE, token_ids=ids, secret=bytes(range(1, 33)))
+    assert not set(keyed) & set(other), "same namespace name, different secrets: never the same key"
+
+
+def test_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert env_name("KVPACK_KEY_SECRET_", "tenant-1") == "KVPACK_KEY_SECRET_TENANT_1"
+    monkeypatch.setenv("KVPACK_KEY_SECRET_TENANT_1", SECRET.hex())
+    assert namespace_secret("tenant-1") == SECRET
+    assert KeySpace(**SPACE).keys(list(range(256))) == chunk_keys(**SPACE, token_ids=list(range(256)), secret=SECRET)
+    assert namespace_secret("tenant-2") == default_secret("tenant-2")
+
+
+def test_secret_from_the_secrets_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets_file = tmp_path / "secrets.toml"
+    secrets_file.write_text(f'[namespaces."tenant-1"]\nkey_secret = "{SECRET.hex()}"\n')
+    monkeypatch.setenv("KVPACK_SECRETS_FILE", str(secrets_file))
+    assert namespace_secret("tenant-1") == SECRET
+    assert namespace_secret("other") == default_secret("other")
+    monkeypatch.setenv("KVPACK_KEY_SECRET_TENANT_1", bytes(range(1, 33)).hex())  # the environment wins
+    assert namespace_secret("tenant-1") == bytes(range(1, 33))
+
+
+@pytest.mark.parametrize("text", ["nothex", "00" * 15, "00" * 65, ""])
+def test_bad_secrets_are_refused(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVPACK_KEY_SECRET_TENANT_1", text)
+    if text:
+        with pytest.raises(ValueError, match="hex"):
+            KeySpace(**SPACE)
+    with pytest.raises(ValueError):
+        KeySpace(**SPACE, secret=b"short")
+
+
+@pytest.mark.parametrize("content", ["[namespaces", "namespaces = 3", '[namespaces]\n"tenant-1" = 5'])
+def test_bad_secrets_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str) -> None:
+    bad = tmp_path / "secrets.toml"
+    bad.write_text(content)
+    monkeypatch.setenv("KVPACK_SECRETS_FILE", str(bad))
+    with pytest.raises(ValueError, match="secrets file"):
+        namespace_secret("tenant-1")
+    monkeypatch.setenv("KVPACK_SECRETS_FILE", str(tmp_path / "missing.toml"))
+    with pytest.raises(ValueError, match="cannot read"):
+        namespace_secret("tenant-1")
+
+
+def test_the_secret_is_not_in_the_repr() -> None:
+    space = KeySpace(**SPACE, secret=SECRET)
+    assert SECRET.hex() not in repr(space) and repr(SECRET) not in repr(space)

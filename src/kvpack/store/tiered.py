@@ -302,7 +302,8 @@ class TieredStore(Store):
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-_TOP_KEYS = {"tiers", "queue_bytes", "promote", "close_timeout_s"}
+_TOP_KEYS = {"tiers", "queue_bytes", "promote", "close_timeout_s", "encryption"}
+_ENCRYPTION_KEYS = {"namespace", "secrets_file", "memory"}
 
 
 def open_tiered_url(url: str) -> TieredStore:
@@ -319,8 +320,10 @@ def open_tiered_url(url: str) -> TieredStore:
 
 
 def open_config(path: str | Path) -> Store:
-    """A store from a TOML file: ``tiers = [URL, ...]`` (a :class:`TieredStore`, fastest first) and optional
-    ``queue_bytes``, ``promote``, ``close_timeout_s``. The schema is in docs/store.md.
+    """A store from a TOML file: ``tiers = [URL, ...]`` (a :class:`TieredStore`, fastest first), optional
+    ``queue_bytes``, ``promote``, ``close_timeout_s``, and an optional ``[encryption]`` table (``namespace``,
+    ``secrets_file``, ``memory``) that wraps every tier, or every tier but ``memory://`` ones unless
+    ``memory = true``, in an :class:`~kvpack.store.crypto.EncryptedStore`. The schema is in docs/store.md.
 
     Raises :class:`StoreError` for an unreadable file, invalid TOML, unknown keys or bad values.
     """
@@ -337,12 +340,42 @@ def open_config(path: str | Path) -> Store:
     urls = config.get("tiers")
     if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u for u in urls):
         raise StoreError(f"{where} needs tiers = [\"URL\", ...]: a non-empty list of store URLs, fastest first")
-    options = {k: v for k, v in config.items() if k != "tiers"}
+    options = {k: v for k, v in config.items() if k not in ("tiers", "encryption")}
     try:
         TieredStoreConfig(**options)  # validate before any tier is opened
     except (TypeError, ValueError) as exc:
         raise StoreError(f"bad tiered store settings in {where}: {exc}") from None
-    return TieredStore(_open_all(open_store, urls), **options)
+    encryption = config.get("encryption")
+    if encryption is None:
+        return TieredStore(_open_all(open_store, urls), **options)
+    seal = _sealer(where, encryption)
+    return TieredStore(_open_all(lambda url: seal(url, open_store(url)), urls), **options)
+
+
+def _sealer(where: Path, table: object) -> Callable[[str, Store], Store]:
+    """From an ``[encryption]`` table: a function that wraps a tier opened from a URL in an EncryptedStore (or
+    leaves a memory tier as it is); the key ring is loaded once, here, so that a missing key fails before any tier
+    is opened."""
+    from kvpack.store.crypto import EncryptedStore, KeyRing, cryptography_api
+
+    if not isinstance(table, dict) or set(table) - _ENCRYPTION_KEYS or "namespace" not in table:
+        raise StoreError(
+            f"[encryption] in {where} takes namespace (required), secrets_file and memory; got {table!r}"
+        )
+    namespace, secrets_file, memory = table["namespace"], table.get("secrets_file"), table.get("memory", False)
+    if not isinstance(namespace, str) or not namespace or not isinstance(memory, bool):
+        raise StoreError(f"[encryption] in {where}: namespace must be a non-empty string and memory a bool")
+    if secrets_file is not None and not isinstance(secrets_file, str):
+        raise StoreError(f"[encryption] in {where}: secrets_file must be a path")
+    cryptography_api()
+    ring = KeyRing.load(namespace, secrets_file)
+
+    def seal(url: str, store: Store) -> Store:
+        if url.startswith("memory://") and not memory:
+            return store
+        return EncryptedStore(store, namespace, ring)
+
+    return seal
 
 
 def _open_all(open_store: Callable[[str], Store], urls: list[str]) -> list[Store]:
