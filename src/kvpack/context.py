@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,7 @@ from kvpack.keys import DEFAULT_CHUNK_TOKENS, KeySpace
 from kvpack.kv import KVCache
 from kvpack.loader import LoaderConfig
 from kvpack.prefix import PrefixStore, RequestStats, spec_for
+from kvpack.reuse.segments import Prompt, SegmentReuse
 from kvpack.spec import ModelSpec
 from kvpack.store import Store
 
@@ -80,11 +81,13 @@ class ContextCache:
     spec: ModelSpec | None = None
     loader: LoaderConfig | None = None
     prefixes: PrefixStore = field(init=False, repr=False)
+    segments: SegmentReuse = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.spec = self.spec or spec_for(self.model, self.tokenizer)
         self.prefixes = PrefixStore(self.store, self.model, self.spec, self.codec, self.chunk_tokens, self.namespace,
                                     self.loader)
+        self.segments = SegmentReuse(self.prefixes, self.tokenizer, self._submit)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpack-write")
         self._pending: list[Future[int]] = []
         self._lock = threading.Lock()
@@ -99,12 +102,21 @@ class ContextCache:
         """How many leading tokens of ``ids`` (or a text) would be loaded from the store, without loading them."""
         return self.prefixes.lookup(self._ids(ids))
 
-    def generate(self, prompt: str | torch.Tensor | Sequence[int], **generate_kwargs: Any) -> Generation:
-        """``model.generate`` on ``prompt`` reusing stored chunks; returns the sequences and this request's stats."""
-        ids = self._ids(prompt)
-        stats = RequestStats(prompt_tokens=len(ids))
-        start = time.perf_counter()
-        kv = self.prefixes.load(ids[:-1], stats)  # at least one prompt token is left for the model to read
+    def generate(self, prompt: str | torch.Tensor | Sequence[int] | Prompt, **generate_kwargs: Any) -> Generation:
+        """``model.generate`` on ``prompt`` reusing stored chunks; returns the sequences and this request's stats.
+
+        A :class:`~kvpack.reuse.Prompt` of segments also reuses each stored segment wherever it lands, repaired by
+        its policy (docs/reuse.md); its stats are a :class:`~kvpack.reuse.SegmentStats`.
+        """
+        stats: RequestStats
+        if isinstance(prompt, Prompt):
+            start = time.perf_counter()
+            ids, kv, stats, exact = self.segments.assemble(prompt)
+        else:
+            ids, exact = self._ids(prompt), None
+            stats = RequestStats(prompt_tokens=len(ids))
+            start = time.perf_counter()
+            kv = self.prefixes.load(ids[:-1], stats)  # at least one prompt token is left for the model to read
         cache = kv.to_hf() if kv is not None else new_cache(self.model)
         clock = _FirstTokenClock()
         processors = list(generate_kwargs.pop("logits_processor", None) or [])
@@ -114,8 +126,8 @@ class ContextCache:
                                       **generate_kwargs)
         stats.ttft_s = (clock.at or time.perf_counter()) - start
         stats.prefill_s = stats.ttft_s - stats.load_s
-        self.prefixes.loader.observe_prefill(len(ids) - stats.tokens_hit, stats.prefill_s)
-        stats.chunks_written = self._write_back(cache, ids, stats)
+        self.prefixes.loader.observe_prefill(len(ids) - (kv.num_tokens if kv is not None else 0), stats.prefill_s)
+        stats.chunks_written = self._write_back(cache, ids[:exact], stats)  # never K/V computed out of context
         return Generation(sequences=out, stats=stats)
 
     def prefill(self, text: str | torch.Tensor | Sequence[int]) -> RequestStats:
@@ -155,6 +167,12 @@ class ContextCache:
         if isinstance(prompt, str):
             return self.tokenizer(prompt, return_tensors="pt").input_ids[0]
         return as_batch(prompt)[0]
+
+    def _submit(self, fn: Callable[..., int], *args: Any) -> None:
+        """Run ``fn(*args)`` (a store write) on the writer thread; :meth:`flush` waits for it."""
+        future = self._writer.submit(fn, *args)
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()] + [future]
 
     def _write_back(self, cache: Any, ids: torch.Tensor, stats: RequestStats) -> int:
         """Queue for storing: the prompt's full chunks after the stored prefix, and the ones that failed to load."""

@@ -1,0 +1,97 @@
+"""The `RepairPolicy` interface and its registry: which tokens of an assembled cache to recompute.
+
+A prompt assembled from separately cached segments (:mod:`kvpack.reuse.segments`) holds, for every token after the
+part that sits in its own caching context, K/V computed without the segments before it. A policy picks the tokens to
+recompute (:func:`kvpack.reuse.recompute.recompute`); their fresh K/V replace the loaded ones, all other tokens keep
+what was loaded. Policies are frozen dataclasses whose fields are their parameters, validated in ``__post_init__``,
+registered by name like codecs (:func:`register`, :func:`get`, :func:`available`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvpack.errors import KvpackError
+from kvpack.kv import KVCache
+from kvpack.reuse.recompute import recompute
+
+
+class PolicyError(KvpackError):
+    """A repair policy was asked for with an unknown name or invalid parameters."""
+
+
+@dataclass(frozen=True)
+class RepairJob:
+    """What a policy chooses from.
+
+    ``kv`` is the assembled cache of the prompt's reused part (``data [layers, 2, kv_heads, tokens, head_dim]``,
+    keys re-rotated to their positions); ``candidates`` the sorted int64 token indices ``[c]`` whose K/V were
+    computed in another context (the moved segments' tokens; the exact prefix is never a candidate); ``segments``
+    the ``(start, stop)`` token ranges of the moved segments within ``kv`` (clipped to the candidates).
+    """
+
+    model: Any
+    kv: KVCache
+    candidates: torch.Tensor
+    segments: tuple[tuple[int, int], ...]
+
+    def fresh(self, tokens: torch.Tensor, through_layer: int | None = None) -> torch.Tensor:
+        """Recomputed K/V of ``tokens`` (``[layers', 2, kv_heads, len(tokens), head_dim]``, see
+        :func:`~kvpack.reuse.recompute.recompute`)."""
+        return recompute(self.model, self.kv, tokens, through_layer)
+
+
+@dataclass(frozen=True)
+class RepairPolicy(ABC):
+    """Base of every repair policy: a frozen dataclass whose fields are its parameters."""
+
+    name: ClassVar[str]
+    #: False for policies that recompute everything after the exact prefix: segments are then not even loaded.
+    reuses_segments: ClassVar[bool] = True
+
+    @abstractmethod
+    def select(self, job: RepairJob) -> torch.Tensor:
+        """Sorted, distinct int64 token indices ``[r]``, a subset of ``job.candidates``, to recompute."""
+
+    def params(self) -> dict[str, Any]:
+        """The policy's parameters (for reports and benchmarks)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+_REGISTRY: dict[str, type[RepairPolicy]] = {}
+
+
+def register(cls: type[RepairPolicy]) -> type[RepairPolicy]:
+    """Class decorator adding a policy to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"repair policy name {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of the registered repair policies."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **params: Any) -> RepairPolicy:
+    """Build policy ``name`` with ``params`` (strings, e.g. from a command line, are converted to the field types)."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise PolicyError(f"unknown repair policy {name!r}; available: {', '.join(available())}") from None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(params) - fields
+    if unknown:
+        raise PolicyError(f"repair policy {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(fields)}")
+    try:
+        return cls(**{k: hints[k](v) if isinstance(v, str) else v for k, v in params.items()})
+    except (TypeError, ValueError) as exc:  # a field of the wrong type, or a string that does not convert
+        raise PolicyError(f"invalid parameters for repair policy {name!r}: {exc}") from None

@@ -1,0 +1,152 @@
+"""Selective recompute: new K/V for chosen tokens of an assembled cache, every other token's K/V kept as loaded.
+
+This is the repair step CacheBlend (Yao et al., arXiv 2405.16444, §4) and EPIC (Hu et al., arXiv 2410.15332) build
+on: a cache assembled from separately encoded segments has the right K/V for nothing after the first segment, and
+recomputing a few tokens lets them attend across the segment boundaries. Running the model over the whole
+concatenated sequence would recompute everything; instead the chosen tokens alone go through the model as queries,
+at their own positions, on top of a transformers cache that holds the *other* tokens' loaded K/V:
+
+- the cache gets one ``DynamicLayer`` per layer with the loaded K/V of the unchosen tokens (in position order);
+- the chosen tokens' ids go in with ``position_ids`` = their positions, so the model rotates their queries and keys
+  for exactly those positions;
+- a 4-D attention mask lets chosen token ``r`` see key ``j`` iff ``pos_j <= pos_r`` (and, on a sliding layer of
+  window ``W``, ``pos_r - pos_j < W``), over ``[unchosen..., chosen...]`` in the cache's order.
+
+At every layer a chosen token therefore attends to the loaded K/V of the unchosen tokens before it and to the fresh
+K/V of the chosen tokens before it (and itself), computed at that same layer in the same pass: exactly "recompute
+these tokens, load the rest". With every token after an exact prefix chosen it is a plain prefill (tested against
+one); with a contiguous tail chosen it equals a plain prefill of that tail on top of the loaded head (tested).
+The floating-point summation order differs from a causal prefill (masked attention over another key order), so
+results agree to rounding, not bit for bit.
+
+Needs the ``sdpa`` or ``eager`` attention implementation (a boolean or an additive mask); models whose layers mix
+several sliding windows or use chunked attention are refused (:class:`UnsupportedModelError`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from kvpack.errors import UnsupportedModelError
+from kvpack.inference import as_batch
+from kvpack.kv import KVCache
+
+#: Attention implementations whose masks this module builds: boolean (``sdpa``) or additive (``eager``).
+ATTENTION = ("sdpa", "eager")
+
+
+class _Stop(Exception):
+    """Raised by the forward hook once the last layer asked for has run (ends the pass early)."""
+
+
+def recompute(model: Any, kv: KVCache, selected: torch.Tensor, through_layer: int | None = None) -> torch.Tensor:
+    """Fresh K/V of tokens ``selected`` of ``kv``, attending to the loaded K/V of every other token of ``kv``.
+
+    ``kv`` is an assembled cache (``data [layers, 2, kv_heads, tokens, head_dim]``, ``positions``, ``token_ids``);
+    ``selected`` sorted, distinct int64 token indices ``[m]`` into it. Returns ``[layers', 2, kv_heads, m, head_dim]``
+    in the cache's dtype, where ``layers'`` is ``through_layer + 1`` when given (the pass stops after that layer:
+    CacheBlend's early-layer look, which costs ``(through_layer + 1) / layers`` of the full pass) and every layer
+    otherwise. ``kv`` is not modified.
+    """
+    spec = kv.spec
+    if kv.token_ids is None:
+        raise ValueError("recompute needs the cache's token_ids (the assembled prompt's tokens)")
+    if selected.dim() != 1 or (selected.numel() and (int(selected.min()) < 0 or int(selected.max()) >= kv.num_tokens)):
+        raise ValueError(f"selected must be 1-D token indices in [0, {kv.num_tokens})")
+    if selected.numel() > 1 and not bool((selected[1:] > selected[:-1]).all()):
+        raise ValueError("selected token indices must be sorted and distinct")
+    layers = spec.num_layers if through_layer is None else through_layer + 1
+    if not 1 <= layers <= spec.num_layers:
+        raise ValueError(f"through_layer must be in [0, {spec.num_layers - 1}], got {through_layer}")
+    if selected.numel() == 0:
+        return kv.data.new_empty((layers, 2, spec.num_kv_heads, 0, spec.head_dim))
+    keep = torch.ones(kv.num_tokens, dtype=torch.bool)
+    keep[selected] = False
+    kept = keep.nonzero().reshape(-1)
+    cache = _full_cache(kv.data.index_select(3, kept))
+    q_pos = kv.positions[selected]
+    mask = attention_mask(model, kv.spec.sliding_windows, q_pos, torch.cat([kv.positions[kept], q_pos]))
+    stop = _stop_after(model, through_layer) if through_layer is not None else None
+    try:
+        with torch.no_grad():
+            model(as_batch(kv.token_ids[selected]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
+                  cache=cache, use_cache=True)
+    except _Stop:
+        pass
+    finally:
+        if stop is not None:
+            stop.remove()
+    out = kv.data.new_empty((layers, 2, spec.num_kv_heads, selected.numel(), spec.head_dim))
+    for i in range(layers):
+        out[i, 0].copy_(cache.layers[i].keys[0, :, kept.numel() :])
+        out[i, 1].copy_(cache.layers[i].values[0, :, kept.numel() :])
+    return out
+
+
+def _full_cache(data: torch.Tensor) -> Any:
+    """A ``DynamicCache`` of full-attention layers over ``data [layers, 2, heads, tokens, dim]`` (views, no copy).
+
+    Sliding layers get a full layer too: the mask applies their window, and the cache must show every kept token.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers: list[Any] = []
+    for i in range(data.shape[0]):
+        k, v = data[i, 0].unsqueeze(0), data[i, 1].unsqueeze(0)
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        layers.append(layer)
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+def attention_mask(model: Any, windows: tuple[int | None, ...], q_pos: torch.Tensor,
+                   k_pos: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The 4-D mask ``[1, 1, queries, keys]`` letting a query at ``q_pos[r]`` see a key at ``k_pos[j]`` iff
+    ``k_pos[j] <= q_pos[r]`` (and ``q_pos[r] - k_pos[j] < W`` on a sliding layer of window ``W``).
+
+    One tensor when every layer has the same window (transformers then uses it for all layers), else a dict by layer
+    type (``full_attention``, ``sliding_attention``), which the models that mix them accept. Boolean for ``sdpa``,
+    additive (0 or the dtype's minimum) for ``eager``.
+    """
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in ATTENTION:
+        raise UnsupportedModelError(f"selective recompute builds attention masks for {ATTENTION}, not {impl!r}; load "
+                                    "the model with attn_implementation='sdpa'")
+    layer_types = set(getattr(model.config.get_text_config(), "layer_types", None) or [])
+    sizes = {w for w in windows if w is not None}
+    if "chunked_attention" in layer_types or len(sizes) > 1:
+        raise UnsupportedModelError("selective recompute handles full attention and one sliding window; this model "
+                                    f"has layer types {sorted(layer_types)} and windows {sorted(sizes)}")
+    dtype = next(model.parameters()).dtype
+
+    def build(window: int | None) -> torch.Tensor:
+        ok = k_pos.reshape(1, -1) <= q_pos.reshape(-1, 1)
+        if window is not None:
+            ok &= (q_pos.reshape(-1, 1) - k_pos.reshape(1, -1)) < window
+        ok = ok[None, None]
+        if impl == "sdpa":
+            return ok
+        return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min)
+
+    if len(set(windows)) == 1:
+        return build(windows[0])
+    return {"full_attention": build(None), "sliding_attention": build(next(iter(sizes)))}
+
+
+def _stop_after(model: Any, layer: int) -> Any:
+    """A forward hook on decoder layer ``layer`` that ends this thread's forward pass after it (other threads that
+    share the model run through); returns the hook's handle."""
+    owner = threading.get_ident()
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        if threading.get_ident() == owner:
+            raise _Stop
+
+    return model.get_decoder().layers[layer].register_forward_hook(hook)

@@ -1,0 +1,272 @@
+"""Segments reused at new offsets and the repair policies (kvpack.reuse), on tiny random models and on SmolLM2.
+
+Numeric checks run the tiny models of tests/test_families.py in float32: re-rotating a segment cached at position 0
+equals encoding it at its new offset; selective recompute equals a plain prefill where it must; each policy
+recomputes exactly the tokens it selects and loads the rest bit for bit; ``full`` and exact prefixes are
+bit-identical to today's prefix reuse. The real-model checks measure each policy's KL against full recompute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kvpack import rope
+from kvpack.context import ContextCache
+from kvpack.errors import UnsupportedModelError
+from kvpack.inference import forward, new_cache, prefill
+from kvpack.kv import KVCache
+from kvpack.loader import LoaderConfig
+from kvpack.reuse import Blend, Epic, PolicyError, Prompt, Segment, policies, recompute
+from kvpack.spec import ModelSpec
+from kvpack.store import MemoryStore
+from test_families import FAMILIES, tiny
+
+CHUNK = 16
+EXACT = LoaderConfig(compute_front=False, estimates_path="")
+#: Families whose keys can move (Gemma 3 has one RoPE per layer type and is refused; tested below).
+MOVABLE = sorted(f for f in FAMILIES if f != "gemma3")
+#: One family per mask kind: full attention (sdpa), mixed sliding/full layers (sdpa, dict mask), eager attention.
+MASK_KINDS = ["llama", "qwen2-sliding", "gemma2"]
+
+
+def ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+SYSTEM, DOC_A, DOC_B, DOC_C, QUESTION = ids(20, 1), ids(23, 2), ids(21, 3), ids(18, 4), ids(6, 5)
+
+
+@pytest.fixture(scope="module", params=MASK_KINDS)
+def model32(request: pytest.FixtureRequest) -> tuple[str, Any, ModelSpec]:
+    model = tiny(request.param, torch.float32)
+    return request.param, model, ModelSpec.from_model(model)
+
+
+def context_cache(model: Any, spec: ModelSpec, codec: str = "raw") -> ContextCache:
+    return ContextCache(model, None, store=MemoryStore(), codec=codec, chunk_tokens=CHUNK, spec=spec, loader=EXACT)
+
+
+def rag(repair: Any = "none", order: tuple[torch.Tensor, ...] = (DOC_A, DOC_B, DOC_C), **kw: Any) -> Prompt:
+    return Prompt([SYSTEM, *order, Segment(QUESTION, cache=False)], repair=repair, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ re-rotation
+@pytest.mark.parametrize("family", MOVABLE)
+def test_rerotated_segment_equals_segment_encoded_at_its_offset(family: str) -> None:
+    model = tiny(family, torch.float32)
+    spec = ModelSpec.from_model(model)
+    segment, offset = DOC_A, 37
+    at_zero, _ = prefill(model, spec, segment)
+    cache = new_cache(model)
+    with torch.no_grad():
+        model(segment[None], position_ids=torch.arange(offset, offset + len(segment))[None], cache=cache)
+    at_offset = KVCache.from_hf(cache, spec, start_position=offset)
+    moved = rope.rerotate(at_zero.data[:, 0], at_zero.positions, at_offset.positions, spec.rope, spec.head_dim)
+    torch.testing.assert_close(moved, at_offset.data[:, 0], rtol=1e-5, atol=2e-5)
+    # values do not depend on position: equal at layer 0 bit for bit, deeper up to the rounding of q.k
+    assert torch.equal(at_zero.data[0, 1], at_offset.data[0, 1])
+    torch.testing.assert_close(at_zero.data[:, 1], at_offset.data[:, 1], rtol=1e-5, atol=2e-5)
+
+
+def test_per_layer_type_rope_is_refused_when_keys_would_move() -> None:
+    model = tiny("gemma3", torch.float32)
+    with context_cache(model, ModelSpec.from_model(model)) as cc, pytest.raises(UnsupportedModelError, match="RoPE"):
+        cc.generate(rag(), max_new_tokens=1, do_sample=False)
+
+
+# ------------------------------------------------------------------------------------------- recompute engine
+def test_recomputing_every_token_equals_a_prefill(model32: tuple[str, Any, ModelSpec]) -> None:
+    _, model, spec = model32
+    prompt = torch.cat([SYSTEM, DOC_A, DOC_B])
+    reference, _ = prefill(model, spec, prompt)
+    garbage = KVCache(spec=spec, data=torch.randn_like(reference.data), positions=reference.positions,
+                      token_ids=prompt)
+    everything = torch.arange(len(prompt))
+    torch.testing.assert_close(recompute(model, garbage, everything), reference.data, rtol=1e-4, atol=1e-5)
+    after_head = torch.arange(len(SYSTEM), len(prompt))  # the head exact, the rest recomputed on top of it
+    head = KVCache.concat([reference[: len(SYSTEM)], garbage[len(SYSTEM) :]])
+    torch.testing.assert_close(recompute(model, head, after_head), reference.data[:, :, :, len(SYSTEM) :],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_recomputing_a_tail_equals_prefilling_it_on_the_loaded_head(model32: tuple[str, Any, ModelSpec]) -> None:
+    _, model, spec = model32
+    with context_cache(model, spec) as cc:
+        _, kv, _, _ = cc.segments.assemble(rag("none"))
+        assert kv is not None
+        tail = torch.arange(50, kv.num_tokens)
+        cache = kv[:50].to_hf()
+        forward(model, kv.token_ids[50:], cache)  # type: ignore[index]
+        expected = KVCache.from_hf(cache, spec, span=(50, kv.num_tokens)).data
+        torch.testing.assert_close(recompute(model, kv, tail), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_early_stop_returns_the_first_layers_of_the_full_pass(model32: tuple[str, Any, ModelSpec]) -> None:
+    _, model, spec = model32
+    with context_cache(model, spec) as cc:
+        _, kv, _, _ = cc.segments.assemble(rag("none"))
+        assert kv is not None
+        chosen = torch.tensor([20, 30, 44, 63])
+        assert torch.equal(recompute(model, kv, chosen, through_layer=1), recompute(model, kv, chosen)[:2])
+
+
+# --------------------------------------------------------------------------------------------------- policies
+@pytest.mark.parametrize("policy", [policies.NoRepair(), Epic(k=3), Blend(ratio=0.25, layer=1),
+                                    Blend(ratio=1.0, layer=0)], ids=str)
+def test_policy_recomputes_exactly_the_tokens_it_selects(model32: tuple[str, Any, ModelSpec],
+                                                         policy: policies.RepairPolicy) -> None:
+    _, model, spec = model32
+    with context_cache(model, spec) as cc:
+        _, loaded, none_stats, _ = cc.segments.assemble(rag("none"))
+        cc.flush()
+        _, kv, stats, exact = cc.segments.assemble(rag(policy))
+    assert loaded is not None and kv is not None
+    assert none_stats.segments_computed == 4 and stats.segments_loaded == 4 and stats.segments_computed == 0
+    moved = torch.arange(len(SYSTEM), kv.num_tokens)
+    assert exact == len(SYSTEM) and stats.tokens_moved == moved.numel()
+    chosen = torch.tensor(stats.recomputed, dtype=torch.int64)
+    starts = [len(SYSTEM), len(SYSTEM) + len(DOC_A), len(SYSTEM) + len(DOC_A) + len(DOC_B)]
+    if isinstance(policy, Epic):
+        assert stats.recomputed == [s + i for s in starts for i in range(policy.k)]
+    if isinstance(policy, Blend):
+        assert chosen.numel() == round(policy.ratio * moved.numel()) and bool(torch.isin(chosen, moved).all())
+        fresh = recompute(model, loaded, moved, through_layer=policy.layer)[policy.layer]
+        deviation = (fresh - loaded.data[policy.layer, :, :, moved]).square().sum(dim=(0, 1, 3))
+        picked = torch.isin(moved, chosen)
+        if 0 < chosen.numel() < moved.numel():
+            assert deviation[picked].min() >= deviation[~picked].max()
+    kept = torch.ones(kv.num_tokens, dtype=torch.bool)
+    kept[chosen] = False
+    assert torch.equal(kv.data[:, :, :, kept], loaded.data[:, :, :, kept])  # everything else is what was loaded
+    if chosen.numel():
+        assert torch.equal(kv.data[:, :, :, chosen], recompute(model, loaded, chosen))
+        assert not torch.equal(kv.data[:, :, :, chosen], loaded.data[:, :, :, chosen])
+
+
+def test_full_is_bit_identical_to_plain_prefix_reuse(model32: tuple[str, Any, ModelSpec]) -> None:
+    _, model, spec = model32
+    gen = {"max_new_tokens": 6, "do_sample": False}
+    prompt = torch.cat([SYSTEM, DOC_A, DOC_B, DOC_C, QUESTION])
+    results = []
+    for request in (rag("full"), prompt):
+        with context_cache(model, spec) as cc:
+            cc.prefill(prompt[:32])
+            cc.flush()
+            results.append(cc.generate(request, **gen))
+    assert torch.equal(results[0].sequences, results[1].sequences)
+    assert results[0].stats.tokens_hit == results[1].stats.tokens_hit == 32
+
+
+@pytest.mark.parametrize("shared_prefix", [0, 1])
+def test_prompts_without_moved_segments_take_the_exact_path(model32: tuple[str, Any, ModelSpec],
+                                                            shared_prefix: int) -> None:
+    _, model, spec = model32
+    gen = {"max_new_tokens": 6, "do_sample": False}
+    parts = [SYSTEM, DOC_A][: shared_prefix + 1]
+    prompt = Prompt([*parts, Segment(QUESTION, cache=False)], shared_prefix=shared_prefix, repair="blend")
+    flat = torch.cat([*parts, QUESTION])
+    results = []
+    for request in (prompt, flat):
+        with context_cache(model, spec) as cc:
+            cc.prefill(flat[:CHUNK])
+            cc.flush()
+            results.append(cc.generate(request, **gen))
+    assert torch.equal(results[0].sequences, results[1].sequences)
+    assert results[0].stats.tokens_hit == CHUNK and results[0].stats.recomputed == []  # type: ignore[attr-defined]
+
+
+def test_exact_prefix_rows_are_bit_identical_when_segments_move(model32: tuple[str, Any, ModelSpec]) -> None:
+    _, model, spec = model32
+    prompt = rag("blend")
+    with context_cache(model, spec) as cc:
+        flat = torch.cat([SYSTEM, DOC_A])
+        cc.prefill(flat)
+        cc.flush()
+        _, kv, stats, _ = cc.segments.assemble(prompt)
+        from_prefix = cc.prefixes.load(flat, type(stats)())
+    assert kv is not None and from_prefix is not None and stats.tokens_hit == 32
+    assert kv[:32].equal(from_prefix)
+    assert min(stats.recomputed) >= 32  # the exact prefix is never a candidate
+
+
+# ----------------------------------------------------------------------------------------- storage and reuse
+@pytest.mark.parametrize("codec", ["raw", "lossless", "kivi"])
+def test_segments_are_stored_once_and_found_at_any_offset(codec: str) -> None:
+    model = tiny("llama", torch.float32)
+    spec = ModelSpec.from_model(model)
+    with context_cache(model, spec, codec) as cc:
+        first = cc.generate(rag("none"), max_new_tokens=2, do_sample=False).stats
+        cc.flush()
+        _, kv, stats, _ = cc.segments.assemble(rag("none", order=(DOC_C, DOC_A, DOC_B)))
+    assert (first.segments_computed, first.segments_loaded) == (4, 0)  # type: ignore[attr-defined]
+    assert (stats.segments_computed, stats.segments_loaded) == (0, 4)
+    assert kv is not None
+    alone, _ = prefill(model, spec, DOC_B)
+    at = len(SYSTEM) + len(DOC_C) + len(DOC_A)
+    rows = kv[at : at + len(DOC_B)]
+    assert torch.equal(rows.positions, torch.arange(at, at + len(DOC_B)))
+    rtol, atol = (1e-5, 1e-5) if codec != "kivi" else (0.0, 0.5)
+    torch.testing.assert_close(rows.data[:, 1], alone.data[:, 1], rtol=rtol, atol=atol)
+    torch.testing.assert_close(rows.data[:, 0], rope.rerotate(alone.data[:, 0], alone.positions, rows.positions,
+                                                              spec.rope, spec.head_dim), rtol=rtol, atol=atol)
+
+
+def test_shared_prefix_segments_are_cached_after_it() -> None:
+    model = tiny("qwen2-sliding", torch.float32)
+    spec = ModelSpec.from_model(model)
+    with context_cache(model, spec) as cc:
+        _, _, first, _ = cc.segments.assemble(rag("none", shared_prefix=1))
+        cc.flush()
+        _, kv, stats, exact = cc.segments.assemble(rag("none", order=(DOC_B, DOC_A, DOC_C), shared_prefix=1))
+        independent = cc.segments.assemble(rag("none", order=(DOC_B, DOC_A, DOC_C)))[2]
+    assert (first.segments_computed, stats.segments_loaded, stats.segments_computed) == (4, 4, 0)
+    assert independent.segments_computed == 3  # other keys: the same documents cached on their own
+    assert kv is not None and exact == len(SYSTEM) + len(DOC_B)  # the first segment after the prefix is exact
+    cache = prefill(model, spec, SYSTEM)[0].to_hf()
+    forward(model, DOC_A, cache)
+    after = KVCache.from_hf(cache, spec, span=(len(SYSTEM), len(SYSTEM) + len(DOC_A)))
+    at = exact
+    rows = kv[at : at + len(DOC_A)]
+    torch.testing.assert_close(rows.data[:, 1], after.data[:, 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.data[:, 0], rope.rerotate(after.data[:, 0], after.positions, rows.positions,
+                                                              spec.rope, spec.head_dim), rtol=1e-5, atol=1e-5)
+
+
+def test_a_segment_that_does_not_decode_is_recomputed() -> None:
+    model = tiny("llama", torch.float32)
+    spec = ModelSpec.from_model(model)
+    with context_cache(model, spec) as cc:
+        _, clean, _, _ = cc.segments.assemble(rag("none"))
+        cc.flush()
+        store, chain = cc.prefixes.backend, cc.segments._chain
+        other = store.get(chain(None, DOC_A)[0])  # a valid container, of other tokens
+        assert other is not None
+        store.put(chain(None, DOC_B)[0], other)
+        with pytest.warns(UserWarning, match="could not be decoded"):
+            _, kv, stats, _ = cc.segments.assemble(rag("none"))
+    assert stats.segments_computed == 1 and kv is not None and clean is not None and kv.equal(clean)
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+def test_invalid_prompts_and_policies_raise_typed_errors() -> None:
+    with pytest.raises(ValueError, match="cache=False"):
+        Prompt([Segment(QUESTION, cache=False), DOC_A])
+    with pytest.raises(ValueError, match="shared_prefix"):
+        Prompt([DOC_A], shared_prefix=2)
+    with pytest.raises(PolicyError, match="available"):
+        Prompt([DOC_A], repair="cacheblend")
+    with pytest.raises(PolicyError, match="ratio"):
+        Blend(ratio=1.5)
+    with pytest.raises(PolicyError, match="k must"):
+        policies.get("epic", k="-1")
+    assert policies.get("blend", ratio="0.2", layer="2") == Blend(0.2, 2)
+    assert policies.available() == ["blend", "epic", "full", "none"]
+    model = tiny("llama", torch.float32)
+    with context_cache(model, ModelSpec.from_model(model)) as cc, pytest.raises(PolicyError, match=r"layers 0\.\.3"):
+        cc.segments.assemble(rag(Blend(layer=4)))
+
+
+# ------------------------------------------------------------------------------------------- real model quality
