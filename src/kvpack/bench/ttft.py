@@ -442,6 +442,7 @@ def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], config: Ttft
 
 # ------------------------------------------------------------------------------------------------------ the tables
 Section = tuple[str, list[str], list[list[str]]]
+_TEXT_COLUMNS = ("strategy", "method", "transport", "best fixed", "best adaptive")
 
 
 def _strategy(row: dict[str, Any]) -> str:
@@ -541,8 +542,8 @@ def _sections(rows: list[dict[str, Any]]) -> list[Section]:
 def _print(console: Console, rows: list[dict[str, Any]]) -> None:
     for title, header, body in _sections(rows):
         out = Table(title=f"{title} ({rows[0]['machine']})" if title.startswith("TTFT") else title)
-        for i, column in enumerate(header):
-            out.add_column(column, justify="left" if i in (1, 2) else "right")
+        for column in header:
+            out.add_column(column, justify="left" if column in _TEXT_COLUMNS else "right")
         for line in body:
             out.add_row(*line)
         console.print(out)
@@ -602,8 +603,8 @@ def markdown(rows: list[dict[str, Any]], plot_path: Path | None, command: str = 
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """TTFT against context length, one panel per transport: recompute, and each codec loaded (solid) and loaded
-    adaptively (dashed)."""
+    """TTFT against context length, one panel per transport: recompute, and each codec loaded (solid, circles) and
+    loaded adaptively (dashed, squares)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -620,11 +621,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         if recompute:
             ax.plot(*zip(*recompute, strict=True), marker="o", color="black", label="recompute")
         for method in methods:
-            for strategy, style in (("load", "-"), ("adaptive", "--")):
+            for strategy, style, marker in (("load", "-", "o"), ("adaptive", "--", "s")):
                 pts = sorted((r["context_tokens"], r["ttft_s"]) for r in rows if r["method"] == method
                              and r["transport"] == transport and _strategy(r) == strategy)
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", linestyle=style, color=colors[method],
+                    ax.plot(*zip(*pts, strict=True), marker=marker, linestyle=style, color=colors[method],
                             label=f"{method} ({strategy})")
         ax.set(title=transport, xlabel="context tokens", ylabel="TTFT (s)", yscale="log")
         ax.grid(alpha=0.3)
