@@ -209,8 +209,12 @@ class Loader:
         return Plan(chunks=chunks, compute_front=front, predicted_load_s=load, predicted_chunk_compute_s=compute)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        """Record a prefill of ``tokens`` tokens that took ``seconds`` (ContextCache reports its tail prefill)."""
-        if tokens >= 16:
+        """Record a prefill of ``tokens`` tokens that took ``seconds`` (ContextCache reports its tail prefills).
+
+        Only prefills of at least one chunk count: a short tail is dominated by per-call overhead and would make
+        computing a chunk look several times slower than it is.
+        """
+        if tokens >= self.chunk_tokens and seconds > 0:
             self.estimates.update(self.names.prefill, tokens / seconds)
 
     # -------------------------------------------------------------------------------------------------- loading
