@@ -152,8 +152,8 @@ def decode(
         _fail(exc)
     tensors = {"positions": kv.positions}
     for i, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
-        tensors[f"layer.{i}.keys"] = k.contiguous()
-        tensors[f"layer.{i}.values"] = v.contiguous()
+        tensors[f"layer.{i}.keys"] = k.clone()
+        tensors[f"layer.{i}.values"] = v.clone()
     save_file(tensors, str(output), metadata={"spec": json.dumps(kv.spec.to_json())})
     console.print(f"decoded {kv.num_tokens} tokens in {elapsed * 1e3:.1f} ms -> {output}")
 
