@@ -19,7 +19,7 @@ from kvpack.errors import UnsupportedModelError
 from kvpack.inference import forward, new_cache, prefill
 from kvpack.kv import KVCache
 from kvpack.loader import LoaderConfig
-from kvpack.reuse import Blend, Epic, PolicyError, Prompt, Segment, policies, recompute
+from kvpack.reuse import Blend, Epic, PolicyError, Prompt, Segment, SegmentStats, policies, recompute
 from kvpack.spec import ModelSpec
 from kvpack.store import MemoryStore
 from test_families import FAMILIES, tiny
@@ -212,6 +212,22 @@ def test_segments_are_stored_once_and_found_at_any_offset(codec: str) -> None:
     torch.testing.assert_close(rows.data[:, 1], alone.data[:, 1], rtol=rtol, atol=atol)
     torch.testing.assert_close(rows.data[:, 0], rope.rerotate(alone.data[:, 0], alone.positions, rows.positions,
                                                               spec.rope, spec.head_dim), rtol=rtol, atol=atol)
+
+
+def test_prefill_stores_each_segment_once_in_its_caching_context() -> None:
+    model = tiny("llama", torch.float32)
+    spec = ModelSpec.from_model(model)
+    with context_cache(model, spec) as cc:
+        warm = cc.prefill(rag(shared_prefix=1))
+        cc.flush()
+        again = cc.prefill(rag(shared_prefix=1, order=(DOC_C, DOC_B, DOC_A)))
+        cc.flush()
+        result = cc.generate(rag("epic", shared_prefix=1, order=(DOC_B, DOC_C, DOC_A)), max_new_tokens=2)
+    assert isinstance(warm, SegmentStats) and isinstance(again, SegmentStats)
+    assert (warm.segments_computed, again.segments_computed, again.segments_loaded) == (4, 0, 0)
+    stats = result.stats
+    assert isinstance(stats, SegmentStats)
+    assert (stats.segments_computed, stats.segments_loaded) == (0, 4) and stats.tokens_recomputed == 2 * 16
 
 
 def test_shared_prefix_segments_are_cached_after_it() -> None:

@@ -16,6 +16,7 @@ from kvpack.errors import (
 )
 from kvpack.kv import KVCache
 from kvpack.prefix import PrefixStore, RequestStats, load_prefix, save_prefix
+from kvpack.reuse import Prompt, Segment, SegmentStats
 from kvpack.spec import ModelSpec, RopeSpec
 
 __version__ = "0.1.0"
@@ -33,8 +34,11 @@ __all__ = [
     "ModelSpec",
     "PrefixStore",
     "ProfileMismatchError",
+    "Prompt",
     "RequestStats",
     "RopeSpec",
+    "Segment",
+    "SegmentStats",
     "StoreError",
     "TokenMismatchError",
     "UnsupportedModelError",

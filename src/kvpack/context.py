@@ -130,8 +130,13 @@ class ContextCache:
         stats.chunks_written = self._write_back(cache, ids[:exact], stats)  # never K/V computed out of context
         return Generation(sequences=out, stats=stats)
 
-    def prefill(self, text: str | torch.Tensor | Sequence[int]) -> RequestStats:
-        """Warm the store with the full chunks of ``text`` without generating (writes finish in the background)."""
+    def prefill(self, text: str | torch.Tensor | Sequence[int] | Prompt) -> RequestStats:
+        """Warm the store with the full chunks of ``text`` without generating (writes finish in the background).
+
+        For a :class:`~kvpack.reuse.Prompt`: store each cached segment not stored yet, in its caching context.
+        """
+        if isinstance(text, Prompt):
+            return self.segments.prefill(text)
         ids = self._ids(text)
         stats = RequestStats(prompt_tokens=len(ids))
         start = time.perf_counter()

@@ -181,17 +181,10 @@ class SegmentReuse:
         kv.token_ids = ids[:limit].clone()
         if exact_kv is not None:
             kv.data[:, :, :, :hit].copy_(exact_kv.data)
-        memo: list[KVCache] = []
-
-        def context() -> KVCache:  # the shared prefix's KV, loaded or computed once
-            if not memo:
-                memo.append(self._unit_kv(units[0], stats, context))
-            return memo[0]
-
+        resolve = self._resolver(prompt, units, stats)
         for unit in units:
             if unit.stop > hit and unit.start < limit:
-                shared = prompt.shared_prefix and unit is units[0]
-                self._place(unit, context() if shared else self._unit_kv(unit, stats, context), kv, hit, limit)
+                self._place(unit, resolve(unit), kv, hit, limit)
         candidates = torch.arange(max(hit, moved_from), limit, dtype=torch.int64)
         segments = tuple((max(u.start, hit), min(u.stop, limit)) for u in units
                          if u.moved and min(u.stop, limit) > max(u.start, hit))
@@ -207,6 +200,21 @@ class SegmentReuse:
         stats.repair_s = time.perf_counter() - t0
         stats.load_s = time.perf_counter() - start
         return ids, kv, stats, max(hit, moved_from)
+
+    def prefill(self, prompt: Prompt) -> SegmentStats:
+        """Compute and store (in the background) every cached segment of ``prompt`` that is not stored yet, in its
+        caching context; nothing is assembled or repaired. ``segments_loaded`` counts only the shared prefix when it
+        had to be loaded to compute a segment after it."""
+        start = time.perf_counter()
+        pieces = self.tokens(prompt)
+        stats = SegmentStats(prompt_tokens=sum(len(p) for p in pieces))
+        units = self._units(prompt, pieces)
+        resolve = self._resolver(prompt, units, stats)
+        for unit in units:
+            if not all(self.prefixes.backend.exists_many(self._chain(unit.parent, unit.ids))):
+                resolve(unit)
+        stats.prefill_s = time.perf_counter() - start
+        return stats
 
     # ------------------------------------------------------------------------------------------------- internals
     def _units(self, prompt: Prompt, pieces: list[torch.Tensor]) -> list[_Unit]:
@@ -224,6 +232,20 @@ class SegmentReuse:
         for i in range(k, cached):
             units.append(_Unit(ids=pieces[i], parent=parent, origin=origin, start=starts[i]))
         return units
+
+    def _resolver(self, prompt: Prompt, units: list[_Unit], stats: SegmentStats) -> Callable[[_Unit], KVCache]:
+        """``resolve(unit)``: the unit's KV (:meth:`_unit_kv`), the shared prefix's loaded or computed only once."""
+        memo: list[KVCache] = []
+
+        def context() -> KVCache:
+            if not memo:
+                memo.append(self._unit_kv(units[0], stats, context))
+            return memo[0]
+
+        def resolve(unit: _Unit) -> KVCache:
+            return context() if prompt.shared_prefix and unit is units[0] else self._unit_kv(unit, stats, context)
+
+        return resolve
 
     def _chain(self, parent: str | None, ids: torch.Tensor) -> list[str]:
         """Chained keys of the chunks of ``ids`` (the last may be partial) after the chunk keyed ``parent``."""
