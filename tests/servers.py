@@ -125,6 +125,7 @@ class S3Server:
             server, _, grpc = name.partition(".")
             args.append(f"-{server}.port{'.grpc' if grpc else ''}={port}")
         args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0"]
+        args += ["-master.electionTimeout=1s"]  # a restart after kill() elects its master in 3 s, not 17 s
         args += ["-master.volumeSizeLimitMB=64", "-volume.max=32"]  # small volumes: little disk per test server
         with open(log, "ab") as out:
             self._proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)

@@ -27,6 +27,7 @@ try:
     import boto3
     from botocore.config import Config as BotoConfig
     from botocore.exceptions import BotoCoreError, ClientError
+    from urllib3.exceptions import HTTPError as URLLib3Error
 except ImportError as exc:  # boto3 is the optional extra kvpack[s3]
     raise StoreError(f"S3 stores need boto3 ({exc}); install kvpack[s3]: pip install 'kvpack[s3]'") from exc
 
@@ -92,7 +93,8 @@ class S3Store(Store):
     Bad settings raise :class:`ValueError`.
     """
 
-    _transient_errors: ClassVar[tuple[type[Exception], ...]] = (BotoCoreError, ClientError, OSError)
+    # URLLib3Error: a server killed while a response body streams in (botocore passes urllib3's ProtocolError on)
+    _transient_errors: ClassVar[tuple[type[Exception], ...]] = (BotoCoreError, ClientError, URLLib3Error, OSError)
 
     def __init__(
         self,
