@@ -15,8 +15,6 @@ CORE = ("kvpack", "kvpack.store", "kvpack.codecs", "kvpack.context")
 #: Top-level packages only an optional extra, a benchmark, the CLI or the tests bring in.
 FORBIDDEN_ROOTS = ("typer", "rich", "matplotlib", "redis", "tests", "conftest", "servers")
 FORBIDDEN_KVPACK = ("kvpack.cli", "kvpack.bench")
-#: Known violations, each to be fixed by moving ``kvpack.cli.print_rows`` where benchmarks may import it from.
-KNOWN_BAD = {Path("bench/cachegen.py"), Path("bench/transform.py")}
 
 
 def python(code: str) -> subprocess.CompletedProcess[str]:
@@ -51,13 +49,7 @@ def _kvpack_imports(path: Path) -> set[str]:
     return {name for name in found if name.startswith("kvpack")}
 
 
-def _sources() -> list[object]:
-    known = pytest.mark.xfail(strict=True, reason="imports kvpack.cli.print_rows (the CLI's results table)")
-    return [pytest.param(p, id=str(p.relative_to(SRC)), marks=[known] if p.relative_to(SRC) in KNOWN_BAD else [])
-            for p in sorted(SRC.rglob("*.py"))]
-
-
-@pytest.mark.parametrize("path", _sources())
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
 def test_library_never_imports_bench_or_cli(path: Path) -> None:
     relative = path.relative_to(SRC)
     if relative.parts[0] == "bench":

@@ -16,6 +16,7 @@ except ImportError as exc:  # typer and rich are the optional extra kvpack[cli]
     raise SystemExit(f"the kvpack command needs the extra kvpack[cli] ({exc}): pip install 'kvpack[cli]'") from None
 
 from kvpack import codecs
+from kvpack.bench.rows import print_rows
 from kvpack.errors import KvpackError
 from kvpack.format import read_container
 from kvpack.models import DEFAULT_MODEL
@@ -182,30 +183,10 @@ def eval_command(
                         passkey_tokens=passkey, passkey_trials=trials)
     except (KvpackError, ValueError) as exc:
         _fail(exc)
-    print_rows(rows, title=f"kvpack eval ({rows[0]['machine']})")
+    print_rows(rows, title=f"kvpack eval ({rows[0]['machine']})", console=console)
     if json_path:
         json_path.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
         console.print(f"wrote {json_path}")
-
-
-def print_rows(rows: list[dict[str, Any]], title: str) -> None:
-    """The standard results table of `eval` and `bench codecs`."""
-    table = Table(title=title)
-    columns = ["codec", "params", "ratio", "bits/el", "Δppl %", "code %", "prose %", "KL mean", "KL p99", "top-1",
-               "greedy", "passkey (ref)", "enc MB/s", "dec MB/s"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("codec", "params") else "right")
-    for r in rows:
-        params = ",".join(f"{k}={v}" for k, v in r["params"].items() if v is not None)
-        pk = "-" if r.get("passkey_accuracy") is None else \
-            f"{r['passkey_accuracy']:.2f} ({r['passkey_accuracy_reference']:.2f})"
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        table.add_row(r["codec"], params, f"{r['ratio']:.2f}", f"{r['bits_per_element']:.2f}",
-                      fmt(r["ppl_increase_pct"], "+.2f"), fmt(r.get("ppl_increase_pct_code"), "+.2f"),
-                      fmt(r.get("ppl_increase_pct_prose"), "+.2f"), fmt(r["kl_mean"], ".4f"), fmt(r["kl_p99"], ".3f"),
-                      fmt(r["top1_agreement"], ".3f"), fmt(r["greedy_agreement"], ".2f"), pk,
-                      fmt(r["encode_MBps"], ".0f"), fmt(r["decode_MBps"], ".0f"))
-    console.print(table)
 
 
 @app.command()
@@ -301,7 +282,7 @@ def bench_codecs(
                         passkey_tokens=passkey, passkey_trials=trials)
     except (KvpackError, ValueError) as exc:
         _fail(exc)
-    print_rows(rows, title=f"kvpack bench codecs ({rows[0]['machine']})")
+    print_rows(rows, title=f"kvpack bench codecs ({rows[0]['machine']})", console=console)
     profiles = {f"{c.name} {c.profile_hash()}": n for c in chosen if (n := c.profile_nbytes()) is not None}
     command = _command_line()
     bench.write_outputs(rows, console, command, profiles, json_path, markdown, plot)

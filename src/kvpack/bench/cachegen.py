@@ -240,7 +240,7 @@ def run(kv_dir: Path | None, profile_path: Path, *, docs: int = 6, tokens: int =
 
 def _quality(profile_path: Path, eval_docs: int, prefix: int, cont: int) -> list[dict[str, Any]]:
     from kvpack import models
-    from kvpack.cli import print_rows
+    from kvpack.bench.rows import print_rows
     from kvpack.eval import documents, evaluate
     from kvpack.spec import ModelSpec
 

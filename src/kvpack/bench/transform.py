@@ -28,7 +28,7 @@ def settings(profile: str | None, kvtc_profile: str | None, presets: list[str],
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from kvpack import models
-    from kvpack.cli import print_rows
+    from kvpack.bench.rows import print_rows
     from kvpack.eval import documents, evaluate
     from kvpack.spec import ModelSpec
 

@@ -1,0 +1,32 @@
+"""The standard results table of quality rows (``kvpack eval``, ``kvpack bench codecs`` and the codec benchmarks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = ("codec", "params", "ratio", "bits/el", "Δppl %", "code %", "prose %", "KL mean", "KL p99", "top-1",
+           "greedy", "passkey (ref)", "enc MB/s", "dec MB/s")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_rows(rows: list[dict[str, Any]], title: str, console: Console | None = None) -> None:
+    """Print the rows of :func:`kvpack.eval.evaluate` as one table: ratio, quality metrics and MB/s per codec."""
+    table = Table(title=title)
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("codec", "params") else "right")
+    for r in rows:
+        params = ",".join(f"{k}={v}" for k, v in r["params"].items() if v is not None)
+        pk = "-" if r.get("passkey_accuracy") is None else \
+            f"{r['passkey_accuracy']:.2f} ({r['passkey_accuracy_reference']:.2f})"
+        table.add_row(r["codec"], params, f"{r['ratio']:.2f}", f"{r['bits_per_element']:.2f}",
+                      _fmt(r["ppl_increase_pct"], "+.2f"), _fmt(r.get("ppl_increase_pct_code"), "+.2f"),
+                      _fmt(r.get("ppl_increase_pct_prose"), "+.2f"), _fmt(r["kl_mean"], ".4f"),
+                      _fmt(r["kl_p99"], ".3f"), _fmt(r["top1_agreement"], ".3f"), _fmt(r["greedy_agreement"], ".2f"),
+                      pk, _fmt(r["encode_MBps"], ".0f"), _fmt(r["decode_MBps"], ".0f"))
+    (console or Console()).print(table)
