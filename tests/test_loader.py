@@ -184,3 +184,17 @@ def test_context_cache_reports_the_load_and_repairs_failed_chunks() -> None:
         cc.flush()
         again = cc.generate(ids, max_new_tokens=3, do_sample=False)
     assert again.stats.failed_chunks == [] and torch.equal(again.sequences, result.sequences)
+
+
+class BrokenStore(MemoryStore):
+    """A real memory store with a bug: reads raise an error that is not a backend failure."""
+
+    def _read_many(self, keys: list[str]) -> list[bytes | None]:
+        raise RuntimeError("a bug, not an outage")
+
+
+def test_an_unexpected_loader_error_is_raised_not_served_as_data() -> None:
+    model = tiny("llama")
+    spec, store, the_codec, _, ids, keys = stored(model, "raw", BrokenStore())
+    with pytest.raises(RuntimeError, match="a bug"):
+        loader(model, spec, store, the_codec).load(ids, keys, len(keys))

@@ -230,15 +230,24 @@ class Loader:
         kv = KVCache.empty(self.spec, chunks * c)
         kv.token_ids = ids[: chunks * c].clone()
         claim = _Claims(chunks)
+        loaded: set[int] = set()
+        errors: list[BaseException] = []
         start = time.perf_counter()
-        loader = threading.Thread(target=self._load_back, args=(ids, keys, kv, claim, report, on_chunk),
-                                  name="kvpack-load", daemon=True)
+        loader = threading.Thread(target=self._load_back, args=(ids, keys, kv, claim, report, loaded, errors,
+                                                                on_chunk), name="kvpack-load", daemon=True)
         loader.start()
-        front = self._compute_front(ids, claim, report, on_chunk, eager=report.plan.compute_front)
-        loader.join()
+        try:
+            front = self._compute_front(ids, claim, report, on_chunk, eager=report.plan.compute_front)
+        finally:
+            claim.stop()  # on an error here, the loader takes no further chunk
+            loader.join()
+        if errors:  # not a store failure (those are misses): a bug, which must not pass for a loaded chunk
+            raise errors[0]
         if claim.front:  # the computed front goes into the same buffer, before the loaded back
             kv.data[:, :, :, : claim.front * c].copy_(KVCache.from_hf(front, self.spec).data)
-        for hole in sorted(report.failed_chunks):  # on top of everything before it, now complete
+        holes = sorted(set(range(claim.front, chunks)) - loaded)
+        assert holes == sorted(report.failed_chunks), (holes, report.failed_chunks)
+        for hole in holes:  # on top of everything before it, now complete
             self._fill(ids, kv, hole, report)
         report.wall_s = time.perf_counter() - start
         self.estimates.save()
@@ -275,8 +284,11 @@ class Loader:
         report.chunks_computed += 1
 
     def _load_back(self, ids: torch.Tensor, keys: list[str], kv: KVCache, claim: _Claims, report: LoadReport,
-                   on_chunk: Callable[[str, int], None] | None) -> None:
-        """Fetch (I/O thread, ``prefetch`` ahead) and decode chunks from the back until the front is reached."""
+                   loaded: set[int], errors: list[BaseException], on_chunk: Callable[[str, int], None] | None) -> None:
+        """Fetch (I/O thread, ``prefetch`` ahead) and decode chunks from the back until the front is reached.
+
+        Adds each chunk decoded into ``kv`` to ``loaded``; an unexpected exception goes to ``errors``.
+        """
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpack-fetch") as io:
                 pending: dict[int, Future[tuple[bytes | None, float]]] = {}
@@ -289,12 +301,15 @@ class Loader:
                     if blob is None or not self._decode(blob, ids, kv, i, report):
                         report.failed_chunks.append(i)
                         continue
+                    loaded.add(i)
                     report.bytes_read += len(blob)
                     report.chunks_loaded += 1
                     if on_chunk is not None:
                         on_chunk("loaded", i)
                 for future in pending.values():
                     future.cancel()
+        except BaseException as exc:  # re-raised by the caller after join
+            errors.append(exc)
         finally:
             claim.loader_done()
 
@@ -349,6 +364,11 @@ class _Claims:
                 return None
             self.back -= 1
             return self.back + 1
+
+    def stop(self) -> None:
+        """No further chunk for the loader (what it has not taken stays unclaimed)."""
+        with self._cond:
+            self.back = min(self.back, self.front - 1)
 
     def may_prefetch(self, i: int) -> bool:
         with self._cond:
