@@ -26,6 +26,7 @@ from kvpack.entropy import (
     unpack,
     unpack_tables,
 )
+from kvpack.entropy.models import Model
 from kvpack.entropy.rans import STATE_LOWER
 from kvpack.errors import FormatError
 
@@ -46,6 +47,20 @@ def roundtrip(symbols: np.ndarray, starts: np.ndarray, lane_table: np.ndarray, f
         got, got_starts = unpack(blob, max_symbols=symbols.size, freqs=None if include else freqs)
         np.testing.assert_array_equal(got, symbols)
         np.testing.assert_array_equal(got_starts, starts)
+    blob = pack(symbols, starts, lane_table, freqs, include_tables=False)
+    for model in compiled(freqs):
+        assert np.array_equal(encode_lanes(symbols, starts, lane_table, model)[0], words)
+        np.testing.assert_array_equal(decode_lanes(words, offsets, starts, lane_table, model), symbols)
+        assert pack(symbols, starts, lane_table, model, include_tables=False) == blob
+        np.testing.assert_array_equal(unpack(blob, max_symbols=symbols.size, freqs=model)[0], symbols)
+
+
+def compiled(freqs: np.ndarray) -> list[Model]:
+    """``freqs`` as the decoder's three lookups: exact rows built per block, a coarse precompiled lookup (buckets of
+    128 slots, cachegen's), and the coarsest (one entry per table: the decoder walks the whole table)."""
+    models = [Model.from_freqs(freqs, lookup_bytes=n) for n in (freqs.shape[0] * PROB_SCALE, freqs.shape[0] * 256, 0)]
+    assert not freqs.shape[0] or [m.shift for m in models] == [0, PROB_BITS - 8, PROB_BITS]
+    return models
 
 
 def laplace_lanes(
@@ -198,6 +213,33 @@ def test_corrupted_first_word_fails_the_final_state_check() -> None:
         bad[offsets[lane] + 1] ^= 0x5A5A
         with pytest.raises(FormatError, match=f"lane {lane}"):
             decode_lanes(bad, offsets, starts, lane_table, freqs)
+
+
+def test_corrupted_words_fail_under_every_lookup() -> None:
+    words, offsets, starts, lane_table, freqs = encoded_example()
+    rng = np.random.default_rng(3)
+    for model in compiled(freqs):
+        for _ in range(20):
+            bad = words.copy()
+            bad[rng.integers(words.size)] ^= np.uint16(rng.integers(1, 1 << 16))
+            with contextlib.suppress(FormatError):  # a flip may decode to other symbols; it must never crash
+                decode_lanes(bad, offsets, starts, lane_table, model)
+        bad = words.copy()
+        bad[offsets[0] + 1] ^= 0x5A5A
+        with pytest.raises(FormatError, match="lane 0"):
+            decode_lanes(bad, offsets, starts, lane_table, model)
+
+
+def test_model_is_checked_against_the_blob() -> None:
+    blob, _, freqs = small_blob(include_tables=False)
+    other = freqs.copy()
+    other[0] = np.roll(other[0], 1)
+    with pytest.raises(FormatError, match="not the ones"):
+        parse(blob, max_symbols=1000, freqs=Model.from_freqs(other))
+    with pytest.raises(FormatError, match="shape"):
+        parse(blob, max_symbols=1000, freqs=Model.from_freqs(quantize_freqs(np.ones((5, 4), np.int64))))
+    with pytest.raises(FormatError):
+        Model.from_freqs(np.full((2, 3), 7))
 
 
 def test_lane_reading_past_its_words_is_refused() -> None:

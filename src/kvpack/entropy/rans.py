@@ -20,9 +20,9 @@ is consumed. The encoder runs each lane backwards from state ``L`` and writes it
 
 CPU schedule: lanes are split into contiguous blocks balanced by symbol count, one ``prange`` iteration per block;
 within a block a thread codes four lanes in lockstep so their independent dependency chains overlap (interleaving
-in Giesen's sense, done in registers rather than in the format). Decoding uses per-block slot->symbol tables,
-rebuilt only when a lane's table differs from the previous lane's in the same position: give lanes that share a
-table consecutive indices.
+in Giesen's sense, done in registers rather than in the format). The coders read compiled tables
+(:class:`kvpack.entropy.models.Model`: encoder entries and the decoder's slot -> symbol lookup); give them a model
+built once where the tables are fixed (a profile's), or raw tables, which they compile per call.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit, prange
 
+from kvpack.entropy.models import Model, encoder_table, fill_lookup
 from kvpack.entropy.tables import (
     MAX_ALPHABET,
     PROB_BITS,
@@ -162,12 +163,19 @@ def _encode_kernel(symbols, lane_starts, lane_table, etab, blocks):  # type: ign
 
 
 @njit(nogil=True, cache=True, inline="always", error_model="numpy")
-def _dec_step(x, slots, tab, words, p, last, out, j):  # type: ignore[no-untyped-def]
-    """Pop one symbol into ``out[j]``; refill from ``words[p]`` if needed (reads clamp to ``last``)."""
+def _dec_step(x, slots, shift, tab, words, p, last, out, j):  # type: ignore[no-untyped-def]
+    """Pop one symbol into ``out[j]``; refill from ``words[p]`` if needed (reads clamp to ``last``).
+
+    ``slots[slot >> shift]`` is the symbol holding the first slot of ``slot``'s bucket; with ``shift > 0`` step on to
+    the one holding ``slot`` (see :mod:`kvpack.entropy.models`)."""
     slot = x & _SLOT_MASK
-    s = slots[slot]
-    out[j] = s
+    s = slots[slot >> shift]
     e = _U(tab[s])
+    if shift:
+        while slot >= (e >> _W) + (e & _LOW16):
+            s += 1
+            e = _U(tab[s])
+    out[j] = s
     x = (e & _LOW16) * (x >> _PBITS) + slot - (e >> _W)
     w = _U(words[min(p, last)])
     refill = x < _L
@@ -177,10 +185,10 @@ def _dec_step(x, slots, tab, words, p, last, out, j):  # type: ignore[no-untyped
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _dec_run(x, p, words, end, slots, tab, out, lo, hi, x0):  # type: ignore[no-untyped-def]
+def _dec_run(x, p, words, end, slots, shift, tab, out, lo, hi, x0):  # type: ignore[no-untyped-def]
     """Pop ``out[lo:hi]``, then check the lane ends exactly: initial state ``x0 >= L``, final ``x == L``, all words."""
     for j in range(lo, hi):
-        x, p = _dec_step(x, slots, tab, words, p, end - 1, out, j)
+        x, p = _dec_step(x, slots, shift, tab, words, p, end - 1, out, j)
     return not (x0 >= _L and x == _L and p == end)
 
 
@@ -189,26 +197,27 @@ def _dec_init(words, p):  # type: ignore[no-untyped-def]
     return _U(words[p]) | (_U(words[p + 1]) << _W)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def _fill_slots(tab, slots):  # type: ignore[no-untyped-def]
-    """slot -> symbol for table row ``tab`` (the encoder layout) into ``slots`` (uint8 [PROB_SCALE])."""
-    for s in range(MAX_ALPHABET):
-        e = tab[s]
-        c = e >> 16
-        slots[c : c + (e & 0xFFFF)] = s
+@njit(nogil=True, cache=True, inline="always", error_model="numpy")
+def _row(slots, lookup, shift, r, t):  # type: ignore[no-untyped-def]
+    """The slot -> symbol row of the lane at position ``r`` of a group, whose table is ``t``."""
+    return slots[r] if shift == 0 else lookup[t]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lo, hi, out, bad):  # type: ignore[no-untyped-def]
-    slots = np.empty((_GROUP, PROB_SCALE), np.uint8)
+def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, lo, hi, out,  # type: ignore[no-untyped-def]
+                  bad):
+    """Decode lanes ``lo..hi``. With ``shift == 0`` the exact slot -> symbol rows are built here, per position in the
+    group of four, only when a lane's table differs from the previous lane's at that position (rows just written are
+    in cache; few tables); otherwise the rows are the model's precompiled coarse ``lookup`` (many tables)."""
+    slots = np.empty((_GROUP, PROB_SCALE if shift == 0 else 0), np.uint8)
     cached = np.full(_GROUP, -1, np.int64)
     i = lo
     while i < hi:
         g = min(_GROUP, hi - i)
-        for r in range(g):
+        for r in range(g if shift == 0 else 0):
             t = lane_table[i + r]
             if cached[r] != t:
-                _fill_slots(etab[t], slots[r])
+                fill_lookup(etab[t], 0, slots[r])
                 cached[r] = t
         m = 0
         if g == _GROUP:
@@ -239,19 +248,19 @@ def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lo, hi, ou
             p1 = e0 + 2
             p2 = e1 + 2
             p3 = e2 + 2
-            d0 = slots[0]
-            d1 = slots[1]
-            d2 = slots[2]
-            d3 = slots[3]
+            d0 = _row(slots, lookup, shift, 0, lane_table[i])
+            d1 = _row(slots, lookup, shift, 1, lane_table[i + 1])
+            d2 = _row(slots, lookup, shift, 2, lane_table[i + 2])
+            d3 = _row(slots, lookup, shift, 3, lane_table[i + 3])
             for k in range(m):
-                x0, p0 = _dec_step(x0, d0, t0, words, p0, e0 - 1, out, a0 + k)
-                x1, p1 = _dec_step(x1, d1, t1, words, p1, e1 - 1, out, a1 + k)
-                x2, p2 = _dec_step(x2, d2, t2, words, p2, e2 - 1, out, a2 + k)
-                x3, p3 = _dec_step(x3, d3, t3, words, p3, e3 - 1, out, a3 + k)
-            bad[i] = _dec_run(x0, p0, words, e0, d0, t0, out, a0 + m, a1, z0)
-            bad[i + 1] = _dec_run(x1, p1, words, e1, d1, t1, out, a1 + m, a2, z1)
-            bad[i + 2] = _dec_run(x2, p2, words, e2, d2, t2, out, a2 + m, a3, z2)
-            bad[i + 3] = _dec_run(x3, p3, words, e3, d3, t3, out, a3 + m, lane_starts[i + 4], z3)
+                x0, p0 = _dec_step(x0, d0, shift, t0, words, p0, e0 - 1, out, a0 + k)
+                x1, p1 = _dec_step(x1, d1, shift, t1, words, p1, e1 - 1, out, a1 + k)
+                x2, p2 = _dec_step(x2, d2, shift, t2, words, p2, e2 - 1, out, a2 + k)
+                x3, p3 = _dec_step(x3, d3, shift, t3, words, p3, e3 - 1, out, a3 + k)
+            bad[i] = _dec_run(x0, p0, words, e0, d0, shift, t0, out, a0 + m, a1, z0)
+            bad[i + 1] = _dec_run(x1, p1, words, e1, d1, shift, t1, out, a1 + m, a2, z1)
+            bad[i + 2] = _dec_run(x2, p2, words, e2, d2, shift, t2, out, a2 + m, a3, z2)
+            bad[i + 3] = _dec_run(x3, p3, words, e3, d3, shift, t3, out, a3 + m, lane_starts[i + 4], z3)
         else:
             for r in range(g):
                 lane = i + r
@@ -263,7 +272,8 @@ def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lo, hi, ou
                         p + 2,
                         words,
                         word_offsets[lane + 1],
-                        slots[r],
+                        _row(slots, lookup, shift, r, lane_table[lane]),
+                        shift,
                         etab[lane_table[lane]],
                         out,
                         lane_starts[lane],
@@ -274,12 +284,13 @@ def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lo, hi, ou
 
 
 @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
-def _decode_kernel(words, word_offsets, lane_starts, lane_table, etab, blocks):  # type: ignore[no-untyped-def]
+def _decode_kernel(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, blocks):  # type: ignore[no-untyped-def]
     n_lanes = lane_starts.shape[0] - 1
     out = np.empty(lane_starts[n_lanes], np.uint8)
     bad = np.zeros(n_lanes, np.bool_)
     for b in prange(blocks.shape[0] - 1):
-        _decode_block(words, word_offsets, lane_starts, lane_table, etab, blocks[b], blocks[b + 1], out, bad)
+        _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, blocks[b], blocks[b + 1], out,
+                      bad)
     return out, bad
 
 
@@ -323,14 +334,6 @@ def _blocks(lane_starts: np.ndarray, n_threads: int) -> np.ndarray:
     return blocks
 
 
-def _encoder_table(freqs: np.ndarray) -> np.ndarray:
-    """uint32 ``[n_tables, 256]``: ``freq | cum << 16`` per symbol, zero past the alphabet."""
-    etab = np.zeros((freqs.shape[0], MAX_ALPHABET), np.uint32)
-    cum = np.cumsum(freqs, axis=1, dtype=np.uint32) - freqs
-    etab[:, : freqs.shape[1]] = freqs | (cum << 16)
-    return etab
-
-
 def _as_int64(name: str, a: npt.ArrayLike, size: int | None, error: type[Exception]) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
@@ -356,7 +359,7 @@ def encode_lanes(
     symbols: npt.ArrayLike,
     lane_starts: npt.ArrayLike,
     lane_table: npt.ArrayLike,
-    freqs: npt.ArrayLike,
+    freqs: npt.ArrayLike | Model,
     *,
     threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -368,7 +371,7 @@ def encode_lanes(
             ``symbols[lane_starts[i]:lane_starts[i+1]]`` (may be empty).
         lane_table: int32 ``[n_lanes]``, the table row of each lane.
         freqs: uint16/uint32 ``[n_tables, alphabet]``, rows summing to ``PROB_SCALE`` or all zero
-            (see :func:`kvpack.entropy.tables.quantize_freqs`).
+            (see :func:`kvpack.entropy.tables.quantize_freqs`), or those tables compiled into a :class:`Model`.
         threads: numba threads to use (default: ``numba.get_num_threads()``).
 
     Returns:
@@ -386,15 +389,17 @@ def encode_lanes(
     _check_offsets("lane_starts", starts, sym.size, ValueError)
     n_lanes = starts.size - 1
     table_of = _as_int64("lane_table", lane_table, n_lanes, ValueError)
-    try:
-        f = validate_freqs(freqs)
-    except FormatError as exc:
-        raise ValueError(str(exc)) from None
-    _check_lane_tables(table_of, f.shape[0], ValueError)
+    if isinstance(freqs, Model):
+        etab = freqs.etab
+    else:
+        try:
+            etab = encoder_table(validate_freqs(freqs))
+        except FormatError as exc:
+            raise ValueError(str(exc)) from None
+    _check_lane_tables(table_of, etab.shape[0], ValueError)
     with _threads(threads) as n_threads:
-        words, word_offsets, bad = _encode_kernel(
-            sym, starts, table_of.astype(np.int32), _encoder_table(f), _blocks(starts, n_threads)
-        )
+        words, word_offsets, bad = _encode_kernel(sym, starts, table_of.astype(np.int32), etab,
+                                                  _blocks(starts, n_threads))
     if bad.any():
         lane = int(np.flatnonzero(bad)[0])
         raise ValueError(f"lane {lane} holds a symbol with frequency 0 in its table {int(table_of[lane])}")
@@ -406,7 +411,7 @@ def decode_lanes(
     word_offsets: npt.ArrayLike,
     lane_starts: npt.ArrayLike,
     lane_table: npt.ArrayLike,
-    freqs: npt.ArrayLike,
+    freqs: npt.ArrayLike | Model,
     *,
     threads: int | None = None,
 ) -> np.ndarray:
@@ -417,7 +422,7 @@ def decode_lanes(
         word_offsets: int64 ``[n_lanes + 1]``, non-decreasing from 0 to ``W``.
         lane_starts: int64 ``[n_lanes + 1]``, the symbol count of every lane (from the caller, who bounds ``N``).
         lane_table: int32 ``[n_lanes]``.
-        freqs: ``[n_tables, alphabet]``, the tables the lanes were encoded with.
+        freqs: ``[n_tables, alphabet]``, the tables the lanes were encoded with (or their :class:`Model`).
         threads: numba threads to use (default: ``numba.get_num_threads()``).
 
     Returns:
@@ -437,14 +442,14 @@ def decode_lanes(
     offsets = _as_int64("word_offsets", word_offsets, n_lanes + 1, FormatError)
     _check_offsets("word_offsets", offsets, w.size, FormatError)
     table_of = _as_int64("lane_table", lane_table, n_lanes, FormatError)
-    f = validate_freqs(freqs)
-    _check_lane_tables(table_of, f.shape[0], FormatError)
+    model = freqs if isinstance(freqs, Model) else Model.from_freqs(freqs)
+    _check_lane_tables(table_of, model.shape[0], FormatError)
     n_sym = np.diff(starts)
     n_words = np.diff(offsets)
     used = n_sym > 0
     if np.any(n_words[~used] != 0) or np.any(n_words[used] < 2) or np.any(n_words[used] > n_sym[used] + 2):
         raise FormatError("a lane's word count does not fit its symbol count (empty: 0, else 2..symbols+2)")
-    if np.any(f.sum(axis=1)[table_of[used]] == 0):
+    if not np.all(model.usable[table_of[used]]):
         raise FormatError("a nonempty lane uses an all-zero frequency table")
     with _threads(threads) as n_threads:
         out, bad = _decode_kernel(
@@ -452,7 +457,9 @@ def decode_lanes(
             offsets,
             starts,
             table_of.astype(np.int32),
-            _encoder_table(f),
+            model.etab,
+            model.slots,
+            model.shift,
             _blocks(starts, n_threads),
         )
     if bad.any():
@@ -462,20 +469,21 @@ def decode_lanes(
 
 @dataclass(frozen=True)
 class LaneStream:
-    """A parsed blob: everything :func:`decode_lanes` (or a GPU decoder) needs. Shapes as in :func:`decode_lanes`."""
+    """A parsed blob: everything :func:`decode_lanes` (or a GPU decoder) needs. Shapes as in :func:`decode_lanes`;
+    ``freqs``: the validated tables read from the blob, or the :class:`Model` the caller gave :func:`parse`."""
 
     words: np.ndarray
     word_offsets: np.ndarray
     lane_starts: np.ndarray
     lane_table: np.ndarray
-    freqs: np.ndarray
+    freqs: np.ndarray | Model
 
 
 def pack(
     symbols: npt.ArrayLike,
     lane_starts: npt.ArrayLike,
     lane_table: npt.ArrayLike,
-    freqs: npt.ArrayLike,
+    freqs: npt.ArrayLike | Model,
     *,
     include_tables: bool = True,
     threads: int | None = None,
@@ -483,10 +491,11 @@ def pack(
     """Encode (as :func:`encode_lanes`) and serialize into one self-contained blob (layout in ``docs/entropy.md``).
 
     With ``include_tables=False`` the blob stores only a CRC-32 of the tables, and :func:`parse` / :func:`unpack`
-    must be given the same ``freqs`` (for tables kept in a per-model profile).
+    must be given the same ``freqs`` (for tables kept in a per-model profile: pass their :class:`Model`).
     """
-    f = np.asarray(freqs)
-    words, word_offsets = encode_lanes(symbols, lane_starts, lane_table, f, threads=threads)
+    model = freqs if isinstance(freqs, Model) else None
+    f = freqs.freqs if isinstance(freqs, Model) else np.asarray(freqs)
+    words, word_offsets = encode_lanes(symbols, lane_starts, lane_table, freqs, threads=threads)
     starts = np.asarray(lane_starts, dtype=np.int64)
     table_of = np.asarray(lane_table, dtype=np.int64)
     n_lanes = starts.size - 1
@@ -503,12 +512,13 @@ def pack(
     else:
         parts.append(encode_varints(table_of).tobytes())
     parts.append(encode_varints(np.diff(word_offsets)).tobytes())
-    tables = pack_tables(f)
     if include_tables:
         flags |= _FLAG_TABLES
+        tables = pack_tables(f)
         parts += [encode_varints(np.array([len(tables)], np.int64)).tobytes(), tables]
     else:
-        parts.append(zlib.crc32(tables).to_bytes(4, "little"))
+        crc = model.crc if model is not None else zlib.crc32(pack_tables(f))
+        parts.append(crc.to_bytes(4, "little"))
     parts.append(words.astype("<u2").tobytes())
     header = (
         bytes([BLOB_VERSION, PROB_BITS, flags])
@@ -517,14 +527,15 @@ def pack(
     return header + b"".join(parts)
 
 
-def parse(data: bytes | bytearray | memoryview, *, max_symbols: int, freqs: npt.ArrayLike | None = None,
+def parse(data: bytes | bytearray | memoryview, *, max_symbols: int, freqs: npt.ArrayLike | Model | None = None,
           tables: tuple[int, int] | None = None) -> LaneStream:
     """Read a :func:`pack` blob without decoding it.
 
     Args:
         data: the blob.
         max_symbols: the most symbols the caller accepts; a blob declaring more is refused before any allocation.
-        freqs: the tables, required if and only if the blob was packed with ``include_tables=False``.
+        freqs: the tables (or their :class:`Model`, which the stream then carries), required if and only if the
+            blob was packed with ``include_tables=False``.
         tables: ``(n_tables, alphabet)`` the caller expects, checked before the tables are unpacked (without it, a
             blob may make the reader allocate up to ``1 KiB`` of tables per byte of its own).
 
@@ -574,15 +585,16 @@ def parse(data: bytes | bytearray | memoryview, *, max_symbols: int, freqs: npt.
         size, pos = read_varint(raw, pos, raw.size)
         if pos < 0 or pos + size > raw.size:
             raise FormatError("rANS blob tables are truncated")
-        f = unpack_tables(memoryview(data)[pos : pos + size], n_tables, alphabet)
+        f: np.ndarray | Model = unpack_tables(memoryview(data)[pos : pos + size], n_tables, alphabet)
         pos += size
     else:
         if freqs is None:
             raise FormatError("rANS blob was packed without tables: pass the freqs it was encoded with")
-        f = validate_freqs(freqs)
+        f = freqs if isinstance(freqs, Model) else validate_freqs(freqs)
         if f.shape != (n_tables, alphabet) or pos + 4 > raw.size:
             raise FormatError(f"rANS blob needs tables of shape {(n_tables, alphabet)}, got {f.shape}")
-        if zlib.crc32(pack_tables(f)) != int.from_bytes(raw[pos : pos + 4].tobytes(), "little"):
+        crc = f.crc if isinstance(f, Model) else zlib.crc32(pack_tables(f))
+        if crc != int.from_bytes(raw[pos : pos + 4].tobytes(), "little"):
             raise FormatError("the given frequency tables are not the ones this rANS blob was encoded with")
         pos += 4
     word_offsets = np.zeros(n_lanes + 1, np.int64)
@@ -611,7 +623,7 @@ def unpack(
     data: bytes | bytearray | memoryview,
     *,
     max_symbols: int,
-    freqs: npt.ArrayLike | None = None,
+    freqs: npt.ArrayLike | Model | None = None,
     threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Parse and decode a :func:`pack` blob: ``(symbols uint8 [N], lane_starts int64 [n_lanes + 1])``.

@@ -62,6 +62,7 @@ from kvpack.codecs.cachegen.profile import (
 from kvpack.codecs.calibrated import CalibratedCodec, Log
 from kvpack.codecs.validate import Size, json_int
 from kvpack.entropy import MIN_PACKED_BYTES, max_packed_bytes, pack, parse
+from kvpack.entropy.models import Model
 from kvpack.entropy.rans import decode_lanes
 from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import CodecError, FormatError, ModelMismatchError
@@ -366,9 +367,9 @@ class CacheGenCodec(CalibratedCodec[CacheGenTables]):
         t = self.tables
         return t.scale(self._level).reshape(t.num_layers, 2, t.num_kv_heads * t.head_dim)
 
-    def _freqs(self) -> np.ndarray:
-        t = self.tables
-        return t.freqs[self._level] if self.anchor_delta else t.raw_freqs[self._level]
+    def _model(self) -> Model:
+        """The compiled rANS tables this codec's lanes use (built once per profile and level)."""
+        return self.tables.model(self._level, self.anchor_delta)
 
     def encode_payload(self, kv: KVCache) -> Payload:
         t = self.tables
@@ -378,7 +379,7 @@ class CacheGenCodec(CalibratedCodec[CacheGenTables]):
             raise CodecError(str(exc)) from None
         lvl = self._level
         x, bits = kv_array(kv)
-        freqs = self._freqs()
+        freqs = self._model()
         escape = freqs.shape[1] - 1
         starts = _lane_sizes(t.rows, kv.num_tokens, self.anchor_delta)
         symbols = np.empty(int(starts[-1]), np.uint8)
@@ -411,7 +412,7 @@ class CacheGenCodec(CalibratedCodec[CacheGenTables]):
                                                                 GROUP_SIZE) != GROUP_SIZE:
             raise FormatError(f"cachegen meta {dict(meta)} is not valid (group_size {GROUP_SIZE}, escapes >= 0)")
         n_escapes = json_int(meta["escapes"], "cachegen escape count", 0, n_symbols)
-        freqs = self._freqs()
+        freqs = self._model()
         lanes = 2 * t.rows if self.anchor_delta else t.rows
         return {"symbols": Size(MIN_PACKED_BYTES, max_packed_bytes(n_symbols, lanes, freqs.shape[0], freqs.shape[1],
                                                                    include_tables=False)),
@@ -423,7 +424,7 @@ class CacheGenCodec(CalibratedCodec[CacheGenTables]):
         n_escapes = int(meta["escapes"])
         starts = _lane_sizes(t.rows, num_tokens, self.anchor_delta)
         escape_raw = np.frombuffer(container.section("escapes"), np.uint8)
-        freqs = self._freqs()
+        freqs = self._model()
         escape = freqs.shape[1] - 1
         stream = parse(container.section("symbols"), max_symbols=int(starts[-1]), freqs=freqs)
         if not np.array_equal(stream.lane_starts, starts) or \

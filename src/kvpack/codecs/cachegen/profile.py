@@ -25,12 +25,12 @@ array               dtype, shape                meaning
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvpack.entropy import unpack_tables
+from kvpack.entropy.models import Model
 from kvpack.entropy.tables import MAX_ALPHABET
 from kvpack.errors import FormatError, ModelMismatchError
 from kvpack.profile import Profile
@@ -68,6 +68,8 @@ class CacheGenTables:
         bins: float64 ``[3, 3]``, bin size in units of ``std`` per (level, layer group).
         lo, width: int64 ``[3, R, 2]``: window of each (level, row, role).
         freqs: per level, uint32 ``[2 R, alphabet]``; row ``2 r + role``; the last column is the escape symbol.
+
+    The rANS coders read :meth:`model`, compiled on first use per level and kept here.
     """
 
     profile: Profile
@@ -80,6 +82,7 @@ class CacheGenTables:
     lo: np.ndarray
     width: np.ndarray
     freqs: tuple[np.ndarray, ...]
+    _models: dict[tuple[int, bool], Model] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def rows(self) -> int:
@@ -91,10 +94,13 @@ class CacheGenTables:
         per_row = np.repeat(self.bins[level][groups], 2 * self.num_kv_heads * self.head_dim)
         return per_row * self.std
 
-    @functools.cached_property
-    def raw_freqs(self) -> tuple[np.ndarray, ...]:
-        """Per level, the ``raw`` tables only: uint32 ``[R, alphabet]`` (for ``anchor_delta=False``)."""
-        return tuple(np.ascontiguousarray(f[ROLE_RAW::2]) for f in self.freqs)
+    def model(self, level: int, anchor_delta: bool) -> Model:
+        """The compiled tables of ``level``: all ``2 R`` (anchor/delta coding), or the ``R`` raw ones only."""
+        key = (level, anchor_delta)
+        if key not in self._models:
+            freqs = self.freqs[level]
+            self._models[key] = Model.from_freqs(freqs if anchor_delta else freqs[ROLE_RAW::2])
+        return self._models[key]
 
     @classmethod
     def from_profile(cls, profile: Profile) -> CacheGenTables:

@@ -224,7 +224,7 @@ class TransformCodec(CalibratedCodec[TransformProfile]):
             symbols = np.where(esc, ESCAPE, high).astype(np.uint8).reshape(-1)
             classes, counts = np.unique(lay.ec_class, return_counts=True)
             starts = np.concatenate([[0], np.cumsum(counts * tokens)]).astype(np.int64)
-            blob = entropy.pack(symbols, starts, classes.astype(np.int32), st.freqs, include_tables=False)
+            blob = entropy.pack(symbols, starts, classes.astype(np.int32), st.model, include_tables=False)
             lows = b"".join(pack_bits(low[b[:, 0] == nb].reshape(-1), int(nb)) for nb in np.unique(b[:, 0]) if nb)
         fixed = b"".join(fixed_encode(zs[g][:, s : s + n], kind, gs) for g, s, n, kind, gs in lay.fixed)
         if st.recipe == "kvtc":
@@ -310,7 +310,7 @@ class TransformCodec(CalibratedCodec[TransformProfile]):
         blob = data[0]
         n_ec = lay.ec_comp.size
         if n_ec and tokens:
-            symbols, starts = entropy.unpack(blob, max_symbols=n_ec * tokens, freqs=st.freqs)
+            symbols, starts = entropy.unpack(blob, max_symbols=n_ec * tokens, freqs=st.model)
             _, counts = np.unique(lay.ec_class, return_counts=True)
             if not np.array_equal(starts, np.concatenate([[0], np.cumsum(counts * tokens)])):
                 raise FormatError("entropy-coded lanes do not match the preset's layout")

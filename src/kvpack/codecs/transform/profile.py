@@ -4,6 +4,7 @@ bases, weights, per-class rANS tables, presets), compiled once per profile by th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from kvpack.codecs.transform.quant import (
     TYPE_INT8,
     TYPES,
 )
+from kvpack.entropy.models import Model
 from kvpack.errors import CodecError, FormatError
 from kvpack.profile import Profile
 
@@ -74,6 +76,11 @@ class TransformProfile:
     @property
     def hash(self) -> str:
         return self.profile.hash
+
+    @functools.cached_property
+    def model(self) -> Model:
+        """:attr:`freqs` compiled for the rANS coders."""
+        return Model.from_freqs(self.freqs)
 
     def projection(self, alloc: Allocation, g: int) -> Projection:
         """The affine maps of group ``g`` restricted to the components ``alloc`` codes (cached per preset)."""

@@ -1,0 +1,102 @@
+"""Compiled entropy models: frequency tables turned once into what the lane coders read.
+
+A :class:`Model` holds validated tables plus everything derived from them: the encoder entries, the decoder's
+slot -> symbol lookup and the CRC-32 a blob packed without tables records. The coders (:mod:`kvpack.entropy.rans`)
+take a model in place of raw tables, so tables kept in a per-model profile are compiled once per profile (the
+codec keeps the model) and a chunk only runs the coder; a blob that carries its own tables compiles them once when
+it is parsed. This is the split the constriction library makes between entropy models and coders.
+
+Decoder lookup: slot ``x mod PROB_SCALE`` lies in the range ``[cum_s, cum_s + freq_s)`` of exactly one symbol ``s``.
+``slots[t, b]`` is the symbol whose range holds slot ``b << shift``; the decoder starts there and steps forward to
+the symbol holding its slot. With few tables (``n_tables * PROB_SCALE <= LOOKUP_BYTES``) ``shift`` is 0: the exact
+lookup, which the decoder builds itself per block as lanes need it (a row it has just written is in cache, where a
+precompiled one would not be). With many tables (cachegen has one per channel and role, tens of thousands, each
+used by one lane) rebuilding a 32 KiB row per lane would dominate decoding, so ``shift`` grows until the
+precompiled lookup fits in :data:`LOOKUP_BYTES`, at a few extra steps for the symbols that share a bucket.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from numba import njit, prange
+
+from kvpack.entropy.tables import MAX_ALPHABET, PROB_BITS, PROB_SCALE, pack_tables, validate_freqs
+
+__all__ = ["LOOKUP_BYTES", "Model", "encoder_table", "fill_lookup"]
+
+#: Upper bound on a model's decoder lookup (``n_tables * PROB_SCALE >> shift`` bytes), unless one table needs more.
+LOOKUP_BYTES = 1 << 23
+
+
+def encoder_table(freqs: np.ndarray) -> np.ndarray:
+    """uint32 ``[n_tables, 256]`` of validated ``freqs [n_tables, alphabet]``: ``freq | cum << 16`` per symbol, zero
+    past the alphabet."""
+    etab = np.zeros((freqs.shape[0], MAX_ALPHABET), np.uint32)
+    cum = np.cumsum(freqs, axis=1, dtype=np.uint32) - freqs
+    etab[:, : freqs.shape[1]] = freqs | (cum << 16)
+    return etab
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def fill_lookup(tab, shift, row):  # type: ignore[no-untyped-def]
+    """``row[b]`` = the symbol of encoder row ``tab`` whose slot range holds slot ``b << shift`` (uint8
+    ``[PROB_SCALE >> shift]``; untouched for an all-zero table)."""
+    mask = (1 << shift) - 1
+    for s in range(MAX_ALPHABET):
+        e = tab[s]
+        f = e & 0xFFFF
+        if f:
+            c = e >> 16
+            row[(c + mask) >> shift : (c + f + mask) >> shift] = s
+
+
+@njit(nogil=True, cache=True, parallel=True, error_model="numpy")
+def _fill_lookups(etab, shift, out):  # type: ignore[no-untyped-def]
+    for t in prange(etab.shape[0]):
+        fill_lookup(etab[t], shift, out[t])
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """Compiled tables; build with :meth:`from_freqs`.
+
+    Attributes:
+        freqs: uint32 ``[n_tables, alphabet]``, validated (rows sum to ``PROB_SCALE`` or are all zero).
+        etab: uint32 ``[n_tables, 256]``: ``freq | cum << 16`` per symbol, zero past the alphabet (the coders' view).
+        slots: uint8 ``[n_tables, PROB_SCALE >> shift]``: decoder lookup (module docstring); with ``shift == 0``
+            empty (``[0, PROB_SCALE]``): the decoder builds exact rows as lanes need them, cheaply for few tables.
+        shift: log2 of the slots per lookup entry.
+        usable: bool ``[n_tables]``: the tables with any mass (only those can code a nonempty lane).
+        crc: CRC-32 of :func:`kvpack.entropy.pack_tables` of ``freqs``.
+    """
+
+    freqs: np.ndarray
+    etab: np.ndarray
+    slots: np.ndarray
+    shift: int
+    usable: np.ndarray
+    crc: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_tables, alphabet)``."""
+        return self.freqs.shape[0], self.freqs.shape[1]
+
+    @classmethod
+    def from_freqs(cls, freqs: npt.ArrayLike, lookup_bytes: int = LOOKUP_BYTES) -> Model:
+        """Compile ``freqs`` (``[n_tables, alphabet]``); :class:`~kvpack.errors.FormatError` if they are not valid
+        frequency tables. ``lookup_bytes``: the exact lookup is used while ``n_tables * PROB_SCALE`` fits in it."""
+        f = validate_freqs(freqs)
+        etab = encoder_table(f)
+        shift = 0
+        while shift < PROB_BITS and f.shape[0] * (PROB_SCALE >> shift) > lookup_bytes:
+            shift += 1
+        slots = np.zeros((f.shape[0] if shift else 0, PROB_SCALE >> shift), np.uint8)
+        if shift:
+            _fill_lookups(etab, shift, slots)
+        return cls(freqs=f, etab=etab, slots=slots, shift=shift, usable=f.sum(axis=1) > 0,
+                   crc=zlib.crc32(pack_tables(f)))
