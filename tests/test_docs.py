@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 #: Pages whose examples load the bundled model (slower; marked like the other real-model tests).
-MODEL_PAGES = {"README.md", "cachegen.md", "models.md"}
+MODEL_PAGES = {"README.md", "cachegen.md", "models.md", "reuse.md"}
 
 
 def examples(page: Path) -> list[str]:
