@@ -178,6 +178,18 @@ def test_prompts_without_moved_segments_take_the_exact_path(model32: tuple[str, 
     assert results[0].stats.tokens_hit == CHUNK and results[0].stats.recomputed == []
 
 
+def test_a_prompt_of_uncached_segments_is_a_plain_prompt(model32: tuple[str, Any, ModelSpec]) -> None:
+    _, model, spec = model32
+    flat = torch.cat([SYSTEM, QUESTION])
+    with context_cache(model, spec) as cc:
+        cc.prefill(flat[:CHUNK])
+        cc.flush()
+        segmented = cc.generate(Prompt([Segment(SYSTEM, cache=False), Segment(QUESTION, cache=False)]),
+                                max_new_tokens=4, do_sample=False)
+        plain = cc.generate(flat, max_new_tokens=4, do_sample=False)
+    assert torch.equal(segmented.sequences, plain.sequences) and segmented.stats.tokens_hit == CHUNK
+
+
 def test_exact_prefix_rows_are_bit_identical_when_segments_move(model32: tuple[str, Any, ModelSpec]) -> None:
     _, model, spec = model32
     prompt = rag("blend")

@@ -55,15 +55,17 @@ from kvpack.spec import KV_LAYER_TYPES
 SegmentContent = str | torch.Tensor | Sequence[int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Segment:
-    """One piece of a :class:`Prompt`: a text or token ids; cached and reused on its own unless ``cache=False``."""
+    """One piece of a :class:`Prompt`: a text or token ids; cached and reused on its own unless ``cache=False``.
+
+    Compared by identity (the content may be a tensor)."""
 
     content: SegmentContent
     cache: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Prompt:
     """A prompt as segments, how each is cached, and how the assembled cache is repaired.
 
@@ -170,7 +172,7 @@ class SegmentReuse:
         stats = SegmentStats(prompt_tokens=len(ids))
         exact_kv = self.prefixes.load(ids[:-1], stats)
         units = self._units(prompt, pieces)
-        limit = min(units[-1].stop, len(ids) - 1)
+        limit = min(units[-1].stop, len(ids) - 1) if units else 0
         hit = stats.tokens_hit
         moved_from = next((u.start for u in units if u.moved), limit)
         if not prompt.policy.reuses_segments or moved_from >= limit or hit >= limit:
