@@ -315,6 +315,15 @@ def bench_speed(
         markdown.write_text(speed.markdown(rows, _command_line()))
 
 
+@bench_app.command("capacity", add_help_option=False,
+                   context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_capacity(ctx: typer.Context) -> None:
+    """Hit rate, bytes stored and mean/p95 TTFT of a Zipf workload under store budgets, per codec (--help: options)."""
+    from kvpack.bench import capacity
+
+    capacity.main(ctx.args)
+
+
 @bench_app.command("ttft")
 def bench_ttft(
     setting: Annotated[list[str] | None, typer.Option(
