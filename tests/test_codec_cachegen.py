@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import PROSE, make_kv
 from kvpack import codecs
 from kvpack.codecs.cachegen.calibrate import build_profile, build_profile_from_caches
-from kvpack.codecs.cachegen.codec import CacheGenCodec, error_bound, quantize_indices
+from kvpack.codecs.cachegen.codec import CacheGen, error_bound, quantize_indices
 from kvpack.codecs.cachegen.profile import GROUP_SIZE, CacheGenTables
 from kvpack.entropy import split_escapes, unpack
 from kvpack.entropy.tables import decode_varints
@@ -25,7 +25,7 @@ from kvpack.kv import KVCache
 from kvpack.profile import Profile
 
 
-def _within_bound(codec: CacheGenCodec, kv: KVCache, out: KVCache) -> bool:
+def _within_bound(codec: CacheGen, kv: KVCache, out: KVCache) -> bool:
     bound_k, bound_v = error_bound(codec, out)
     pairs = zip((*kv.keys, *kv.values), (*out.keys, *out.values), (*bound_k, *bound_v), strict=True)
     return all(bool(((a.double() - b.double()).abs() <= e).all()) for a, b, e in pairs)
@@ -44,9 +44,9 @@ def other_profile_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_profile_from_caches(calibration).save(tmp_path_factory.mktemp("cachegen-other"))
 
 
-def _codec(path: Path, **params: Any) -> CacheGenCodec:
+def _codec(path: Path, **params: Any) -> CacheGen:
     codec = codecs.get("cachegen", profile=str(path), **params)
-    assert isinstance(codec, CacheGenCodec)
+    assert isinstance(codec, CacheGen)
     return codec
 
 

@@ -11,7 +11,7 @@ import torch
 import kvpack
 from kvpack import codecs
 from kvpack.codecs import CalibratedCodec, get
-from kvpack.codecs.transform import KvtcCodec, TransformCodec
+from kvpack.codecs.transform import KVTC, Transform
 from kvpack.codecs.transform.calibrate import calibrate_from_caches
 from kvpack.errors import CodecError, FormatError, ProfileError, ProfileMismatchError
 from kvpack.kv import KVCache
@@ -51,7 +51,7 @@ def _rel_error(a: KVCache, b: KVCache, skip: int = 0) -> float:
 @pytest.mark.parametrize("preset", sorted(BOUNDS))
 def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str) -> None:
     kv = _held_out()
-    codec = TransformCodec(profile=str(profiles["transform"]), preset=preset)
+    codec = Transform(profile=str(profiles["transform"]), preset=preset)
     data = codec.encode(kv)
     with pytest.raises(CodecError, match="profile=PATH"):
         kvpack.decode(data)
@@ -66,7 +66,7 @@ def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str) -> 
 
 def test_positions_explicit_and_offset(profiles: dict[str, Path]) -> None:
     kv = _held_out(start=1000)
-    codec = TransformCodec(profile=str(profiles["transform"]), preset="4x")
+    codec = Transform(profile=str(profiles["transform"]), preset="4x")
     out = codec.decode(codec.encode(kv))
     assert torch.equal(out.positions, kv.positions)
     assert _rel_error(out, kv) < BOUNDS["4x"] * 2  # no sinks at position 1000: every token is coded
@@ -76,7 +76,7 @@ def test_positions_explicit_and_offset(profiles: dict[str, Path]) -> None:
 
 
 def test_only_sinks_and_empty(profiles: dict[str, Path]) -> None:
-    codec = TransformCodec(profile=str(profiles["transform"]), preset="8x")
+    codec = Transform(profile=str(profiles["transform"]), preset="8x")
     kv = _held_out()[:3]
     assert codec.decode(codec.encode(kv)).equal(kv)
 
@@ -84,30 +84,30 @@ def test_only_sinks_and_empty(profiles: dict[str, Path]) -> None:
 def test_kvtc_round_trip(profiles: dict[str, Path]) -> None:
     kv = _held_out()
     codec = get("kvtc", profile=str(profiles["kvtc"]), preset="4x")
-    assert isinstance(codec, KvtcCodec)
+    assert isinstance(codec, KVTC)
     out = kvpack.decode(codec.encode(kv), codec=codec)
     assert _rel_error(out, kv) < 0.05
     with pytest.raises(CodecError, match="recipe"):
-        KvtcCodec(profile=str(profiles["transform"])).encode(kv)
+        KVTC(profile=str(profiles["transform"])).encode(kv)
 
 
 def test_profile_mismatch(profiles: dict[str, Path], tmp_path: Path) -> None:
     kv = _held_out()
     path = tmp_path / "p.kvprof"
     path.write_bytes(profiles["transform"].read_bytes())
-    codec = TransformCodec(profile=str(path), preset="4x")
+    codec = Transform(profile=str(path), preset="4x")
     data = codec.encode(kv)
     other = calibrate_from_caches(low_rank_caches(seed=3), kv.spec, ratios=RATIOS, reference_tokens=256)
     path.write_bytes(other.data)
     with pytest.raises(ProfileMismatchError):
-        TransformCodec(profile=str(path), preset="4x").decode(data)
+        Transform(profile=str(path), preset="4x").decode(data)
     assert codec.decode(data).num_tokens == kv.num_tokens  # a codec keeps the profile it was made with
 
 
 def test_rate_control(profiles: dict[str, Path], tmp_path: Path) -> None:
     path = str(profiles["transform"])
     presets = {p["name"]: p for p in Profile.load(path).meta["presets"]}
-    codec = TransformCodec(profile=path, target_ratio=5.0)
+    codec = Transform(profile=path, target_ratio=5.0)
     chosen = codec.allocation().info
     assert chosen["ratio"] >= 5.0 and all(p["ratio"] < 5.0 or p["ratio"] >= chosen["ratio"] for p in presets.values())
     kv = _held_out(tokens=252)
@@ -118,18 +118,18 @@ def test_rate_control(profiles: dict[str, Path], tmp_path: Path) -> None:
                                                      prof.meta["presets"]]}
     kl_path = Profile(codec=prof.codec, model_fingerprint=prof.model_fingerprint, meta=meta,
                       arrays=prof.arrays).save(tmp_path / "kl.kvprof")
-    assert TransformCodec(profile=str(kl_path), max_kl=0.0085).allocation().name == "8x"
+    assert Transform(profile=str(kl_path), max_kl=0.0085).allocation().name == "8x"
     with pytest.raises(CodecError, match="KL"):
-        TransformCodec(profile=str(kl_path), max_kl=1e-6).allocation()
+        Transform(profile=str(kl_path), max_kl=1e-6).allocation()
     with pytest.raises(CodecError, match="KL measurements"):
-        TransformCodec(profile=path, max_kl=0.1).allocation()
+        Transform(profile=path, max_kl=0.1).allocation()
     with pytest.raises(ValueError, match="at most one"):
-        TransformCodec(profile=path, preset="4x", max_kl=0.1)
+        Transform(profile=path, preset="4x", max_kl=0.1)
 
 
 def test_progressive_prefix(profiles: dict[str, Path]) -> None:
     kv = _held_out(tokens=200)
-    codec = TransformCodec(profile=str(profiles["transform"]), preset="2x", layers=4)
+    codec = Transform(profile=str(profiles["transform"]), preset="2x", layers=4)
     data = codec.encode(kv)
     full = codec.decode(data)
     assert codec.decode_prefix(data).equal(full)
@@ -144,13 +144,13 @@ def test_progressive_prefix(profiles: dict[str, Path]) -> None:
 
 def test_params_validated(profiles: dict[str, Path]) -> None:
     with pytest.raises(ValueError):
-        TransformCodec()
+        Transform()
     with pytest.raises(ValueError):
-        TransformCodec(profile="x", target_ratio=0.5)
+        Transform(profile="x", target_ratio=0.5)
     with pytest.raises(CodecError, match="calibrate"):
-        TransformCodec(profile="/nonexistent.kvprof").profile_hash()
+        Transform(profile="/nonexistent.kvprof").profile_hash()
     with pytest.raises(CodecError, match="preset"):
-        TransformCodec(profile=str(profiles["transform"]), preset="3x").allocation()
+        Transform(profile=str(profiles["transform"]), preset="3x").allocation()
 
 
 @pytest.mark.model
@@ -158,13 +158,14 @@ def test_profile_read_and_compiled_once(profiles: dict[str, Path], tmp_path: Pat
     path, copy = tmp_path / "p.kvprof", tmp_path / "copy.kvprof"
     path.write_bytes(profiles["transform"].read_bytes())
     copy.write_bytes(path.read_bytes())
-    codec = TransformCodec(profile=str(path), preset="4x")
-    assert TransformCodec(profile=str(copy), preset="2x").compiled is codec.compiled  # once per profile hash
+    codec = codecs.Transform(profile=str(path), preset="4x")
+    assert codec.params() == {"preset": "4x", "target_ratio": None, "max_kl": None, "sinks": 4, "layers": 1}
+    assert Transform(profile=str(copy), preset="2x").compiled is codec.compiled  # once per profile hash
     path.unlink()  # coding chunks reads and stats no file
     kv = _held_out()
     data = codec.encode(kv)
     assert codec.decode(data).num_tokens == kv.num_tokens
-    assert TransformCodec(profile=Profile.load(copy), preset="4x").encode(kv) == data
+    assert Transform(profile=Profile.load(copy), preset="4x").encode(kv) == data
 
 
 def test_calibrated_codecs_and_profile_errors(profiles: dict[str, Path], tmp_path: Path) -> None:
@@ -173,9 +174,9 @@ def test_calibrated_codecs_and_profile_errors(profiles: dict[str, Path], tmp_pat
     bad = tmp_path / "bad.kvprof"
     bad.write_bytes(b"not a profile")
     with pytest.raises(ProfileError, match="not a calibration profile"):
-        TransformCodec(profile=str(bad))
+        Transform(profile=str(bad))
     with pytest.raises(ProfileError, match="recipe"):
-        KvtcCodec(profile=str(profiles["transform"]))
+        KVTC(profile=str(profiles["transform"]))
     with pytest.raises(ProfileError, match="cachegen"):
         get("cachegen", profile=str(profiles["transform"]))
 
@@ -186,10 +187,10 @@ def test_real_model_quality(smollm: tuple[Any, Any, Any], tmp_path: Path) -> Non
     from kvpack.eval.quality import evaluate_document, reference
 
     model, tokenizer, spec = smollm
-    prof = TransformCodec.calibrate(model, tokenizer, docs=3, spec=spec, tokens=512, cont=32, ratios=(8.0, 16.0),
+    prof = Transform.calibrate(model, tokenizer, docs=3, spec=spec, tokens=512, cont=32, ratios=(8.0, 16.0),
                                     default_ratio=8.0, fisher_docs=1, measure_kl=False)
     path = prof.save(tmp_path / "smollm.kvprof")
-    codec = TransformCodec(profile=str(path), preset="8x")
+    codec = Transform(profile=str(path), preset="8x")
     ref = reference(model, tokenizer, spec, documents(1)[0], 256, 64)
     result = evaluate_document(model, ref, codec)
     # a 1,000-token basis leaves a large out-of-span residual: the bounds are loose on purpose (see docs)

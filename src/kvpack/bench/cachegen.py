@@ -39,7 +39,7 @@ from rich.table import Table
 
 from kvpack.bench.entropy import _cpu_model
 from kvpack.codecs.cachegen.calibrate import build_profile_from_caches
-from kvpack.codecs.cachegen.codec import CacheGenCodec, error_bound, quantize_indices
+from kvpack.codecs.cachegen.codec import CacheGen, error_bound, quantize_indices
 from kvpack.codecs.cachegen.profile import GROUP_SIZE, LEVELS, layer_groups
 from kvpack.entropy import PROB_SCALE
 from kvpack.kv import KVCache
@@ -88,7 +88,7 @@ def _timed(fn: Any) -> tuple[Any, float, float]:
     return result, float(np.median(walls)), float(np.median(cpus))
 
 
-def measure(codec: CacheGenCodec, caches: list[KVCache], chunk: int | None = None) -> dict[str, Any]:
+def measure(codec: CacheGen, caches: list[KVCache], chunk: int | None = None) -> dict[str, Any]:
     """One row: size, speed and error of ``codec`` over ``caches`` (each cut into ``chunk``-token containers)."""
     from kvpack.format import read_container
 
@@ -126,7 +126,7 @@ def measure(codec: CacheGenCodec, caches: list[KVCache], chunk: int | None = Non
     }
 
 
-def anchor_delta_stats(codec: CacheGenCodec, caches: list[KVCache]) -> dict[str, Any]:
+def anchor_delta_stats(codec: CacheGen, caches: list[KVCache]) -> dict[str, Any]:
     """Why anchor/delta does or does not pay, under ``codec``'s level and tables.
 
     Returns ``groups``: per K/V and layer group, the medians over channels of ``var(x - x_anchor) / var(x - mean)``
@@ -194,13 +194,13 @@ def run(kv_dir: Path | None, profile_path: Path, *, docs: int = 6, tokens: int =
     rows = []
     for level in LEVELS.values():
         for anchor_delta in (True, False):
-            codec = CacheGenCodec(profile=str(profile_path), level=level, anchor_delta=anchor_delta)
+            codec = CacheGen(profile=str(profile_path), level=level, anchor_delta=anchor_delta)
             rows.append(measure(codec, evaluation, chunk))
-    stats = anchor_delta_stats(CacheGenCodec(profile=str(profile_path), level=1), evaluation)
+    stats = anchor_delta_stats(CacheGen(profile=str(profile_path), level=1), evaluation)
     machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
                "numba_threads": numba.get_num_threads()}
     result: dict[str, Any] = {
-        "profile": str(profile_path), "profile_hash": CacheGenCodec(profile=str(profile_path)).profile_hash(),
+        "profile": str(profile_path), "profile_hash": CacheGen(profile=str(profile_path)).profile_hash(),
         "profile_bytes": profile_path.stat().st_size, "eval_documents": [d for d, _, _ in data["eval"]],
         "calibration_documents": [d for d, _, _ in data["calibration"]], "machine": machine, "rows": rows,
         "anchor_delta_stats": stats,
@@ -246,7 +246,7 @@ def _quality(profile_path: Path, eval_docs: int, prefix: int, cont: int) -> list
 
     model, tokenizer = models.load()
     spec = ModelSpec.from_model(model, tokenizer)
-    codecs = [CacheGenCodec(profile=str(profile_path), level=level) for level in LEVELS.values()]
+    codecs = [CacheGen(profile=str(profile_path), level=level) for level in LEVELS.values()]
     rows = evaluate(model, tokenizer, spec, codecs, documents(eval_docs), prefix=prefix, cont=cont)
     print_rows(rows, title="CacheGen quality (kvpack.eval.evaluate)")
     return rows
@@ -288,7 +288,7 @@ def _diagnose(profile_path: Path, calibration: list[KVCache], eval_docs: int, pr
                 ("reversed bins (1.5, 1, 0.5)", reverse, 1, 0), ("bins 0.05 std", fine, 1, 0)]
     rows: list[dict[str, Any]] = []
     for name, path, level, sinks in variants:
-        codec = CacheGenCodec(profile=path, level=level)
+        codec = CacheGen(profile=path, level=level)
         stored, fp16, kls, increases = 0, 0, [], {}
         for doc, kv, cont_ids, ref in refs:
             data = codec.encode(kv)

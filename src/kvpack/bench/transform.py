@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from kvpack.codecs.base import Codec
-from kvpack.codecs.transform import KvtcCodec, TransformCodec
+from kvpack.codecs.transform import KVTC, Transform
 
 
 def settings(profile: str | None, kvtc_profile: str | None, presets: list[str],
              kvtc_presets: list[str]) -> list[Codec]:
     """The codec settings to compare: transform at ``presets``, kvtc at ``kvtc_presets``."""
-    codecs: list[Codec] = [TransformCodec(profile=profile, preset=p) for p in presets] if profile else []
+    codecs: list[Codec] = [Transform(profile=profile, preset=p) for p in presets] if profile else []
     if kvtc_profile:
-        codecs += [KvtcCodec(profile=kvtc_profile, preset=p) for p in kvtc_presets]
+        codecs += [KVTC(profile=kvtc_profile, preset=p) for p in kvtc_presets]
     return codecs
 
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = evaluate(model, tokenizer, spec, codecs, documents(args.docs), prefix=args.prefix, cont=args.cont,
                     passkey_tokens=args.passkey, passkey_trials=args.trials)
     for row, codec in zip(rows, codecs, strict=True):
-        if isinstance(codec, TransformCodec):
+        if isinstance(codec, Transform):
             alloc = codec.allocation()
             row.update(preset=alloc.name, calibration_kl=alloc.info.get("kl"),
                        profile_bytes=codec.profile_nbytes())

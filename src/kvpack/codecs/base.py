@@ -26,6 +26,9 @@ from kvpack.kv import KVCache, token_ids_hash
 from kvpack.spec import ModelSpec
 
 KIND = "kvcache"
+#: Metadata of a codec field that does not change the bitstream (the path of a profile, whose hash the header and
+#: the chunk key hold already): :meth:`Codec.params`, and so the header and the chunk key, leave it out.
+NOT_IN_BITSTREAM: Mapping[str, bool] = types.MappingProxyType({"kvpack.bitstream": False})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +47,10 @@ class Codec(ABC):
     version: ClassVar[int] = 1
 
     def params(self) -> dict[str, Any]:
-        """The JSON-able parameters that, with name and version, fully determine the bitstream."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.repr}
+        """The JSON-able parameters that, with name and version, fully determine the bitstream: every init field
+        but those marked :data:`NOT_IN_BITSTREAM`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.init and f.metadata.get("kvpack.bitstream", True)}
 
     def profile_hash(self) -> str | None:
         """Hash of the calibration profile the codec needs, or ``None`` for codecs that need none."""

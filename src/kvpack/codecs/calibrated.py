@@ -15,7 +15,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from kvpack.codecs.base import Codec, available, codec_class
+from kvpack.codecs.base import NOT_IN_BITSTREAM, Codec, available, codec_class
 from kvpack.errors import FormatError, ProfileError
 from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
@@ -34,7 +34,7 @@ class CalibratedCodec(Codec, Generic[C]):
     loads and compiles the profile (so a bad one fails when the codec is made, not at the first chunk).
     """
 
-    profile: str | Profile = dataclasses.field(default="", repr=False)
+    profile: str | Profile = dataclasses.field(default="", repr=False, metadata=NOT_IN_BITSTREAM)
 
     def __post_init__(self) -> None:
         if not isinstance(self.profile, Profile) and not (isinstance(self.profile, str) and self.profile):

@@ -4,7 +4,7 @@ Modules: :mod:`.profile` (the profile format and its tables), :mod:`.codec` (the
 :mod:`.calibrate` (making a profile).
 """
 
-from kvpack.codecs.cachegen.codec import CacheGenCodec
+from kvpack.codecs.cachegen.codec import CacheGen
 from kvpack.codecs.cachegen.profile import CacheGenTables
 
-__all__ = ["CacheGenCodec", "CacheGenTables"]
+__all__ = ["CacheGen", "CacheGenTables"]

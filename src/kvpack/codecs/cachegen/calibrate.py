@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from kvpack.codecs.cachegen.codec import CacheGenCodec, quantize_indices
+from kvpack.codecs.cachegen.codec import CacheGen, quantize_indices
 from kvpack.codecs.cachegen.profile import GROUP_SIZE, LEVELS, N_GROUPS, PROFILE_FORMAT, layer_groups
 from kvpack.entropy import pack_tables, quantize_freqs
 from kvpack.entropy.tables import MAX_ALPHABET
@@ -191,7 +191,7 @@ def build_profile_from_caches(caches: Sequence[KVCache], *,
         "smoothing": smoothing,
         "calibration": {"documents": list(document_names), "caches": len(caches), "tokens": n_tokens},
     }
-    return Profile(codec=CacheGenCodec.name, model_fingerprint=spec.fingerprint, meta=meta, arrays=arrays)
+    return Profile(codec=CacheGen.name, model_fingerprint=spec.fingerprint, meta=meta, arrays=arrays)
 
 
 def build_profile(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Document] | int = 8, *,

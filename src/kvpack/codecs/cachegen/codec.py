@@ -32,7 +32,7 @@ outside, fused into the numba kernels (a test checks the equality). Lane ``2 r``
 ``2 r + 1`` its deltas (without anchor/delta: lane ``r``, all tokens), ``r = (layer * 2 + kind) * C + channel``.
 
 Error bound, per element, for any finite input: ``|x - x_hat| <= s / 2 + u * |x_hat| + 2**-50 * |mean| + t``, with
-``s`` the element's bin (:meth:`CacheGenCodec.bin_widths`), ``u`` the output dtype's unit roundoff plus float32's
+``s`` the element's bin (:meth:`CacheGen.bin_widths`), ``u`` the output dtype's unit roundoff plus float32's
 (``2**-8 + 2**-23`` for bfloat16, ``2**-11 + 2**-23`` for float16, ``2**-24`` for float32: the decoder computes in
 float64, rounds to float32, then to the output dtype), ``2**-50 * |mean|`` the float64 arithmetic, and ``t`` half
 the dtype's smallest subnormal (:func:`error_bound` evaluates it). Inputs more than ``2**28`` bins from the profile's
@@ -71,7 +71,7 @@ from kvpack.kv import KVCache
 from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
 
-__all__ = ["CacheGenCodec", "error_bound", "kv_array", "quantize_indices"]
+__all__ = ["CacheGen", "error_bound", "kv_array", "quantize_indices"]
 
 #: Largest ``|q|`` accepted; keeps every escape value inside int32.
 MAX_INDEX = 1 << 28
@@ -307,7 +307,7 @@ def _lane_sizes(rows: int, tokens: int, anchor_delta: bool) -> np.ndarray:
 
 @register
 @dataclass(frozen=True)
-class CacheGenCodec(CalibratedCodec[CacheGenTables]):
+class CacheGen(CalibratedCodec[CacheGenTables]):
     """CacheGen's encoder (arXiv 2310.07240 §5.2) with tables from a per-model profile.
 
     Parameters:
@@ -450,7 +450,7 @@ class CacheGenCodec(CalibratedCodec[CacheGenTables]):
         return torch.from_numpy(decoded).to(spec.torch_dtype)
 
 
-def error_bound(codec: CacheGenCodec, decoded: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def error_bound(codec: CacheGen, decoded: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The guaranteed ``|x - x_hat|`` bound of every element of ``decoded`` (float64, per layer K and V tensors)."""
     spec = decoded.spec
     u = _DTYPE_ROUNDOFF[spec.torch_dtype]

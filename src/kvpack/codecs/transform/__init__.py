@@ -4,8 +4,8 @@ Modules: :mod:`.features` (whole-model KV vectors), :mod:`.quant` (quantizers, b
 validated profile), :mod:`.codec` (``transform``), :mod:`.kvtc` (``kvtc``), :mod:`.calibrate` (making a profile).
 """
 
-from kvpack.codecs.transform.codec import TransformCodec
-from kvpack.codecs.transform.kvtc import KvtcCodec
+from kvpack.codecs.transform.codec import Transform
+from kvpack.codecs.transform.kvtc import KVTC
 from kvpack.codecs.transform.profile import TransformProfile
 
-__all__ = ["KvtcCodec", "TransformCodec", "TransformProfile"]
+__all__ = ["KVTC", "Transform", "TransformProfile"]

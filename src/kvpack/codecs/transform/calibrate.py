@@ -450,7 +450,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
             for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
     """
-    from kvpack.codecs.transform import KvtcCodec, TransformCodec
+    from kvpack.codecs.transform import KVTC, Transform
     from kvpack.eval.corpora import documents
     from kvpack.inference import forward, prefill
 
@@ -479,7 +479,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
     if not measure_kl:
         return profile
     cont_ids, reference = refs[-1]
-    cls = TransformCodec if recipe == "transform" else KvtcCodec
+    cls = Transform if recipe == "transform" else KVTC
     presets = [dict(p) for p in profile.meta["presets"]]
     for p in presets:
         codec = cls(profile=profile, preset=p["name"], sinks=sinks)

@@ -20,7 +20,7 @@ Bitstream (``meta`` + sections, per progressive layer ``k``; a layer is a set of
 - ``i{k}``: fixed-width blocks (int2/int4/int8 codes with fp16 group scales, fp8 bytes), DEFLATE-compressed under
   the ``kvtc`` recipe.
 
-A prefix of the bytes that holds complete layers decodes at lower quality (:meth:`TransformCodec.decode_prefix`).
+A prefix of the bytes that holds complete layers decodes at lower quality (:meth:`Transform.decode_prefix`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class _Partial(Container):
 
 @register
 @dataclass(frozen=True)
-class TransformCodec(CalibratedCodec[TransformProfile]):
+class Transform(CalibratedCodec[TransformProfile]):
     """Calibrated PCA transform coding (KVTC-style, with weighted distortion and entropy-coded levels).
 
     Parameters: ``profile`` (a profile made by :meth:`calibrate`, see :class:`CalibratedCodec`); at most
