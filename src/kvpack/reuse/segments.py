@@ -48,6 +48,7 @@ from kvpack.errors import KvpackError, UnsupportedModelError
 from kvpack.inference import as_batch, forward, prefill
 from kvpack.kv import KVCache
 from kvpack.prefix import PrefixStore, RequestStats
+from kvpack.reuse.edits import Edit, decode_version, encode_version, version_key
 from kvpack.reuse.policies import RepairJob, RepairPolicy
 from kvpack.reuse.policies import get as get_policy
 from kvpack.spec import KV_LAYER_TYPES
@@ -59,10 +60,14 @@ SegmentContent = str | torch.Tensor | Sequence[int]
 class Segment:
     """One piece of a :class:`Prompt`: a text or token ids; cached and reused on its own unless ``cache=False``.
 
-    Compared by identity (the content may be a tensor)."""
+    ``doc``: a stable id of the document this segment is a version of (e.g. a file path). When this version is not
+    stored but an older one is (in the same caching context), the older one's K/V are reused for the tokens the edit
+    kept and only the edited tokens are recomputed (:mod:`kvpack.reuse.edits`, PIE). Compared by identity (the
+    content may be a tensor)."""
 
     content: SegmentContent
     cache: bool = True
+    doc: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +96,8 @@ class Prompt:
         if isinstance(self.shared_prefix, bool) or not 0 <= self.shared_prefix <= cached:
             raise ValueError(f"shared_prefix must count leading cached segments, 0..{cached}, got "
                              f"{self.shared_prefix!r}")
+        if any(s.doc is not None and (i < self.shared_prefix or not s.cache) for i, s in enumerate(parts)):
+            raise ValueError("document ids go on cached segments after the shared prefix (the prefix is one unit)")
         object.__setattr__(self, "parts", parts)
         object.__setattr__(self, "policy", get_policy(self.repair) if isinstance(self.repair, str) else self.repair)
 
@@ -101,13 +108,17 @@ class SegmentStats(RequestStats):
 
     ``tokens_hit`` is still the exact prefix loaded by today's path. ``segments_loaded``/``segments_computed``:
     cached units (the shared prefix counts as one) loaded from the store, or computed in their caching context
-    because they were not stored (and queued for storing). ``tokens_moved``: tokens whose K/V were computed in another
-    context (the repair candidates); ``recomputed``: the token indices the policy chose, ``repair_s`` the time of
-    choosing and recomputing them. ``load_s`` covers the whole assembly.
+    because they were not stored (and queued for storing); ``segments_edited``: loaded units that were an older
+    version of the segment's document, with ``tokens_edited`` tokens inserted or replaced (always recomputed).
+    ``tokens_moved``: tokens whose K/V were computed in another context (the repair candidates); ``recomputed``: the
+    token indices recomputed (the policy's choice and the edited tokens), ``repair_s`` the time of choosing and
+    recomputing them. ``load_s`` covers the whole assembly.
     """
 
     segments_loaded: int = 0
     segments_computed: int = 0
+    segments_edited: int = 0
+    tokens_edited: int = 0
     tokens_moved: int = 0
     recomputed: list[int] = field(default_factory=list)
     repair_s: float = 0.0
@@ -126,6 +137,7 @@ class _Unit:
     parent: str | None
     origin: int
     start: int
+    doc: str | None = None
 
     @property
     def stop(self) -> int:
@@ -174,8 +186,10 @@ class SegmentReuse:
         units = self._units(prompt, pieces)
         limit = min(units[-1].stop, len(ids) - 1) if units else 0
         hit = stats.tokens_hit
-        moved_from = next((u.start for u in units if u.moved), limit)
-        if not prompt.policy.reuses_segments or moved_from >= limit or hit >= limit:
+        edits = {i: e for i, u in enumerate(units) if u.stop > hit and u.start < limit and (e := self._edit(u))}
+        dirty = [u.start for u in units if u.moved] + [units[i].start + e.first_change for i, e in edits.items()]
+        dirty_from = max(hit, min(dirty, default=limit))  # every token from here on was computed in another context
+        if not prompt.policy.reuses_segments or dirty_from >= limit:
             stats.load_s = time.perf_counter() - start
             return ids, exact_kv, stats, len(ids)
         self._check_movable()
@@ -184,24 +198,29 @@ class SegmentReuse:
         if exact_kv is not None:
             kv.data[:, :, :, :hit].copy_(exact_kv.data)
         resolve = self._resolver(prompt, units, stats)
-        for unit in units:
+        for i, unit in enumerate(units):
             if unit.stop > hit and unit.start < limit:
-                self._place(unit, resolve(unit), kv, hit, limit)
-        candidates = torch.arange(max(hit, moved_from), limit, dtype=torch.int64)
+                source = self._edited_kv(unit, edits[i], stats) if i in edits else None
+                self._place(unit, resolve(unit) if source is None else source, kv, hit, limit)
+        edited = torch.cat([units[i].start + e.edited for i, e in edits.items()] + [torch.empty(0, dtype=torch.int64)])
+        required = edited[(edited >= hit) & (edited < limit)].sort().values
+        candidates = torch.arange(dirty_from, limit, dtype=torch.int64)
+        candidates = candidates[~torch.isin(candidates, required)]
         segments = tuple((max(u.start, hit), min(u.stop, limit)) for u in units
                          if u.moved and min(u.stop, limit) > max(u.start, hit))
-        stats.tokens_moved = candidates.numel()
+        stats.tokens_moved, stats.tokens_edited = candidates.numel(), required.numel()
         t0 = time.perf_counter()
-        job = RepairJob(model=self.prefixes.model, kv=kv, candidates=candidates, segments=segments)
+        job = RepairJob(model=self.prefixes.model, kv=kv, candidates=candidates, segments=segments, required=required)
         chosen = prompt.policy.select(job)
+        if not bool(torch.isin(chosen, candidates).all()):
+            raise ValueError(f"repair policy {prompt.policy.name} chose tokens outside the moved segments")
+        chosen = torch.cat([chosen, required]).unique()
         if chosen.numel():
-            if not bool(torch.isin(chosen, candidates).all()):
-                raise ValueError(f"repair policy {prompt.policy.name} chose tokens outside the moved segments")
             kv.data[:, :, :, chosen] = job.fresh(chosen)
         stats.recomputed = chosen.tolist()
         stats.repair_s = time.perf_counter() - t0
         stats.load_s = time.perf_counter() - start
-        return ids, kv, stats, max(hit, moved_from)
+        return ids, kv, stats, dirty_from
 
     def prefill(self, prompt: Prompt) -> SegmentStats:
         """Compute and store (in the background) every cached segment of ``prompt`` that is not stored yet, in its
@@ -232,7 +251,7 @@ class SegmentReuse:
             units.append(_Unit(ids=prefix, parent=None, origin=0, start=0))
             parent, origin = self._chain(None, prefix)[-1], len(prefix)
         for i in range(k, cached):
-            units.append(_Unit(ids=pieces[i], parent=parent, origin=origin, start=starts[i]))
+            units.append(_Unit(ids=pieces[i], parent=parent, origin=origin, start=starts[i], doc=prompt.parts[i].doc))
         return units
 
     def _resolver(self, prompt: Prompt, units: list[_Unit], stats: SegmentStats) -> Callable[[_Unit], KVCache]:
@@ -287,7 +306,40 @@ class SegmentReuse:
                                  span=(unit.origin, unit.origin + len(unit.ids)))
         stats.segments_computed += 1
         self.submit(self._save, kv, keys)
+        if unit.doc is not None:  # after the chunks (one writer thread, in order): a record names a stored version
+            self.submit(self._save_version, unit)
         return kv
+
+    def _edit(self, unit: _Unit) -> Edit | None:
+        """How ``unit`` derives from the stored older version of its document, or ``None`` (no document id, this
+        version stored, or no older version stored in this caching context)."""
+        if unit.doc is None:
+            return None
+        store = self.prefixes.backend
+        if all(store.exists_many(self._chain(unit.parent, unit.ids))):
+            return None
+        old = decode_version(store.get(version_key(self.prefixes.keys, unit.parent, unit.doc)), unit.doc)
+        if old is None or not all(store.exists_many(self._chain(unit.parent, old))):
+            return None
+        return Edit.diff(old, unit.ids)
+
+    def _edited_kv(self, unit: _Unit, edit: Edit, stats: SegmentStats) -> KVCache | None:
+        """The new version's KV derived from the stored old one (:meth:`Edit.apply`), or ``None`` if the old one can
+        no longer be loaded (the unit is then resolved as a miss, and its edited tokens recomputed all the same)."""
+        old = _Unit(ids=edit.old, parent=unit.parent, origin=unit.origin, start=unit.start, doc=unit.doc)
+        old_kv = self._load(old, self._chain(unit.parent, edit.old))
+        if old_kv is None:
+            return None
+        stats.segments_loaded += 1
+        stats.segments_edited += 1
+        return edit.apply(old_kv, unit.ids)
+
+    def _save_version(self, unit: _Unit) -> int:
+        """Store the version record of ``unit``'s document: this version is the base of later edits."""
+        assert unit.doc is not None
+        self.prefixes.backend.put(version_key(self.prefixes.keys, unit.parent, unit.doc),
+                                  encode_version(unit.doc, unit.ids))
+        return 1
 
     def _load(self, unit: _Unit, keys: list[str]) -> KVCache | None:
         """The unit's KV from the store in one buffer, or ``None`` if any chunk is missing or undecodable."""

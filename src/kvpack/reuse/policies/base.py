@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -33,18 +33,24 @@ class RepairJob:
     ``kv`` is the assembled cache of the prompt's reused part (``data [layers, 2, kv_heads, tokens, head_dim]``,
     keys re-rotated to their positions); ``candidates`` the sorted int64 token indices ``[c]`` whose K/V were
     computed in another context (the moved segments' tokens; the exact prefix is never a candidate); ``segments``
-    the ``(start, stop)`` token ranges of the moved segments within ``kv`` (clipped to the candidates).
+    the ``(start, stop)`` token ranges of the moved segments within ``kv`` (clipped to the candidates);
+    ``required`` the sorted token indices ``[e]`` that are recomputed whatever the policy chooses (edited tokens,
+    which have no loaded K/V; never candidates).
     """
 
     model: Any
     kv: KVCache
     candidates: torch.Tensor
     segments: tuple[tuple[int, int], ...]
+    required: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
     def fresh(self, tokens: torch.Tensor, through_layer: int | None = None) -> torch.Tensor:
-        """Recomputed K/V of ``tokens`` (``[layers', 2, kv_heads, len(tokens), head_dim]``, see
-        :func:`~kvpack.reuse.recompute.recompute`)."""
-        return recompute(self.model, self.kv, tokens, through_layer)
+        """Recomputed K/V of the sorted, distinct ``tokens`` (``[layers', 2, kv_heads, len(tokens), head_dim]``,
+        see :func:`~kvpack.reuse.recompute.recompute`); the ``required`` tokens are recomputed with them (they have
+        no loaded K/V to attend to)."""
+        union = torch.cat([tokens, self.required]).unique()
+        out = recompute(self.model, self.kv, union, through_layer)
+        return out if union.numel() == tokens.numel() else out[:, :, :, torch.searchsorted(union, tokens)]
 
 
 @dataclass(frozen=True)
