@@ -1,7 +1,7 @@
 """kvpack: store and reuse the KV caches of language models, small and fast to move."""
 
 from kvpack import codecs, store
-from kvpack.codecs import Codec, decode, encode
+from kvpack.codecs import FP8, KVTC, CacheGen, Codec, Kivi, Lossless, Raw, Transform, Zstd, decode, encode
 from kvpack.context import ContextCache, Generation
 from kvpack.errors import (
     CodecError,
@@ -22,26 +22,34 @@ from kvpack.spec import ModelSpec, RopeSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "FP8",
+    "KVTC",
+    "CacheGen",
     "Codec",
     "CodecError",
     "ContextCache",
     "FormatError",
     "Generation",
     "KVCache",
+    "Kivi",
     "KvpackError",
+    "Lossless",
     "ModelLoadError",
     "ModelMismatchError",
     "ModelSpec",
     "PrefixStore",
     "ProfileMismatchError",
     "Prompt",
+    "Raw",
     "RequestStats",
     "RopeSpec",
     "Segment",
     "SegmentStats",
     "StoreError",
     "TokenMismatchError",
+    "Transform",
     "UnsupportedModelError",
+    "Zstd",
     "__version__",
     "codecs",
     "decode",
