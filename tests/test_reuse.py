@@ -325,6 +325,23 @@ def test_an_edited_document_reuses_its_stored_version(model32: tuple[str, Any, M
     assert torch.equal(kv.data[:, :, :, chosen], recompute(model, kv, chosen))  # on top of all the rest
 
 
+def test_an_edited_document_at_a_new_offset_is_moved_and_repaired() -> None:
+    model = tiny("llama", torch.float32)
+    spec = ModelSpec.from_model(model)
+    with context_cache(model, spec) as cc:
+        cc.prefill(Prompt([SYSTEM, Segment(FILE, doc="app.py")]))
+        cc.flush()
+        short, long = (Prompt([SYSTEM, DOC_A, Segment(EDITED, doc="app.py")], repair=Epic(k=k)) for k in (2, 40))
+        _, kv, stats, exact = cc.segments.assemble(short)
+        overlapping = cc.segments.assemble(long)[2]
+    start = len(SYSTEM) + len(DOC_A)
+    assert kv is not None and exact == len(SYSTEM) and stats.segments_edited == 1 and stats.tokens_edited == 3
+    edits = [start + 37, start + 38, start + 39]
+    firsts = [len(SYSTEM), len(SYSTEM) + 1, start, start + 1]  # EPIC's first two tokens of each moved segment
+    assert stats.recomputed == sorted(firsts + edits)
+    assert overlapping.recomputed == list(range(len(SYSTEM), start + 40))  # EPIC's span covers the edit
+
+
 def test_the_stored_version_of_a_document_is_the_base_of_edits() -> None:
     model = tiny("llama", torch.float32)
     again = torch.cat([EDITED[:10], EDITED[12:]])  # a second edit, of the edited version

@@ -21,12 +21,15 @@ Assembling a prompt (:meth:`SegmentReuse.assemble`):
    sits in its caching context (one document; or a shared prefix followed by one segment), or a ``full`` repair,
    stops here, so it is bit-identical to :meth:`ContextCache.generate <kvpack.context.ContextCache.generate>` on
    the concatenated tokens;
-2. each unit still needed is loaded from the store (or, if any of its chunks is missing or undecodable, computed in
-   its caching context and stored in the background, so the next request finds it);
+2. each unit still needed is loaded from the store; or derived from the stored older version of its document
+   (segments with a ``doc`` id, :mod:`kvpack.reuse.edits`: PIE), its edited tokens then recomputed in step 4 whatever
+   the policy; or, if neither is stored (or a chunk is undecodable), computed in its caching context and stored in
+   the background, so the next request finds it;
 3. a unit at a new offset has its keys re-rotated (:func:`kvpack.rope.rerotate`: RoPE is applied after the key
    projection, so a pre-RoPE key does not depend on position); values are unchanged;
-4. the repair policy (:mod:`kvpack.reuse.policies`) picks tokens among the moved ones; they are recomputed
-   (:mod:`kvpack.reuse.recompute`) and their K/V replace the loaded ones.
+4. the repair policy (:mod:`kvpack.reuse.policies`) picks tokens among the moved ones (every token after the first
+   one computed in another context); they and the edited tokens are recomputed (:mod:`kvpack.reuse.recompute`)
+   and their K/V replace the loaded ones.
 
 Segments tokenize on their own (the first with the tokenizer's special tokens, the others without), so a segment's
 tokens are the same wherever it lands; the concatenation may differ from tokenizing the joined text. Segments with
@@ -186,7 +189,8 @@ class SegmentReuse:
         units = self._units(prompt, pieces)
         limit = min(units[-1].stop, len(ids) - 1) if units else 0
         hit = stats.tokens_hit
-        edits = {i: e for i, u in enumerate(units) if u.stop > hit and u.start < limit and (e := self._edit(u))}
+        edits = {i: e for i, u in enumerate(units) if prompt.policy.reuses_segments and u.stop > hit
+                 and u.start < limit and (e := self._edit(u))}
         dirty = [u.start for u in units if u.moved] + [units[i].start + e.first_change for i, e in edits.items()]
         dirty_from = max(hit, min(dirty, default=limit))  # every token from here on was computed in another context
         if not prompt.policy.reuses_segments or dirty_from >= limit:

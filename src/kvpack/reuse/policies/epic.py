@@ -35,5 +35,6 @@ class Epic(RepairPolicy):
             raise PolicyError(f"epic: k must be a non-negative int (tokens per segment), got {self.k!r}")
 
     def select(self, job: RepairJob) -> torch.Tensor:
-        starts = [torch.arange(a, min(b, a + self.k), dtype=torch.int64) for a, b in job.segments]
-        return torch.cat(starts) if starts else job.candidates[:0]
+        starts = torch.cat([torch.arange(a, min(b, a + self.k), dtype=torch.int64) for a, b in job.segments]
+                           + [job.candidates[:0]])
+        return starts[torch.isin(starts, job.candidates)]  # edited tokens of a moved segment are recomputed anyway
