@@ -382,7 +382,7 @@ def test_invalid_prompts_and_policies_raise_typed_errors() -> None:
 # ------------------------------------------------------------------------------------------- real model quality
 SEGMENT_TOKENS, CONTINUATION = 128, 32
 #: Per policy: the mean KL(full || policy) over the continuation measured with
-#: `pytest tests/test_reuse.py -m model -k quality -s` (docs/reuse.md) and the bound tested (about +20%).
+#: `pytest tests/test_reuse.py -m model -k each_policy -s` (docs/reuse.md) and the bound tested (about +20%).
 QUALITY: dict[str, tuple[policies.RepairPolicy, float, float]] = {
     "none": (policies.NoRepair(), 0.0623, 0.075),
     "epic": (Epic(k=16), 0.0445, 0.055),
@@ -437,7 +437,7 @@ def test_quality_of_each_policy_against_full_recompute(smollm: tuple[Any, Any, M
 
 
 #: KL(full || policy) over the continuation of an edited stdlib module (a 10-token comment line replacing 8 tokens
-#: at token 200 of 384), measured with `pytest tests/test_reuse.py -m model -k edited -s`, and the bound tested.
+#: at token 200 of 384), measured with `pytest tests/test_reuse.py -m model -k edited_file -s`, and the bound tested.
 EDIT_QUALITY: dict[str, tuple[policies.RepairPolicy, float, float]] = {
     "pie": (policies.NoRepair(), 0.0027, 0.0035),
     "pie+blend": (Blend(ratio=0.15, layer=1), 0.0027, 0.0035),
