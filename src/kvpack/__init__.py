@@ -1,7 +1,20 @@
 """kvpack: store and reuse the KV caches of language models, small and fast to move."""
 
 from kvpack import codecs, store
-from kvpack.codecs import FP8, KVTC, CacheGen, Codec, Kivi, Lossless, Raw, Transform, Zstd, decode, encode
+from kvpack.codecs import (
+    FP8,
+    KVTC,
+    CacheGen,
+    CalibratedCodec,
+    Codec,
+    Kivi,
+    Lossless,
+    Raw,
+    Transform,
+    Zstd,
+    decode,
+    encode,
+)
 from kvpack.context import ContextCache, Generation
 from kvpack.errors import (
     CodecError,
@@ -9,6 +22,7 @@ from kvpack.errors import (
     KvpackError,
     ModelLoadError,
     ModelMismatchError,
+    ProfileError,
     ProfileMismatchError,
     StoreError,
     TokenMismatchError,
@@ -16,6 +30,7 @@ from kvpack.errors import (
 )
 from kvpack.kv import KVCache
 from kvpack.prefix import PrefixStore, RequestStats, load_prefix, save_prefix
+from kvpack.profile import Profile
 from kvpack.reuse import Prompt, Segment, SegmentStats
 from kvpack.spec import ModelSpec, RopeSpec
 
@@ -25,6 +40,7 @@ __all__ = [
     "FP8",
     "KVTC",
     "CacheGen",
+    "CalibratedCodec",
     "Codec",
     "CodecError",
     "ContextCache",
@@ -38,6 +54,8 @@ __all__ = [
     "ModelMismatchError",
     "ModelSpec",
     "PrefixStore",
+    "Profile",
+    "ProfileError",
     "ProfileMismatchError",
     "Prompt",
     "Raw",
