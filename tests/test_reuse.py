@@ -30,8 +30,9 @@ CHUNK = 16
 EXACT = LoaderConfig(compute_front=False, estimates_path="")
 #: Families whose keys can move (Gemma 3 has one RoPE per layer type and is refused; tested below).
 MOVABLE = sorted(f for f in FAMILIES if f != "gemma3")
-#: One family per mask kind: full attention (sdpa), mixed sliding/full layers (sdpa, dict mask), eager attention.
-MASK_KINDS = ["llama", "qwen2-sliding", "gemma2"]
+#: One family per mask kind: full attention (sdpa), only sliding layers (one windowed mask), mixed sliding/full layers
+#: (sdpa, a mask per layer type), eager attention (additive masks).
+MASK_KINDS = ["llama", "mistral", "qwen2-sliding", "gemma2"]
 
 
 def ids(n: int, seed: int) -> torch.Tensor:
