@@ -149,6 +149,18 @@ def test_policy_recomputes_exactly_the_tokens_it_selects(model32: tuple[str, Any
         assert not torch.equal(kv.data[:, :, :, chosen], loaded.data[:, :, :, chosen])
 
 
+def test_generate_continues_from_the_assembled_cache(model32: tuple[str, Any, ModelSpec]) -> None:
+    _, model, spec = model32
+    with context_cache(model, spec) as cc:
+        cc.prefill(rag())
+        cc.flush()
+        ids, kv, _, _ = cc.segments.assemble(rag(Blend(ratio=0.25)))
+        result = cc.generate(rag(Blend(ratio=0.25)), max_new_tokens=1, do_sample=False)
+    assert kv is not None and result.stats.tokens_recomputed == round(0.25 * (kv.num_tokens - len(SYSTEM)))
+    first = int(forward(model, ids[kv.num_tokens :], kv.to_hf())[-1].argmax())
+    assert result.new_tokens.tolist() == [first]
+
+
 def test_full_is_bit_identical_to_plain_prefix_reuse(model32: tuple[str, Any, ModelSpec]) -> None:
     _, model, spec = model32
     gen = {"max_new_tokens": 6, "do_sample": False}
