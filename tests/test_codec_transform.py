@@ -193,7 +193,9 @@ def test_real_model_quality(smollm: tuple[Any, Any, Any], tmp_path: Path) -> Non
     codec = Transform(profile=str(path), preset="8x")
     ref = reference(model, tokenizer, spec, documents(1)[0], 256, 64)
     result = evaluate_document(model, ref, codec)
-    # a 1,000-token basis leaves a large out-of-span residual: the bounds are loose on purpose (see docs)
-    assert result.fp16_bytes / result.stored_bytes > 4
+    # a 1,000-token basis leaves a large out-of-span residual: this small calibration measured 12.6x, +11.4% and
+    # KL 0.111 (docs/transform.md, "The test setting"); the full calibration's figures are in docs/results/codecs.md
+    assert result.fp16_bytes / result.stored_bytes > 10
     assert result.ppl_increase_pct < 15.0
+    assert float(result.kl.mean()) < 0.14
     assert _rel_error(codec.decode(codec.encode(ref.kv)), ref.kv, skip=4) < 0.2
