@@ -28,20 +28,15 @@ from kvpack.errors import StoreError
 __all__ = ["RedisServer", "S3Server", "redis_server_available", "weed_binary"]
 
 
-class RedisServer(Launcher):
-    """:class:`kvpack.bench.redis_server.RedisServer` plus :meth:`client`, :meth:`kill` and :meth:`signal`.
+class _Faults:
+    """Fault injection for a server process held in ``_proc``: signals (stall/resume) and a hard kill."""
 
-    :meth:`start` after :meth:`kill` restarts it on the same port, empty.
-    """
-
-    def client(self) -> redis_py.Redis:
-        """A plain redis-py client with short timeouts, for looking at the server directly."""
-        return redis_py.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2)
+    _proc: subprocess.Popen[bytes] | None
 
     def signal(self, sig: signals.Signals) -> None:
         """Send ``sig`` to the server (``SIGSTOP``/``SIGCONT`` make it stall and resume)."""
         if self._proc is None:
-            raise StoreError("redis-server is not running")
+            raise StoreError(f"{type(self).__name__} is not running")
         os.kill(self._proc.pid, sig)
 
     def kill(self) -> None:
@@ -50,6 +45,17 @@ class RedisServer(Launcher):
             self._proc.kill()
             self._proc.wait(timeout=10)
         self._proc = None
+
+
+class RedisServer(_Faults, Launcher):
+    """:class:`kvpack.bench.redis_server.RedisServer` plus :meth:`client`, :meth:`kill` and :meth:`signal`.
+
+    :meth:`start` after :meth:`kill` restarts it on the same port, empty.
+    """
+
+    def client(self) -> redis_py.Redis:
+        """A plain redis-py client with short timeouts, for looking at the server directly."""
+        return redis_py.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2)
 
     def stop(self) -> None:
         """Resume the server if a test left it stopped (SIGSTOP), then stop it."""
@@ -77,7 +83,7 @@ S3_CREDENTIALS = {
 _WEED_PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
 
 
-class S3Server:
+class S3Server(_Faults):
     """``weed server`` (master, volume, filer and S3 gateway in one process) on free 127.0.0.1 ports, data in
     ``workdir``, with ``buckets`` created. No access control: any credentials are accepted (the tests set
     :data:`S3_CREDENTIALS` in the environment, boto3's usual way).
@@ -147,19 +153,6 @@ class S3Server:
                 time.sleep(0.2)
         self.stop()
         raise StoreError(f"SeaweedFS did not get ready within {S3_START_TIMEOUT_S:g} s ({last}); see {log}")
-
-    def signal(self, sig: signals.Signals) -> None:
-        """Send ``sig`` to the server (``SIGSTOP``/``SIGCONT`` make it stall and resume)."""
-        if self._proc is None:
-            raise StoreError("weed server is not running")
-        os.kill(self._proc.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL the server and reap it: a crash, not a shutdown."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-        self._proc = None
 
     def stop(self) -> None:
         """Kill the server and remove ``workdir``. (``weed server`` takes longer than 15 s to honour SIGTERM or
