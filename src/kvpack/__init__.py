@@ -1,5 +1,7 @@
 """kvpack: store and reuse the KV caches of language models, small and fast to move."""
 
+# First, before torch loads the OpenMP runtime: numba's threads must not spin-wait (kvpack.entropy.workers).
+from kvpack.entropy import workers as _workers  # noqa: F401  # isort: skip
 from kvpack import codecs, store
 from kvpack.codecs import (
     FP8,

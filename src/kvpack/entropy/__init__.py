@@ -2,8 +2,10 @@
 
 ``rans`` holds the coder (CPU, numba) and its blob format; ``tables`` the frequency tables (quantization,
 serialization) and the escape scheme for values outside an alphabet. Layout spec: ``docs/entropy.md``.
+``workers`` sets how numba's threads wait and which threading layer it uses; it must run before any kernel does.
 """
 
+from kvpack.entropy import workers  # noqa: F401  (first: before any numba kernel starts the threading layer)
 from kvpack.entropy.rans import (
     MIN_PACKED_BYTES,
     LaneStream,
