@@ -45,8 +45,9 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _decode_lanes_kernel(words, word_offsets, lane_starts, lane_table, cum, lookup, out, bad, n_lanes, max_len,
-                         SEARCH: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+def _decode_lanes_kernel(  # type: ignore[no-untyped-def]
+        words, word_offsets, lane_starts, lane_table, cum, lookup, out, bad, n_lanes, max_len, SEARCH: tl.constexpr,
+        BLOCK: tl.constexpr):
     lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = lane < n_lanes
     s0 = tl.load(lane_starts + lane, mask=live, other=0)

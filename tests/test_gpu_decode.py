@@ -1,0 +1,95 @@
+"""The GPU decoders (kvpack.gpu) read exactly the CPU's bytes: bit-identical values for raw, lossless, fp8 and kivi,
+on small caches. Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter (conftest sets
+TRITON_INTERPRET=1 before anything is imported), so every commit checks them; the interpreter is slow, hence the
+tiny shapes (its cost grows with the longest rANS lane)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import kvpack
+from conftest import make_kv
+from forged import Source, attacks, rewrite
+from kvpack import gpu
+from kvpack.errors import CodecError, KvpackError
+from kvpack.kv import KVCache, int_view
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(int_view(a.cpu().contiguous()), int_view(b.cpu().contiguous()))
+
+
+CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("raw", {}, "bfloat16"),
+    ("raw", {"dtype": "float16"}, "float32"),
+    ("zstd", {}, "bfloat16"),
+    ("lossless", {}, "bfloat16"),
+    ("lossless", {"classes": 2}, "float16"),
+    ("lossless", {"classes": 1}, "float32"),
+    ("fp8", {}, "bfloat16"),
+    ("fp8", {}, "float16"),
+    ("kivi", {"bits": 2, "group": 4}, "bfloat16"),
+    ("kivi", {"bits": 4, "group": 3, "residual": 2}, "float16"),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "dtype"), CASES, ids=lambda v: str(v))
+def test_gpu_decode_is_bit_identical_to_cpu(name: str, params: dict[str, Any], dtype: str) -> None:
+    kv = make_kv(tokens=12, layers=2, heads=2, head_dim=8, dtype=dtype, start=2)
+    if dtype != "float32":  # zeros, tiny and huge values: lossless escapes; fp16 subnormals after rounding
+        kv.data[0, 0, 0, 3, :4] = torch.tensor([0.0, -0.0, 1e-6, 3e4]).to(kv.data.dtype)
+    data = kvpack.encode(kv, name, **params)
+    cpu = kvpack.decode(data)
+    dev = gpu.decode(data, kv.spec, device=DEVICE, token_ids=kv.token_ids)
+    assert dev.data.device.type == DEVICE and dev.data.dtype == kv.data.dtype
+    assert same_bits(dev.data, cpu.data)
+    assert torch.equal(dev.positions, cpu.positions) and torch.equal(dev.token_ids, kv.token_ids)
+
+
+def test_gpu_decode_into_a_token_slice_of_a_larger_cache() -> None:
+    kv = make_kv(tokens=8, layers=2, heads=2, head_dim=8)
+    data = kvpack.encode(kv, "lossless")
+    whole = KVCache.empty(kv.spec, 20, device=DEVICE)
+    whole.data.zero_()
+    gpu.decode(data, device=DEVICE, out=whole[5:13])
+    assert same_bits(whole.data[:, :, :, 5:13], kv.data)
+    assert not whole.data[:, :, :, :5].any() and not whole.data[:, :, :, 13:].any()
+
+
+def flip_word(data: bytes, section: str) -> bytes:
+    """``data`` with the last two bytes of ``section`` (rANS words) changed, checksums recomputed."""
+    def edit(_: dict[str, Any], sections: dict[str, bytes]) -> None:
+        body = sections[section]
+        sections[section] = body[:-2] + bytes([body[-2] ^ 0x5A, body[-1] ^ 0x01])
+    return rewrite(data, edit)
+
+
+@pytest.mark.parametrize("name", ["lossless", "fp8", "kivi"])
+def test_gpu_decoders_refuse_what_the_cpu_refuses(name: str) -> None:
+    """Forged headers and sections fail the validation that runs before any kernel, corrupted rANS words fail the
+    kernels' own checks: with the error the CPU raises, or, where rANS cannot tell, with the CPU's exact values."""
+    kv = make_kv(tokens=6, layers=1, heads=2, head_dim=8, start=3)  # one sink token (kivi's forgeries need it)
+    data = kvpack.encode(kv, name)
+    cases = [rewrite(data, attack.edit) for attack in attacks(Source(name, data, None, kv.spec.to_json()))
+             if attack.name.startswith(("tokens", "section symbols", "section rows", "meta"))]
+    cases += [flip_word(data, "symbols")]
+    for case in cases:
+        try:
+            expected = kvpack.decode(case)
+        except KvpackError as cpu_error:
+            with pytest.raises(type(cpu_error)):
+                gpu.decode(case, device=DEVICE)
+        else:
+            assert same_bits(gpu.decode(case, device=DEVICE).data, expected.data)
+
+
+def test_cpu_without_the_interpreter_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    data = kvpack.encode(make_kv(tokens=4), "fp8")
+    with pytest.raises(CodecError, match="CUDA"):
+        gpu.decode(data, device="cpu")
