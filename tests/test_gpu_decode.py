@@ -14,7 +14,7 @@ import kvpack
 from conftest import make_kv
 from forged import Source, attacks, rewrite
 from kvpack import gpu
-from kvpack.errors import CodecError, KvpackError
+from kvpack.errors import CodecError, FormatError, KvpackError
 from kvpack.kv import KVCache, int_view
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,3 +93,25 @@ def test_cpu_without_the_interpreter_is_refused_clearly(monkeypatch: pytest.Monk
     data = kvpack.encode(make_kv(tokens=4), "fp8")
     with pytest.raises(CodecError, match="CUDA"):
         gpu.decode(data, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cachegen_profile(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from kvpack.codecs.cachegen.calibrate import build_profile_from_caches
+
+    profile = build_profile_from_caches([make_kv(tokens=60, seed=s) for s in range(2)])
+    return str(profile.save(tmp_path_factory.mktemp("cachegen")))
+
+
+@pytest.mark.parametrize("anchor_delta", [True, False])
+def test_gpu_cachegen_is_bit_identical_to_cpu(cachegen_profile: str, anchor_delta: bool) -> None:
+    """cachegen's lanes (one table each: the binary-search lookup) and its float64 reconstruction, identical."""
+    kv = make_kv(tokens=23, seed=5)
+    kv.data[1, 0, 1, 4, 2] = 40.0  # far outside its table's window: escapes
+    codec = kvpack.codecs.get("cachegen", profile=cachegen_profile, anchor_delta=anchor_delta)
+    data = codec.encode(kv)
+    cpu = codec.decode(data)
+    dev = gpu.decode(data, device=DEVICE, codec=codec)
+    assert same_bits(dev.data, cpu.data)
+    with pytest.raises(FormatError):
+        gpu.decode(flip_word(data, "symbols"), device=DEVICE, codec=codec)
