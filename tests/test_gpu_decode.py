@@ -5,6 +5,7 @@ tiny shapes (its cost grows with the longest rANS lane)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,3 +116,33 @@ def test_gpu_cachegen_is_bit_identical_to_cpu(cachegen_profile: str, anchor_delt
     assert same_bits(dev.data, cpu.data)
     with pytest.raises(FormatError):
         gpu.decode(flip_word(data, "symbols"), device=DEVICE, codec=codec)
+
+
+@pytest.mark.parametrize("recipe", ["transform", "kvtc"])
+def test_gpu_transform_matches_cpu(tmp_path: Path, recipe: str) -> None:
+    """transform: identical symbols and coefficients; values within the GEMM's rounding (on a CPU, under the
+    interpreter, the same GEMM: identical)."""
+    from kvpack.codecs.transform.calibrate import calibrate_from_caches
+    from kvpack.entropy import parse
+    from kvpack.entropy.rans_triton import decode_stream
+    from kvpack.format import read_container
+    from test_calibrate import low_rank_caches
+
+    caches = low_rank_caches(n=2, tokens=120)  # as tests/forged.py builds its profiles
+    profile = calibrate_from_caches(caches, caches[0].spec, recipe=recipe, ratios=(4.0,), default_ratio=4.0,
+                                    reference_tokens=128)
+    path = profile.save(tmp_path / f"{recipe}.kvprof")
+    kv = low_rank_caches(n=1, tokens=10, seed=7, positions=torch.arange(2, 12))[0]
+    codec = kvpack.codecs.get(recipe, profile=str(path))
+    data = codec.encode(kv)
+    blob = read_container(data).section("e0")
+    if len(blob):
+        stream = parse(blob, max_symbols=1 << 20, freqs=codec.state().model)
+        symbols, _ = kvpack.entropy.unpack(blob, max_symbols=1 << 20, freqs=codec.state().model)
+        assert torch.equal(decode_stream(stream, DEVICE).cpu(), torch.from_numpy(symbols))
+    cpu = codec.decode(data)
+    dev = gpu.decode(data, device=DEVICE, codec=codec)
+    if DEVICE == "cpu":
+        assert same_bits(dev.data, cpu.data)
+    else:  # GEMM and RoPE rounding differ on a GPU: within a few units of the cache dtype's last place
+        assert torch.allclose(dev.data.float().cpu(), cpu.data.float(), rtol=2**-6, atol=1e-3)
