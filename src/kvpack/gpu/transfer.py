@@ -21,5 +21,8 @@ def to_device(data: bytes | memoryview | np.ndarray, device: torch.device) -> to
 
 
 def array(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A numpy array on ``device`` (same dtype)."""
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    """A numpy array on ``device`` (same dtype), for the kernels to read: on the CPU it may share ``a``'s memory,
+    which may be read-only (a view of the container's bytes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
