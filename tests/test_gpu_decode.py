@@ -35,13 +35,13 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("fp8", {}, "bfloat16"),
     ("fp8", {}, "float16"),
     ("kivi", {"bits": 2, "group": 4}, "bfloat16"),
-    ("kivi", {"bits": 4, "group": 3, "residual": 2}, "float16"),
+    ("kivi", {"bits": 4, "group": 3, "residual": 1}, "float16"),
 ]
 
 
 @pytest.mark.parametrize(("name", "params", "dtype"), CASES, ids=lambda v: str(v))
 def test_gpu_decode_is_bit_identical_to_cpu(name: str, params: dict[str, Any], dtype: str) -> None:
-    kv = make_kv(tokens=12, layers=2, heads=2, head_dim=8, dtype=dtype, start=2)
+    kv = make_kv(tokens=6, layers=1, heads=2, head_dim=8, dtype=dtype, start=2)
     if dtype != "float32":  # zeros, tiny and huge values: lossless escapes; fp16 subnormals after rounding
         kv.data[0, 0, 0, 3, :4] = torch.tensor([0.0, -0.0, 1e-6, 3e4]).to(kv.data.dtype)
     data = kvpack.encode(kv, name, **params)
@@ -53,13 +53,13 @@ def test_gpu_decode_is_bit_identical_to_cpu(name: str, params: dict[str, Any], d
 
 
 def test_gpu_decode_into_a_token_slice_of_a_larger_cache() -> None:
-    kv = make_kv(tokens=8, layers=2, heads=2, head_dim=8)
-    data = kvpack.encode(kv, "lossless")
-    whole = KVCache.empty(kv.spec, 20, device=DEVICE)
+    kv = make_kv(tokens=4, layers=1, heads=2, head_dim=8)
+    data = kvpack.encode(kv, "fp8")
+    whole = KVCache.empty(kv.spec, 10, device=DEVICE)
     whole.data.zero_()
-    gpu.decode(data, device=DEVICE, out=whole[5:13])
-    assert same_bits(whole.data[:, :, :, 5:13], kv.data)
-    assert not whole.data[:, :, :, :5].any() and not whole.data[:, :, :, 13:].any()
+    gpu.decode(data, device=DEVICE, out=whole[3:7])
+    assert same_bits(whole.data[:, :, :, 3:7], kvpack.decode(data).data)
+    assert not whole.data[:, :, :, :3].any() and not whole.data[:, :, :, 7:].any()
 
 
 def flip_word(data: bytes, section: str) -> bytes:
@@ -146,3 +146,16 @@ def test_gpu_transform_matches_cpu(tmp_path: Path, recipe: str) -> None:
         assert same_bits(dev.data, cpu.data)
     else:  # GEMM and RoPE rounding differ on a GPU: within a few units of the cache dtype's last place
         assert torch.allclose(dev.data.float().cpu(), cpu.data.float(), rtol=2**-6, atol=1e-3)
+
+
+def test_decode_device_argument_dispatch() -> None:
+    """``kvpack.decode(device=)``: a CPU device keeps the CPU decoders; CUDA goes to kvpack.gpu (refused clearly
+    without CUDA); ``out=`` on another device than ``device=`` is an error."""
+    kv = make_kv(tokens=4, layers=1)
+    data = kvpack.encode(kv, "fp8")
+    assert same_bits(kvpack.decode(data, device="cpu").data, kvpack.decode(data).data)
+    with pytest.raises(ValueError, match="device"):
+        kvpack.decode(data, out=KVCache.empty(kv.spec, 4), device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(CodecError, match="CUDA"):
+            kvpack.decode(data, device="cuda")

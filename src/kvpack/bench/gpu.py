@@ -87,8 +87,8 @@ class GpuBenchConfig:
     @classmethod
     def tiny(cls, device: str = "cpu") -> GpuBenchConfig:
         """A configuration small enough for Triton's interpreter on a CPU (checks the script, measures nothing)."""
-        return cls(device=device, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256,
-                   contexts=(12,), chunk_tokens=6, codecs=("raw", "zstd", "lossless", "fp8"), links_gbps=(10.0,),
+        return cls(device=device, layers=1, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256,
+                   contexts=(8,), chunk_tokens=4, codecs=("raw", "zstd", "lossless"), links_gbps=(10.0,),
                    repeats=1, name="tiny Llama shape, random weights (script check under the interpreter)")
 
     @property

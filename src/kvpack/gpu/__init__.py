@@ -36,6 +36,8 @@ def _kernels_ready(device: torch.device) -> None:
     except ImportError as exc:
         raise CodecError(f"the GPU decoders need triton ({exc}); CUDA builds of torch include it, or pip install "
                          "triton") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CodecError(f"decoding to {device} needs a CUDA device, and torch finds none here")
     if device.type != "cuda" and not interpreting():
         raise CodecError(f"the GPU decoders run on CUDA devices, not {device}; on a CPU they run only under Triton's "
                          "interpreter (TRITON_INTERPRET=1 set before kvpack.gpu is imported), for tests")
