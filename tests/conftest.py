@@ -12,6 +12,11 @@ import torch
 from kvpack.kv import KVCache
 from kvpack.spec import ModelSpec, RopeSpec
 
+# The GPU decoders' Triton kernels run on CPU tensors under Triton's interpreter where there is no GPU. Triton reads
+# the switch when kvpack.gpu is first imported, so it is set here, before any test module imports anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 PROSE = (
     "The quick brown fox jumps over the lazy dog. Caching the keys and values of a long context lets a model "
     "answer without reading the context again. "

@@ -315,6 +315,37 @@ def bench_speed(
         markdown.write_text(speed.markdown(rows, _command_line()))
 
 
+@bench_app.command("gpu")
+def bench_gpu(
+    contexts: Annotated[str | None, typer.Option(help="Context lengths in tokens, comma-separated.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 5,
+    tiny: Annotated[bool, typer.Option(help="A tiny model and context: checks the script (with --device cpu: under "
+                                            "Triton's interpreter); its numbers mean nothing.")] = False,
+    device: Annotated[str, typer.Option(help="cuda (the benchmark) or cpu (only with --tiny).")] = "cuda",
+    json_path: JsonOpt = None,
+) -> None:
+    """GPU decode GB/s per codec and TTFT (recompute vs loading over host memory and emulated 10/25 Gbps links) of a
+    Llama-3.1-8B-shaped model with random bf16 weights, at 8K and 32K tokens (docs/gpu.md). Needs CUDA."""
+    from dataclasses import replace
+
+    from kvpack.bench import gpu
+
+    try:
+        if device != "cuda" and not tiny:
+            raise ValueError("--device cpu runs only with --tiny (Triton's interpreter is far too slow for more)")
+        config = gpu.GpuBenchConfig.tiny(device) if tiny else gpu.GpuBenchConfig(device=device)
+        config = gpu.with_contexts(replace(config, repeats=repeats if not tiny else 1),
+                                   tuple(int(n) for n in contexts.split(",")) if contexts else None)
+        result = gpu.run(config, log=console.print)
+    except (KvpackError, ValueError) as exc:
+        _fail(exc)
+    text = json.dumps(result, indent=1)
+    if json_path:
+        json_path.write_text(text + "\n")
+    else:
+        print(text)
+
+
 @bench_app.command("capacity", add_help_option=False,
                    context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_capacity(ctx: typer.Context) -> None:

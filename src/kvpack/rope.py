@@ -117,6 +117,7 @@ def _turn(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     """``keys * cos + rotate_half(keys) * sin`` on the rotary channels, others unchanged: a new float32 tensor."""
     dim = cos.shape[-1]
     half = dim // 2
+    cos, sin = cos.to(keys.device), sin.to(keys.device)  # computed on the CPU: the same angles on every device
     out = keys.to(torch.float32, copy=True)
     rot = out[..., :dim]
     rot.mul_(cos)

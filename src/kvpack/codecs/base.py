@@ -115,11 +115,14 @@ class Codec(ABC):
         return write_container(header, {**sections, **payload.sections})
 
     def decode(self, data: bytes | memoryview, spec: ModelSpec | None = None,
-               token_ids: torch.Tensor | Sequence[int] | None = None, out: KVCache | None = None) -> KVCache:
+               token_ids: torch.Tensor | Sequence[int] | None = None, out: KVCache | None = None,
+               device: torch.device | str | None = None) -> KVCache:
         """Decode a container written by this codec (same name, version and parameters).
 
         With ``out`` (e.g. a slice of :meth:`KVCache.empty`), the tensors are written into its buffer and ``out`` is
         returned with the stored positions and token ids; its spec and token count must match the container.
+        ``device``: where the decoded buffer goes (``out``'s device when omitted). A CUDA destination decodes with
+        the GPU kernels of :mod:`kvpack.gpu` (same bytes, same validation; docs/gpu.md).
         """
         container = read_container(data)
         header = container.header
@@ -129,10 +132,11 @@ class Codec(ABC):
                 f"container was written by codec {info['name']} v{info['version']} {info['params']}, not by "
                 f"{self.name} v{self.version} {self.params()}; use kvpack.decode(data) to pick the codec from the file"
             )
-        return self._decode_container(container, spec, token_ids, out)
+        return self._decode_container(container, spec, token_ids, out, device)
 
     def _decode_container(self, container: Container, spec: ModelSpec | None,
-                          token_ids: torch.Tensor | Sequence[int] | None, out: KVCache | None) -> KVCache:
+                          token_ids: torch.Tensor | Sequence[int] | None, out: KVCache | None,
+                          device: torch.device | str | None = None, kernels: bool = False) -> KVCache:
         header = container.header
         written_with = _codec_info(header).get("profile")
         if written_with != self.profile_hash():
@@ -167,7 +171,16 @@ class Codec(ABC):
             raise ValueError(f"out= holds {out.num_tokens} tokens of model {out.spec.fingerprint[:12]}; this "
                              f"container holds {num_tokens} tokens of {the_spec.fingerprint[:12]}")
         target = None if out is None else out.data
-        data = self.decode_payload(meta, container, the_spec, num_tokens, target)
+        where = torch.device(device) if device is not None else None if target is None else target.device
+        if target is not None and where != target.device:
+            raise ValueError(f"out= is on {target.device}, device= says {where}")
+        if kernels or (where is not None and where.type == "cuda"):  # the Triton decoders (`kernels`: tests, CPU)
+            from kvpack.gpu import decode_payload
+
+            data = decode_payload(self, meta, container, the_spec, num_tokens, target, where or torch.device("cpu"))
+        else:
+            data = self.decode_payload(meta, container, the_spec, num_tokens, target)
+            data = data if where is None else data.to(where)
         if tuple(data.shape) != the_spec.buffer_shape(num_tokens) or data.dtype != the_spec.torch_dtype:
             raise CodecError(f"codec {self.name} decoded {tuple(data.shape)} {data.dtype}, expected "
                              f"{the_spec.buffer_shape(num_tokens)} {the_spec.torch_dtype}")  # a codec bug, not input
@@ -291,15 +304,21 @@ def _convert(value: str, hint: Any) -> Any:
 
 def decode(data: bytes | memoryview, spec: ModelSpec | None = None, *, codec: Codec | None = None,
            profile: str | None = None, token_ids: torch.Tensor | Sequence[int] | None = None,
-           out: KVCache | None = None) -> KVCache:
+           out: KVCache | None = None, device: torch.device | str | None = None) -> KVCache:
     """Decode any kvpack KV container, picking the codec named in its header.
 
     With ``spec`` the model fingerprint is checked (:class:`ModelMismatchError`). Codecs that need a calibration
     profile take its path as ``profile`` (or are passed whole as ``codec``); the header names the profile's hash,
-    which must match. ``token_ids``, when given, are checked against the stored hash. ``out``: see
+    which must match. ``token_ids``, when given, are checked against the stored hash. ``out`` and ``device``: see
     :meth:`Codec.decode`.
     """
     container = read_container(data)
+    return codec_for(container, codec, profile)._decode_container(container, spec, token_ids, out, device)
+
+
+def codec_for(container: Container, codec: Codec | None = None, profile: str | None = None) -> Codec:
+    """The codec that decodes ``container``: the one its header names (with ``profile`` where it needs one), or
+    ``codec`` after checking that it is that one (:func:`decode`'s arguments and errors)."""
     info = _codec_info(container.header)
     if codec is None:
         if info.get("profile") and profile is None:
@@ -316,7 +335,7 @@ def decode(data: bytes | memoryview, spec: ModelSpec | None = None, *, codec: Co
             raise FormatError(f"codec parameters in the header are invalid: {exc}") from None
     elif info["name"] != codec.name or info["version"] != codec.version or info["params"] != codec.params():
         raise CodecError(f"container was written by {info['name']} {info['params']}, not by the codec given")
-    return codec._decode_container(container, spec, token_ids, out)
+    return codec
 
 
 def encode(kv: KVCache, codec: Codec | str = "raw", **params: Any) -> bytes:

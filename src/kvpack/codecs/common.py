@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from kvpack.codecs.validate import Size, exact
 from kvpack.entropy import MIN_PACKED_BYTES, max_packed_bytes, pack, parse, quantize_freqs
-from kvpack.entropy.rans import decode_lanes
+from kvpack.entropy.rans import LaneStream, decode_lanes
 from kvpack.errors import FormatError
 from kvpack.kv import KVCache
 from kvpack.spec import DTYPES
@@ -195,6 +195,15 @@ def decode_rows(blob: bytes | memoryview, classes: bytes | memoryview, shape: tu
             ``n_groups * n_classes`` tables in the lanes the class ids imply (the encoder's layout: any other lane
             layout could make the decoder rebuild a table per lane), or a class section of the wrong size.
     """
+    stream, row_offset = rows_stream(blob, classes, shape, alphabet, n_classes)
+    symbols = decode_lanes(stream.words, stream.word_offsets, stream.lane_starts, stream.lane_table, stream.freqs)
+    return symbols, row_offset
+
+
+def rows_stream(blob: bytes | memoryview, classes: bytes | memoryview, shape: tuple[int, int, int], alphabet: int,
+                n_classes: int) -> tuple[LaneStream, np.ndarray]:
+    """:func:`decode_rows` up to the lane decoding (shared with the GPU decoders): the parsed, checked stream and
+    ``row_offset``; same arguments and errors."""
     n_groups, rows, tokens = shape
     n_rows = n_groups * rows
     total = n_rows * tokens
@@ -206,10 +215,9 @@ def decode_rows(blob: bytes | memoryview, classes: bytes | memoryview, shape: tu
     if not (np.array_equal(stream.lane_starts, starts) and np.array_equal(stream.lane_table, lane_table)):
         raise FormatError(f"symbol stream's lanes do not match the {n_rows} rows of {tokens} symbols and their "
                           "classes: the stream is corrupted")
-    symbols = decode_lanes(stream.words, stream.word_offsets, stream.lane_starts, stream.lane_table, stream.freqs)
     row_offset = np.empty(n_rows, np.int64)
     row_offset[order] = np.arange(n_rows, dtype=np.int64) * tokens
-    return symbols, row_offset
+    return stream, row_offset
 
 
 def rows_sizes(shape: tuple[int, int, int], alphabet: int, n_classes: int, prefix: str = "") -> dict[str, Size]:
@@ -290,4 +298,4 @@ def out_buffer(shape: tuple[int, ...], dtype: str) -> tuple[torch.Tensor, np.nda
 
 __all__ = ["CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "assign_classes", "check_classes", "decode_rows",
            "encode_rows", "f32_to_bf16_bits", "f32_to_f16_bits", "float_bits", "out_buffer", "pack_classes",
-           "rows_sizes", "stacked_float32", "threads_for", "unpack_classes"]
+           "rows_sizes", "rows_stream", "stacked_float32", "threads_for", "unpack_classes"]

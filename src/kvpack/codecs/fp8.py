@@ -128,6 +128,15 @@ def fp16_at_least(v: np.ndarray) -> np.ndarray:
     return h
 
 
+def read_rows(rows: memoryview, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``rows`` section (length checked by ``section_sizes``): float32 scales and uint8 flips ``[n_rows]``;
+    :class:`FormatError` for a negative or non-finite scale."""
+    scales = np.frombuffer(rows, "<f2", count=n_rows).astype(np.float32)
+    if not (np.isfinite(scales).all() and (scales >= 0).all()):
+        raise FormatError("fp8 scales must be finite and nonnegative")
+    return scales, np.unpackbits(np.frombuffer(rows, np.uint8, offset=2 * n_rows), count=n_rows)
+
+
 @register
 @dataclass(frozen=True)
 class Fp8Codec(Codec):
@@ -193,11 +202,7 @@ class Fp8Codec(Codec):
         with threads_for(num_tokens * spec.elements_per_token):
             groups, heads, dim = 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim
             tiles, n_rows = groups * heads, groups * heads * dim
-            rows = container.section("rows")
-            scales = np.frombuffer(rows, "<f2", count=n_rows).astype(np.float32)
-            if not (np.isfinite(scales).all() and (scales >= 0).all()):
-                raise FormatError("fp8 scales must be finite and nonnegative")
-            flips = np.unpackbits(np.frombuffer(rows, np.uint8, offset=2 * n_rows), count=n_rows)
+            scales, flips = read_rows(container.section("rows"), n_rows)
             symbols, row_offset = decode_rows(container.section("symbols"), container.section("classes"),
                                               (groups, heads * dim, num_tokens), 256, self.classes)
             data, bits = out_buffer((groups, heads, num_tokens, dim), spec.dtype)

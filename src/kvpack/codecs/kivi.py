@@ -163,7 +163,7 @@ def _param_bits(minima: np.ndarray, steps: np.ndarray, keys: bool) -> np.ndarray
     return np.ascontiguousarray(both).reshape(2 * layers, heads, rows, cols).view(np.uint16)
 
 
-def _read_params(container: Container, prefix: str, shape: tuple[int, int, int, int], keys: bool
+def read_params(container: Container, prefix: str, shape: tuple[int, int, int, int], keys: bool
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of :func:`_param_bits` from the container's ``prefix.*`` sections: float32 minima and steps."""
     layers, heads, a, b = shape
@@ -270,7 +270,7 @@ class KiviCodec(Codec):
                 sections.update({f"{prefix}.{name}": data for name, data in coded.items()})
             return Payload(meta={"sink_tokens": n_sink, "residual_tokens": n_res}, sections=sections)
 
-    def _exact_meta(self, meta: Mapping[str, Any], num_tokens: int) -> tuple[int, int]:
+    def exact_meta(self, meta: Mapping[str, Any], num_tokens: int) -> tuple[int, int]:
         """``(sink tokens, residual tokens)`` from the meta: ints (never bools) that add up to at most the tokens."""
         if set(meta) != {"sink_tokens", "residual_tokens"}:
             raise FormatError(f"kivi meta has bad exact token counts: it must hold sink_tokens and residual_tokens "
@@ -281,7 +281,7 @@ class KiviCodec(Codec):
         return n_sink, json_int(meta["residual_tokens"], f"{what} residual_tokens", 0, num_tokens - n_sink)
 
     def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
-        n_sink, n_res = self._exact_meta(meta, num_tokens)
+        n_sink, n_res = self.exact_meta(meta, num_tokens)
         layers, heads, dim, count = spec.num_layers, spec.num_kv_heads, spec.head_dim, num_tokens - n_sink - n_res
         gk, gv = -(-count // self.group), -(-dim // self.group)
         return {"exact": exact(2 * layers * heads * (n_sink + n_res) * dim * spec.torch_dtype.itemsize),
@@ -292,12 +292,12 @@ class KiviCodec(Codec):
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         with threads_for(num_tokens * spec.elements_per_token):
-            n_sink, n_res = self._exact_meta(meta, num_tokens)
+            n_sink, n_res = self.exact_meta(meta, num_tokens)
             layers, heads, dim, group = spec.num_layers, spec.num_kv_heads, spec.head_dim, self.group
             count = num_tokens - n_sink - n_res
             gk, gv = -(-count // group), -(-dim // group)
-            k_m, k_s = _read_params(container, "key_params", (layers, heads, dim, gk), True)
-            v_m, v_s = _read_params(container, "value_params", (layers, heads, count, gv), False)
+            k_m, k_s = read_params(container, "key_params", (layers, heads, dim, gk), True)
+            v_m, v_s = read_params(container, "value_params", (layers, heads, count, gv), False)
             symbols, row_offset = decode_rows(container.section("symbols"), container.section("classes"),
                                               (2 * layers, heads * dim, count), 1 << self.bits, self.classes)
             data, bits = out_buffer((2 * layers, heads, num_tokens, dim), spec.dtype)

@@ -42,8 +42,9 @@ import torch
 from numba import njit, prange
 
 from kvpack.codecs.base import Codec, Payload, register
-from kvpack.codecs.common import check_classes, decode_rows, encode_rows, out_buffer, rows_sizes, threads_for
+from kvpack.codecs.common import check_classes, encode_rows, out_buffer, rows_sizes, rows_stream, threads_for
 from kvpack.codecs.validate import Size, exact
+from kvpack.entropy.rans import LaneStream, decode_lanes
 from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import FormatError
 from kvpack.format import Container
@@ -256,14 +257,46 @@ def bits_sizes(shape: tuple[int, int, int, int], dtype: str, classes: int, prefi
             **rows_sizes((groups, heads * dim, tokens), 256, classes, prefix)}
 
 
+@dataclass(frozen=True)
+class BitSections:
+    """The sections of :func:`encode_bits`, parsed and checked (:func:`read_bits`); what a merge kernel reads.
+
+    ``base``, ``flip``: uint8 ``[rows]``; ``shift``: the mantissa shift; ``raw``: uint8 ``[tiles, tokens *
+    row_bytes]``; ``esc_start``: int64 ``[tiles + 1]``; ``escapes``: uint16 ``[n]``; ``stream``: the symbol lanes;
+    ``row_offset``: int64 ``[rows]``, where each row starts in the decoded symbols.
+    """
+
+    base: np.ndarray
+    flip: np.ndarray
+    shift: int
+    raw: np.ndarray
+    esc_start: np.ndarray
+    escapes: np.ndarray
+    stream: LaneStream
+    row_offset: np.ndarray
+
+
 def decode_bits(sections: Mapping[str, memoryview], out: np.ndarray, dtype: str, classes: int) -> None:
     """Inverse of :func:`encode_bits`: fill ``out [groups, heads, tokens, dim]`` (the bit patterns, uint16/uint32).
 
     Raises:
         FormatError: a section whose size or content does not fit ``out``'s shape (never reads out of bounds).
     """
-    exp_bits, man_bits, k = FIELDS[dtype]
     groups, heads, tokens, dim = out.shape
+    p = read_bits(sections, out.shape, dtype, classes)
+    s = p.stream
+    symbols = decode_lanes(s.words, s.word_offsets, s.lane_starts, s.lane_table, s.freqs)
+    merge = _kernels(dtype, p.shift)[1]
+    if not merge(out.reshape(groups * heads, tokens, dim), symbols, p.row_offset, p.base, p.flip, p.escapes,
+                 p.esc_start, p.raw):
+        raise FormatError("lossless symbols do not match their exponents or escapes: the stream is corrupted")
+
+
+def read_bits(sections: Mapping[str, memoryview], shape: tuple[int, ...], dtype: str, classes: int) -> BitSections:
+    """Everything :func:`decode_bits` reads and checks before decoding symbols, for bits ``shape [groups, heads,
+    tokens, dim]`` (shared with the GPU decoder); :class:`FormatError` as :func:`decode_bits`."""
+    exp_bits, man_bits, k = FIELDS[dtype]
+    groups, heads, tokens, dim = shape
     tiles, n_rows = groups * heads, groups * heads * dim
     rows = sections["rows"]
     if len(rows) != n_rows + (n_rows + 7) // 8:
@@ -282,12 +315,10 @@ def decode_bits(sections: Mapping[str, memoryview], out: np.ndarray, dtype: str,
     esc_start, escapes = _read_escapes(sections["escapes"], tiles, tokens * dim)
     if (base.size and int(base.max()) >> exp_bits) or (escapes.size and int(escapes.max()) >> (1 + exp_bits + k)):
         raise FormatError(f"an exponent in the rows or escapes sections does not fit {exp_bits} bits")
-    symbols, row_offset = decode_rows(sections["symbols"], sections["classes"], (groups, heads * dim, tokens), 256,
-                                      classes)
-    merge = _kernels(dtype, shift)[1]
-    if not merge(out.reshape(tiles, tokens, dim), symbols, row_offset, base, flip, escapes, esc_start,
-                 raw.reshape(tiles, tokens * row_bytes)):
-        raise FormatError("lossless symbols do not match their exponents or escapes: the stream is corrupted")
+    stream, row_offset = rows_stream(sections["symbols"], sections["classes"], (groups, heads * dim, tokens), 256,
+                                     classes)
+    return BitSections(base, flip, shift, raw.reshape(tiles, tokens * row_bytes), esc_start, escapes, stream,
+                       row_offset)
 
 
 @register

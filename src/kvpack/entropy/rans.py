@@ -51,8 +51,8 @@ from kvpack.entropy.tables import (
 )
 from kvpack.errors import FormatError
 
-__all__ = ["MIN_PACKED_BYTES", "STATE_LOWER", "LaneStream", "decode_lanes", "encode_lanes", "max_packed_bytes", "pack",
-           "parse", "unpack"]
+__all__ = ["MIN_PACKED_BYTES", "STATE_LOWER", "LaneStream", "check_lanes", "decode_lanes", "encode_lanes",
+           "max_packed_bytes", "pack", "parse", "unpack"]
 
 STATE_LOWER = 1 << 16  # L: the state lies in [L, 2**32) between symbols
 BLOB_VERSION = 1
@@ -433,6 +433,29 @@ def decode_lanes(
             would read past its words, does not end in the initial state ``L``, or leaves words unread). Never
             reads out of bounds, and runs in time linear in ``N + n_lanes``.
     """
+    w, offsets, starts, table_of, model = check_lanes(words, word_offsets, lane_starts, lane_table, freqs)
+    with _threads(threads) as n_threads:
+        out, bad = _decode_kernel(
+            w,
+            offsets,
+            starts,
+            table_of.astype(np.int32),
+            model.etab,
+            model.slots,
+            model.shift,
+            _blocks(starts, n_threads),
+        )
+    if bad.any():
+        raise FormatError(f"rANS lane {int(np.flatnonzero(bad)[0])} is corrupted (its words do not decode exactly)")
+    return out
+
+
+def check_lanes(words: npt.ArrayLike, word_offsets: npt.ArrayLike, lane_starts: npt.ArrayLike,
+                lane_table: npt.ArrayLike, freqs: npt.ArrayLike | Model
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Model]:
+    """Every check :func:`decode_lanes` makes before decoding (shared with the GPU decoder,
+    :mod:`kvpack.entropy.rans_triton`): ``(words uint16, word_offsets int64, lane_starts int64, lane_table int64,
+    model)``, contiguous; :class:`FormatError` as :func:`decode_lanes` documents."""
     w = np.asarray(words)
     if w.ndim != 1 or w.dtype != np.uint16:
         raise FormatError("words must be a 1-D uint16 array")
@@ -451,20 +474,7 @@ def decode_lanes(
         raise FormatError("a lane's word count does not fit its symbol count (empty: 0, else 2..symbols+2)")
     if not np.all(model.usable[table_of[used]]):
         raise FormatError("a nonempty lane uses an all-zero frequency table")
-    with _threads(threads) as n_threads:
-        out, bad = _decode_kernel(
-            np.ascontiguousarray(w),
-            offsets,
-            starts,
-            table_of.astype(np.int32),
-            model.etab,
-            model.slots,
-            model.shift,
-            _blocks(starts, n_threads),
-        )
-    if bad.any():
-        raise FormatError(f"rANS lane {int(np.flatnonzero(bad)[0])} is corrupted (its words do not decode exactly)")
-    return out
+    return np.ascontiguousarray(w), offsets, starts, table_of, model
 
 
 @dataclass(frozen=True)

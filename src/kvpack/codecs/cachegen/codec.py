@@ -63,7 +63,7 @@ from kvpack.codecs.calibrated import CalibratedCodec, Log
 from kvpack.codecs.validate import Size, json_int
 from kvpack.entropy import MIN_PACKED_BYTES, max_packed_bytes, pack, parse
 from kvpack.entropy.models import Model
-from kvpack.entropy.rans import decode_lanes
+from kvpack.entropy.rans import LaneStream, decode_lanes
 from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import CodecError, FormatError, ModelMismatchError
 from kvpack.format import Container
@@ -71,7 +71,7 @@ from kvpack.kv import KVCache
 from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
 
-__all__ = ["CacheGen", "error_bound", "kv_array", "quantize_indices"]
+__all__ = ["CacheGen", "error_bound", "kv_array", "quantize_indices", "read_stream"]
 
 #: Largest ``|q|`` accepted; keeps every escape value inside int32.
 MAX_INDEX = 1 << 28
@@ -421,22 +421,12 @@ class CacheGen(CalibratedCodec[CacheGenTables]):
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         t = self.tables
-        n_escapes = int(meta["escapes"])
-        starts = _lane_sizes(t.rows, num_tokens, self.anchor_delta)
-        escape_raw = np.frombuffer(container.section("escapes"), np.uint8)
-        freqs = self._model()
-        escape = freqs.shape[1] - 1
-        stream = parse(container.section("symbols"), max_symbols=int(starts[-1]), freqs=freqs)
-        if not np.array_equal(stream.lane_starts, starts) or \
-                not np.array_equal(stream.lane_table, np.arange(starts.size - 1)):
-            raise FormatError("cachegen symbol lanes do not match the header's token count and the profile")
+        stream, escapes, escape = read_stream(self, meta, container, num_tokens)
+        starts = stream.lane_starts
         symbols = decode_lanes(stream.words, stream.word_offsets, stream.lane_starts, stream.lane_table, stream.freqs)
         lane_escapes = _lane_escape_counts(symbols, starts, escape)
-        if int(lane_escapes.sum()) != n_escapes:
-            raise FormatError(f"cachegen symbols hold {int(lane_escapes.sum())} escapes, the header {n_escapes}")
-        escapes, end = decode_varints(escape_raw, 0, n_escapes, 2**31 - 1)
-        if end != escape_raw.size:
-            raise FormatError("cachegen escapes section is malformed or has trailing bytes")
+        if int(lane_escapes.sum()) != escapes.size:
+            raise FormatError(f"cachegen symbols hold {int(lane_escapes.sum())} escapes, the header {escapes.size}")
         offsets = np.zeros(starts.size, np.int64)
         np.cumsum(lane_escapes, out=offsets[1:])
         lvl = self._level
@@ -448,6 +438,23 @@ class CacheGen(CalibratedCodec[CacheGenTables]):
         if bits:
             return torch.from_numpy(decoded.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(decoded).to(spec.torch_dtype)
+
+
+def read_stream(codec: CacheGen, meta: Mapping[str, Any], container: Container, num_tokens: int
+                ) -> tuple[LaneStream, np.ndarray, int]:
+    """The checked symbol stream, the escape values (int64 zigzag, lane order) and the escape symbol of a chunk
+    (shared with the GPU decoder); :class:`FormatError` for lanes that are not the profile's or malformed escapes."""
+    starts = _lane_sizes(codec.tables.rows, num_tokens, codec.anchor_delta)
+    freqs = codec._model()
+    stream = parse(container.section("symbols"), max_symbols=int(starts[-1]), freqs=freqs)
+    if not np.array_equal(stream.lane_starts, starts) or \
+            not np.array_equal(stream.lane_table, np.arange(starts.size - 1)):
+        raise FormatError("cachegen symbol lanes do not match the header's token count and the profile")
+    escape_raw = np.frombuffer(container.section("escapes"), np.uint8)
+    escapes, end = decode_varints(escape_raw, 0, int(meta["escapes"]), 2**31 - 1)
+    if end != escape_raw.size:
+        raise FormatError("cachegen escapes section is malformed or has trailing bytes")
+    return stream, escapes, freqs.shape[1] - 1
 
 
 def error_bound(codec: CacheGen, decoded: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
