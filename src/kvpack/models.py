@@ -80,3 +80,18 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16)
         raise ModelLoadError(f"could not load a causal LM from {directory}: {exc}") from exc
     model.eval()
     return model, tokenizer
+
+
+def export_checkpoint(directory: str | os.PathLike[str], name_or_path: str = DEFAULT_MODEL,
+                      dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write ``name_or_path`` (e.g. the bundled GGUF model) as a local safetensors checkpoint that other engines
+    (vLLM) load: weights dequantized to ``dtype``, config without the GGUF ``quantization_config``, tokenizer.
+    Returns the directory."""
+    model, tokenizer = load(name_or_path, dtype=dtype)
+    out = Path(directory)
+    if hasattr(model.config, "quantization_config"):  # the weights are dequantized already
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -115,24 +115,30 @@ class ModelSpec:
     def from_model(cls, model: Any, tokenizer: Any = None) -> ModelSpec:
         """Read the spec of a transformers causal LM (and its tokenizer, which enters the fingerprint)."""
         config = model.config
+        dtype = next(model.parameters()).dtype
+        fingerprint = hashlib.sha256()
+        for part in (config_digest(config), weights_digest(model), dtype_name(dtype), _vocab_digest(tokenizer)):
+            fingerprint.update(part.encode())
+        return cls.from_config(config, dtype, fingerprint.hexdigest())
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: torch.dtype, fingerprint: str) -> ModelSpec:
+        """The spec of a model with this transformers ``config`` whose KV is kept in ``dtype``, under a fingerprint
+        the caller computed (for engines that hold the weights in their own layout, e.g. vLLM)."""
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         _refuse_unsupported(text_config)
         num_heads = int(text_config.num_attention_heads)
         head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads)
         num_kv_heads = int(getattr(text_config, "num_key_value_heads", None) or num_heads)
         num_layers = int(text_config.num_hidden_layers)
-        dtype = dtype_name(next(model.parameters()).dtype)
-        fingerprint = hashlib.sha256()
-        for part in (_config_digest(config), weights_digest(model), dtype, _vocab_digest(tokenizer)):
-            fingerprint.update(part.encode())
         return cls(
             num_layers=num_layers,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            dtype=dtype,
+            dtype=dtype_name(dtype),
             rope=_rope_spec(text_config),
             sliding_windows=_sliding_windows(text_config, num_layers),
-            fingerprint=fingerprint.hexdigest(),
+            fingerprint=fingerprint,
             name=str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "")),
         )
 
@@ -153,7 +159,8 @@ def weights_digest(model: torch.nn.Module) -> str:
     return value
 
 
-def _config_digest(config: Any) -> str:
+def config_digest(config: Any) -> str:
+    """SHA-256 of a transformers config's JSON, without the fields that name where or how it was loaded."""
     cfg = config.to_dict()
     for volatile in ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"):
         cfg.pop(volatile, None)

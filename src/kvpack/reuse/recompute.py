@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from kvpack.errors import UnsupportedModelError
-from kvpack.inference import as_batch
+from kvpack.inference import as_batch, cache_arg
 from kvpack.kv import KVCache
 
 #: Attention implementations whose masks this module builds: boolean (``sdpa``) or additive (``eager``).
@@ -73,7 +73,7 @@ def recompute(model: Any, kv: KVCache, selected: torch.Tensor, through_layer: in
     try:
         with torch.no_grad():
             model(as_batch(kv.token_ids[selected]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
-                  cache=cache, use_cache=True)
+                  use_cache=True, **cache_arg(model, cache))
     except _Stop:
         pass
     finally:

@@ -404,7 +404,7 @@ def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: i
     """
     from transformers import DynamicCache
 
-    from kvpack.inference import prefill
+    from kvpack.inference import cache_arg, prefill
 
     kv, _ = prefill(model, spec, ids[:tokens], step=512)
     cache = DynamicCache()
@@ -416,7 +416,7 @@ def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: i
         leaves.append((k, v))
     cont = ids[tokens:]
     with torch.enable_grad():
-        logits = model(cont[None], cache=cache, use_cache=True).logits[0].float()
+        logits = model(cont[None], use_cache=True, **cache_arg(model, cache)).logits[0].float()
         logprobs = logits.log_softmax(-1)
         loss = -logprobs[:-1].gather(1, cont[1:, None]).sum()
         loss.backward()
