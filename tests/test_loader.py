@@ -92,7 +92,7 @@ def test_plan_from_injected_estimates() -> None:
     for name, value in est._values.items():
         slow.update(name, value)
     slow.update(load.names.fetch, fp16 * 10.0)  # a slow link: 100 ms per chunk
-    assert load.plan(4).compute_front and load.plan(4).predicted_load_s == pytest.approx(0.4)
+    assert load.plan(4).compute_front and load.plan(4).predicted_load_s == pytest.approx(0.04)  # computing all 4
     assert not Loader(model, spec, MemoryStore(), codecs.get("raw"), CHUNK,
                       LoaderConfig(compute_front=False, estimates_path="")).plan(4).compute_front
 
@@ -113,7 +113,7 @@ def test_compute_front_meets_the_loader() -> None:
     model = tiny("qwen2-sliding", torch.float32)
     spec, store, the_codec, kv, ids, keys = stored(model, "raw", SlowStore(delay_s=0.05))
     load = loader(model, spec, store, the_codec, prefetch=1)
-    load.plan = lambda chunks: Plan(chunks, True, None, None)  # type: ignore[method-assign]
+    load.plan = lambda chunks, *_: Plan(chunks, True, None, None)  # type: ignore[method-assign]
     out, report = load.load(ids, keys, len(keys))
     k = report.chunks_computed
     assert report.chunks_loaded + k == len(keys) and not report.failed_chunks

@@ -360,7 +360,7 @@ def bench_ttft(
     setting: Annotated[list[str] | None, typer.Option(
         help="Codec setting NAME:k=v,k=v to load (repeatable; default raw, and lossless/fp8/kivi when present).")]
     = None,
-    lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated.")] = "1024,2048,4096,7168",
+    lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated.")] = "1024,2048,4096,8192",
     links: Annotated[str, typer.Option(help="Link rates in Gbit/s, comma-separated; empty for none.")]
     = "0.1,1,10,25",
     strategies: Annotated[str, typer.Option(help="Of recompute, load, adaptive; comma-separated.")]
@@ -369,6 +369,11 @@ def bench_ttft(
     emulate_links: Annotated[bool, typer.Option(
         help="Emulate the links (sleep per read) even where shaped links (root, netns, tc) work.")] = False,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement after the warm-up (lower median).")] = 3,
+    drop_runs: Annotated[int, typer.Option(help="Runs of the levels arm under a TTFT target in the drop scenario.")]
+    = 20,
+    drop_length: Annotated[int | None, typer.Option(help="Context length of that arm (default 4096).")] = None,
+    slo_factor: Annotated[float, typer.Option(
+        help="Its TTFT target: this times the best codec's adaptive TTFT on the steady 10 Gbps link.")] = 1.2,
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
@@ -384,7 +389,8 @@ def bench_ttft(
         config = ttft.TtftConfig(lengths=tuple(int(x) for x in lengths.split(",") if x.strip()),
                                  links_gbps=tuple(float(x) for x in links.split(",") if x.strip()),
                                  strategies=tuple(x.strip() for x in strategies.split(",") if x.strip()),
-                                 repeats=repeats, drop=drop, emulate_links=emulate_links)
+                                 repeats=repeats, drop=drop, emulate_links=emulate_links, drop_runs=drop_runs,
+                                 drop_length=drop_length, slo_factor=slo_factor)
         chosen = [parse_setting(s) for s in setting or []] or [
             codecs.get(name, **params) for name, params in ttft.DEFAULT_SETTINGS if name in codecs.available()]
         lm, tokenizer, spec = load_model(model)

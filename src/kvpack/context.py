@@ -68,7 +68,10 @@ class ContextCache:
 
     ``store`` is a :class:`~kvpack.store.Store` or a URL (``memory://``, ``file://PATH``, ``redis://HOST:PORT/DB``);
     ``codec`` an instance (``kvpack.codecs.get("lossless")``) or a registered name. ``namespace`` isolates tenants.
-    ``loader`` configures how stored prefixes come back (:class:`~kvpack.loader.LoaderConfig`).
+    ``loader`` configures how stored prefixes come back (:class:`~kvpack.loader.LoaderConfig`). ``levels``: more
+    codecs, lower quality than ``codec`` and best first, that every chunk is also stored with, for the loader to pick
+    from per chunk under a TTFT target (``generate(..., ttft_slo=)``; docs/loader.md). A progressive codec
+    (``Transform(layers=k)``) gives ``k`` levels by itself, stored once.
     Thread-safe: requests may run concurrently; background writes are serialized on one writer thread.
     """
 
@@ -80,13 +83,14 @@ class ContextCache:
     namespace: str = "default"
     spec: ModelSpec | None = None
     loader: LoaderConfig | None = None
+    levels: Sequence[Codec | str] = ()
     prefixes: PrefixStore = field(init=False, repr=False)
     segments: SegmentReuse = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.spec = self.spec or spec_for(self.model, self.tokenizer)
         self.prefixes = PrefixStore(self.store, self.model, self.spec, self.codec, self.chunk_tokens, self.namespace,
-                                    self.loader)
+                                    self.loader, self.levels)
         self.segments = SegmentReuse(self.prefixes, self.tokenizer, self._submit)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpack-write")
         self._pending: list[Future[int]] = []
@@ -102,8 +106,12 @@ class ContextCache:
         """How many leading tokens of ``ids`` (or a text) would be loaded from the store, without loading them."""
         return self.prefixes.lookup(self._ids(ids))
 
-    def generate(self, prompt: str | torch.Tensor | Sequence[int] | Prompt, **generate_kwargs: Any) -> Generation:
+    def generate(self, prompt: str | torch.Tensor | Sequence[int] | Prompt, *, ttft_slo: float | None = None,
+                 **generate_kwargs: Any) -> Generation:
         """``model.generate`` on ``prompt`` reusing stored chunks; returns the sequences and this request's stats.
+
+        ``ttft_slo``: a time-to-first-token target in seconds: the loader picks per chunk the best quality level
+        whose predicted TTFT meets it, else the fastest plan (:mod:`kvpack.loader`); without it, the best level.
 
         A :class:`~kvpack.reuse.Prompt` of segments also reuses each stored segment wherever it lands, repaired by
         its policy (docs/reuse.md); its stats are a :class:`~kvpack.reuse.SegmentStats`.
@@ -116,7 +124,8 @@ class ContextCache:
             ids, exact = self._ids(prompt), None
             stats = RequestStats(prompt_tokens=len(ids))
             start = time.perf_counter()
-            kv = self.prefixes.load(ids[:-1], stats)  # at least one prompt token is left for the model to read
+            # at least one prompt token is left for the model to read
+            kv = self.prefixes.load(ids[:-1], stats, ttft_slo=ttft_slo, after=1)
         cache = kv.to_hf() if kv is not None else new_cache(self.model)
         clock = _FirstTokenClock()
         processors = list(generate_kwargs.pop("logits_processor", None) or [])

@@ -88,6 +88,23 @@ def write_container(header: Mapping[str, Any], sections: Mapping[str, bytes | me
     return b"".join(parts)
 
 
+def header_bytes(prefix: bytes | memoryview) -> int:
+    """How many leading bytes of a container hold its prefix and JSON header, from its first :data:`PREFIX_BYTES`.
+
+    For readers that fetch a container in ranges (a progressive loader reads the header, then only the sections it
+    needs). Raises :class:`FormatError` for bytes that do not start a container or a header over the limit.
+    """
+    view = memoryview(prefix).cast("B")
+    if len(view) < PREFIX_BYTES:
+        raise FormatError(f"{len(view)} bytes is too short for a kvpack container prefix (at least {PREFIX_BYTES})")
+    magic, _, _, head_len, _ = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise FormatError("not a kvpack container (bad magic bytes); was this file written by kvpack?")
+    if head_len > MAX_HEADER_BYTES:
+        raise FormatError(f"header length {head_len} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    return int(PREFIX_BYTES + head_len)
+
+
 def read_header(data: bytes | memoryview, *, prefix: bool = False) -> dict[str, Any]:
     """Parse and verify the prefix and JSON header (not the sections); raises :class:`FormatError`.
 

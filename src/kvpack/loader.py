@@ -23,27 +23,38 @@ correct, only that chunk costs compute, and the stats list it.
 Exactness: loaded chunks are bit-identical to what was stored; computed chunks are what the model computes for them
 in chunk-sized steps (as a prefix cache that stored them would hold, up to floating-point summation order).
 
-Not yet here (issue 11): quality levels per chunk (progressive byte prefixes) and planning against a TTFT target.
+Quality levels (CacheGen, Liu et al., SIGCOMM 2024, §5.3: a chunk's quality picked per chunk at load time): a loader
+serves one or more codecs, best quality first. A progressive codec (``Transform(layers=k)``) gives ``k`` levels
+without storing several copies: level ``j`` reads only the byte prefix that holds its first ``j`` layers
+(:meth:`Store.get_range`, the header first). A non-progressive codec is one level, chosen at write time
+(``ContextCache(levels=...)`` stores each chunk once per codec, under that codec's keys); the loader picks per chunk
+among the levels stored for it. :func:`choose` plans, per request: with no TTFT target, the best level, and the
+meeting point that minimizes TTFT; with ``ttft_slo=`` seconds, the best quality whose predicted TTFT meets the target,
+else the fastest plan. While loading, a chunk that arrives much later than planned (the link slowed down) makes the
+loader plan the chunks not yet taken again, with the time left and the rate it just saw.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from kvpack.codecs.base import Codec
 from kvpack.errors import KvpackError
+from kvpack.format import PREFIX_BYTES, header_bytes
 from kvpack.inference import forward, new_cache
 from kvpack.kv import KVCache
 from kvpack.spec import ModelSpec
@@ -132,6 +143,50 @@ def _short(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
+def codec_label(codec: Codec) -> str:
+    """A short readable name of a codec and the parameters it does not leave at their defaults (``kivi bits=4``),
+    for stats and tables."""
+    defaults = {f.name: f.default for f in fields(codec)}
+    return codec.name + "".join(f" {k}={v}" for k, v in codec.params().items()
+                                if v is not None and k not in ("profile", "layers") and v != defaults.get(k))
+
+
+@runtime_checkable
+class Progressive(Protocol):
+    """A codec whose containers decode from a byte prefix at lower quality (``Transform(layers=k)``)."""
+
+    layers: int
+
+    def layer_ends(self, data: bytes | memoryview) -> tuple[int, ...]: ...
+
+    def decode_prefix(self, data: bytes | memoryview, max_bytes: int | None = None, spec: ModelSpec | None = None,
+                      *, token_ids: torch.Tensor | Sequence[int] | None = None,
+                      out: KVCache | None = None) -> KVCache: ...
+
+
+@dataclass(frozen=True)
+class Level:
+    """One way to load a chunk: the entry of codec ``source`` (an index into the loader's codecs), whole
+    (``layers=None``) or only the byte prefix of its first ``layers`` progressive layers. ``name`` is shown in stats."""
+
+    source: int
+    codec: Codec
+    layers: int | None
+    name: str
+
+
+def levels_of(codecs: Sequence[Codec]) -> list[Level]:
+    """The quality levels of ``codecs`` (best quality first): each codec in order, and for a progressive one with
+    ``k`` layers its whole entry then ``k - 1, ..., 1`` layers."""
+    out = []
+    for j, codec in enumerate(codecs):
+        label = codec_label(codec)
+        k = codec.layers if isinstance(codec, Progressive) and codec.layers > 1 else 1
+        out.append(Level(j, codec, None, label if k == 1 else f"{label} {k}/{k}"))
+        out += [Level(j, codec, m, f"{label} {m}/{k}") for m in range(k - 1, 0, -1)]
+    return out
+
+
 @dataclass(frozen=True)
 class EstimateNames:
     """The names under which a loader keeps its estimates (shared by loaders of the same store, codec and model).
@@ -150,19 +205,107 @@ class EstimateNames:
 
 
 @dataclass(frozen=True)
+class Cost:
+    """Predicted seconds to fetch and to decode one chunk at one level."""
+
+    fetch_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A plan of :func:`choose` for ``n`` chunks: the front computes chunks ``[0, front)``; chunk ``i >= front`` is
+    loaded at level ``levels[i - front]``; ``seconds`` is the predicted load time (``None``: unknown costs)."""
+
+    front: int
+    levels: tuple[int, ...]
+    seconds: float | None
+    meets: bool | None
+
+
+def predict(front: int, levels: Sequence[int], costs: Sequence[Cost | None], compute_s: float | None) -> float | None:
+    """Predicted seconds to have every chunk: the link fetches the loaded chunks while the CPU computes the front and
+    decodes the loaded chunks (one CPU: on two cores prefill and decoding slow each other down), so
+    ``max(sum fetch, front * compute + sum decode)``. ``None`` if a cost is unknown."""
+    if front and compute_s is None:
+        return None
+    fetch = decode = 0.0
+    for level in levels:
+        cost = costs[level]
+        if cost is None:
+            return None
+        fetch, decode = fetch + cost.fetch_s, decode + cost.decode_s
+    return max(fetch, front * (compute_s or 0.0) + decode)
+
+
+def choose(n: int, costs: Sequence[Cost | None], compute_s: float | None, budget: float | None = None,
+           front: bool = True) -> Choice:
+    """The plan for ``n`` chunks given per-level costs (``costs[0]`` the best quality; ``None``: unknown).
+
+    Without ``budget``: every loaded chunk at level 0, and the front (if ``front``) as long as the prediction falls
+    (Cake's meeting point). With ``budget`` seconds: the plan of least quality loss (the sum of the loaded chunks' level
+    indices; a computed chunk is exact) whose prediction meets it; if none does, the fastest plan. Lower levels go to
+    the chunks loaded last (from the back, those nearest the front), so a re-plan can still lower them.
+    """
+    fronts = range(n + 1) if front and compute_s is not None else range(1)
+    if budget is None:
+        best = min(fronts, key=lambda k: (predict(k, [0] * (n - k), costs, compute_s) or float("inf"), -k))
+        seconds = predict(best, [0] * (n - best), costs, compute_s)
+        if seconds is None:  # nothing measured yet: load everything, and measure
+            return Choice(0, (0,) * n, None, None)
+        return Choice(best, (0,) * (n - best), seconds, None)
+    usable = [j for j, c in enumerate(costs) if c is not None]
+    if not usable:
+        return Choice(0, (0,) * n, None, None)
+    fits: tuple[int, float, int, tuple[int, ...]] | None = None  # (loss, seconds, front, levels)
+    fastest: tuple[float, int, int, tuple[int, ...]] | None = None  # (seconds, loss, front, levels)
+    for k in fronts:
+        m = n - k
+        for step in range(m * (len(usable) - 1) + 1):
+            q, r = divmod(step, m) if m else (0, 0)
+            lo, hi = usable[min(q + 1, len(usable) - 1)], usable[q]
+            levels = (lo,) * r + (hi,) * (m - r)
+            seconds = predict(k, levels, costs, compute_s)
+            assert seconds is not None
+            loss = sum(levels)
+            if seconds <= budget and (fits is None or (loss, seconds) < fits[:2]):
+                fits = (loss, seconds, k, levels)
+            if fastest is None or (seconds, loss) < fastest[:2]:
+                fastest = (seconds, loss, k, levels)
+            if seconds <= budget:
+                break  # further steps only lose quality
+    if fits is not None:
+        return Choice(fits[2], fits[3], fits[1], True)
+    assert fastest is not None
+    return Choice(fastest[2], fastest[3], fastest[0], False)
+
+
+@dataclass(frozen=True)
 class Plan:
-    """What the loader decided for ``chunks`` stored chunks, and the predictions it decided on (seconds)."""
+    """What the loader decided for ``chunks`` stored chunks, and the predictions it decided on (seconds).
+
+    ``levels``: per chunk, the planned level's name or ``"compute"``; ``ttft_slo``: the target, if any;
+    ``predicted_ttft_s``: predicted load plus the rest of the prompt; ``meets_slo``: whether the prediction meets it.
+    """
 
     chunks: int
     compute_front: bool
     predicted_load_s: float | None
     predicted_chunk_compute_s: float | None
+    levels: tuple[str, ...] = ()
+    ttft_slo: float | None = None
+    predicted_ttft_s: float | None = None
+    meets_slo: bool | None = None
 
 
 @dataclass
 class LoadReport:
     """What a load did: chunks loaded (from the back) and computed (from the front), the chunks that failed to
-    load (computed instead), bytes read, time per activity (overlapping) and the estimates after the load."""
+    load (computed instead), bytes read, time per activity (overlapping) and the estimates after the load.
+
+    ``chunk_levels``: per chunk, the level it was loaded at or ``"computed"``; ``replans``: how often the loader
+    planned the remaining chunks again because one arrived later than planned.
+    """
 
     plan: Plan | None = None
     chunks_loaded: int = 0
@@ -173,68 +316,134 @@ class LoadReport:
     decode_s: float = 0.0
     compute_s: float = 0.0
     wall_s: float = 0.0
+    chunk_levels: list[str] = field(default_factory=list)
+    replans: int = 0
     estimates: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def chunks_by_level(self) -> dict[str, int]:
+        """How many chunks each level (or ``"computed"``) gave."""
+        return dict(Counter(self.chunk_levels))
+
+
+#: A chunk that arrives this many times later than planned makes the loader plan the rest again.
+REPLAN_FACTOR = 1.5
+#: Bytes read first from a progressive entry whose level size is not estimated yet (the header and more).
+HEADER_PROBE_BYTES = 16384
 
 
 class Loader:
-    """Loads the stored leading chunks of a prompt for one model, store and codec (see the module docstring).
+    """Loads the stored leading chunks of a prompt for one model and store, at the quality levels of ``codec`` (one
+    codec, or several best first; see the module docstring).
 
     ``keys(ids)`` gives the chained chunk keys of ``ids``; one Loader serves concurrent requests.
     """
 
-    def __init__(self, model: Any, spec: ModelSpec, store: Store, codec: Codec, chunk_tokens: int,
+    def __init__(self, model: Any, spec: ModelSpec, store: Store, codec: Codec | Sequence[Codec], chunk_tokens: int,
                  config: LoaderConfig | None = None) -> None:
-        self.model, self.spec, self.store, self.codec = model, spec, store, codec
+        self.codecs = (codec,) if isinstance(codec, Codec) else tuple(codec)
+        if not self.codecs:
+            raise ValueError("a loader needs at least one codec")
+        self.model, self.spec, self.store, self.codec = model, spec, store, self.codecs[0]
         self.chunk_tokens = chunk_tokens
         self.config = config or LoaderConfig()
         path = self.config.estimates_path
         resolved = default_cache_dir() / ESTIMATES_FILE if path is None else (Path(path) if path else None)
         self.estimates = Estimates(resolved, self.config.ewma)
-        self.names = EstimateNames(fetch=f"fetch_Bps/{_short(repr(store))}",
-                                   chunk_bytes=f"chunk_bytes/{_short(codec.codec_id)}/{chunk_tokens}",
-                                   decode=f"decode_Bps/{_short(codec.codec_id)}",
-                                   prefill=f"prefill_tps/{spec.fingerprint[:16]}")
+        self.levels = levels_of(self.codecs)
+        self.level_names = [self._names(level) for level in self.levels]
+        self.names = self.level_names[0]
+        self.tail_name = f"tail_s/{spec.fingerprint[:16]}"
+
+    def _names(self, level: Level) -> EstimateNames:
+        part = "" if level.layers is None else f"/{level.layers}"
+        cid = _short(level.codec.codec_id)
+        return EstimateNames(fetch=f"fetch_Bps/{_short(repr(self.store))}",
+                             chunk_bytes=f"chunk_bytes/{cid}/{self.chunk_tokens}{part}",
+                             decode=f"decode_Bps/{cid}{part}",
+                             prefill=f"prefill_tps/{self.spec.fingerprint[:16]}")
 
     # ------------------------------------------------------------------------------------------------- planning
-    def plan(self, chunks: int) -> Plan:
-        """Whether to compute from the front for ``chunks`` stored chunks, from the current estimates."""
-        est = self.estimates
-        fetch, size, dec, tps = (est.get(n) for n in self.names.all())
+    def costs(self, fetch_scale: float = 1.0) -> list[Cost | None]:
+        """Per level, the predicted seconds to fetch and decode one chunk (``None`` where the stored size or the
+        fetch rate is unknown). A level never decoded yet is predicted at the slowest decode rate known (a
+        progressive prefix decodes no slower than its whole entry), so it can be chosen, and measured.
+        ``fetch_scale`` multiplies fetch times (a re-plan's observed slow-down)."""
         fp16 = 2 * self.chunk_tokens * self.spec.elements_per_token
-        load = None
-        if fetch and size and dec:
-            load = chunks * max(size / fetch, fp16 / dec)  # fetch and decode overlap: the slower one sets the pace
+        rates = [self.estimates.get(n.decode) for n in self.level_names]
+        known = [r for r in rates if r]
+        out: list[Cost | None] = []
+        for names, rate in zip(self.level_names, rates, strict=True):
+            fetch, size = self.estimates.get(names.fetch), self.estimates.get(names.chunk_bytes)
+            dec = rate or (min(known) if known else None)
+            out.append(Cost(fetch_scale * size / fetch, fp16 / dec) if fetch and size and dec else None)
+        return out
+
+    def tail_estimate(self, tokens: int) -> float:
+        """Predicted seconds from the end of the load to the first token, for a prompt rest of ``tokens`` tokens."""
+        tps = self.estimates.get(self.names.prefill)
+        if tokens < self.chunk_tokens:
+            return self.estimates.get(self.tail_name) or (tokens / tps if tps else 0.0)
+        return tokens / tps if tps else 0.0
+
+    def plan(self, chunks: int, ttft_slo: float | None = None, tail_tokens: int = 0) -> Plan:
+        """The plan for ``chunks`` stored chunks from the current estimates: meeting point and level per chunk."""
+        tps = self.estimates.get(self.names.prefill)
         compute = self.chunk_tokens / tps if tps else None
-        front = self.config.compute_front and load is not None and compute is not None and load > compute
-        return Plan(chunks=chunks, compute_front=front, predicted_load_s=load, predicted_chunk_compute_s=compute)
+        tail = self.tail_estimate(tail_tokens)
+        budget = None if ttft_slo is None else ttft_slo - tail
+        c = choose(chunks, self.costs(), compute, budget, self.config.compute_front)
+        names = ("compute",) * c.front + tuple(self.levels[j].name for j in c.levels)
+        if budget is None and c.front == 1 and c.seconds is not None:  # computing one chunk only races the decoder
+            c = Choice(0, (0,) * chunks, predict(0, [0] * chunks, self.costs(), compute), None)
+            names = (self.levels[0].name,) * chunks
+        return Plan(chunks=chunks, compute_front=c.front > 0, predicted_load_s=c.seconds,
+                    predicted_chunk_compute_s=compute, levels=names, ttft_slo=ttft_slo,
+                    predicted_ttft_s=None if c.seconds is None else c.seconds + tail, meets_slo=c.meets)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """Record a prefill of ``tokens`` tokens that took ``seconds`` (ContextCache reports its tail prefills).
 
         Only prefills of at least one chunk count: a short tail is dominated by per-call overhead and would make
-        computing a chunk look several times slower than it is.
+        computing a chunk look several times slower than it is; a short one is kept as the tail estimate.
         """
         if tokens >= self.chunk_tokens and seconds > 0:
             self.estimates.update(self.names.prefill, tokens / seconds)
+        elif tokens > 0 and seconds > 0:
+            self.estimates.update(self.tail_name, seconds)
+
+    def observe_stored(self, source: int, nbytes: int) -> None:
+        """Record that a chunk of codec ``source`` was stored in ``nbytes`` bytes (so its level can be planned
+        before it was ever read)."""
+        for level, names in zip(self.levels, self.level_names, strict=True):
+            if level.source == source and level.layers is None:
+                self.estimates.update(names.chunk_bytes, nbytes)
 
     # -------------------------------------------------------------------------------------------------- loading
-    def load(self, ids: torch.Tensor, keys: list[str], chunks: int,
+    def load(self, ids: torch.Tensor, keys: list[str] | list[list[str]], chunks: int, *,
+             stored: list[list[bool]] | None = None, ttft_slo: float | None = None, tail_tokens: int = 0,
              on_chunk: Callable[[str, int], None] | None = None) -> tuple[KVCache, LoadReport]:
-        """The KV of the first ``chunks`` chunks of ``ids`` (whose keys are ``keys[:chunks]``), loaded or computed.
+        """The KV of the first ``chunks`` chunks of ``ids``, loaded or computed.
 
-        ``on_chunk(kind, index)`` (kind ``"loaded"`` or ``"computed"``) is called as each chunk is done.
+        ``keys``: the chunk keys of ``ids`` (one list per codec when the loader has several); ``stored[j][i]``:
+        whether codec ``j`` has chunk ``i`` (default: every codec has every chunk). ``ttft_slo``: a TTFT target in
+        seconds (``tail_tokens``: prompt tokens after the chunks, prefilled after the load). ``on_chunk(kind,
+        index)`` (kind ``"loaded"`` or ``"computed"``) is called as each chunk is done.
         """
         c = self.chunk_tokens
-        report = LoadReport(plan=self.plan(chunks))
+        per_codec = [keys] if not keys or isinstance(keys[0], str) else keys
+        assert len(per_codec) == len(self.codecs), "one key list per codec"
+        report = LoadReport(plan=self.plan(chunks, ttft_slo, tail_tokens))
         assert report.plan is not None
+        report.chunk_levels = ["computed"] * chunks
         kv = KVCache.empty(self.spec, chunks * c)
         kv.token_ids = ids[: chunks * c].clone()
+        state = _Request(self, per_codec, stored, report, ttft_slo, tail_tokens)  # type: ignore[arg-type]
         claim = _Claims(chunks)
         loaded: set[int] = set()
         errors: list[BaseException] = []
-        start = time.perf_counter()
-        loader = threading.Thread(target=self._load_back, args=(ids, keys, kv, claim, report, loaded, errors,
-                                                                on_chunk), name="kvpack-load", daemon=True)
+        loader = threading.Thread(target=self._load_back, args=(ids, state, kv, claim, loaded, errors, on_chunk),
+                                  name="kvpack-load", daemon=True)
         loader.start()
         try:
             front = self._compute_front(ids, claim, report, on_chunk, eager=report.plan.compute_front)
@@ -249,9 +458,11 @@ class Loader:
         assert holes == sorted(report.failed_chunks), (holes, report.failed_chunks)
         for hole in holes:  # on top of everything before it, now complete
             self._fill(ids, kv, hole, report)
-        report.wall_s = time.perf_counter() - start
+            report.chunk_levels[hole] = "computed"
+        report.wall_s = time.perf_counter() - state.start
         self.estimates.save()
-        report.estimates = {n: self.estimates.get(n) for n in self.names.all()}
+        report.estimates = {n: self.estimates.get(n) for names in self.level_names for n in names.all()} \
+            | {self.tail_name: self.estimates.get(self.tail_name)}
         return kv, report
 
     def _compute_front(self, ids: torch.Tensor, claim: _Claims, report: LoadReport,
@@ -283,50 +494,103 @@ class Loader:
         report.compute_s += time.perf_counter() - t0
         report.chunks_computed += 1
 
-    def _load_back(self, ids: torch.Tensor, keys: list[str], kv: KVCache, claim: _Claims, report: LoadReport,
-                   loaded: set[int], errors: list[BaseException], on_chunk: Callable[[str, int], None] | None) -> None:
+    def _load_back(self, ids: torch.Tensor, state: _Request, kv: KVCache, claim: _Claims, loaded: set[int],
+                   errors: list[BaseException], on_chunk: Callable[[str, int], None] | None) -> None:
         """Fetch (I/O thread, ``prefetch`` ahead) and decode chunks from the back until the front is reached.
 
         Adds each chunk decoded into ``kv`` to ``loaded``; an unexpected exception goes to ``errors``.
         """
+        report = state.report
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpack-fetch") as io:
-                pending: dict[int, Future[tuple[bytes | None, float]]] = {}
+                pending: dict[int, tuple[int, Future[tuple[bytes | None, float]]]] = {}
                 while (i := claim.take_back()) is not None:
                     for k in range(i, max(-1, i - self.config.prefetch), -1):  # read ahead, towards the front
                         if k not in pending and claim.may_prefetch(k):
-                            pending[k] = io.submit(self._fetch, keys[k])
-                    blob, seconds = pending.pop(i).result() if i in pending else self._fetch(keys[i])
+                            level = state.level(k)
+                            pending[k] = (level, io.submit(self._fetch, level, state.key(level, k)))
+                    level, future = pending.pop(i)
+                    blob, seconds = future.result()
                     report.fetch_s += seconds
-                    if blob is None or not self._decode(blob, ids, kv, i, report):
+                    if blob is not None and state.level(i) > level:  # re-planned lower since: fewer layers
+                        level, blob = state.narrow(level, blob, state.level(i))
+                    if blob is None or not self._decode(level, blob, ids, kv, i, report):
                         report.failed_chunks.append(i)
                         continue
                     loaded.add(i)
                     report.bytes_read += len(blob)
                     report.chunks_loaded += 1
+                    report.chunk_levels[i] = self.levels[level].name
                     if on_chunk is not None:
                         on_chunk("loaded", i)
-                for future in pending.values():
+                    state.check(level, seconds, claim)
+                for _, future in pending.values():
                     future.cancel()
         except BaseException as exc:  # re-raised by the caller after join
             errors.append(exc)
         finally:
             claim.loader_done()
 
-    def _fetch(self, key: str) -> tuple[bytes | None, float]:
+    def _fetch(self, level: int, key: str) -> tuple[bytes | None, float]:
+        """The bytes of ``key`` that ``level`` needs (the whole verified entry, or a progressive prefix)."""
         t0 = time.perf_counter()
-        blob = self.store.get(key)
+        lv = self.levels[level]
+        blob = self.store.get(key) if lv.layers is None else self._fetch_prefix(level, key)
         seconds = time.perf_counter() - t0
         if blob is not None:
-            self.estimates.update(self.names.fetch, len(blob) / max(seconds, 1e-9))
-            self.estimates.update(self.names.chunk_bytes, len(blob))
+            self.estimates.update(self.level_names[level].fetch, len(blob) / max(seconds, 1e-9))
+            if lv.layers is None:
+                self.estimates.update(self.level_names[level].chunk_bytes, len(blob))
+                if isinstance(lv.codec, Progressive) and lv.codec.layers > 1:
+                    with contextlib.suppress(KvpackError):  # a bad header: the decoder reports it
+                        self._observe_sizes(lv.source, lv.codec.layer_ends(blob))
         return blob, seconds
 
-    def _decode(self, blob: bytes, ids: torch.Tensor, kv: KVCache, i: int, report: LoadReport) -> bool:
-        c = self.chunk_tokens
-        t0 = time.perf_counter()
+    def _observe_sizes(self, source: int, ends: tuple[int, ...]) -> None:
+        """One progressive header gives the size of every level of its codec: record them."""
+        for other, names in zip(self.levels, self.level_names, strict=True):
+            if other.source == source and other.layers is not None:
+                self.estimates.update(names.chunk_bytes, ends[min(other.layers, len(ends)) - 1])
+
+    def _fetch_prefix(self, level: int, key: str) -> bytes | None:
+        """The first ``layers`` progressive layers of ``key``'s entry, by range reads: as many bytes as the level
+        is estimated to need (at least the header), then what is still missing. ``None`` on a miss or a bad header.
+        """
+        lv = self.levels[level]
+        assert isinstance(lv.codec, Progressive) and lv.layers is not None
+        guess = self.estimates.get(self.level_names[level].chunk_bytes)
+        head = self.store.get_range(key, 0, int(guess * 1.02) + 64 if guess else HEADER_PROBE_BYTES)
         try:
-            part = self.codec.decode(blob, self.spec, token_ids=ids[i * c : (i + 1) * c], out=kv[i * c : (i + 1) * c])
+            if head is None or len(head) < PREFIX_BYTES:
+                return None
+            if len(head) < (need := header_bytes(head)):
+                more = self.store.get_range(key, len(head), need)
+                head = None if more is None else head + more
+                if head is None:
+                    return None
+            ends = lv.codec.layer_ends(head)
+        except KvpackError:
+            return None
+        self._observe_sizes(lv.source, ends)
+        need = ends[min(lv.layers, len(ends)) - 1]
+        if len(head) < need:
+            more = self.store.get_range(key, len(head), need)
+            if more is None:
+                return None
+            head += more
+        return head[:need] if len(head) >= need else None
+
+    def _decode(self, level: int, blob: bytes, ids: torch.Tensor, kv: KVCache, i: int, report: LoadReport) -> bool:
+        c = self.chunk_tokens
+        lv = self.levels[level]
+        t0 = time.perf_counter()
+        token_ids, out = ids[i * c : (i + 1) * c], kv[i * c : (i + 1) * c]
+        try:
+            if lv.layers is None:
+                part = lv.codec.decode(blob, self.spec, token_ids=token_ids, out=out)
+            else:
+                assert isinstance(lv.codec, Progressive)
+                part = lv.codec.decode_prefix(blob, spec=self.spec, token_ids=token_ids, out=out)
         except KvpackError as exc:
             warnings.warn(f"kvpack: chunk {i} could not be decoded ({exc}); computing it instead", stacklevel=2)
             return False
@@ -334,10 +598,72 @@ class Loader:
         report.decode_s += seconds
         if int(part.positions[0]) != i * c:  # stored for other positions: not this prefix
             return False
-        self.estimates.update(self.names.decode, 2 * part.num_tokens * self.spec.elements_per_token / seconds)
+        self.estimates.update(self.level_names[level].decode, 2 * part.num_tokens * self.spec.elements_per_token
+                              / seconds)
         return True
 
 
+class _Request:
+    """One load's levels per chunk, what is stored, and re-planning (used by the loader thread only)."""
+
+    def __init__(self, loader: Loader, keys: list[list[str]], stored: list[list[bool]] | None, report: LoadReport,
+                 ttft_slo: float | None, tail_tokens: int) -> None:
+        self.loader, self.keys, self.report = loader, keys, report
+        self.start = time.perf_counter()
+        n = len(report.chunk_levels)
+        self.stored = stored if stored is not None else [[True] * n for _ in keys]
+        self.budget = None if ttft_slo is None else ttft_slo - loader.tail_estimate(tail_tokens)
+        assert report.plan is not None
+        byname = {lv.name: j for j, lv in enumerate(loader.levels)}
+        self.planned = [byname.get(name, 0) for name in report.plan.levels][:n]
+        self.planned += [0] * (n - len(self.planned))  # a plan without levels: the best one
+        self.costs = loader.costs()
+
+    def level(self, i: int) -> int:
+        """The level to read chunk ``i`` at: the planned one if its codec has the chunk, else the nearest stored
+        (a better one first)."""
+        levels = self.loader.levels
+        want = self.planned[i]
+        order = list(range(want, -1, -1)) + list(range(want + 1, len(levels)))
+        return next((j for j in order if self.stored[levels[j].source][i]), want)
+
+    def key(self, level: int, i: int) -> str:
+        return self.keys[self.loader.levels[level].source][i]
+
+    def narrow(self, level: int, blob: bytes, new_level: int) -> tuple[int, bytes]:
+        """A blob fetched for ``level`` when its chunk has since been re-planned to ``new_level``: a progressive
+        prefix is cut to the new level's layers if that needs fewer bytes; anything else stays at ``level``."""
+        levels = self.loader.levels
+        new, old = levels[new_level], levels[level]
+        if new.source != old.source or new.layers is None or not isinstance(new.codec, Progressive):
+            return level, blob
+        try:
+            ends = new.codec.layer_ends(blob)
+        except KvpackError:
+            return level, blob
+        need = ends[min(new.layers, len(ends)) - 1]
+        return (new_level, blob[:need]) if need <= len(blob) else (level, blob)
+
+    def check(self, level: int, seconds: float, claim: _Claims) -> None:
+        """After a chunk arrived in ``seconds`` at ``level``: if that is :data:`REPLAN_FACTOR` times the plan's
+        fetch time or more (under a TTFT target), plan the chunks not taken yet again, with the time left and the
+        fetch times scaled by what was just seen."""
+        cost = self.costs[level]
+        if self.budget is None or cost is None or seconds <= REPLAN_FACTOR * cost.fetch_s:
+            return
+        scale = seconds / cost.fetch_s
+        self.costs = [None if c is None else Cost(c.fetch_s * scale, c.decode_s) for c in self.costs]
+        first, last = claim.open_range()
+        if last < first:
+            return
+        loader = self.loader
+        tps = loader.estimates.get(loader.names.prefill)
+        compute = loader.chunk_tokens / tps if tps else None
+        left = self.budget - (time.perf_counter() - self.start)
+        c = choose(last - first + 1, self.costs, compute, left, loader.config.compute_front)
+        for offset, j in enumerate(c.levels):
+            self.planned[first + c.front + offset] = j
+        self.report.replans += 1
 class _Claims:
     """Which chunks the front (computing, ascending) and the back (loading, descending) have taken; thread-safe.
 
@@ -378,6 +704,11 @@ class _Claims:
         with self._cond:
             self._loader_running = False
             self._cond.notify_all()
+
+    def open_range(self) -> tuple[int, int]:
+        """The chunks no side has taken yet, ``[first, last]`` (empty when ``last < first``)."""
+        with self._cond:
+            return self.front, self.back
 
     def wait_loader(self) -> None:
         with self._cond:

@@ -17,6 +17,7 @@ serve people who call ``model.generate`` themselves::
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,10 @@ class RequestStats:
     the store and ``chunks_computed`` were prefilled from the front while the rest loaded (:mod:`kvpack.loader`);
     ``failed_chunks`` lists those whose entry could not be read or decoded (computed instead, and re-stored).
     ``load_s`` is the wall time of the whole load; ``fetch_s``, ``decode_s``, ``compute_s`` the time spent in each
-    activity (they overlap, so they may add up to more). ``plan`` is what the loader decided and the estimates it
-    decided on.
+    activity (they overlap, so they may add up to more: :attr:`overlap_s`). ``plan`` is what the loader decided and
+    the predictions it decided on; ``chunk_levels`` what each chunk became (its quality level's name, or
+    ``"computed"``), ``chunks_by_level`` the count per level; ``replans`` how often chunks arriving later than planned
+    made the loader plan the rest again; ``estimates`` the loader's estimates after the load.
     """
 
     prompt_tokens: int = 0
@@ -63,14 +66,30 @@ class RequestStats:
     ttft_s: float = 0.0
     chunks_written: int = 0
     plan: Plan | None = None
+    chunk_levels: list[str] = field(default_factory=list)
+    replans: int = 0
+    estimates: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def chunks_by_level(self) -> dict[str, int]:
+        """How many of the stored chunks each quality level (or ``"computed"``) gave."""
+        return dict(Counter(self.chunk_levels))
+
+    @property
+    def overlap_s(self) -> float:
+        """Seconds the fetch, decode and compute activities ran at the same time (their sum beyond the load's wall
+        time; 0 when they ran one after another)."""
+        return max(0.0, self.fetch_s + self.decode_s + self.compute_s - self.load_s)
 
 
 @dataclass
 class PrefixStore:
     """A model, a store and a codec bound together: chunk keys, batched lookup, loading (:class:`Loader`), saving.
 
-    ``store`` is a :class:`~kvpack.store.Store` or a URL; ``codec`` an instance or a registered name. ``namespace``
-    isolates tenants: nothing written under one namespace is found under another. Thread-safe when the store is.
+    ``store`` is a :class:`~kvpack.store.Store` or a URL; ``codec`` an instance or a registered name. ``levels``:
+    more codecs (lower quality, best first) each chunk is also stored with, under that codec's keys, for the loader to
+    choose from per chunk (:mod:`kvpack.loader`). ``namespace`` isolates tenants: nothing written under one namespace
+    is found under another. Thread-safe when the store is.
     """
 
     store: Store | str
@@ -80,19 +99,25 @@ class PrefixStore:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     namespace: str = "default"
     loader_config: LoaderConfig | None = None
+    levels: Sequence[Codec | str] = ()
     keys: KeySpace = field(init=False)
     loader: Loader = field(init=False)
+    codecs: tuple[Codec, ...] = field(init=False)
+    spaces: tuple[KeySpace, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
         if isinstance(self.store, str):
             self.store = open_store(self.store)
-        if isinstance(self.codec, str):
-            self.codec = codecs.get(self.codec)
-        self.keys = KeySpace(namespace=self.namespace, model_fingerprint=self.spec.fingerprint,
-                             codec_id=self.codec.codec_id, chunk_tokens=self.chunk_tokens)
-        self.loader = Loader(self.model, self.spec, self.store, self.codec, self.chunk_tokens, self.loader_config)
+        self.codecs = tuple(codecs.get(c) if isinstance(c, str) else c for c in (self.codec, *self.levels))
+        self.codec = self.codecs[0]
+        if len({c.codec_id for c in self.codecs}) < len(self.codecs):
+            raise ValueError("the codec and the levels must be different codecs (or parameters)")
+        self.spaces = tuple(KeySpace(namespace=self.namespace, model_fingerprint=self.spec.fingerprint,
+                                     codec_id=c.codec_id, chunk_tokens=self.chunk_tokens) for c in self.codecs)
+        self.keys = self.spaces[0]
+        self.loader = Loader(self.model, self.spec, self.store, self.codecs, self.chunk_tokens, self.loader_config)
 
     @property
     def backend(self) -> Store:
@@ -104,29 +129,38 @@ class PrefixStore:
         assert isinstance(self.codec, Codec)
         return self.codec
 
-    def _stored_run(self, keys: list[str]) -> int:
-        found = self.backend.exists_many(keys)
-        return next((i for i, ok in enumerate(found) if not ok), len(found))
+    def _stored(self, ids: torch.Tensor) -> tuple[list[list[str]], list[list[bool]], int]:
+        """Keys per codec, which exist (one batched question to the store), and the leading run of chunks that
+        exist at some level."""
+        keys = [space.keys(ids) for space in self.spaces]
+        n = len(keys[0])
+        found = self.backend.exists_many([k for ks in keys for k in ks]) if n else []
+        stored = [found[j * n : (j + 1) * n] for j in range(len(keys))]
+        run = next((i for i in range(n) if not any(s[i] for s in stored)), n)
+        return keys, stored, run
 
     def lookup(self, ids: torch.Tensor) -> int:
-        """How many leading tokens of ``ids`` are stored (whole chunks), asking the store once."""
-        return self._stored_run(self.keys.keys(ids)) * self.chunk_tokens
+        """How many leading tokens of ``ids`` are stored (whole chunks, at any level), asking the store once."""
+        return self._stored(ids)[2] * self.chunk_tokens
 
-    def load(self, ids: torch.Tensor, stats: RequestStats) -> KVCache | None:
+    def load(self, ids: torch.Tensor, stats: RequestStats, ttft_slo: float | None = None,
+             after: int = 0) -> KVCache | None:
         """The KV of the longest stored run of leading full chunks of ``ids``, in one buffer; fills ``stats``.
 
-        Chunks that fail to load are computed instead, so the result is always the prefix's KV.
+        Chunks that fail to load are computed instead, so the result is always the prefix's KV. ``ttft_slo``: a TTFT
+        target (:meth:`Loader.load`); ``after``: prompt tokens that follow ``ids`` (prefilled after the load too).
         """
-        keys = self.keys.keys(ids)
-        chunks = self._stored_run(keys) if keys else 0
+        keys, stored, chunks = self._stored(ids)
         if chunks == 0:
             return None
-        kv, report = self.loader.load(ids, keys, chunks)
+        kv, report = self.loader.load(ids, keys, chunks, stored=stored, ttft_slo=ttft_slo,
+                                       tail_tokens=len(ids) + after - chunks * self.chunk_tokens)
         stats.chunks_hit, stats.tokens_hit = chunks, chunks * self.chunk_tokens
         stats.chunks_loaded, stats.chunks_computed = report.chunks_loaded, report.chunks_computed
         stats.failed_chunks, stats.bytes_read, stats.plan = report.failed_chunks, report.bytes_read, report.plan
         stats.load_s, stats.fetch_s, stats.decode_s, stats.compute_s = (report.wall_s, report.fetch_s,
                                                                         report.decode_s, report.compute_s)
+        stats.chunk_levels, stats.replans, stats.estimates = report.chunk_levels, report.replans, report.estimates
         return kv
 
     def chunk_span(self, ids: torch.Tensor, tokens_hit: int) -> tuple[int, int]:
@@ -135,15 +169,20 @@ class PrefixStore:
         return tokens_hit, max(tokens_hit, full)
 
     def save(self, kv: KVCache, ids: torch.Tensor) -> int:
-        """Encode and store the full chunks of ``kv`` (tokens ``[kv.positions[0], ...)`` of ``ids``); how many."""
+        """Encode and store the full chunks of ``kv`` (tokens ``[kv.positions[0], ...)`` of ``ids``) with the codec and
+        each level; how many chunks."""
         start = int(kv.positions[0]) if kv.num_tokens else 0
         if start % self.chunk_tokens:
             raise ValueError(f"chunks start at multiples of {self.chunk_tokens} tokens, not at {start}")
         stop = start + kv.num_tokens // self.chunk_tokens * self.chunk_tokens
-        keys = self.keys.keys(ids[:stop])[start // self.chunk_tokens :]
-        for key, part in zip(keys, kv[: stop - start].chunks(self.chunk_tokens), strict=True):
-            self.backend.put(key, self.the_codec.encode(part))
-        return len(keys)
+        parts = list(kv[: stop - start].chunks(self.chunk_tokens))
+        for j, (codec, space) in enumerate(zip(self.codecs, self.spaces, strict=True)):
+            keys = space.keys(ids[:stop])[start // self.chunk_tokens :]
+            for key, part in zip(keys, parts, strict=True):
+                blob = codec.encode(part)
+                self.backend.put(key, blob)
+                self.loader.observe_stored(j, len(blob))
+        return len(parts)
 
 
 def spec_for(model: Any, tokenizer: Any = None) -> ModelSpec:

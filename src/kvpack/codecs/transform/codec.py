@@ -375,12 +375,41 @@ class Transform(CalibratedCodec[TransformProfile]):
         tensors = [t.view(shape) for t in flat.split(per)] if per else [flat.view(shape)] * n
         return tensors[0::2], tensors[1::2]
 
+    def layer_ends(self, data: bytes | memoryview) -> tuple[int, ...]:
+        """The byte counts that hold the first ``1, 2, ..., layers`` progressive layers of a container.
+
+        ``data`` is a prefix of the container that holds its whole header (:func:`kvpack.format.header_bytes` says how
+        long that is). Reading ``layer_ends(...)[k - 1]`` bytes and passing them to :meth:`decode_prefix` decodes
+        exactly ``k`` layers: a progressive loader uses it to pick a quality level per chunk (issue 11, the loader).
+        """
+        header = read_header(memoryview(data).cast("B"), prefix=True)
+        head_len = struct.unpack_from("<I", data, 12)[0]  # verified by read_header
+        table = header.get("sections")
+        meta = header.get("meta")
+        if not isinstance(table, list) or not isinstance(meta, dict):
+            raise FormatError("header has no valid section table")
+        layers = json_int(meta.get("layers"), "transform meta layers", 1, 8)
+        ends: dict[str, int] = {}
+        for entry in table:
+            off, length, name = (entry.get("offset"), entry.get("length"), entry.get("name")) \
+                if isinstance(entry, dict) else (None, None, None)
+            if not (isinstance(off, int) and isinstance(length, int) and isinstance(name, str)) or off < 0 \
+                    or length < 0:
+                raise FormatError(f"section {name!r} has a bad table entry")
+            ends[name] = PREFIX_BYTES + head_len + off + length
+        try:
+            return tuple(ends[f"i{k}"] for k in range(layers))
+        except KeyError as exc:
+            raise FormatError(f"section {exc} of a progressive layer is missing from the table") from None
+
     def decode_prefix(self, data: bytes | memoryview, max_bytes: int | None = None,
-                      spec: ModelSpec | None = None) -> KVCache:
+                      spec: ModelSpec | None = None, *, token_ids: torch.Tensor | Sequence[int] | None = None,
+                      out: KVCache | None = None) -> KVCache:
         """Decode from the first ``max_bytes`` bytes of a container (all of ``data`` if ``None``).
 
         Complete progressive layers in the prefix are decoded; later ones count as zero (lower quality). The prefix
-        must hold the header, the positions and the sinks; every section used is checksum-verified.
+        must hold the header, the positions and the sinks; every section used is checksum-verified. ``token_ids``
+        and ``out`` as in :meth:`~kvpack.codecs.base.Codec.decode`.
         """
         view = memoryview(data).cast("B")
         view = view[: len(view) if max_bytes is None else max_bytes]
@@ -412,7 +441,7 @@ class Transform(CalibratedCodec[TransformProfile]):
             raise CodecError("container was not written by this codec with these parameters")
         if "sinks" not in sections:
             raise FormatError("prefix does not reach the sink section; read more bytes")
-        return self._decode_container(_Partial(header=header, sections=sections), spec, None, None)
+        return self._decode_container(_Partial(header=header, sections=sections), spec, token_ids, out)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
