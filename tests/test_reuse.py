@@ -20,8 +20,9 @@ from kvpack.errors import UnsupportedModelError
 from kvpack.inference import forward, new_cache, prefill
 from kvpack.kv import KVCache
 from kvpack.loader import LoaderConfig
-from kvpack.reuse import Blend, Epic, PolicyError, Prompt, Segment, SegmentStats, policies, recompute
+from kvpack.reuse import Blend, Epic, PolicyError, Prompt, Prophet, Segment, SegmentStats, policies, recompute
 from kvpack.reuse.edits import Edit, decode_version, encode_version
+from kvpack.reuse.policies.prophet import query_attention
 from kvpack.spec import ModelSpec
 from kvpack.store import MemoryStore
 from test_families import FAMILIES, tiny
@@ -118,7 +119,8 @@ def test_early_stop_returns_the_first_layers_of_the_full_pass(model32: tuple[str
 
 # --------------------------------------------------------------------------------------------------- policies
 @pytest.mark.parametrize("policy", [policies.NoRepair(), Epic(k=3), Blend(ratio=0.25, layer=1),
-                                    Blend(ratio=1.0, layer=0)], ids=str)
+                                    Blend(ratio=1.0, layer=0), Prophet(ratio=0.25), Prophet(ratio=1.0, depth=0.0)],
+                         ids=str)
 def test_policy_recomputes_exactly_the_tokens_it_selects(model32: tuple[str, Any, ModelSpec],
                                                          policy: policies.RepairPolicy) -> None:
     _, model, spec = model32
@@ -141,6 +143,14 @@ def test_policy_recomputes_exactly_the_tokens_it_selects(model32: tuple[str, Any
         picked = torch.isin(moved, chosen)
         if 0 < chosen.numel() < moved.numel():
             assert deviation[picked].min() >= deviation[~picked].max()
+    if isinstance(policy, Prophet):  # the query's attention at its layer ranks the picked tokens first
+        assert chosen.numel() == round(policy.ratio * moved.numel())
+        layer = round(policy.depth * (spec.num_layers - 1))
+        attention = query_attention(model, loaded, QUESTION, layer, policy.query_tokens)  # a distribution over kv
+        assert attention.shape == (loaded.num_tokens,) and torch.allclose(attention.sum(), torch.tensor(1.0))
+        scores, picked = attention[moved], torch.isin(moved, chosen)
+        if 0 < chosen.numel() < moved.numel():
+            assert scores[picked].min() >= scores[~picked].max()
     kept = torch.ones(kv.num_tokens, dtype=torch.bool)
     kept[chosen] = False
     assert torch.equal(kv.data[:, :, :, kept], loaded.data[:, :, :, kept])  # everything else is what was loaded
@@ -414,10 +424,16 @@ def test_invalid_prompts_and_policies_raise_typed_errors() -> None:
     with pytest.raises(PolicyError, match="k must"):
         policies.get("epic", k="-1")
     assert policies.get("blend", ratio="0.2", layer="2") == Blend(0.2, 2)
-    assert policies.available() == ["blend", "epic", "full", "none"]
+    assert policies.available() == ["blend", "epic", "full", "none", "prophet"]
+    with pytest.raises(PolicyError, match="depth"):
+        policies.get("prophet", depth="2")
+    with pytest.raises(PolicyError, match="query_tokens"):
+        Prophet(query_tokens=0)
     model = tiny("llama", torch.float32)
     with context_cache(model, ModelSpec.from_model(model)) as cc, pytest.raises(PolicyError, match=r"layers 0\.\.3"):
         cc.segments.assemble(rag(Blend(layer=4)))
+    with context_cache(model, ModelSpec.from_model(model)) as cc, pytest.raises(PolicyError, match="query"):
+        cc.segments.assemble(Prompt([SYSTEM, DOC_A, DOC_B], repair=Prophet()))  # no uncached tail to ask with
 
 
 # ------------------------------------------------------------------------------------------- real model quality
@@ -428,6 +444,7 @@ QUALITY: dict[str, tuple[policies.RepairPolicy, float, float]] = {
     "none": (policies.NoRepair(), 0.0623, 0.075),
     "epic": (Epic(k=16), 0.0445, 0.055),
     "blend": (Blend(ratio=0.15, layer=1), 0.0312, 0.040),
+    "prophet": (Prophet(ratio=0.15), 0.0312, 0.040),
     "full": (policies.FullRecompute(), 0.0, 0.0),
 }
 

@@ -214,7 +214,8 @@ class SegmentReuse:
                          if u.moved and min(u.stop, limit) > max(u.start, hit))
         stats.tokens_moved, stats.tokens_edited = candidates.numel(), required.numel()
         t0 = time.perf_counter()
-        job = RepairJob(model=self.prefixes.model, kv=kv, candidates=candidates, segments=segments, required=required)
+        job = RepairJob(model=self.prefixes.model, kv=kv, candidates=candidates, segments=segments, required=required,
+                        query=ids[limit:])
         chosen = prompt.policy.select(job)
         if not bool(torch.isin(chosen, candidates).all()):
             raise ValueError(f"repair policy {prompt.policy.name} chose tokens outside the moved segments")

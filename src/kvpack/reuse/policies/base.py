@@ -35,7 +35,8 @@ class RepairJob:
     computed in another context (the moved segments' tokens; the exact prefix is never a candidate); ``segments``
     the ``(start, stop)`` token ranges of the moved segments within ``kv`` (clipped to the candidates);
     ``required`` the sorted token indices ``[e]`` that are recomputed whatever the policy chooses (edited tokens,
-    which have no loaded K/V; never candidates).
+    which have no loaded K/V; never candidates); ``query`` the token ids ``[q]`` of the prompt after ``kv`` (its
+    uncached tail, e.g. the question), for query-aware policies.
     """
 
     model: Any
@@ -43,6 +44,7 @@ class RepairJob:
     candidates: torch.Tensor
     segments: tuple[tuple[int, int], ...]
     required: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    query: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
     def fresh(self, tokens: torch.Tensor, through_layer: int | None = None) -> torch.Tensor:
         """Recomputed K/V of the sorted, distinct ``tokens`` (``[layers', 2, kv_heads, len(tokens), head_dim]``,
