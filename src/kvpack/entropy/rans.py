@@ -79,7 +79,13 @@ _ROW_SHIFT = 4
 
 @njit(nogil=True, cache=True, inline="always", error_model="numpy")
 def _enc_step(x, e, scratch, p, bad):  # type: ignore[no-untyped-def]
-    """Push one symbol with table entry ``e`` onto state ``x``; a word (maybe) goes to ``scratch[p - 1]``."""
+    """Push one symbol with table entry ``e`` onto state ``x``; a word (maybe) goes to ``scratch[p - 1]``.
+
+    ``x // f`` is computed as a float64 division, which is exact here: ``x < 2**32`` and ``f <= 2**15`` are exact in
+    float64 and the quotient is correctly rounded, so it can only round up to the next integer if ``x / f`` lies
+    within ``2**-52 * 2**17`` of it, while a non-integer ``x / f`` lies at least ``1 / f >= 2**-15`` below it. The
+    divider pipelines float divisions (and the signed conversions are single instructions); Zen 1's 64-bit integer
+    divider does not, and bounded the interleaved encoder at ~125 Msym/s."""
     f = e & _LOW16
     bad |= f == 0
     f |= _U(f == 0)  # keep the division defined; the lane is reported as bad
