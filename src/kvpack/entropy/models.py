@@ -8,11 +8,13 @@ it is parsed. This is the split the constriction library makes between entropy m
 
 Decoder lookup: slot ``x mod PROB_SCALE`` lies in the range ``[cum_s, cum_s + freq_s)`` of exactly one symbol ``s``.
 ``slots[t, b]`` is the symbol whose range holds slot ``b << shift``; the decoder starts there and steps forward to
-the symbol holding its slot. With few tables (``n_tables * PROB_SCALE <= LOOKUP_BYTES``) ``shift`` is 0: the exact
-lookup, which the decoder builds itself per block as lanes need it (a row it has just written is in cache, where a
-precompiled one would not be). With many tables (cachegen has one per channel and role, tens of thousands, each
-used by one lane) rebuilding a 32 KiB row per lane would dominate decoding, so ``shift`` grows until the
-precompiled lookup fits in :data:`LOOKUP_BYTES`, at a few extra steps for the symbols that share a bucket.
+the symbol holding its slot. With few tables (``n_tables * PROB_SCALE <= LOOKUP_BYTES``) ``shift`` is 0 and the
+model holds no lookup: the decoder builds its own rows (2 KiB, :data:`kvpack.entropy.rans._ROW_SHIFT`) per block as
+lanes need them (a row it has just written is in cache, where a precompiled one would not be). With many tables
+(cachegen has one per channel and role, tens of thousands, each used by one short lane) rebuilding a row per lane
+would dominate decoding, so ``shift`` grows until the precompiled lookup fits in :data:`LOOKUP_BYTES`, at a few extra
+steps for the symbols that share a bucket; it is built on first use, and only used when lanes switch tables more
+often than a row costs to build.
 """
 
 from __future__ import annotations
