@@ -493,3 +493,14 @@ def test_sizes_agree_with_constriction() -> None:
             ideal += float(-np.log2(freqs[i, lane] / PROB_SCALE).sum())
         assert abs(ours - theirs) <= 48 * len(lens) + 1e-4 * ideal, (alphabet, ours, theirs, ideal)
         assert ideal <= ours <= ideal + 48 * len(lens) + 1e-4 * ideal
+
+
+def test_encoder_float_division_is_floor_division() -> None:
+    """The encoder computes ``x // f`` as a float64 division (``rans._enc_step``): exact for every state below
+    ``2**32`` and frequency up to ``PROB_SCALE``, including exact multiples and their neighbours."""
+    rng = np.random.default_rng(11)
+    f = rng.integers(1, PROB_SCALE + 1, 1 << 20, dtype=np.int64)
+    f[:PROB_SCALE] = np.arange(1, PROB_SCALE + 1)
+    q = rng.integers(0, (1 << 32) // f, dtype=np.int64)
+    for x in (q * f, q * f + f - 1, np.maximum(q * f - 1, 0), rng.integers(0, 1 << 32, f.size, dtype=np.int64)):
+        np.testing.assert_array_equal((x.astype(np.float64) / f.astype(np.float64)).astype(np.int64), x // f)

@@ -8,8 +8,9 @@ prefilled once. On them every setting of :data:`SETTINGS` (plus any the caller a
   ``lossless as=float16`` first casts the cache to float16 (fp16 KV, as an fp16 model would make it);
 * ``bits_per_element`` = 16 / ratio; ``rel_rmse_k`` / ``rel_rmse_v``: ``||x - x̂|| / ||x||`` over all keys / values;
 * ``encode_mb_per_s`` / ``decode_mb_per_s``: fp16 bytes per second of wall-clock time, median of ``repeats`` runs
-  after a warm-up, whole documents, numba's default thread count (``threads``); ``*_mb_per_cpu_s`` per second of
-  the process's CPU time (all threads), which shows the work done per CPU-second when other processes compete;
+  after a warm-up, numba's default thread count (``threads``), for the whole document in one container and for
+  all its 256-token chunks one after the other (each row's ``chunk_tokens``); ``*_mb_per_cpu_s`` per second of the
+  process's CPU time (all threads), which shows the work done per CPU-second when other processes compete;
 
 and the anchors on the same bytes (the cache's own dtype, bf16 for SmolLM2): zstd levels 3 and 19 and ZipNN
 (``zipnn`` package, byte input in bfloat16 mode; ``zipnn_exact`` says whether its output decompressed bit-exactly).
@@ -68,6 +69,12 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, floa
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return statistics.median(wall), statistics.median(cpu)
+
+
+def _each(fn: Callable[[Any], object], items: Sequence[Any]) -> None:
+    """``fn`` on every item in turn (a store coding a document's chunks one by one)."""
+    for item in items:
+        fn(item)
 
 
 def _rel_rmse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -143,16 +150,20 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
             with console.status(f"{label} on {doc.name} ..."):
                 data = codec.encode(kv)
                 out = codec.decode(data)
-                chunked = sum(len(codec.encode(part)) for part in kv.chunks(STORE_CHUNK))
-                t_enc = _median_seconds(partial(codec.encode, kv), repeats)
-                t_dec = _median_seconds(partial(codec.decode, data), repeats)
+                parts = list(kv.chunks(STORE_CHUNK))
+                blobs = [codec.encode(part) for part in parts]
+                times = {None: (_median_seconds(partial(codec.encode, kv), repeats),
+                                _median_seconds(partial(codec.decode, data), repeats)),
+                         STORE_CHUNK: (_median_seconds(partial(_each, codec.encode, parts), repeats),
+                                       _median_seconds(partial(_each, codec.decode, blobs), repeats))}
             row = acc.setdefault(label, {"codec": name, "params": codec.params(), "bytes": 0, "chunked_bytes": 0,
-                                         "enc": [], "dec": [], "enc_cpu": [], "dec_cpu": [], "err_k": [],
-                                         "err_v": []})
+                                         "err_k": [], "err_v": []})
             row["bytes"] += len(data)
-            row["chunked_bytes"] += chunked
-            for key, seconds in (("enc", t_enc[0]), ("dec", t_dec[0]), ("enc_cpu", t_enc[1]), ("dec_cpu", t_dec[1])):
-                row[key].append(kv.fp16_bytes / seconds / 1e6)
+            row["chunked_bytes"] += sum(len(b) for b in blobs)
+            for chunk, (t_enc, t_dec) in times.items():
+                for key, seconds in (("enc", t_enc[0]), ("dec", t_dec[0]), ("enc_cpu", t_enc[1]),
+                                     ("dec_cpu", t_dec[1])):
+                    row.setdefault(f"{key}@{chunk}", []).append(kv.fp16_bytes / seconds / 1e6)
             row["err_k"].append(_rel_rmse(kv.keys, out.keys))
             row["err_v"].append(_rel_rmse(kv.values, out.values))
     machine["threading_layer"] = numba.threading_layer()
@@ -162,10 +173,10 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
         for chunk, size in ((None, r["bytes"]), (STORE_CHUNK, r["chunked_bytes"])):
             rows.append({"setting": label, "codec": r["codec"], "params": r["params"], "chunk_tokens": chunk,
                          "ratio": fp16 / size, "bits_per_element": 16 * size / fp16,
-                         "encode_mb_per_s": statistics.median(r["enc"]),
-                         "decode_mb_per_s": statistics.median(r["dec"]),
-                         "encode_mb_per_cpu_s": statistics.median(r["enc_cpu"]),
-                         "decode_mb_per_cpu_s": statistics.median(r["dec_cpu"]),
+                         "encode_mb_per_s": statistics.median(r[f"enc@{chunk}"]),
+                         "decode_mb_per_s": statistics.median(r[f"dec@{chunk}"]),
+                         "encode_mb_per_cpu_s": statistics.median(r[f"enc_cpu@{chunk}"]),
+                         "decode_mb_per_cpu_s": statistics.median(r[f"dec_cpu@{chunk}"]),
                          "rel_rmse_k": statistics.mean(r["err_k"]), "rel_rmse_v": statistics.mean(r["err_v"]),
                          "documents": [doc.name for doc, _ in entries], **machine})
     if anchors:
@@ -215,8 +226,9 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = ["# Codec size and speed on SmolLM2-135M KV caches", "", f"Produced by `{command}`: {_title(rows)}.", "",
              f"Documents: {', '.join(rows[0]['documents'])}. Ratio = fp16 bytes / stored bytes, every byte counted, "
              "for the whole prefix in one container (`doc`) and cut into 256-token chunks as the store keeps them. "
-             "MB/s are of fp16 KV per second of wall-clock time (median of repeats); MB/cpu-s per second of the "
-             "process's CPU time. zstd and ZipNN compress the cache's own bf16 bytes.", "",
+             "MB/s are of fp16 KV per second of wall-clock time (median of repeats), coding the whole prefix at once "
+             "(`doc`) or its 256-token chunks one by one; MB/cpu-s per second of the process's CPU time. zstd and "
+             "ZipNN compress the cache's own bf16 bytes.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"

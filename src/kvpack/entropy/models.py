@@ -8,15 +8,18 @@ it is parsed. This is the split the constriction library makes between entropy m
 
 Decoder lookup: slot ``x mod PROB_SCALE`` lies in the range ``[cum_s, cum_s + freq_s)`` of exactly one symbol ``s``.
 ``slots[t, b]`` is the symbol whose range holds slot ``b << shift``; the decoder starts there and steps forward to
-the symbol holding its slot. With few tables (``n_tables * PROB_SCALE <= LOOKUP_BYTES``) ``shift`` is 0: the exact
-lookup, which the decoder builds itself per block as lanes need it (a row it has just written is in cache, where a
-precompiled one would not be). With many tables (cachegen has one per channel and role, tens of thousands, each
-used by one lane) rebuilding a 32 KiB row per lane would dominate decoding, so ``shift`` grows until the
-precompiled lookup fits in :data:`LOOKUP_BYTES`, at a few extra steps for the symbols that share a bucket.
+the symbol holding its slot. With few tables (``n_tables * PROB_SCALE <= LOOKUP_BYTES``) ``shift`` is 0 and the
+model holds no lookup: the decoder builds its own rows (2 KiB, :data:`kvpack.entropy.rans._ROW_SHIFT`) per block as
+lanes need them (a row it has just written is in cache, where a precompiled one would not be). With many tables
+(cachegen has one per channel and role, tens of thousands, each used by one short lane) rebuilding a row per lane
+would dominate decoding, so ``shift`` grows until the precompiled lookup fits in :data:`LOOKUP_BYTES`, at a few extra
+steps for the symbols that share a bucket; it is built on first use, and only used when lanes switch tables more
+often than a row costs to build.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -67,36 +70,42 @@ class Model:
     Attributes:
         freqs: uint32 ``[n_tables, alphabet]``, validated (rows sum to ``PROB_SCALE`` or are all zero).
         etab: uint32 ``[n_tables, 256]``: ``freq | cum << 16`` per symbol, zero past the alphabet (the coders' view).
-        slots: uint8 ``[n_tables, PROB_SCALE >> shift]``: decoder lookup (module docstring); with ``shift == 0``
-            empty (``[0, PROB_SCALE]``): the decoder builds exact rows as lanes need them, cheaply for few tables.
-        shift: log2 of the slots per lookup entry.
+        shift: log2 of the slots per entry of the precompiled lookup ``slots``.
         usable: bool ``[n_tables]``: the tables with any mass (only those can code a nonempty lane).
-        crc: CRC-32 of :func:`kvpack.entropy.pack_tables` of ``freqs``.
+        slots: uint8 ``[n_tables, PROB_SCALE >> shift]``: decoder lookup (module docstring), built on first use; with
+            ``shift == 0`` empty (``[0, PROB_SCALE]``): the decoder builds its rows as lanes need them.
+        crc: CRC-32 of :func:`kvpack.entropy.pack_tables` of ``freqs``, computed on first use.
     """
 
     freqs: np.ndarray
     etab: np.ndarray
-    slots: np.ndarray
     shift: int
     usable: np.ndarray
-    crc: int
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(n_tables, alphabet)``."""
         return self.freqs.shape[0], self.freqs.shape[1]
 
+    @functools.cached_property
+    def slots(self) -> np.ndarray:
+        """The decoder lookup, built on first use (a decoder whose lanes are long builds its own rows instead)."""
+        slots = np.zeros((self.shape[0] if self.shift else 0, PROB_SCALE >> self.shift), np.uint8)
+        if self.shift:
+            _fill_lookups(self.etab, self.shift, slots)
+        return slots
+
+    @functools.cached_property
+    def crc(self) -> int:
+        """CRC-32 of the packed tables, computed on first use."""
+        return zlib.crc32(pack_tables(self.freqs))
+
     @classmethod
     def from_freqs(cls, freqs: npt.ArrayLike, lookup_bytes: int = LOOKUP_BYTES) -> Model:
         """Compile ``freqs`` (``[n_tables, alphabet]``); :class:`~kvpack.errors.FormatError` if they are not valid
         frequency tables. ``lookup_bytes``: the exact lookup is used while ``n_tables * PROB_SCALE`` fits in it."""
         f = validate_freqs(freqs)
-        etab = encoder_table(f)
         shift = 0
         while shift < PROB_BITS and f.shape[0] * (PROB_SCALE >> shift) > lookup_bytes:
             shift += 1
-        slots = np.zeros((f.shape[0] if shift else 0, PROB_SCALE >> shift), np.uint8)
-        if shift:
-            _fill_lookups(etab, shift, slots)
-        return cls(freqs=f, etab=etab, slots=slots, shift=shift, usable=f.sum(axis=1) > 0,
-                   crc=zlib.crc32(pack_tables(f)))
+        return cls(freqs=f, etab=encoder_table(f), shift=shift, usable=f.sum(axis=1) > 0)

@@ -69,6 +69,9 @@ _XMAX_SHIFT = np.uint64(32 - PROB_BITS)
 _W = np.uint64(16)
 _LOW16 = np.uint64(0xFFFF)
 _GROUP = 4  # lanes coded in lockstep by one thread
+#: log2 of the slots per entry of the lookup rows a decoder block builds for itself: 2 KiB rows, four in L1 (the
+#: exact 32 KiB rows of shift 0 were not faster); a bucket that straddles symbols costs a step or two.
+_ROW_SHIFT = 4
 
 # --------------------------------------------------------------------------------------------- numba kernels
 # Encoder table etab[t, s] (uint32, 256 columns): freq | cum << 16; freq 0 = symbol not codable with table t.
@@ -76,7 +79,13 @@ _GROUP = 4  # lanes coded in lockstep by one thread
 
 @njit(nogil=True, cache=True, inline="always", error_model="numpy")
 def _enc_step(x, e, scratch, p, bad):  # type: ignore[no-untyped-def]
-    """Push one symbol with table entry ``e`` onto state ``x``; a word (maybe) goes to ``scratch[p - 1]``."""
+    """Push one symbol with table entry ``e`` onto state ``x``; a word (maybe) goes to ``scratch[p - 1]``.
+
+    ``x // f`` is computed as a float64 division, which is exact here: ``x < 2**32`` and ``f <= 2**15`` are exact in
+    float64 and the quotient is correctly rounded, so it can only round up to the next integer if ``x / f`` lies
+    within ``2**-52 * 2**17`` of it, while a non-integer ``x / f`` lies at least ``1 / f >= 2**-15`` below it. The
+    divider pipelines float divisions (and the signed conversions are single instructions); Zen 1's 64-bit integer
+    divider does not, and bounded the interleaved encoder at ~125 Msym/s."""
     f = e & _LOW16
     bad |= f == 0
     f |= _U(f == 0)  # keep the division defined; the lane is reported as bad
@@ -84,7 +93,7 @@ def _enc_step(x, e, scratch, p, bad):  # type: ignore[no-untyped-def]
     scratch[p - 1] = x & _LOW16
     p -= emit
     x = (x >> _W) if emit else x
-    q = x // f
+    q = _U(np.int64(np.float64(np.int64(x)) / np.float64(np.int64(f))))  # == x // f (docstring)
     x = (q << _PBITS) + (x - q * f) + (e >> _W)
     return x, p, bad
 
@@ -198,9 +207,10 @@ def _dec_init(words, p):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, inline="always", error_model="numpy")
-def _row(slots, lookup, shift, r, t):  # type: ignore[no-untyped-def]
-    """The slot -> symbol row of the lane at position ``r`` of a group, whose table is ``t``."""
-    return slots[r] if shift == 0 else lookup[t]
+def _row(slots, lookup, own, r, t):  # type: ignore[no-untyped-def]
+    """The slot -> symbol row of the lane at position ``r`` of a group, whose table is ``t``: the block's ``own``
+    row, or the model's precompiled one."""
+    return slots[r] if own else lookup[t]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -209,15 +219,18 @@ def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, sh
     """Decode lanes ``lo..hi``. With ``shift == 0`` the exact slot -> symbol rows are built here, per position in the
     group of four, only when a lane's table differs from the previous lane's at that position (rows just written are
     in cache; few tables); otherwise the rows are the model's precompiled coarse ``lookup`` (many tables)."""
-    slots = np.empty((_GROUP, PROB_SCALE if shift == 0 else 0), np.uint8)
+    own = shift == 0
+    if own:
+        shift = _ROW_SHIFT
+    slots = np.empty((_GROUP, (PROB_SCALE >> _ROW_SHIFT) if own else 0), np.uint8)
     cached = np.full(_GROUP, -1, np.int64)
     i = lo
     while i < hi:
         g = min(_GROUP, hi - i)
-        for r in range(g if shift == 0 else 0):
+        for r in range(g if own else 0):
             t = lane_table[i + r]
             if cached[r] != t:
-                fill_lookup(etab[t], 0, slots[r])
+                fill_lookup(etab[t], _ROW_SHIFT, slots[r])
                 cached[r] = t
         m = 0
         if g == _GROUP:
@@ -248,10 +261,10 @@ def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, sh
             p1 = e0 + 2
             p2 = e1 + 2
             p3 = e2 + 2
-            d0 = _row(slots, lookup, shift, 0, lane_table[i])
-            d1 = _row(slots, lookup, shift, 1, lane_table[i + 1])
-            d2 = _row(slots, lookup, shift, 2, lane_table[i + 2])
-            d3 = _row(slots, lookup, shift, 3, lane_table[i + 3])
+            d0 = _row(slots, lookup, own, 0, lane_table[i])
+            d1 = _row(slots, lookup, own, 1, lane_table[i + 1])
+            d2 = _row(slots, lookup, own, 2, lane_table[i + 2])
+            d3 = _row(slots, lookup, own, 3, lane_table[i + 3])
             for k in range(m):
                 x0, p0 = _dec_step(x0, d0, shift, t0, words, p0, e0 - 1, out, a0 + k)
                 x1, p1 = _dec_step(x1, d1, shift, t1, words, p1, e1 - 1, out, a1 + k)
@@ -272,7 +285,7 @@ def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, sh
                         p + 2,
                         words,
                         word_offsets[lane + 1],
-                        _row(slots, lookup, shift, r, lane_table[lane]),
+                        _row(slots, lookup, own, r, lane_table[lane]),
                         shift,
                         etab[lane_table[lane]],
                         out,
@@ -434,6 +447,10 @@ def decode_lanes(
             reads out of bounds, and runs in time linear in ``N + n_lanes``.
     """
     w, offsets, starts, table_of, model = check_lanes(words, word_offsets, lane_starts, lane_table, freqs)
+    # Rows built per block (shift 0 below) unless lanes change tables so often that rebuilding them would cost more
+    # than the model's precompiled lookup (cachegen: one table per short lane).
+    runs = 1 + int(np.count_nonzero(table_of[1:] != table_of[:-1]))
+    own = model.shift == 0 or int(starts[-1]) >= runs * (PROB_SCALE >> _ROW_SHIFT)
     with _threads(threads) as n_threads:
         out, bad = _decode_kernel(
             w,
@@ -441,8 +458,8 @@ def decode_lanes(
             starts,
             table_of.astype(np.int32),
             model.etab,
-            model.slots,
-            model.shift,
+            model.slots if not own else np.zeros((0, 0), np.uint8),
+            0 if own else model.shift,
             _blocks(starts, n_threads),
         )
     if bad.any():
