@@ -39,7 +39,8 @@ def _not_built() -> str | None:
             + (f"; its last attempt ended with: {tail[0]} (.venv-vllm.log)" if tail else ""))
 
 
-#: Each vLLM run is a new process (~30 s on an idle 2-core machine, up to 6 min on a loaded one); the raw test makes 4.
+#: Each vLLM run is a new process (2.5 to 6 minutes each on the shared, loaded 2-core development machine); the raw
+#: test makes four.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3000),
               pytest.mark.skipif(_not_built() is not None, reason=str(_not_built()))]
 
