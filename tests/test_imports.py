@@ -13,7 +13,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "kvpack"
 CORE = ("kvpack", "kvpack.store", "kvpack.codecs", "kvpack.context")
 #: Top-level packages only an optional extra, a benchmark, the CLI or the tests bring in.
-FORBIDDEN_ROOTS = ("typer", "rich", "matplotlib", "redis", "tests", "conftest", "servers")
+FORBIDDEN_ROOTS = ("typer", "rich", "matplotlib", "redis", "vllm", "tests", "conftest", "servers")
 FORBIDDEN_KVPACK = ("kvpack.cli", "kvpack.bench")
 
 
@@ -100,3 +100,14 @@ def test_cli_without_typer_prints_one_line_naming_the_extra() -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "kvpack[cli]" in result.stderr
+
+
+def test_vllm_connector_without_vllm_names_the_extra() -> None:
+    result = python(block("vllm") + (
+        "try:\n"
+        "    import kvpack.integrations.vllm\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    ))
+    assert result.returncode == 0, result.stderr
+    assert "kvpack[vllm]" in result.stdout and "make vllm-venv" in result.stdout

