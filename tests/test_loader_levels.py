@@ -237,3 +237,10 @@ def test_store_dying_mid_stream_of_ranged_reads_still_gives_the_prefix(setup: di
                            codec.decode_prefix(blob, codec.layer_ends(blob)[1]).data)
     # the holes are the model's own KV for those tokens (computed from the start, float32)
     assert torch.allclose(out.data[:, :, :, : h * CHUNK], setup["kv"].data[:, :, :, : h * CHUNK], atol=1e-4)
+
+
+def test_the_demo_shows_chunk_choices_as_runs() -> None:
+    from kvpack.demo import chunk_runs
+
+    assert chunk_runs(["computed", "computed", "lossless", "fp8", "fp8"]) == "0-1 computed, 2 lossless, 3-4 fp8"
+    assert chunk_runs([]) == "-"

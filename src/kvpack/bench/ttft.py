@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import threading
 import time
@@ -421,7 +422,7 @@ def _load_row(length: int, label: str, strategy: str, transport: Transport, stat
         "fetch_gbps": stats.bytes_read * 8 / stats.fetch_s / 1e9 if stats.fetch_s > 0 else None,
         "ratio": ratio, "plan": _plan(stats), "runs": runs,
         "levels": stats.chunks_by_level, "replans": stats.replans, "overlap_s": stats.overlap_s,
-        "estimates": stats.estimates,
+        "estimates": stats.estimates, "load_avg_1m": os.getloadavg()[0],
     }
     if transport.drop is not None:
         row["drop_to_gbps"] = transport.drop.low
@@ -490,7 +491,7 @@ def _levels_arm(model: Any, tokenizer: Any, spec: Any, transport: Transport, lev
             "drop_to_gbps": transport.drop.low, "slo_s": slo, "ttft_s": median["ttft_s"],
             "within_1_1x": sum(r["ttft_s"] <= 1.1 * slo for r in timed_runs), "runs": timed_runs,
             "chunks_loaded": median["chunks_loaded"], "chunks_computed": median["chunks_computed"],
-            "bytes_read": median["bytes_read"], "ratio": None}
+            "bytes_read": median["bytes_read"], "ratio": None, "load_avg_1m": os.getloadavg()[0]}
 
 
 def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], config: TtftConfig | None = None,
@@ -522,7 +523,8 @@ def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], config: Ttft
                 fastest = min(recompute, key=recompute.__getitem__)
                 rows.append({"context_tokens": length, "method": "recompute", "strategy": "recompute",
                              "transport": "-", "ttft_s": recompute[fastest], "dtype": fastest,
-                             "recompute_s": recompute, "bytes_read": 0, "ratio": None})
+                             "recompute_s": recompute, "bytes_read": 0, "ratio": None,
+                             "load_avg_1m": os.getloadavg()[0]})
                 seed = (len(prompt), recompute["bfloat16"])
                 console.print(f"{length} tokens: recompute done")
             if not config.loads:
@@ -557,6 +559,8 @@ def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], config: Ttft
                     for key in KeySpace(namespace=f"bench-{length}", model_fingerprint=spec.fingerprint,
                                         codec_id=codec.codec_id).keys(prompt):
                         transport.store.delete(key)
+            if json_path:  # what is measured so far, in case a later length fails
+                json_path.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2))
     for row in rows:
         row["machine"] = machine()
     _print(console, rows)
@@ -780,7 +784,10 @@ def markdown(rows: list[dict[str, Any]], plot_path: Path | None, command: str = 
                   "protocol, over real shaped links where the machine permits."
                   + (" Make the profiles it names first with `kvpack calibrate --codec NAME -o PATH`."
                      if "profile=" in command else ""), ""]
-    lines += [f"Produced by `{command}` on " + (rows[0]["machine"] if rows else "?") + ".", "",
+    loads = [r["load_avg_1m"] for r in rows if "load_avg_1m" in r]
+    busy = f" (load average over 1 min while the rows were measured: {min(loads):.1f} to {max(loads):.1f})" \
+        if loads else ""
+    lines += [f"Produced by `{command}` on " + (rows[0]["machine"] if rows else "?") + busy + ".", "",
               "TTFT in seconds; every row is the lower median of the timed runs after one untimed warm-up run. "
               "`recompute` is plain `model.generate` on the whole prompt in bfloat16 or float32 compute, whichever "
               "is faster on this machine; `load` loads every stored chunk; `adaptive` lets the loader compute "
