@@ -400,5 +400,51 @@ def bench_ttft(
         _fail(exc)
 
 
+@bench_app.command("reuse")
+def bench_reuse(
+    cases: Annotated[int, typer.Option(help="RAG cases (half code, half prose).")] = 6,
+    segments: Annotated[str, typer.Option(help="Segment counts, comma-separated (alternating per pair of cases).")]
+    = "4,8",
+    segment_tokens: Annotated[str, typer.Option(help="Segment length range LOW-HIGH in tokens.")] = "256-512",
+    ratios: Annotated[str, typer.Option(help="Recompute ratios, comma-separated.")] = "0.05,0.1,0.15,0.2,0.3",
+    passkey_trials: Annotated[int, typer.Option(help="Passkey trials (key in one of 8 segments).")] = 20,
+    passkey_tokens: Annotated[int, typer.Option(help="Tokens per passkey segment.")] = 256,
+    edit_cases: Annotated[int, typer.Option(help="Edited documents (half code, half prose).")] = 6,
+    edit_tokens: Annotated[int, typer.Option(help="Tokens per edited document.")] = 4096,
+    continuation: Annotated[int, typer.Option(help="Continuation tokens scored.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed runs per TTFT arm after the warm-up (lower median).")] = 3,
+    dtype: Annotated[str, typer.Option(help="auto (faster of bfloat16/float32), float32 or bfloat16.")] = "auto",
+    greedy: Annotated[int, typer.Option(help="Greedy tokens compared after the question.")] = 8,
+    parts: Annotated[str, typer.Option(help="Of rag, timing, edits, passkey; comma-separated, run in that order.")]
+    = "rag,timing,edits,passkey",
+    from_json: Annotated[Path | None, typer.Option(help="Only render --markdown/--plot from this JSON.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    json_path: JsonOpt = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of KL against recompute ratio here.")] = None,
+) -> None:
+    """Segments at new positions, passkey across segments and edits, per repair policy, against full recompute."""
+    from kvpack.bench import reuse
+
+    render = f"kvpack bench reuse --from-json {from_json or json_path}" + (f" --markdown {markdown}" if markdown
+                                                                          else "") + (f" --plot {plot}" if plot else "")
+    if from_json is not None:
+        reuse.write(json.loads(from_json.read_text()), None, markdown, plot, render)
+        return
+    try:
+        low, _, high = segment_tokens.partition("-")
+        config = reuse.ReuseConfig(
+            cases=cases, segment_counts=tuple(int(x) for x in segments.split(",")),
+            segment_tokens=(int(low), int(high or low)), ratios=tuple(float(x) for x in ratios.split(",")),
+            passkey_trials=passkey_trials, passkey_segment_tokens=passkey_tokens, edit_cases=edit_cases,
+            edit_tokens=edit_tokens, continuation=continuation, greedy_tokens=greedy, repeats=repeats, dtype=dtype)
+        doc = reuse.run(model, config, console.print, _command_line(),
+                        tuple(p.strip() for p in parts.split(",") if p.strip()),
+                        checkpoint=lambda d: reuse.write(d, json_path, markdown, plot, render))
+    except (KvpackError, ValueError) as exc:
+        _fail(exc)
+    console.print_json(json.dumps(doc["targets"]))
+
+
 if __name__ == "__main__":
     app()
