@@ -23,6 +23,7 @@ from kvpack.bench.capacity import (
     float32_copy,
     load_kv,
     main,
+    merge,
     parse_budget,
     parse_setting,
     parse_size,
@@ -232,7 +233,8 @@ def test_the_page_states_the_target_from_the_rows(tmp_path: Path) -> None:
     doc = {"rows": [_row("raw", 0.8, 0.1, 8.0), _row("transform:preset=32x", 0.8, 0.5, 2.0),
                     _row("raw", 1.2, 0.3, 6.0), _row("transform:preset=32x", 1.2, 0.8, 4.0)],
            "config": {"contexts": 2, "tokens": 16, "question_tokens": 3, "requests": 4, "seed": 0,
-                      "chunk_tokens": 8},
+                      "chunk_tokens": 8, "alphas": [0.8, 1.2], "budgets": ["memory:256MiB", "memory:1GiB"],
+                      "settings": ["raw", "transform:preset=32x"]},
            "compute": {"dtype": "float32", "one_shot_s": {"float32": 1.0}},
            "check": {"miss": {"contextcache_s": [1.0], "replay_s": 1.1},
                      "hits": [{"codec_id": "raw", "contextcache_s": [0.2], "replay_s": [0.21]}]},
@@ -245,3 +247,22 @@ def test_the_page_states_the_target_from_the_rows(tmp_path: Path) -> None:
           str(tmp_path / "c.png")])
     page = (tmp_path / "c.md").read_text()
     assert "**met**" in page and "**missed**" in page and "not re-run" in page and (tmp_path / "c.png").stat().st_size
+    assert "Not run (the run was stopped before these arms): raw at memory:1GiB, alpha 0.8;" in page
+
+
+def test_runs_of_one_workload_merge_and_others_do_not() -> None:
+    base = {"config": {"contexts": 2, "tokens": 16, "requests": 4, "seed": 0, "chunk_tokens": 8, "alphas": [0.8],
+                       "budgets": ["memory:1MiB"], "settings": ["raw"]},
+            "compute": {"prefill_s": [1.0, 2.0]}, "rows": [{"setting": "raw"}],
+            "check": {"miss": {"replay_s": 1.0}, "hits": [{"codec_id": "raw"}]}, "command": "a"}
+    other = base | {"config": base["config"] | {"settings": ["transform"], "alphas": [0.8, 1.2]},
+                    "rows": [{"setting": "transform"}], "command": "b",
+                    "check": {"miss": {"replay_s": 1.1}, "hits": [{"codec_id": "t"}]}}
+    doc = merge([base, other])
+    assert [r["setting"] for r in doc["rows"]] == ["raw", "transform"] and len(doc["check"]["hits"]) == 2
+    assert doc["config"]["settings"] == ["raw", "transform"] and doc["config"]["alphas"] == [0.8, 1.2]
+    assert doc["command"] == "a` and `b" and merge([base]) is base
+    with pytest.raises(ValueError):
+        merge([base, base | {"compute": {"prefill_s": [1.0, 2.5]}}])
+    with pytest.raises(ValueError):
+        merge([base, base | {"config": base["config"] | {"requests": 5}}])

@@ -566,7 +566,9 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
               "Real `ContextCache` requests on one context against the replay's TTFT for it (medians of "
               f"{len(misses['contextcache_s'])}): a miss on the {comp['dtype']} model (one-shot prefill) against "
               "the charged chunked prefill; hits per codec on the bf16 model against replayed hits on the same "
-              "store, charged the question's prefill measured on the bf16 model.", "",
+              "store, charged the question's prefill measured on the bf16 model. The miss's charge is step 1's "
+              "measurement of that context, taken at another time than the check, so on a shared machine it also "
+              "shows how far a charge drifts with the load.", "",
               "| request | ContextCache TTFT s | replay TTFT s | replay / ContextCache |", "|---|---|---|---|"]
     real = statistics.median(misses["contextcache_s"])
     lines.append(f"| miss | {real:.3f} | {misses['replay_s']:.3f} | {misses['replay_s'] / real:.2f} |")
