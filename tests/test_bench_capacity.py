@@ -5,24 +5,42 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvpack import codecs
+from kvpack.bench import capacity
 from kvpack.bench.capacity import (
     Budget,
+    Prefilled,
+    Replay,
     Served,
+    compute_contexts,
+    float32_copy,
+    load_kv,
+    main,
+    merge,
     parse_budget,
     parse_setting,
     parse_size,
     quality_of,
     replay,
+    stored_bytes,
     summarize,
+    target,
+    time_prefill,
+    validate,
     zipf_trace,
 )
 from kvpack.format import write_container
+from kvpack.kv import KVCache
+from kvpack.prefix import RequestStats, spec_for
 from kvpack.store import MemoryStore, TieredStore
+from test_families import tiny
 
 
 def test_zipf_trace_is_deterministic_and_skewed() -> None:
@@ -75,7 +93,7 @@ def test_settings() -> None:
 def test_replay_counts_full_and_partial_hits() -> None:
     outcomes = {0: Served(1.0, 512, 512), 1: Served(3.0, 256, 512), 2: Served(5.0, 0, 512)}
     row = replay([0, 1, 2, 0], lambda i: outcomes[i])
-    assert row["requests"] == 4 and row["hit_rate"] == 0.5 and row["partial_hit_rate"] == 0.75
+    assert row["requests"] == 4 and row["hit_rate"] == 0.5 and row["partial_hit_rate"] == 0.25
     assert row["ttft_mean_s"] == 2.5 and row["ttft_p95_s"] == 5.0
     with pytest.raises(ValueError):
         replay([], lambda i: outcomes[i])
@@ -109,8 +127,142 @@ def test_replay_through_a_real_store_fills_only_its_budget() -> None:
 
 
 def test_quality_is_quoted_from_the_committed_results(tmp_path: Path) -> None:
+    def cid(name: str, profile: str | None = None) -> str:
+        return json.dumps({"name": name, "params": {"p": 1}, "profile": profile, "version": 1})
+
     results = tmp_path / "codecs.json"
-    results.write_text(json.dumps({"rows": [{"codec_id": "a", "ppl_increase_pct": 0.5}, {"codec_id": "b"}]}))
-    assert quality_of("a", results) == 0.5
-    assert quality_of("b", results) is None and quality_of("c", results) is None
-    assert quality_of("a", tmp_path / "missing.json") is None
+    results.write_text(json.dumps({"rows": [{"codec_id": cid("a"), "ppl_increase_pct": 0.5, "kl_mean": 0.01},
+                                            {"codec_id": cid("b")},
+                                            {"codec_id": cid("t", "p1"), "ppl_increase_pct": 0.6}]}))
+    assert quality_of(cid("a"), results) == {"ppl_increase_pct": 0.5, "kl_mean": 0.01, "same_profile": True}
+    assert quality_of(cid("b"), results) is None and quality_of(cid("c"), results) is None
+    assert quality_of(cid("t", "p2"), results) == {"ppl_increase_pct": 0.6, "kl_mean": None, "same_profile": False}
+    assert quality_of(cid("a"), tmp_path / "missing.json") is None
+
+
+# ------------------------------------------------------------------------------ the replay, on a tiny random model
+CHUNK = 8
+
+
+@pytest.fixture(scope="module")
+def computed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, list[torch.Tensor], list[Prefilled], Path]:
+    """A tiny bf16 Llama, 10 prompts of 4 chunks + a 3-token question, computed once (step 1) in float32."""
+    model = tiny("llama")
+    spec = spec_for(model)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 90, (4 * CHUNK + 3,), generator=gen) for _ in range(10)]
+    workdir = tmp_path_factory.mktemp("capacity")
+    prefilled = compute_contexts(float32_copy(model), spec, prompts, CHUNK, workdir, log=lambda _: None)
+    return model, spec, prompts, prefilled, workdir
+
+
+def test_compute_once_keeps_the_kv_on_disk_rounded_to_the_stored_dtype(computed, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    model, spec, prompts, prefilled, workdir = computed
+    item = prefilled[2]
+    assert len(item.chunk_s) == 4 and all(s > 0 for s in item.chunk_s) and item.question_s > 0
+    assert item.compute_s(0) == pytest.approx(sum(item.chunk_s) + item.question_s)
+    assert item.compute_s(4) == item.question_s and item.compute_s(3) == item.chunk_s[3] + item.question_s
+    kv = load_kv(item, spec, prompts[2])
+    _, _, cache = time_prefill(float32_copy(model), prompts[2], 4, CHUNK)
+    reference = KVCache.from_hf(cache, spec_for(float32_copy(model)), span=(0, 4 * CHUNK))
+    assert kv.data.dtype == torch.bfloat16 and torch.equal(kv.data, reference.data.to(torch.bfloat16))
+
+    def no_compute(*args: Any) -> Any:
+        raise AssertionError("a computed context was computed again")
+
+    monkeypatch.setattr(capacity, "time_prefill", no_compute)
+    assert compute_contexts(float32_copy(model), spec, prompts, CHUNK, workdir, log=lambda _: None) == prefilled
+
+
+def test_replay_loads_what_is_stored_and_charges_only_what_is_missing(computed) -> None:  # type: ignore[no-untyped-def]
+    model, spec, prompts, prefilled, _ = computed
+    store = MemoryStore(max_bytes=1 << 30)
+    serve = Replay(model, spec, store, codecs.get("raw"), CHUNK, prompts, prefilled)
+    miss = serve(0)
+    assert (miss.tokens_hit, miss.context_tokens) == (0, 4 * CHUNK) and serve.chunks_put == 4
+    assert miss.compute_s == prefilled[0].compute_s(0) and miss.ttft_s == miss.load_s + miss.compute_s
+    assert miss.write_s > 0
+    hit = serve(0)
+    assert hit.tokens_hit == 4 * CHUNK and hit.compute_s == prefilled[0].question_s and hit.write_s == 0
+    assert serve.chunks_put == 4
+    # what a hit loads is the computed KV, bit for bit (raw), read through the real loader
+    loaded = serve.prefixes.load(prompts[0][:-1], RequestStats())
+    assert loaded is not None and torch.equal(loaded.data, load_kv(prefilled[0], spec, prompts[0]).data)
+    # the last chunk evicted: a partial hit, charged that chunk and the question, and the chunk stored again
+    store.delete(serve.prefixes.keys.keys(prompts[0][:-1])[-1])
+    partial = serve(0)
+    assert partial.tokens_hit == 3 * CHUNK
+    assert partial.compute_s == prefilled[0].chunk_s[3] + prefilled[0].question_s and serve.chunks_put == 5
+    assert serve(0).tokens_hit == 4 * CHUNK
+
+
+@pytest.mark.parametrize("tiered", [False, True])
+def test_replayed_hit_rate_follows_the_budget(computed, tmp_path: Path, tiered: bool) -> None:  # type: ignore[no-untyped-def]
+    model, spec, prompts, prefilled, _ = computed
+    chunk = len(codecs.get("raw").encode(load_kv(prefilled[0], spec, prompts[0])[:CHUNK]))
+    trace = zipf_trace(len(prompts), 80, 1.2, seed=0)
+    rows = {}
+    for contexts_fit in (2, 8):
+        budget = Budget(contexts_fit * 4 * chunk, 4 * 4 * chunk) if tiered else Budget(contexts_fit * 4 * chunk)
+        store = budget.open(tmp_path / str(contexts_fit))
+        row = replay(trace, Replay(model, spec, store, codecs.get("raw"), CHUNK, prompts, prefilled))
+        assert 0 < stored_bytes(store) <= budget.memory_bytes + (budget.disk_bytes or 0)
+        store.close()
+        rows[contexts_fit] = row
+    assert rows[2]["hit_rate"] < rows[8]["hit_rate"] and rows[8]["ttft_mean_s"] < rows[2]["ttft_mean_s"]
+    assert rows[8]["hit_rate"] <= 1 - len(set(trace)) / len(trace) + 1e-9  # every first request is a miss
+
+
+def test_end_to_end_check_runs_contextcache_and_the_replay(computed) -> None:  # type: ignore[no-untyped-def]
+    model, spec, prompts, prefilled, _ = computed
+    out = validate(model, None, spec, float32_copy(model), [codecs.get("raw"), codecs.get("lossless")], prompts[1],
+                   prefilled[1], CHUNK, repeats=2, log=lambda _: None)
+    assert len(out["miss"]["contextcache_s"]) == 2 and out["miss"]["replay_s"] == prefilled[1].compute_s(0)
+    assert [len(h["replay_s"]) for h in out["hits"]] == [2, 2]
+    assert all(t > 0 for h in out["hits"] for t in h["contextcache_s"] + h["replay_s"])
+
+
+def _row(setting: str, alpha: float, hit: float, ttft: float) -> dict[str, Any]:
+    return {"setting": setting, "label": setting, "codec_id": setting, "budget": "memory:256MiB", "alpha": alpha,
+            "hit_rate": hit, "partial_hit_rate": 0.0, "ttft_mean_s": ttft, "ttft_p95_s": ttft, "load_mean_s": 0.1,
+            "compute_mean_s": ttft, "write_mean_s": 0.1, "bytes_stored": 10**8, "ratio": 1.0,
+            "contexts_in_budget": 5.0, "quality": None}
+
+
+def test_the_page_states_the_target_from_the_rows(tmp_path: Path) -> None:
+    doc = {"rows": [_row("raw", 0.8, 0.1, 8.0), _row("transform:preset=32x", 0.8, 0.5, 2.0),
+                    _row("raw", 1.2, 0.3, 6.0), _row("transform:preset=32x", 1.2, 0.8, 4.0)],
+           "config": {"contexts": 2, "tokens": 16, "question_tokens": 3, "requests": 4, "seed": 0,
+                      "chunk_tokens": 8, "alphas": [0.8, 1.2], "budgets": ["memory:256MiB", "memory:1GiB"],
+                      "settings": ["raw", "transform:preset=32x"]},
+           "compute": {"dtype": "float32", "one_shot_s": {"float32": 1.0}},
+           "check": {"miss": {"contextcache_s": [1.0], "replay_s": 1.1},
+                     "hits": [{"codec_id": "raw", "contextcache_s": [0.2], "replay_s": [0.21]}]},
+           "machine": "test"}
+    checks = target(doc, "memory:256MiB")
+    assert [(t["alpha"], t["met"]) for t in checks] == [(0.8, True), (1.2, False)]
+    assert checks[1]["hit_ratio"] == pytest.approx(0.8 / 0.3) and checks[1]["ttft_speedup"] == 1.5
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    main(["--render", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "c.md"), "--plot",
+          str(tmp_path / "c.png")])
+    page = (tmp_path / "c.md").read_text()
+    assert "**met**" in page and "**missed**" in page and "not re-run" in page and (tmp_path / "c.png").stat().st_size
+    assert "Not run (the run was stopped before these arms): raw at memory:1GiB, alpha 0.8;" in page
+
+
+def test_runs_of_one_workload_merge_and_others_do_not() -> None:
+    base = {"config": {"contexts": 2, "tokens": 16, "requests": 4, "seed": 0, "chunk_tokens": 8, "alphas": [0.8],
+                       "budgets": ["memory:1MiB"], "settings": ["raw"]},
+            "compute": {"prefill_s": [1.0, 2.0]}, "rows": [{"setting": "raw"}],
+            "check": {"miss": {"replay_s": 1.0}, "hits": [{"codec_id": "raw"}]}, "command": "a"}
+    other = base | {"config": base["config"] | {"settings": ["transform"], "alphas": [0.8, 1.2]},
+                    "rows": [{"setting": "transform"}], "command": "b",
+                    "check": {"miss": {"replay_s": 1.1}, "hits": [{"codec_id": "t"}]}}
+    doc = merge([base, other])
+    assert [r["setting"] for r in doc["rows"]] == ["raw", "transform"] and len(doc["check"]["hits"]) == 2
+    assert doc["config"]["settings"] == ["raw", "transform"] and doc["config"]["alphas"] == [0.8, 1.2]
+    assert doc["command"] == "a` and `b" and merge([base]) is base
+    with pytest.raises(ValueError):
+        merge([base, base | {"compute": {"prefill_s": [1.0, 2.5]}}])
+    with pytest.raises(ValueError):
+        merge([base, base | {"config": base["config"] | {"requests": 5}}])

@@ -1,40 +1,68 @@
-"""`python -m kvpack.bench.capacity`: what compression buys in capacity — hit rate and TTFT under a store budget.
+"""`kvpack bench capacity`: what compression buys in capacity — hit rate and TTFT under a store budget.
 
 A serving workload on the real model: ``contexts`` distinct contexts of ``tokens`` tokens (consecutive token windows
-of the eval corpora, :func:`contexts`), each asked about with a short question, requested in an order drawn with
-Zipf popularity (:func:`zipf_trace`, exponent ``alpha``). Every request goes through
-:class:`~kvpack.context.ContextCache` (``generate`` with one new token): it loads the stored prefix, prefills the
-rest, and writes the new chunks back (flushed before the next request, so runs are deterministic). The store is
-fresh per (codec, budget, alpha) arm and bounded: ``memory:256MiB`` is a ``MemoryStore`` of that many bytes,
-``memory:256MiB+disk:1GiB`` a ``TieredStore`` of memory in front of a ``DiskStore`` (:func:`parse_budget`).
+of the eval corpora, :func:`contexts`), each followed by the same short question, requested in an order drawn with
+Zipf popularity (:func:`zipf_trace`, exponent ``alpha``) from a store of fixed budget: ``memory:256MiB`` is a
+``MemoryStore`` of that many bytes, ``memory:256MiB+disk:1GiB`` a ``TieredStore`` of memory in front of a
+``DiskStore`` (:func:`parse_budget`); both evict least recently used entries.
 
-Per arm: the fraction of requests that reused their whole context (``hit_rate``) and any of it
-(``partial_hit_rate``), the bytes the store holds at the end, and mean and p95 TTFT. Each codec's quality cost is
-quoted beside it from the committed ``docs/results/codecs.json`` (the same setting label), not re-measured.
+Protocol (a *replay*; every step on the store and codec path runs for real, model compute is measured once):
 
-    python -m kvpack.bench.capacity --contexts 200 --tokens 2048 --requests 1000 --alphas 0.8,1.2 \\
+1. **Compute, once per context** (:func:`compute_contexts`). The model prefills each prompt in chunks of
+   ``chunk_tokens`` on one growing cache, then the question on top, every step timed; the context's KV is kept in a
+   safetensors file under ``--workdir`` (200 x 2K tokens of bf16 KV is ~9.4 GB: on disk, not in RAM). Compute runs
+   in the faster of bfloat16 and float32 on this machine (:func:`compute_dtypes` times one prompt in both, as
+   BENCHMARKS.md asks of every recompute baseline): a float32 copy of the bf16 model computes, and its KV is rounded
+   to bfloat16, the dtype a bf16 serving model stores.
+2. **Replay, per (codec, budget, alpha)** (:class:`Replay`): a fresh bounded store; for each request, the chunk
+   lookup (``exists_many``), fetch and decode of the stored leading chunks into one buffer run for real through
+   :class:`~kvpack.prefix.PrefixStore` and :class:`~kvpack.loader.Loader` (``compute_front=False``, so a load never
+   runs the model) and are timed; the model compute that request still needs is *charged* from step 1's measurement
+   for that context (the chunks after the stored run plus the question; on a full hit only the question), not
+   re-run. TTFT = load wall time + charged compute. Then, as ContextCache's writer thread does after the first
+   token, the chunks that were not stored are encoded and put for real (timed as ``write_s``, not part of TTFT),
+   from the KV file of step 1; a tiered store's background writes are flushed before the next request.
+3. **End-to-end check** (:func:`validate`): a handful of real :class:`~kvpack.context.ContextCache` requests (misses
+   on the compute model, hits per codec on the bf16 model) against the replay's TTFT for the same context and
+   store, so the page can state how closely the replay's accounting matches what ContextCache measures.
+
+Per arm: the fraction of requests that reused their whole context (``hit_rate``) and part of it
+(``partial_hit_rate``), the bytes the store holds at the end, mean and p95 TTFT, and mean load / charged compute /
+write seconds. Each codec's quality cost is quoted beside it from the committed ``docs/results/codecs.json``
+(:func:`quality_of`), not re-measured.
+
+    kvpack bench capacity --contexts 200 --tokens 2048 --requests 1000 --alphas 0.8,1.2 \\
         --budgets memory:256MiB,memory:1GiB,memory:256MiB+disk:1GiB --json capacity.json
+    kvpack bench capacity --render capacity.json --markdown capacity.md --plot capacity.png
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import math
 import re
 import statistics
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from kvpack.store import DiskStore, MemoryStore, Store, TieredStore
 
 QUESTION = "\n\nQuestion: what is the text above about? Answer:"
-DEFAULT_SETTINGS = ("raw", "lossless", "fp8", "kivi:bits=2")
+DEFAULT_SETTINGS = ("raw", "lossless", "fp8", "kivi:bits=4", "kivi:bits=2")
+DEFAULT_BUDGETS = "memory:256MiB,memory:1GiB,memory:256MiB+disk:1GiB"
+CODECS_RESULTS = Path(__file__).resolve().parents[3] / "docs" / "results" / "codecs.json"
+MANIFEST = "contexts.json"
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB)?", re.I)
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -101,22 +129,30 @@ def summarize(ttft_s: Sequence[float]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Served:
-    """What one request did: TTFT, context tokens reused, context tokens in the prompt."""
+    """What one request did: TTFT, context tokens reused of those storable, and where the time went (seconds):
+    ``load_s`` lookup + fetch + decode (measured), ``compute_s`` prefill charged, ``write_s`` encode + put after the
+    first token (measured, not part of TTFT)."""
 
     ttft_s: float
     tokens_hit: int
     context_tokens: int
+    load_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
 
 
 def replay(trace: Sequence[int], serve: Callable[[int], Served]) -> dict[str, float]:
-    """Serve every request of ``trace`` in order; hit rates and TTFT statistics."""
+    """Serve every request of ``trace`` in order; hit rates (whole context / part of it) and time statistics."""
     if not trace:
         raise ValueError("an empty trace has no hit rate")
     served = [serve(i) for i in trace]
     full = sum(s.tokens_hit >= s.context_tokens for s in served)
-    partial = sum(s.tokens_hit > 0 for s in served)
+    partial = sum(0 < s.tokens_hit < s.context_tokens for s in served)
     return {"requests": len(served), "hit_rate": full / len(served), "partial_hit_rate": partial / len(served),
-            **summarize([s.ttft_s for s in served])}
+            **summarize([s.ttft_s for s in served]),
+            "load_mean_s": statistics.fmean(s.load_s for s in served),
+            "compute_mean_s": statistics.fmean(s.compute_s for s in served),
+            "write_mean_s": statistics.fmean(s.write_s for s in served)}
 
 
 def contexts(tokenizer: Any, n: int, tokens: int) -> list[list[int]]:
@@ -132,14 +168,31 @@ def contexts(tokenizer: Any, n: int, tokens: int) -> list[list[int]]:
     raise ValueError(f"the corpora hold only {len(out)} windows of {tokens} tokens, {n} asked")
 
 
-def quality_of(codec_id: str, results: Path) -> float | None:
-    """Δppl % of the codec setting ``codec_id`` in the committed codecs results, ``None`` if it was not measured."""
+def quality_of(codec_id: str, results: Path) -> dict[str, Any] | None:
+    """The quality cost of codec setting ``codec_id`` in the committed codecs results: ``ppl_increase_pct``,
+    ``kl_mean`` and ``same_profile`` (``False`` when only a row of the same codec and parameters calibrated on
+    another profile exists); ``None`` if it was not measured."""
     try:
         rows = json.loads(results.read_text())["rows"]
-    except (OSError, ValueError, KeyError):
+        wanted = json.loads(codec_id)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    value = next((row.get("ppl_increase_pct") for row in rows if row.get("codec_id") == codec_id), None)
-    return None if value is None else float(value)
+
+    def setting(cid: str) -> Any:
+        try:
+            parsed = json.loads(cid)
+            return parsed.get("name"), parsed.get("params"), parsed.get("version")
+        except (ValueError, AttributeError):
+            return None
+
+    exact = [r for r in rows if r.get("codec_id") == codec_id]
+    similar = [r for r in rows if setting(str(r.get("codec_id"))) == setting(codec_id)] if isinstance(wanted, dict) \
+        else []
+    row = (exact or similar or [None])[0]
+    if row is None or row.get("ppl_increase_pct") is None:
+        return None
+    return {"ppl_increase_pct": float(row["ppl_increase_pct"]),
+            "kl_mean": None if row.get("kl_mean") is None else float(row["kl_mean"]), "same_profile": bool(exact)}
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
@@ -154,75 +207,527 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
-def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[Budget], alphas: Sequence[float],
-        n_contexts: int, tokens: int, n_requests: int, seed: int, results: Path) -> list[dict[str, Any]]:
-    """One row per (codec setting, budget, alpha); see the module docstring."""
-    import torch
+# ------------------------------------------------------------------------------------------- step 1: compute once
+@dataclass(frozen=True)
+class Prefilled:
+    """One prompt's prefill, computed and timed once: ``chunk_s[j]`` seconds to prefill chunk ``j`` on top of
+    chunks ``[0, j)``, ``question_s`` for the rest of the prompt on top of all of them; the KV of the chunks
+    ``[layers, 2, kv_heads, len(chunk_s) * chunk_tokens, head_dim]`` is in the safetensors file ``path``."""
 
-    from kvpack import codecs
+    chunk_s: tuple[float, ...]
+    question_s: float
+    path: str
+    ids_hash: str
+
+    def compute_s(self, chunks_stored: int) -> float:
+        """Prefill a request needs when its first ``chunks_stored`` chunks are loaded."""
+        return sum(self.chunk_s[chunks_stored:]) + self.question_s
+
+
+def ids_hash(ids: torch.Tensor) -> str:
+    return hashlib.blake2b(ids.numpy().astype("<i8").tobytes(), digest_size=12).hexdigest()
+
+
+def time_prefill(model: Any, ids: torch.Tensor, chunks: int, chunk_tokens: int) -> tuple[list[float], float, Any]:
+    """Prefill ``ids`` chunk by chunk (``chunks`` chunks, then the rest) on one cache; seconds per step and the
+    cache."""
+    from kvpack.inference import forward, new_cache
+
+    cache = new_cache(model)
+    steps = []
+    for j in range(chunks):
+        t0 = time.perf_counter()
+        forward(model, ids[j * chunk_tokens : (j + 1) * chunk_tokens], cache)
+        steps.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    forward(model, ids[chunks * chunk_tokens :], cache)
+    return steps, time.perf_counter() - t0, cache
+
+
+def storable_chunks(prompt_tokens: int, chunk_tokens: int) -> int:
+    """Chunks of a prompt that ContextCache loads and stores: full chunks of all but its last token."""
+    return (prompt_tokens - 1) // chunk_tokens
+
+
+def compute_contexts(compute_model: Any, spec: Any, prompts: Sequence[torch.Tensor], chunk_tokens: int,
+                     workdir: Path, log: Callable[[str], None] = print) -> list[Prefilled]:
+    """Step 1 for every prompt (see the module docstring); resumes from ``workdir``'s manifest.
+
+    ``spec`` is the *stored* model's spec (bf16): the KV is rounded to its dtype before it is written.
+    """
+    from safetensors.torch import save_file
+
+    from kvpack.kv import KVCache
+    from kvpack.prefix import spec_for
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest_path = workdir / MANIFEST
+    key = f"{spec.fingerprint}|{compute_model.dtype}|{chunk_tokens}"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        done = manifest["entries"] if manifest.get("key") == key else {}
+    except (OSError, ValueError, KeyError):
+        done = {}
+    compute_spec = spec_for(compute_model)
+    out = []
+    for i, ids in enumerate(prompts):
+        h = ids_hash(ids)
+        entry = done.get(h)
+        if entry is not None and Path(entry["path"]).exists():
+            out.append(Prefilled(tuple(entry["chunk_s"]), entry["question_s"], entry["path"], h))
+            continue
+        n = storable_chunks(len(ids), chunk_tokens)
+        steps, question_s, cache = time_prefill(compute_model, ids, n, chunk_tokens)
+        kv = KVCache.from_hf(cache, compute_spec, span=(0, n * chunk_tokens))
+        path = workdir / f"{h}.safetensors"
+        save_file({"kv": kv.data.to(spec.torch_dtype).contiguous()}, str(path))
+        item = Prefilled(tuple(steps), question_s, str(path), h)
+        done[h] = asdict(item)
+        manifest_path.write_text(json.dumps({"key": key, "entries": done}))
+        out.append(item)
+        log(f"context {i + 1}/{len(prompts)}: prefill {sum(steps) + question_s:.2f} s")
+    return out
+
+
+def load_kv(item: Prefilled, spec: Any, ids: torch.Tensor) -> Any:
+    """The stored-dtype KV of ``item``'s chunks as a :class:`~kvpack.kv.KVCache` (positions from 0)."""
+    from safetensors.torch import load_file
+
+    from kvpack.kv import KVCache
+
+    data = load_file(item.path)["kv"]
+    tokens = data.shape[3]
+    return KVCache(spec=spec, data=data, positions=torch.arange(tokens, dtype=torch.int64),
+                   token_ids=ids[:tokens].clone())
+
+
+def float32_copy(model: Any) -> Any:
+    """The same weights computing in float32 (a copy; ``model`` is untouched)."""
+    return copy.deepcopy(model).to(torch.float32).eval()
+
+
+def recompute_ttft(model: Any, ids: torch.Tensor) -> float:
+    """Seconds from the call to the first token's logits of plain ``model.generate`` on ``ids``."""
+    from kvpack.bench.ttft import _recompute_ttft
+
+    return _recompute_ttft(model, ids)
+
+
+def compute_dtypes(models: dict[str, Any], prompt: torch.Tensor) -> dict[str, float]:
+    """One-shot prefill seconds of ``prompt`` per dtype name (one untimed run of a short prompt first, then one
+    timed run; the faster dtype computes every context)."""
+    out = {}
+    for name, model in models.items():
+        recompute_ttft(model, prompt[:64])
+        out[name] = recompute_ttft(model, prompt)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- step 2: replay
+class Replay:
+    """Serves requests (index ``i``: ``prompts[i]``) against ``store`` with ``codec`` as described in the module
+    docstring; callable as the ``serve`` of :func:`replay`."""
+
+    def __init__(self, model: Any, spec: Any, store: Store, codec: Any, chunk_tokens: int,
+                 prompts: Sequence[torch.Tensor], prefilled: Sequence[Prefilled]) -> None:
+        from kvpack.loader import LoaderConfig
+        from kvpack.prefix import PrefixStore
+
+        self.store, self.spec, self.prompts, self.prefilled = store, spec, prompts, prefilled
+        self.prefixes = PrefixStore(store, model, spec, codec, chunk_tokens,
+                                    loader_config=LoaderConfig(compute_front=False, estimates_path=""))
+        self.bytes_put = 0
+        self.chunks_put = 0
+
+    def __call__(self, i: int) -> Served:
+        from kvpack.prefix import RequestStats
+
+        ids, item = self.prompts[i], self.prefilled[i]
+        c = self.prefixes.chunk_tokens
+        n = len(item.chunk_s)
+        stats = RequestStats(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        self.prefixes.load(ids[:-1], stats)  # lookup, fetch, decode: real
+        load_s = time.perf_counter() - t0
+        compute_s = item.compute_s(stats.chunks_hit)
+        t1 = time.perf_counter()
+        spans = [(j * c, (j + 1) * c) for j in stats.failed_chunks]
+        if stats.chunks_hit < n:
+            spans.append((stats.chunks_hit * c, n * c))
+        if spans:
+            kv = load_kv(item, self.spec, ids)
+            read_s = time.perf_counter() - t1  # the KV file stands in for the prefill's output: not the store's time
+            for a, b in spans:
+                before = self.store.stats().bytes_written
+                self.chunks_put += self.prefixes.save(kv[a:b], ids)
+                self.bytes_put += self.store.stats().bytes_written - before
+            if isinstance(self.store, TieredStore):
+                self.store.flush()
+            write_s = time.perf_counter() - t1 - read_s
+        else:
+            write_s = 0.0
+        return Served(load_s + compute_s, stats.tokens_hit, n * c, load_s, compute_s, write_s)
+
+
+def stored_bytes(store: Store) -> int:
+    """Bytes a store holds now (a tiered store: summed over its tiers)."""
+    st = store.stats()
+    tiers = getattr(st, "tiers", ())
+    return sum(t.stats.bytes_stored or 0 for t in tiers) if tiers else st.bytes_stored or 0
+
+
+# ------------------------------------------------------------------------------------- step 3: end-to-end check
+def validate(model: Any, tokenizer: Any, spec: Any, compute_model: Any, codecs_: Sequence[Any],
+             prompt: torch.Tensor, item: Prefilled, chunk_tokens: int, repeats: int = 3,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Real ContextCache requests against the replay's accounting for one prompt.
+
+    Miss: ContextCache on the compute model with an empty store (one-shot prefill) vs the replay's charge for a
+    miss (``item``'s measured chunked prefill). Hits, per codec: the context stored with the codec, then ``repeats``
+    ContextCache requests on the bf16 model and ``repeats`` replayed requests on the same store, whose charged
+    compute is the question's prefill measured here on the bf16 model (so both sides compute in the same dtype).
+    """
     from kvpack.context import ContextCache
+    from kvpack.inference import forward
+    from kvpack.loader import LoaderConfig
 
-    windows = contexts(tokenizer, n_contexts, tokens)
-    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    prompts = [torch.tensor(w + question) for w in windows]
-    rows = []
+    config = LoaderConfig(compute_front=False, estimates_path="")
+    n = len(item.chunk_s)
+    misses = []
+    for _ in range(repeats):
+        with ContextCache(compute_model, tokenizer, store=MemoryStore(), loader=config) as cc:
+            misses.append(cc.generate(prompt, max_new_tokens=1, do_sample=False).stats.ttft_s)
+    out: dict[str, Any] = {"miss": {"contextcache_s": misses, "replay_s": item.compute_s(0)}, "hits": []}
+    log(f"check: miss {statistics.median(misses):.2f} s end to end, {item.compute_s(0):.2f} s charged")
+    kv = load_kv(item, spec, prompt)
+    question_bf16 = []
+    for _ in range(repeats):
+        cache = kv.to_hf()
+        t0 = time.perf_counter()
+        forward(model, prompt[n * chunk_tokens :], cache)
+        question_bf16.append(time.perf_counter() - t0)
+    bf16_item = Prefilled(item.chunk_s, statistics.median(question_bf16), item.path, item.ids_hash)
+    for codec in codecs_:
+        store = MemoryStore(max_bytes=1 << 34)
+        served = Replay(model, spec, store, codec, chunk_tokens, [prompt], [bf16_item])
+        served(0)  # a replayed miss: stores the context with this codec
+        served(0)  # untimed warm-up of both sides (numba's first-call compile, first calls)
+        replayed, real = [], []
+        with ContextCache(model, tokenizer, store=store, codec=codec, chunk_tokens=chunk_tokens, loader=config) as cc:
+            cc.generate(prompt, max_new_tokens=1, do_sample=False)
+            for _ in range(repeats):  # alternating, so both sides see the same load
+                replayed.append(served(0).ttft_s)
+                stats = cc.generate(prompt, max_new_tokens=1, do_sample=False).stats
+                assert stats.chunks_hit == n, "the end-to-end check must hit"
+                real.append(stats.ttft_s)
+        out["hits"].append({"codec_id": codec.codec_id, "contextcache_s": real, "replay_s": replayed,
+                            "question_bf16_s": question_bf16, "warmed_up": True})
+        log(f"check: {codec.name} hit {statistics.median(real):.3f} s end to end, "
+            f"{statistics.median(replayed):.3f} s replayed")
+        store.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+def label(codec: Any) -> str:
+    return codec.name + "".join(f" {k}={v}" for k, v in codec.params().items()
+                                if v is not None and k in ("bits", "preset"))
+
+
+def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[Budget], alphas: Sequence[float],
+        n_contexts: int, tokens: int, n_requests: int, seed: int, workdir: Path, chunk_tokens: int = 256,
+        compute_dtype: str = "auto", check_repeats: int = 3, results: Path = CODECS_RESULTS,
+        log: Callable[[str], None] = print, on_row: Callable[[dict[str, Any]], None] | None = None,
+        compute_only: bool = False) -> dict[str, Any]:
+    """Steps 1-3 of the module docstring; the JSON document (rows, check, compute, config).
+
+    Arms run budget by budget (the smallest first), then alpha, then codec; ``on_row(doc)`` is called with the
+    document so far after each arm. ``compute_only`` stops after step 1.
+    """
+    from kvpack import codecs
+    from kvpack.eval.quality import machine
+    from kvpack.prefix import spec_for
+
+    instances = []
     for setting in settings:
         name, params = parse_setting(setting)
-        codec = codecs.get(name, **params)
-        with ContextCache(model, tokenizer, store=MemoryStore(), codec=codec) as warm:  # untimed: compiles, caches
-            for _ in range(2):  # a miss, then a hit
-                warm.generate(prompts[0], max_new_tokens=1, do_sample=False)
-                warm.flush()
-        for budget in budgets:
-            for alpha in alphas:
-                trace = zipf_trace(n_contexts, n_requests, alpha, seed)
-                with tempfile.TemporaryDirectory(prefix="kvpack-capacity-") as tmp:
+        instances.append((setting, codecs.get(name, **params)))
+    spec = spec_for(model, tokenizer)
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    prompts = [torch.tensor(w + question, dtype=torch.int64) for w in contexts(tokenizer, n_contexts, tokens)]
+    models = {"bfloat16": model, "float32": float32_copy(model)} if model.dtype == torch.bfloat16 else \
+        {str(model.dtype).removeprefix("torch."): model}
+    one_shot = compute_dtypes(models, prompts[0]) if compute_dtype == "auto" else {}
+    chosen = min(one_shot, key=one_shot.__getitem__) if one_shot else compute_dtype
+    compute_model = models[chosen]
+    log(f"one-shot prefill of one prompt: {one_shot}; computing in {chosen}")
+    started = time.perf_counter()
+    prefilled = compute_contexts(compute_model, spec, prompts, chunk_tokens, workdir, log)
+    doc: dict[str, Any] = {
+        "rows": [], "check": None,
+        "compute": {"dtype": chosen, "one_shot_s": one_shot, "wall_s": time.perf_counter() - started,
+                    "prefill_s": [p.compute_s(0) for p in prefilled], "question_s": [p.question_s for p in prefilled]},
+        "config": {"contexts": n_contexts, "tokens": tokens, "requests": n_requests, "seed": seed,
+                   "chunk_tokens": chunk_tokens, "question_tokens": len(question), "alphas": list(alphas),
+                   "budgets": [b.label for b in budgets], "settings": list(settings)},
+        "machine": machine()}
+    if compute_only:
+        return doc
+    doc["check"] = validate(model, tokenizer, spec, compute_model, [c for _, c in instances], prompts[0],
+                            prefilled[0], chunk_tokens, check_repeats, log)
+    for budget in budgets:
+        for alpha in alphas:
+            trace = zipf_trace(n_contexts, n_requests, alpha, seed)
+            for setting, codec in instances:
+                with tempfile.TemporaryDirectory(prefix="kvpack-capacity-", dir=workdir) as tmp:
                     store = budget.open(Path(tmp))
-                    cache = ContextCache(model, tokenizer, store=store, codec=codec)
-
-                    def serve(i: int, cache: ContextCache = cache) -> Served:
-                        stats = cache.generate(prompts[i], max_new_tokens=1, do_sample=False).stats
-                        cache.flush()
-                        return Served(stats.ttft_s, min(stats.tokens_hit, tokens), tokens // cache.chunk_tokens
-                                      * cache.chunk_tokens)
-
+                    serve = Replay(model, spec, store, codec, chunk_tokens, prompts, prefilled)
+                    wall = time.perf_counter()
                     row = replay(trace, serve)
-                    st = store.stats()
-                    tiers = getattr(st, "tiers", ())
-                    stored = sum(t.stats.bytes_stored or 0 for t in tiers) if tiers else st.bytes_stored
-                    cache.close()
+                    wall = time.perf_counter() - wall
+                    stored = stored_bytes(store)
                     store.close()
-                rows.append({"setting": setting, "codec_id": codec.codec_id, "budget": budget.label, "alpha": alpha,
-                             **row, "bytes_stored": stored, "contexts": n_contexts, "tokens": tokens,
-                             "ppl_increase_pct": quality_of(codec.codec_id, results)})
-                print(json.dumps(rows[-1]), flush=True)
-    return rows
+                per_context = serve.bytes_put / max(serve.chunks_put, 1) * len(prefilled[0].chunk_s)
+                doc["rows"].append({
+                    "setting": setting, "label": label(codec), "codec_id": codec.codec_id, "budget": budget.label,
+                    "memory_bytes": budget.memory_bytes, "disk_bytes": budget.disk_bytes, "alpha": alpha, **row,
+                    "bytes_stored": stored, "bytes_per_context": per_context,
+                    "ratio": 2 * spec.elements_per_token * len(prefilled[0].chunk_s) * chunk_tokens / per_context
+                    if per_context else None,
+                    "contexts_in_budget": (budget.memory_bytes + (budget.disk_bytes or 0)) / per_context
+                    if per_context else None,
+                    "quality": quality_of(codec.codec_id, results), "replay_wall_s": wall,
+                    "load_average": _load_average()})
+                doc["load_average_end"] = _load_average()
+                log(json.dumps(doc["rows"][-1]))
+                if on_row is not None:
+                    on_row(doc)
+    return doc
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------- the page
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _quality(q: dict[str, Any] | None) -> str:
+    if q is None:
+        return "not measured"
+    text = f"{q['ppl_increase_pct']:+.2f}% / {_fmt(q.get('kl_mean'), '.4f')}"
+    return text if q.get("same_profile", True) else text + " (other profile)"
+
+
+def target(doc: dict[str, Any], budget: str, codec: str = "transform", baseline: str = "raw") -> list[dict[str, Any]]:
+    """Per alpha at ``budget``: ``codec``'s hit rate and mean TTFT against ``baseline``'s (the issue's target is
+    hit rate >= 3x and mean TTFT >= 2x lower)."""
+    out = []
+    rows = [r for r in doc["rows"] if r["budget"] == budget]
+    for alpha in sorted({r["alpha"] for r in rows}):
+        a = next((r for r in rows if r["alpha"] == alpha and r["setting"].split(":")[0] == codec), None)
+        b = next((r for r in rows if r["alpha"] == alpha and r["setting"].split(":")[0] == baseline), None)
+        if a is None or b is None:
+            continue
+        hit = a["hit_rate"] / b["hit_rate"] if b["hit_rate"] else math.inf
+        ttft = b["ttft_mean_s"] / a["ttft_mean_s"]
+        out.append({"alpha": alpha, "hit_rate": (a["hit_rate"], b["hit_rate"]), "hit_ratio": hit,
+                    "ttft_mean_s": (a["ttft_mean_s"], b["ttft_mean_s"]), "ttft_speedup": ttft,
+                    "met": hit >= 3 and ttft >= 2})
+    return out
+
+
+def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: str | None = None) -> str:
+    """The results page of a run's JSON document."""
+    cfg, comp, check = doc["config"], doc["compute"], doc["check"]
+    lines = ["# Capacity: hit rate and TTFT under a store budget", "",
+             f"Produced by `{command}`; this page and its plot are rendered from the JSON by `{render_command}`. "
+             f"Machine: {doc['machine']}; load average at the end {doc.get('load_average_end')} (shared machine: "
+             "every timing is indicative).", "",
+             f"Workload: {cfg['contexts']} distinct contexts of {cfg['tokens']} tokens (windows of the eval "
+             f"corpora) + a {cfg['question_tokens']}-token question, {cfg['requests']} requests per arm with Zipf "
+             f"popularity (seed {cfg['seed']}), chunks of {cfg['chunk_tokens']} tokens, SmolLM2-135M storing bf16 "
+             "KV. Each arm starts from an empty store (cold start included).", "",
+             "**Protocol: a replay (`kvpack/bench/capacity.py`).** Every operation on the store and codec path runs "
+             "for real and is timed: chunk lookup, fetch and decode on each request, encode and put of the chunks "
+             "not stored (after the first token, as ContextCache's writer thread does). The model compute a request "
+             "still needs is **not re-run**: it is charged from a prefill of that context measured once (chunk by "
+             f"chunk, then the question), in {comp['dtype']} (one-shot prefill of one prompt: "
+             + ", ".join(f"{k} {v:.2f} s" for k, v in comp["one_shot_s"].items())
+             + "; the faster dtype computes, its KV rounded to bf16). TTFT = load + charged compute; a full hit is "
+             "charged the question's prefill only. The loader loads only (`compute_front=False`).", ""]
+    misses = check["miss"]
+    lines += ["## End-to-end check", "",
+              "Real `ContextCache` requests on one context against the replay's TTFT for it (medians of "
+              f"{len(misses['contextcache_s'])}): a miss on the {comp['dtype']} model (one-shot prefill) against "
+              "the charged chunked prefill; hits per codec on the bf16 model against replayed hits on the same "
+              "store, charged the question's prefill measured on the bf16 model. The miss's charge is step 1's "
+              "measurement of that context, taken at another time than the check, so on a shared machine it also "
+              "shows how far a charge drifts with the load.", "",
+              "| request | ContextCache TTFT s | replay TTFT s | replay / ContextCache |", "|---|---|---|---|"]
+    real = statistics.median(misses["contextcache_s"])
+    lines.append(f"| miss | {real:.3f} | {misses['replay_s']:.3f} | {misses['replay_s'] / real:.2f} |")
+    names = {r["codec_id"]: r["label"] for r in doc["rows"]}
+    cold = [h for h in check["hits"] if not h.get("warmed_up")]
+    for h in check["hits"]:
+        replayed = h["replay_s"] if h.get("warmed_up") else h["replay_s"][1:] or h["replay_s"]
+        real, rep = statistics.median(h["contextcache_s"]), statistics.median(replayed)
+        lines.append(f"| hit, {names.get(h['codec_id'], h['codec_id'])} | {real:.3f} | {rep:.3f} | "
+                     f"{rep / real:.2f} |")
+    if cold:
+        lines += ["", "In this run the replayed hits were not preceded by a warm-up request (the ContextCache side "
+                  "was): the first replayed hit of each codec included numba's first-call compile and counts as its "
+                  "warm-up, left out of the median above and listed here (s): "
+                  + ", ".join(f"{names.get(h['codec_id'], h['codec_id'])} {h['replay_s'][0]:.2f}" for h in cold)
+                  + ". `validate` now warms both sides up first and alternates them."]
+    lines += ["", "## Results", "",
+              "hit: the whole context reused; partial: part of it. TTFT mean and p95 in seconds; load = lookup + "
+              "fetch + decode (measured), compute = prefill charged, write = encode + put (measured, after the first "
+              "token). ratio: bf16 bytes / stored bytes per context. Quality: Δppl % / KL mean of the same setting "
+              "in docs/results/codecs.json (not re-measured here).", "",
+              "| codec | budget | alpha | hit | partial | TTFT mean | TTFT p95 | load | compute | write | "
+              "stored MB | ratio | contexts fit | quality |", "|" + "---|" * 14]
+    for r in doc["rows"]:
+        lines.append(
+            f"| {r['label']} | {r['budget']} | {r['alpha']:g} | {r['hit_rate']:.3f} | {r['partial_hit_rate']:.3f} | "
+            f"{r['ttft_mean_s']:.3f} | {r['ttft_p95_s']:.3f} | {r['load_mean_s']:.3f} | {r['compute_mean_s']:.3f} | "
+            f"{r['write_mean_s']:.3f} | {r['bytes_stored'] / 1e6:.1f} | {_fmt(r['ratio'], '.1f')} | "
+            f"{_fmt(r['contexts_in_budget'], '.0f')} | {_quality(r['quality'])} |")
+    done = {(r["setting"], r["budget"], r["alpha"]) for r in doc["rows"]}
+    missing = [f"{s} at {b}, alpha {a:g}" for b in cfg["budgets"] for a in cfg["alphas"] for s in cfg["settings"]
+               if (s, b, a) not in done]
+    if missing:
+        lines += ["", f"Not run (the run was stopped before these arms): {'; '.join(missing)}."]
+    budgets = list(dict.fromkeys(r["budget"] for r in doc["rows"]))
+    lines += ["", "## Target", "", "At the smallest memory budget, transform against raw: hit rate at least 3x "
+              "and mean TTFT at least 2x lower.", ""]
+    checks = target(doc, budgets[0]) if budgets else []
+    if not checks:
+        lines.append("Not measured: the run has no transform and raw rows at that budget.")
+    for t in checks:
+        lines.append(f"- {budgets[0]}, alpha {t['alpha']:g}: hit rate {t['hit_rate'][0]:.3f} vs "
+                     f"{t['hit_rate'][1]:.3f} ({t['hit_ratio']:.2f}x), mean TTFT {t['ttft_mean_s'][0]:.3f} s vs "
+                     f"{t['ttft_mean_s'][1]:.3f} s ({t['ttft_speedup']:.2f}x lower): "
+                     f"**{'met' if t['met'] else 'missed'}**.")
+    if plot_name:
+        lines += ["", f"![hit rate and mean TTFT per codec and budget]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Hit rate (left) and mean TTFT (right) per codec, one group of bars per (budget, alpha)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["rows"]
+    arms = list(dict.fromkeys((r["budget"], r["alpha"]) for r in rows))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(len(labels), 1)
+    for k, name in enumerate(labels):
+        for ax, key in zip(axes, ("hit_rate", "ttft_mean_s"), strict=True):
+            values = [next((r[key] for r in rows if r["label"] == name and (r["budget"], r["alpha"]) == arm),
+                           math.nan) for arm in arms]
+            ax.bar([i + k * width for i in range(len(arms))], values, width, label=name, color=f"C{k % 10}")
+    for ax, title in zip(axes, ("hit rate (whole context)", "mean TTFT (s)"), strict=True):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(arms))])
+        ax.set_xticklabels([f"{b}\nalpha {a:g}" for b, a in arms], fontsize=6)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def merge(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One document from runs of the same workload (contexts, requests, seed, computed prefills) with different codec
+    settings or budgets (e.g. a codec whose profile came later): rows and end-to-end hit checks joined;
+    :class:`ValueError` if the workloads differ."""
+    first = docs[0]
+    same = ("contexts", "tokens", "requests", "seed", "chunk_tokens")
+    for doc in docs[1:]:
+        if any(doc["config"][k] != first["config"][k] for k in same) or \
+                doc["compute"]["prefill_s"] != first["compute"]["prefill_s"]:
+            raise ValueError("only runs of the same workload on the same computed contexts can be merged")
+    if len(docs) == 1:
+        return first
+    return first | {
+        "rows": [r for d in docs for r in d["rows"]],
+        "check": first["check"] | {"hits": [h for d in docs for h in d["check"]["hits"]],
+                                   "misses_by_run": [d["check"]["miss"] for d in docs]},
+        "config": first["config"] | {key: list(dict.fromkeys(x for d in docs for x in d["config"][key]))
+                                     for key in ("settings", "budgets", "alphas")},
+        "command": "` and `".join(d.get("command", "kvpack bench capacity") for d in docs),
+        "load_average_end": [d.get("load_average_end") for d in docs]}
+
+
+def render(doc: dict[str, Any], markdown_path: Path | None, plot_path: Path | None, render_command: str) -> None:
+    """Write the page and the plot of a run's JSON document."""
+    if plot_path:
+        plot(doc, plot_path)
+    if markdown_path:
+        markdown_path.write_text(markdown(doc, doc.get("command", "kvpack bench capacity"), render_command,
+                                          plot_path.name if plot_path else None))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="kvpack bench capacity",
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--settings", default=";".join(DEFAULT_SETTINGS),
                         help="codec settings separated by ';' (NAME or NAME:k=v,k=v), e.g. transform:profile=P")
-    parser.add_argument("--budgets", default="memory:256MiB,memory:1GiB,memory:256MiB+disk:1GiB")
+    parser.add_argument("--budgets", default=DEFAULT_BUDGETS)
     parser.add_argument("--alphas", default="0.8,1.2")
     parser.add_argument("--contexts", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="dtype of the measured prefills (auto: the faster on this machine)")
+    parser.add_argument("--check-repeats", type=int, default=3, help="requests per side of the end-to-end check")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kvpack-capacity",
+                        help="where the contexts' KV files (and a manifest to resume from) are kept")
     parser.add_argument("--model", default=None, help="model name or path (default: the bundled model)")
-    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON document here")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the results page here")
+    parser.add_argument("--plot", type=Path, default=None, help="write the plot (PNG) here")
+    parser.add_argument("--render", type=Path, nargs="+", default=None,
+                        help="only render --markdown/--plot from these JSON documents (runs of one workload)")
+    parser.add_argument("--compute-only", action="store_true", help="only compute the contexts into --workdir")
     args = parser.parse_args(argv)
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    if args.render is not None:
+        docs = [json.loads(path.read_text()) for path in args.render]
+        render(merge(docs), args.markdown, args.plot, f"kvpack bench capacity {argv_text}")
+        return
     from kvpack import models
 
     model, tokenizer = models.load(args.model) if args.model else models.load()
-    rows = run(model, tokenizer, [s for s in args.settings.split(";") if s],
-               [parse_budget(b) for b in args.budgets.split(",")], [float(a) for a in args.alphas.split(",")],
-               args.contexts, args.tokens, args.requests, args.seed,
-               Path(__file__).resolve().parents[3] / "docs" / "results" / "codecs.json")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "config": vars(args) | {"json": str(args.json)}}, indent=1,
-                                        default=str))
+    command = f"kvpack bench capacity {argv_text}"
+
+    def save(doc: dict[str, Any]) -> None:
+        if args.json:
+            args.json.write_text(json.dumps(doc | {"command": command}, indent=1))
+
+    doc = run(model, tokenizer, [s for s in args.settings.split(";") if s],
+              [parse_budget(b) for b in args.budgets.split(",")], [float(a) for a in args.alphas.split(",")],
+              args.contexts, args.tokens, args.requests, args.seed, args.workdir, args.chunk_tokens,
+              args.compute_dtype, args.check_repeats, on_row=save, compute_only=args.compute_only)
+    doc["command"] = command
+    if args.compute_only:
+        return
+    save(doc)
+    render(doc, args.markdown, args.plot, "kvpack bench capacity --render JSON --markdown MD --plot PNG")
 
 
 if __name__ == "__main__":
