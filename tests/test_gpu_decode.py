@@ -70,6 +70,27 @@ def flip_word(data: bytes, section: str) -> bytes:
     return rewrite(data, edit)
 
 
+def test_gpu_lossless_merge_refuses_escapes_in_the_wrong_tile() -> None:
+    """Escape counts moved from one tile to the next (same total, so every size check passes): only the merge can
+    tell, and the kernel refuses it as the CPU does."""
+    kv = make_kv(tokens=6, layers=1, heads=2, head_dim=8)
+    kv.data[0, 0, 0, 3, :4] = 0.0  # zeros in a row of large values: escapes in the first tile
+    data = kvpack.encode(kv, "lossless")
+
+    def edit(_: dict[str, Any], sections: dict[str, bytes]) -> None:
+        counts = bytearray(sections["escapes"])
+        assert counts[0] > 0 and counts[0] < 128 and counts[1] < 127  # one-byte varints
+        counts[0] -= 1
+        counts[1] += 1
+        sections["escapes"] = bytes(counts)
+
+    forged = rewrite(data, edit)
+    with pytest.raises(FormatError, match="escapes"):
+        kvpack.decode(forged)
+    with pytest.raises(FormatError, match="escapes"):
+        gpu.decode(forged, device=DEVICE)
+
+
 @pytest.mark.parametrize("name", ["lossless", "fp8", "kivi"])
 def test_gpu_decoders_refuse_what_the_cpu_refuses(name: str) -> None:
     """Forged headers and sections fail the validation that runs before any kernel, corrupted rANS words fail the
