@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import kvpack
 from conftest import make_kv
 from kvpack.codecs import get
-from kvpack.codecs.kivi import _read_params
+from kvpack.codecs.kivi import read_params
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import read_container
 from kvpack.kv import KVCache
@@ -26,8 +26,8 @@ def steps(data: bytes, kv: KVCache, group: int) -> tuple[torch.Tensor, int, int]
     n_sink, n_res = container.header["meta"]["sink_tokens"], container.header["meta"]["residual_tokens"]
     layers, heads, dim = kv.spec.num_layers, kv.spec.num_kv_heads, kv.spec.head_dim
     count = kv.num_tokens - n_sink - n_res
-    _, kstep = _read_params(container, "key_params", (layers, heads, dim, -(-count // group)), True)
-    _, vstep = _read_params(container, "value_params", (layers, heads, count, -(-dim // group)), False)
+    _, kstep = read_params(container, "key_params", (layers, heads, dim, -(-count // group)), True)
+    _, vstep = read_params(container, "value_params", (layers, heads, count, -(-dim // group)), False)
     k = torch.from_numpy(kstep).double().repeat_interleave(group, dim=3)[..., :count].transpose(2, 3)
     v = torch.from_numpy(vstep).double().repeat_interleave(group, dim=3)[..., :dim]
     return torch.stack([k, v], dim=1).reshape(2 * layers, heads, count, dim), n_sink, n_res

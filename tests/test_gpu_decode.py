@@ -8,14 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
+from numba import njit
 
 import kvpack
 from conftest import make_kv
 from forged import Source, attacks, rewrite
 from kvpack import gpu
+from kvpack.codecs.common import float_bits
 from kvpack.errors import CodecError, FormatError, KvpackError
+from kvpack.gpu.floats import to_bits
 from kvpack.kv import KVCache, int_view
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,6 +74,27 @@ def flip_word(data: bytes, section: str) -> bytes:
         body = sections[section]
         sections[section] = body[:-2] + bytes([body[-2] ^ 0x5A, body[-1] ^ 0x01])
     return rewrite(data, edit)
+
+
+def test_gpu_lossless_merge_refuses_escapes_in_the_wrong_tile() -> None:
+    """Escape counts moved from one tile to the next (same total, so every size check passes): only the merge can
+    tell, and the kernel refuses it as the CPU does."""
+    kv = make_kv(tokens=6, layers=1, heads=2, head_dim=8)
+    kv.data[0, 0, 0, 3, :4] = 0.0  # zeros in a row of large values: escapes in the first tile
+    data = kvpack.encode(kv, "lossless")
+
+    def edit(_: dict[str, Any], sections: dict[str, bytes]) -> None:
+        counts = bytearray(sections["escapes"])
+        assert counts[0] > 0 and counts[0] < 128 and counts[1] < 127  # one-byte varints
+        counts[0] -= 1
+        counts[1] += 1
+        sections["escapes"] = bytes(counts)
+
+    forged = rewrite(data, edit)
+    with pytest.raises(FormatError, match="escapes"):
+        kvpack.decode(forged)
+    with pytest.raises(FormatError, match="escapes"):
+        gpu.decode(forged, device=DEVICE)
 
 
 @pytest.mark.parametrize("name", ["lossless", "fp8", "kivi"])
@@ -159,3 +186,35 @@ def test_decode_device_argument_dispatch() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(CodecError, match="CUDA"):
             kvpack.decode(data, device="cuda")
+
+
+@triton.jit
+def _apply_to_bits(u, out, n, KIND: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(u + i, mask=i < n, other=0)
+    tl.store(out + i, to_bits(x, KIND), mask=i < n)
+
+
+@njit
+def _float_bits_cpu(u, kind):  # type: ignore[no-untyped-def]
+    out = np.empty_like(u)
+    for i in range(u.size):
+        out[i] = float_bits(u[i], kind)
+    return out
+
+
+def test_gpu_rounding_matches_the_cpu_bit_for_bit() -> None:
+    """kvpack.gpu.floats.to_bits against the CPU kernels' float_bits on every kind of float32: normals, subnormals of
+    the targets, overflow to inf, ties, infinities and NaN payloads of both signs."""
+    rng = np.random.default_rng(0)
+    special = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x477FF000,
+                        0x477FEFFF, 0x38800000, 0x387FFFFF, 0x33000000, 0x32FFFFFF, 0x33000001, 0x3F808000,
+                        0x3F818000, 0x3F80FFFF, 0x7F7FFFFF], np.int64)
+    exponents = rng.integers(96, 144, 4000) << 23  # around fp16's subnormal and normal range
+    u = np.concatenate([special, rng.integers(0, 1 << 32, 4000), exponents | rng.integers(0, 1 << 23, 4000),
+                        (exponents | rng.integers(0, 1 << 23, 4000)) | (1 << 31)]).astype(np.int64)
+    for kind in (1, 2):
+        out = torch.empty(u.size, dtype=torch.int64, device=DEVICE)
+        _apply_to_bits[(triton.cdiv(u.size, 1024),)](torch.from_numpy(u).to(DEVICE), out, u.size, KIND=kind,
+                                                      BLOCK=1024)
+        assert np.array_equal(out.cpu().numpy(), _float_bits_cpu(u, kind)), kind

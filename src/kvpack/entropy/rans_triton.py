@@ -37,6 +37,11 @@ __all__ = ["LANES_PER_PROGRAM", "decode_stream", "device_tables", "interpreting"
 
 #: Lanes per Triton program (one lane per element of the program's vectors).
 LANES_PER_PROGRAM = 128
+# the format's constants, as Triton kernels may read globals only when they are constexpr
+_COLUMNS = tl.constexpr(MAX_ALPHABET + 1)
+_M = tl.constexpr(PROB_SCALE)
+_BITS = tl.constexpr(PROB_BITS)
+_L = tl.constexpr(STATE_LOWER)
 
 
 def interpreting() -> bool:
@@ -55,7 +60,7 @@ def _decode_lanes_kernel(  # type: ignore[no-untyped-def]
     w0 = tl.load(word_offsets + lane, mask=live, other=0)
     w1 = tl.load(word_offsets + lane + 1, mask=live, other=0)
     table = tl.load(lane_table + lane, mask=live, other=0).to(tl.int64)
-    row = table * (MAX_ALPHABET + 1)
+    row = table * _COLUMNS
     used = live & (n > 0)
     lo = tl.load(words + w0, mask=used, other=0).to(tl.int64) & 0xFFFF
     hi = tl.load(words + w0 + 1, mask=used, other=0).to(tl.int64) & 0xFFFF
@@ -65,25 +70,24 @@ def _decode_lanes_kernel(  # type: ignore[no-untyped-def]
     last = tl.maximum(w1 - 1, 0)
     for j in range(0, max_len):
         act = used & (j < n)
-        slot = x & (PROB_SCALE - 1)
+        slot = x & (_M - 1)
         if SEARCH:
             s = tl.zeros_like(slot)
             for k in tl.static_range(0, 8):
-                step: tl.constexpr = 128 >> k
-                probe = tl.load(cum + row + s + step, mask=act, other=PROB_SCALE)
-                s = tl.where(probe <= slot, s + step, s)
+                probe = tl.load(cum + row + s + (128 >> k), mask=act, other=_M)
+                s = tl.where(probe <= slot, s + (128 >> k), s)
         else:
-            s = tl.load(lookup + table * PROB_SCALE + slot, mask=act, other=0).to(tl.int64)
+            s = tl.load(lookup + table * _M + slot, mask=act, other=0).to(tl.int64)
         c = tl.load(cum + row + s, mask=act, other=0).to(tl.int64)
         f = tl.load(cum + row + s + 1, mask=act, other=0).to(tl.int64) - c
-        y = f * (x >> PROB_BITS) + slot - c
-        refill = act & (y < STATE_LOWER)
+        y = f * (x >> _BITS) + slot - c
+        refill = act & (y < _L)
         w = tl.load(words + tl.minimum(p, last), mask=refill, other=0).to(tl.int64) & 0xFFFF
         y = tl.where(refill, (y << 16) | w, y)
         x = tl.where(act, y, x)
         p = tl.where(refill, p + 1, p)
         tl.store(out + s0 + j, s.to(tl.uint8), mask=act)
-    ok = (x0 >= STATE_LOWER) & (x == STATE_LOWER) & (p == w1)
+    ok = (x0 >= _L) & (x == _L) & (p == w1)
     tl.store(bad + lane, (used & (ok == 0)).to(tl.int8), mask=live)
 
 

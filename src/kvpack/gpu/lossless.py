@@ -25,6 +25,8 @@ from kvpack.format import Container
 from kvpack.gpu.transfer import array
 from kvpack.spec import ModelSpec
 
+_ESCAPE = tl.constexpr(ESCAPE)  # Triton kernels read globals only when they are constexpr
+
 
 @triton.jit
 def _merge_kernel(  # type: ignore[no-untyped-def]
@@ -46,7 +48,7 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
         e = b - (sym >> (K + 1))
         sign = ((sym >> K) & 1) ^ f
         top = (sign << (EXP + K)) | (e << K) | (sym & ((1 << K) - 1))
-        esc = cm & (sym == ESCAPE)
+        esc = cm & (sym == _ESCAPE)
         count = esc.to(tl.int64)
         idx = ep + tl.cumsum(count, 0) - count
         value = tl.load(escapes + idx, mask=esc & (idx < end), other=0).to(tl.int64)
@@ -65,7 +67,7 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
             rest |= ((pair >> (bit % 8)) & ((1 << PART) - 1)) << (8 * WHOLE)
         bits = (top << LOW) | (rest << SHIFT)
         tl.store(out + (tile * tokens + t) * dim + c, bits.to(out.dtype.element_ty), mask=cm)
-    tl.store(bad + tile, (tl.max(wrong, 0) > 0) | (ep != end))
+    tl.store(bad + tile, ((tl.max(wrong, 0) > 0) | (ep != end)).to(tl.int8))
 
 
 def decode_bits(sections: Mapping[str, memoryview], shape: tuple[int, int, int, int], dtype: str, classes: int,
