@@ -20,7 +20,18 @@ from kvpack.errors import UnsupportedModelError
 from kvpack.inference import forward, new_cache, prefill
 from kvpack.kv import KVCache
 from kvpack.loader import LoaderConfig
-from kvpack.reuse import Blend, Epic, PolicyError, Prompt, Prophet, Segment, SegmentStats, policies, recompute
+from kvpack.reuse import (
+    Blend,
+    Epic,
+    PolicyError,
+    Prompt,
+    Prophet,
+    RepairJob,
+    Segment,
+    SegmentStats,
+    policies,
+    recompute,
+)
 from kvpack.reuse.edits import Edit, decode_version, encode_version
 from kvpack.reuse.policies.prophet import query_attention
 from kvpack.spec import ModelSpec
@@ -432,8 +443,10 @@ def test_invalid_prompts_and_policies_raise_typed_errors() -> None:
     model = tiny("llama", torch.float32)
     with context_cache(model, ModelSpec.from_model(model)) as cc, pytest.raises(PolicyError, match=r"layers 0\.\.3"):
         cc.segments.assemble(rag(Blend(layer=4)))
-    with context_cache(model, ModelSpec.from_model(model)) as cc, pytest.raises(PolicyError, match="query"):
-        cc.segments.assemble(Prompt([SYSTEM, DOC_A, DOC_B], repair=Prophet()))  # no uncached tail to ask with
+    spec = ModelSpec.from_model(model)
+    job = RepairJob(model=model, kv=KVCache.empty(spec, 8), candidates=torch.arange(8), segments=((0, 8),))
+    with pytest.raises(PolicyError, match="query"):
+        Prophet().select(job)  # no query to ask with (assemble always passes at least the prompt's last token)
 
 
 # ------------------------------------------------------------------------------------------- real model quality

@@ -658,7 +658,7 @@ def _target_rows(t: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         best = e["best_at_most_10pct"]
         rows.append((f"edits: ppl within +1% at <= 10% recompute, TTFT >= 5x below full ({e['ttft_tokens']} tokens "
                      "here, 4K in the issue)",
-                     ("-" if best is None else f"{best['policy']} {best['ratio']:.2f}: "
+                     ("no arm recomputed <= 10%; " if best is None else f"{best['policy']} {best['ratio']:.2f}: "
                       f"{best['ppl_increase_pct']:+.2f}% at {best['recomputed']:.1%} recomputed; ")
                      + ", ".join(f"{p} {v:.2f}x" for p, v in e["speedup"].items()), e["met"]))
     return rows
