@@ -98,10 +98,19 @@ def assign_classes(hist: np.ndarray, n_classes: int) -> np.ndarray:
     return assign.astype(np.uint8)
 
 
+@njit(nogil=True, cache=True)
 def _class_counts(hist: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Summed histograms ``[n_groups, n_classes, alphabet]`` of the rows of each class (``hist``'s dtype)."""
-    onehot = (classes[:, :, None] == np.arange(n_classes)).astype(hist.dtype)
-    return onehot.transpose(0, 2, 1) @ hist
+    """Summed histograms ``[n_groups, n_classes, alphabet]`` of the rows of each class (``hist``'s dtype; counts, so
+    float64 sums are exact in any order). A loop, not a one-hot matmul: numpy's stacked matmul ran at ~3 GFLOP/s and
+    was a fifth of a 256-token chunk's encode."""
+    n_groups, rows, alphabet = hist.shape
+    out = np.zeros((n_groups, n_classes, alphabet), hist.dtype)
+    for g in range(n_groups):
+        for r in range(rows):
+            c = classes[g, r]
+            for s in range(alphabet):
+                out[g, c, s] += hist[g, r, s]
+    return out
 
 
 def pack_classes(classes: np.ndarray, n_classes: int) -> bytes:
