@@ -101,6 +101,9 @@ def test_ttft_page_and_plot(tmp_path: Path) -> None:
     assert "Previous protocol" not in page and "| 1024 | 20.48 | 10.24 | float32 |" in page
     ttft.plot(rows, tmp_path / "ttft.png")
     assert (tmp_path / "ttft.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Targets of issue 11:" in page and "| adaptive <= 1.05x the best fixed strategy in every cell |" in page
+    ttft.render([{k: v for k, v in r.items() if k != "machine"} for r in rows], tmp_path / "again.md", None, "cmd")
+    assert "Produced by `cmd` on" in (tmp_path / "again.md").read_text()  # a partial file gets this machine
 
 
 def _tiny_models() -> tuple[Any, Any]:

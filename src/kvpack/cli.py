@@ -378,6 +378,8 @@ def bench_ttft(
     json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of TTFT against context length here.")] = None,
+    render: Annotated[Path | None, typer.Option(
+        help="Measure nothing: write --markdown/--plot from this JSON (e.g. a run's .partial.json).")] = None,
 ) -> None:
     """TTFT: recompute vs loading each codec (all chunks, or adaptively) from memory, disk and shaped links."""
     import torch
@@ -385,6 +387,9 @@ def bench_ttft(
     from kvpack import models
     from kvpack.bench import ttft
 
+    if render is not None:
+        ttft.render(json.loads(render.read_text()), markdown, plot, _command_line())
+        return
     try:
         config = ttft.TtftConfig(lengths=tuple(int(x) for x in lengths.split(",") if x.strip()),
                                  links_gbps=tuple(float(x) for x in links.split(",") if x.strip()),

@@ -573,6 +573,17 @@ def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], config: Ttft
     return rows
 
 
+def render(rows: list[dict[str, Any]], markdown_path: Path | None, plot_path: Path | None, command: str) -> None:
+    """Write the page and the plot from rows measured earlier (``kvpack bench ttft --render JSON``); rows without
+    a machine (a partial file) get this one's."""
+    for row in rows:
+        row.setdefault("machine", machine())
+    if markdown_path:
+        markdown_path.write_text(markdown(rows, plot_path, command))
+    if plot_path:
+        plot(rows, plot_path)
+
+
 # ------------------------------------------------------------------------------------------------------ the tables
 Section = tuple[str, list[str], list[list[str]]]
 _TEXT_COLUMNS = ("strategy", "method", "transport", "best fixed", "best adaptive")
