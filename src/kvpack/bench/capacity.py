@@ -641,7 +641,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_xticklabels([f"{b}\nalpha {a:g}" for b, a in arms], fontsize=6)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    axes[1].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
