@@ -35,7 +35,7 @@ def _not_built() -> str | None:
         return None
     log = ROOT / ".venv-vllm.log"
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
-    return ("the vLLM integration venv is not built: run `make vllm-venv`"
+    return ("the vLLM integration venv is not built: run `make test-vllm` (builds it and runs this test)"
             + (f"; its last attempt ended with: {tail[0]} (.venv-vllm.log)" if tail else ""))
 
 
