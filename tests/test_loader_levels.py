@@ -132,10 +132,11 @@ def _loader(setup: dict[str, Any], chosen: list[Any], store: MemoryStore, **conf
 
 
 def _force(loader: Loader, level: int) -> None:
-    """Make every level but ``level`` look slow, so that a tight target picks ``level`` for every chunk."""
+    """Make every level but ``level`` look slow (1000 s a chunk: no re-plan can afford one), so that a tight target
+    picks ``level`` for every chunk."""
     for j, names in enumerate(loader.level_names):
         loader.estimates.update(names.fetch, 1e9)
-        loader.estimates.update(names.chunk_bytes, 1e3 if j == level else 1e9)
+        loader.estimates.update(names.chunk_bytes, 1e3 if j == level else 1e12)
         loader.estimates.update(names.decode, 1e12)
 
 
