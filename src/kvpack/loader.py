@@ -300,11 +300,16 @@ class Plan:
 
 @dataclass
 class LoadReport:
-    """What a load did: chunks loaded (from the back) and computed (from the front), the chunks that failed to
-    load (computed instead), bytes read, time per activity (overlapping) and the estimates after the load.
+    """What a load did (times in seconds).
 
-    ``chunk_levels``: per chunk, the level it was loaded at or ``"computed"``; ``replans``: how often the loader
-    planned the remaining chunks again because one arrived later than planned.
+    Of the stored chunks, ``chunks_loaded`` came from the store (from the back) and ``chunks_computed`` were
+    prefilled from the front while the rest loaded; ``failed_chunks`` lists those whose entry could not be read or
+    decoded (computed instead). ``load_s`` is the wall time of the whole load; ``fetch_s``, ``decode_s``,
+    ``compute_s`` the time spent in each activity (they overlap, so they may add up to more: :attr:`overlap_s`).
+    ``plan`` is what the loader decided and the predictions it decided on; ``chunk_levels`` what each chunk became
+    (its quality level's name, or ``"computed"``), ``chunks_by_level`` the count per level; ``replans`` how often
+    chunks arriving later than planned made the loader plan the rest again; ``estimates`` the loader's estimates
+    after the load.
     """
 
     plan: Plan | None = None
@@ -312,18 +317,24 @@ class LoadReport:
     chunks_computed: int = 0
     failed_chunks: list[int] = field(default_factory=list)
     bytes_read: int = 0
+    load_s: float = 0.0
     fetch_s: float = 0.0
     decode_s: float = 0.0
     compute_s: float = 0.0
-    wall_s: float = 0.0
     chunk_levels: list[str] = field(default_factory=list)
     replans: int = 0
     estimates: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def chunks_by_level(self) -> dict[str, int]:
-        """How many chunks each level (or ``"computed"``) gave."""
+        """How many of the stored chunks each quality level (or ``"computed"``) gave."""
         return dict(Counter(self.chunk_levels))
+
+    @property
+    def overlap_s(self) -> float:
+        """Seconds the fetch, decode and compute activities ran at the same time (their sum beyond the load's wall
+        time; 0 when they ran one after another)."""
+        return max(0.0, self.fetch_s + self.decode_s + self.compute_s - self.load_s)
 
 
 #: A chunk that arrives this many times later than planned makes the loader plan the rest again.
@@ -459,7 +470,7 @@ class Loader:
         for hole in holes:  # on top of everything before it, now complete
             self._fill(ids, kv, hole, report)
             report.chunk_levels[hole] = "computed"
-        report.wall_s = time.perf_counter() - state.start
+        report.load_s = time.perf_counter() - state.start
         self.estimates.save()
         report.estimates = {n: self.estimates.get(n) for names in self.level_names for n in names.all()} \
             | {self.tail_name: self.estimates.get(self.tail_name)}

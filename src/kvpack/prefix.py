@@ -17,9 +17,8 @@ serve people who call ``model.generate`` themselves::
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from kvpack.codecs.base import Codec
 from kvpack.inference import new_cache
 from kvpack.keys import DEFAULT_CHUNK_TOKENS, KeySpace
 from kvpack.kv import KVCache
-from kvpack.loader import Loader, LoaderConfig, Plan
+from kvpack.loader import Loader, LoaderConfig, LoadReport
 from kvpack.spec import ModelSpec
 from kvpack.store import Store
 from kvpack.store import open as open_store
@@ -38,48 +37,21 @@ _SPECS_ATTR = "_kvpack_specs"
 
 
 @dataclass
-class RequestStats:
-    """What one request did (times in seconds).
+class RequestStats(LoadReport):
+    """What one request did (times in seconds): its load (the fields of :class:`~kvpack.loader.LoadReport`) and the
+    rest of the request.
 
-    ``tokens_hit``/``chunks_hit``: the stored prefix the request reused. Of its chunks, ``chunks_loaded`` came from
-    the store and ``chunks_computed`` were prefilled from the front while the rest loaded (:mod:`kvpack.loader`);
-    ``failed_chunks`` lists those whose entry could not be read or decoded (computed instead, and re-stored).
-    ``load_s`` is the wall time of the whole load; ``fetch_s``, ``decode_s``, ``compute_s`` the time spent in each
-    activity (they overlap, so they may add up to more: :attr:`overlap_s`). ``plan`` is what the loader decided and
-    the predictions it decided on; ``chunk_levels`` what each chunk became (its quality level's name, or
-    ``"computed"``), ``chunks_by_level`` the count per level; ``replans`` how often chunks arriving later than planned
-    made the loader plan the rest again; ``estimates`` the loader's estimates after the load.
+    ``tokens_hit``/``chunks_hit``: the stored prefix the request reused, the chunks its load reports on (a failed
+    chunk is computed, and stored again). ``prefill_s``: the prefill of the rest of the prompt; ``ttft_s``: the
+    time to the first token; ``chunks_written``: the chunks the request stored.
     """
 
     prompt_tokens: int = 0
     tokens_hit: int = 0
     chunks_hit: int = 0
-    chunks_loaded: int = 0
-    chunks_computed: int = 0
-    failed_chunks: list[int] = field(default_factory=list)
-    bytes_read: int = 0
-    load_s: float = 0.0
-    fetch_s: float = 0.0
-    decode_s: float = 0.0
-    compute_s: float = 0.0
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     chunks_written: int = 0
-    plan: Plan | None = None
-    chunk_levels: list[str] = field(default_factory=list)
-    replans: int = 0
-    estimates: dict[str, float | None] = field(default_factory=dict)
-
-    @property
-    def chunks_by_level(self) -> dict[str, int]:
-        """How many of the stored chunks each quality level (or ``"computed"``) gave."""
-        return dict(Counter(self.chunk_levels))
-
-    @property
-    def overlap_s(self) -> float:
-        """Seconds the fetch, decode and compute activities ran at the same time (their sum beyond the load's wall
-        time; 0 when they ran one after another)."""
-        return max(0.0, self.fetch_s + self.decode_s + self.compute_s - self.load_s)
 
 
 @dataclass
@@ -156,11 +128,8 @@ class PrefixStore:
         kv, report = self.loader.load(ids, keys, chunks, stored=stored, ttft_slo=ttft_slo,
                                        tail_tokens=len(ids) + after - chunks * self.chunk_tokens)
         stats.chunks_hit, stats.tokens_hit = chunks, chunks * self.chunk_tokens
-        stats.chunks_loaded, stats.chunks_computed = report.chunks_loaded, report.chunks_computed
-        stats.failed_chunks, stats.bytes_read, stats.plan = report.failed_chunks, report.bytes_read, report.plan
-        stats.load_s, stats.fetch_s, stats.decode_s, stats.compute_s = (report.wall_s, report.fetch_s,
-                                                                        report.decode_s, report.compute_s)
-        stats.chunk_levels, stats.replans, stats.estimates = report.chunk_levels, report.replans, report.estimates
+        for f in fields(LoadReport):
+            setattr(stats, f.name, getattr(report, f.name))
         return kv
 
     def chunk_span(self, ids: torch.Tensor, tokens_hit: int) -> tuple[int, int]:
