@@ -632,13 +632,18 @@ def _met(met: bool | None) -> str:
     return "not measured" if met is None else ("yes" if met else "**no**")
 
 
+def _by_policy(values: dict[str, float], template: str) -> str:
+    """Each policy's value formatted by ``template``, e.g. ``"blend 82%, prophet 91%"`` for ``"{:.0%}"``."""
+    return ", ".join(f"{p} {template.format(v)}" for p, v in values.items())
+
+
 def _target_rows(t: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     """One line per target of the issue: its wording, the numbers it is judged on, met or not."""
     rows = []
     if "kl_gap_closed_at_15" in t:
         g = t["kl_gap_closed_at_15"]
         rows.append(("a policy at 15% closes >= 80% of the KL gap none -> full",
-                     ", ".join(f"{p} {v:.0%}" for p, v in g["gap_closed"].items()), g["met"]))
+                     _by_policy(g["gap_closed"], "{:.0%}"), g["met"]))
     if "best_beats_epic_and_blend" in t:
         b = t["best_beats_epic_and_blend"]
         rows.append(("the best policy (prophet) beats EPIC and CacheBlend at equal ratio",
@@ -648,11 +653,11 @@ def _target_rows(t: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     if "ttft_speedup_at_15" in t:
         s = t["ttft_speedup_at_15"]
         rows.append((f"TTFT >= 3x below full ({s['segments']} x {s['segment_tokens']} tokens here, 8 x 512 in the "
-                     "issue)", ", ".join(f"{p} {v:.2f}x" for p, v in s["speedup"].items()), s["met"]))
+                     "issue)", _by_policy(s["speedup"], "{:.2f}x"), s["met"]))
     if "passkey_at_15" in t:
         k = t["passkey_at_15"]
         rows.append(("passkey at 15% equal to full within one trial",
-                     ", ".join(f"{p} {v:.2f}" for p, v in k["accuracy"].items()), k["met"]))
+                     _by_policy(k["accuracy"], "{:.2f}"), k["met"]))
     if "edits" in t:
         e = t["edits"]
         best = e["best_at_most_10pct"]
@@ -660,7 +665,7 @@ def _target_rows(t: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                      "here, 4K in the issue)",
                      ("no arm recomputed <= 10%; " if best is None else f"{best['policy']} {best['ratio']:.2f}: "
                       f"{best['ppl_increase_pct']:+.2f}% at {best['recomputed']:.1%} recomputed; ")
-                     + ", ".join(f"{p} {v:.2f}x" for p, v in e["speedup"].items()), e["met"]))
+                     + _by_policy(e["speedup"], "{:.2f}x"), e["met"]))
     return rows
 
 
