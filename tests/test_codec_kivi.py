@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 import kvpack
 from conftest import make_kv
 from kvpack.codecs import get
-from kvpack.codecs.kivi import read_params
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import read_container
 from kvpack.kv import KVCache
@@ -23,11 +22,11 @@ from test_codec_lossless import real_cache, with_sections
 def steps(data: bytes, kv: KVCache, group: int) -> tuple[torch.Tensor, int, int]:
     """Per quantized element the step ``s`` of its group ``[2L, H, Tq, D]``, and the sink and residual counts."""
     container = read_container(data)
-    n_sink, n_res = container.header["meta"]["sink_tokens"], container.header["meta"]["residual_tokens"]
+    codec = get("kivi", group=group)
+    n_sink, n_res, (_, kstep, _, vstep) = codec.read_groups(container.header["meta"], container, kv.spec,
+                                                            kv.num_tokens)
     layers, heads, dim = kv.spec.num_layers, kv.spec.num_kv_heads, kv.spec.head_dim
     count = kv.num_tokens - n_sink - n_res
-    _, kstep = read_params(container, "key_params", (layers, heads, dim, -(-count // group)), True)
-    _, vstep = read_params(container, "value_params", (layers, heads, count, -(-dim // group)), False)
     k = torch.from_numpy(kstep).double().repeat_interleave(group, dim=3)[..., :count].transpose(2, 3)
     v = torch.from_numpy(vstep).double().repeat_interleave(group, dim=3)[..., :dim]
     return torch.stack([k, v], dim=1).reshape(2 * layers, heads, count, dim), n_sink, n_res

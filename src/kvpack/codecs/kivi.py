@@ -280,10 +280,27 @@ class KiviCodec(Codec):
         n_sink = json_int(meta["sink_tokens"], f"{what} sink_tokens", 0, num_tokens)
         return n_sink, json_int(meta["residual_tokens"], f"{what} residual_tokens", 0, num_tokens - n_sink)
 
+    def _group_counts(self, count: int, dim: int) -> tuple[int, int]:
+        """Token groups per key channel and channel groups per value token, for ``count`` quantized tokens."""
+        return -(-count // self.group), -(-dim // self.group)
+
+    def read_groups(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int
+                    ) -> tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """``(sink tokens, residual tokens, (key minima, key steps, value minima, value steps))`` of a stored chunk:
+        the counts from its meta (:meth:`exact_meta`), the groups' minima and steps (float32) from its
+        ``key_params.*`` sections ``[layers, heads, head_dim, key groups]`` and ``value_params.*`` sections
+        ``[layers, heads, quantized tokens, value groups]``."""
+        n_sink, n_res = self.exact_meta(meta, num_tokens)
+        layers, heads, dim, count = spec.num_layers, spec.num_kv_heads, spec.head_dim, num_tokens - n_sink - n_res
+        gk, gv = self._group_counts(count, dim)
+        k_m, k_s = read_params(container, "key_params", (layers, heads, dim, gk), True)
+        v_m, v_s = read_params(container, "value_params", (layers, heads, count, gv), False)
+        return n_sink, n_res, (k_m, k_s, v_m, v_s)
+
     def section_sizes(self, meta: Mapping[str, Any], spec: ModelSpec, num_tokens: int) -> dict[str, Size]:
         n_sink, n_res = self.exact_meta(meta, num_tokens)
         layers, heads, dim, count = spec.num_layers, spec.num_kv_heads, spec.head_dim, num_tokens - n_sink - n_res
-        gk, gv = -(-count // self.group), -(-dim // self.group)
+        gk, gv = self._group_counts(count, dim)
         return {"exact": exact(2 * layers * heads * (n_sink + n_res) * dim * spec.torch_dtype.itemsize),
                 **rows_sizes((2 * layers, heads * dim, count), 1 << self.bits, self.classes),
                 **bits_sizes((2 * layers, heads, gk, dim), "float16", PARAM_CLASSES, "key_params."),
@@ -292,12 +309,9 @@ class KiviCodec(Codec):
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
         with threads_for(num_tokens * spec.elements_per_token):
-            n_sink, n_res = self.exact_meta(meta, num_tokens)
+            n_sink, n_res, (k_m, k_s, v_m, v_s) = self.read_groups(meta, container, spec, num_tokens)
             layers, heads, dim, group = spec.num_layers, spec.num_kv_heads, spec.head_dim, self.group
             count = num_tokens - n_sink - n_res
-            gk, gv = -(-count // group), -(-dim // group)
-            k_m, k_s = read_params(container, "key_params", (layers, heads, dim, gk), True)
-            v_m, v_s = read_params(container, "value_params", (layers, heads, count, gv), False)
             symbols, row_offset = decode_rows(container.section("symbols"), container.section("classes"),
                                               (2 * layers, heads * dim, count), 1 << self.bits, self.classes)
             data, bits = out_buffer((2 * layers, heads, num_tokens, dim), spec.dtype)

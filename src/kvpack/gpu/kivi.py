@@ -16,7 +16,7 @@ import triton.language as tl
 
 from kvpack.codecs.base import Codec
 from kvpack.codecs.common import OUT_KINDS, rows_stream
-from kvpack.codecs.kivi import KiviCodec, read_params
+from kvpack.codecs.kivi import KiviCodec
 from kvpack.entropy.rans_triton import decode_stream
 from kvpack.format import Container
 from kvpack.gpu.floats import to_bits
@@ -61,12 +61,9 @@ def decode(codec: Codec, meta: Mapping[str, Any], container: Container, spec: Mo
            out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """The buffer ``[layers, 2, kv_heads, tokens, head_dim]`` on ``device``, bit-identical to the CPU decoder's."""
     assert isinstance(codec, KiviCodec)
-    n_sink, n_res = codec.exact_meta(meta, num_tokens)
+    n_sink, n_res, (k_m, k_s, v_m, v_s) = codec.read_groups(meta, container, spec, num_tokens)
     layers, heads, dim, group = spec.num_layers, spec.num_kv_heads, spec.head_dim, codec.group
     count = num_tokens - n_sink - n_res
-    gk, gv = -(-count // group), -(-dim // group)
-    k_m, k_s = read_params(container, "key_params", (layers, heads, dim, gk), True)
-    v_m, v_s = read_params(container, "value_params", (layers, heads, count, gv), False)
     stream, row_offset = rows_stream(container.section("symbols"), container.section("classes"),
                                      (2 * layers, heads * dim, count), 1 << codec.bits, codec.classes)
     symbols = decode_stream(stream, device)
@@ -80,7 +77,8 @@ def decode(codec: Codec, meta: Mapping[str, Any], container: Container, spec: Mo
     if count:
         offsets = array(row_offset, device)
         levels = 1 << codec.bits
-        for is_value, (m, s, n_groups) in enumerate(((k_m, k_s, gk), (v_m, v_s, gv))):
+        for is_value, (m, s) in enumerate(((k_m, k_s), (v_m, v_s))):
+            n_groups = m.shape[-1]
             grid = (layers * heads, triton.cdiv(count, BLOCK_TOKENS))
             _dequant_kernel[grid](bits, symbols, offsets, _table(m, s, levels, device), heads, num_tokens, n_sink,
                                   count, dim, group, n_groups, levels, VALUES=is_value, KIND=OUT_KINDS[spec.dtype],
