@@ -40,6 +40,39 @@ def int_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
 
 
+def hf_cache(data: torch.Tensor, windows: Sequence[int | None] | None = None, keep_history: bool = True) -> Any:
+    """A transformers ``DynamicCache`` whose layers are views of ``data [layers, 2, heads, tokens, dim]`` (batch
+    dimension 1, no copy).
+
+    ``windows``: per layer, the sliding window (a ``DynamicSlidingWindowLayer`` holding ``tokens``; with
+    ``keep_history`` it records the tokens that fall out of the window, else it holds only the last ``window - 1``)
+    or ``None`` (a ``DynamicLayer``); default: every layer a ``DynamicLayer``.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    tokens = data.shape[3]
+    layers = []
+    for i, window in enumerate((None,) * data.shape[0] if windows is None else windows):
+        k, v = data[i, 0].unsqueeze(0), data[i, 1].unsqueeze(0)
+        layer: Any
+        if window is None:
+            layer = DynamicLayer()
+        else:
+            layer = DynamicSlidingWindowLayer(sliding_window=window)
+            layer.cumulative_length = tokens
+            layer.record_past = keep_history
+            if not keep_history:
+                first = max(0, tokens - window + 1)
+                k, v = k[:, :, first:], v[:, :, first:]
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        layers.append(layer)
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
 @dataclass
 class KVCache:
     """A batch-of-one KV cache: ``data [num_layers, 2, num_kv_heads, tokens, head_dim]`` plus positions and ids."""
@@ -223,25 +256,4 @@ class KVCache:
         the cache can be stored again after more tokens went through it; without, it holds only its window.
         transformers concatenates new tokens into fresh tensors: this buffer is never written to.
         """
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-        layers = []
-        for i, window in enumerate(self.spec.sliding_windows):
-            k, v = self.data[i, 0].unsqueeze(0), self.data[i, 1].unsqueeze(0)
-            layer: Any
-            if window is None:
-                layer = DynamicLayer()
-            else:
-                layer = DynamicSlidingWindowLayer(sliding_window=window)
-                layer.cumulative_length = self.num_tokens
-                layer.record_past = keep_history
-                if not keep_history:
-                    first = max(0, self.num_tokens - window + 1)
-                    k, v = k[:, :, first:], v[:, :, first:]
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
-            layers.append(layer)
-        cache = DynamicCache()
-        cache.layers = layers
-        return cache
+        return hf_cache(self.data, self.spec.sliding_windows, keep_history)

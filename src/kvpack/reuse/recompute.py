@@ -32,7 +32,7 @@ import torch
 
 from kvpack.errors import UnsupportedModelError
 from kvpack.inference import as_batch, cache_arg
-from kvpack.kv import KVCache
+from kvpack.kv import KVCache, hf_cache
 
 #: Attention implementations whose masks this module builds: boolean (``sdpa``) or additive (``eager``).
 ATTENTION = ("sdpa", "eager")
@@ -66,7 +66,7 @@ def recompute(model: Any, kv: KVCache, selected: torch.Tensor, through_layer: in
     keep = torch.ones(kv.num_tokens, dtype=torch.bool)
     keep[selected] = False
     kept = keep.nonzero().reshape(-1)
-    cache = _full_cache(kv.data.index_select(3, kept))
+    cache = hf_cache(kv.data.index_select(3, kept))  # sliding layers too: the mask applies their window
     q_pos = kv.positions[selected]
     mask = attention_mask(model, kv.spec.sliding_windows, q_pos, torch.cat([kv.positions[kept], q_pos]))
     stop = _stop_after(model, through_layer) if through_layer is not None else None
@@ -84,26 +84,6 @@ def recompute(model: Any, kv: KVCache, selected: torch.Tensor, through_layer: in
         out[i, 0].copy_(cache.layers[i].keys[0, :, kept.numel() :])
         out[i, 1].copy_(cache.layers[i].values[0, :, kept.numel() :])
     return out
-
-
-def _full_cache(data: torch.Tensor) -> Any:
-    """A ``DynamicCache`` of full-attention layers over ``data [layers, 2, heads, tokens, dim]`` (views, no copy).
-
-    Sliding layers get a full layer too: the mask applies their window, and the cache must show every kept token.
-    """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    layers: list[Any] = []
-    for i in range(data.shape[0]):
-        k, v = data[i, 0].unsqueeze(0), data[i, 1].unsqueeze(0)
-        layer = DynamicLayer()
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        layers.append(layer)
-    cache = DynamicCache()
-    cache.layers = layers
-    return cache
 
 
 def attention_mask(model: Any, windows: tuple[int | None, ...], q_pos: torch.Tensor,

@@ -25,9 +25,9 @@ import torch
 from kvpack import rope
 from kvpack.errors import UnsupportedModelError
 from kvpack.inference import as_batch
-from kvpack.kv import KVCache
+from kvpack.kv import KVCache, hf_cache
 from kvpack.reuse.policies.base import PolicyError, RepairJob, RepairPolicy, register
-from kvpack.reuse.recompute import _full_cache, _Stop, attention_mask
+from kvpack.reuse.recompute import _Stop, attention_mask
 
 
 @register
@@ -88,7 +88,7 @@ def query_attention(model: Any, kv: KVCache, query: torch.Tensor, layer: int, la
     try:
         with torch.no_grad():
             model(as_batch(query), position_ids=positions.reshape(1, -1), attention_mask=mask,
-                  cache=_full_cache(kv.data), use_cache=True)
+                  cache=hf_cache(kv.data), use_cache=True)
     except _Stop:
         pass
     finally:
