@@ -72,6 +72,25 @@ class RepairPolicy(ABC):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def check_fraction(policy: str, label: str, value: Any, what: str = "") -> None:
+    """Raise :class:`PolicyError` unless parameter ``label`` of ``policy`` is a number (not a bool) in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise PolicyError(f"{policy}: {label} must be a fraction in [0, 1]{what}, got {value!r}")
+
+
+def check_int(policy: str, label: str, value: Any, positive: bool, what: str = "") -> None:
+    """Raise :class:`PolicyError` unless parameter ``label`` of ``policy`` is an int (not a bool), positive or
+    non-negative."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < int(positive):
+        raise PolicyError(f"{policy}: {label} must be a {'positive' if positive else 'non-negative'} int{what}, got "
+                          f"{value!r}")
+
+
+def top_tokens(candidates: torch.Tensor, scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` of ``candidates [c]`` with the highest ``scores [c]``, sorted."""
+    return candidates[scores.topk(count).indices].sort().values
+
+
 _REGISTRY: dict[str, type[RepairPolicy]] = {}
 
 

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpack.reuse.policies.base import PolicyError, RepairJob, RepairPolicy, register
+from kvpack.reuse.policies.base import (
+    PolicyError,
+    RepairJob,
+    RepairPolicy,
+    check_fraction,
+    check_int,
+    register,
+    top_tokens,
+)
 
 
 @register
@@ -35,10 +43,8 @@ class Blend(RepairPolicy):
     layer: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not 0.0 <= self.ratio <= 1.0:
-            raise PolicyError(f"blend: ratio must be a fraction in [0, 1] of the reused tokens, got {self.ratio!r}")
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
-            raise PolicyError(f"blend: layer must be a non-negative int (the layer that picks), got {self.layer!r}")
+        check_fraction(self.name, "ratio", self.ratio, " of the reused tokens")
+        check_int(self.name, "layer", self.layer, False, " (the layer that picks)")
 
     def select(self, job: RepairJob) -> torch.Tensor:
         layers = job.kv.spec.num_layers
@@ -50,5 +56,4 @@ class Blend(RepairPolicy):
         fresh = job.fresh(job.candidates, through_layer=self.layer)[self.layer].float()  # [2, heads, c, dim]
         loaded = job.kv.data[self.layer].index_select(2, job.candidates).float()
         deviation = (fresh - loaded).square().sum(dim=(0, 1, 3))  # [c]
-        top = deviation.topk(count).indices
-        return job.candidates[top].sort().values
+        return top_tokens(job.candidates, deviation, count)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpack.reuse.policies.base import PolicyError, RepairJob, RepairPolicy, register
+from kvpack.reuse.policies.base import RepairJob, RepairPolicy, check_int, register
 
 
 @register
@@ -31,8 +31,7 @@ class Epic(RepairPolicy):
     k: int = 16
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
-            raise PolicyError(f"epic: k must be a non-negative int (tokens per segment), got {self.k!r}")
+        check_int(self.name, "k", self.k, False, " (tokens per segment)")
 
     def select(self, job: RepairJob) -> torch.Tensor:
         starts = torch.cat([torch.arange(a, min(b, a + self.k), dtype=torch.int64) for a, b in job.segments]

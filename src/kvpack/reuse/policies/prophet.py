@@ -26,7 +26,15 @@ from kvpack import rope
 from kvpack.errors import UnsupportedModelError
 from kvpack.inference import as_batch
 from kvpack.kv import KVCache, hf_cache
-from kvpack.reuse.policies.base import PolicyError, RepairJob, RepairPolicy, register
+from kvpack.reuse.policies.base import (
+    PolicyError,
+    RepairJob,
+    RepairPolicy,
+    check_fraction,
+    check_int,
+    register,
+    top_tokens,
+)
 from kvpack.reuse.recompute import _Stop, attention_mask
 
 
@@ -41,11 +49,9 @@ class Prophet(RepairPolicy):
     query_tokens: int = 32
 
     def __post_init__(self) -> None:
-        for label, value in (("ratio", self.ratio), ("depth", self.depth)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise PolicyError(f"prophet: {label} must be a fraction in [0, 1], got {value!r}")
-        if not isinstance(self.query_tokens, int) or isinstance(self.query_tokens, bool) or self.query_tokens < 1:
-            raise PolicyError(f"prophet: query_tokens must be a positive int, got {self.query_tokens!r}")
+        check_fraction(self.name, "ratio", self.ratio)
+        check_fraction(self.name, "depth", self.depth)
+        check_int(self.name, "query_tokens", self.query_tokens, True)
 
     def select(self, job: RepairJob) -> torch.Tensor:
         count = round(self.ratio * job.candidates.numel())
@@ -56,8 +62,7 @@ class Prophet(RepairPolicy):
                               "(Segment(question, cache=False))")
         layer = round(self.depth * (job.kv.spec.num_layers - 1))
         scores = query_attention(job.model, job.kv, job.query, layer, self.query_tokens)
-        top = scores[job.candidates].topk(count).indices
-        return job.candidates[top].sort().values
+        return top_tokens(job.candidates, scores[job.candidates], count)
 
 
 def query_attention(model: Any, kv: KVCache, query: torch.Tensor, layer: int, last: int) -> torch.Tensor:
