@@ -88,6 +88,17 @@ def write_container(header: Mapping[str, Any], sections: Mapping[str, bytes | me
     return b"".join(parts)
 
 
+def _unpack_prefix(view: memoryview, what: str) -> tuple[int, int, int, int]:
+    """``(version, flags, header length, total length)`` from the prefix at the start of ``view`` (bytes), once its
+    length (``what`` names it in the error) and magic bytes are checked; raises :class:`FormatError`."""
+    if len(view) < PREFIX_BYTES:
+        raise FormatError(f"{len(view)} bytes is too short for a kvpack {what} (at least {PREFIX_BYTES})")
+    magic, version, flags, head_len, total = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise FormatError("not a kvpack container (bad magic bytes); was this file written by kvpack?")
+    return version, flags, head_len, total
+
+
 def header_bytes(prefix: bytes | memoryview) -> int:
     """How many leading bytes of a container hold its prefix and JSON header, from its first :data:`PREFIX_BYTES`.
 
@@ -95,11 +106,7 @@ def header_bytes(prefix: bytes | memoryview) -> int:
     needs). Raises :class:`FormatError` for bytes that do not start a container or a header over the limit.
     """
     view = memoryview(prefix).cast("B")
-    if len(view) < PREFIX_BYTES:
-        raise FormatError(f"{len(view)} bytes is too short for a kvpack container prefix (at least {PREFIX_BYTES})")
-    magic, _, _, head_len, _ = _PREFIX.unpack_from(view, 0)
-    if magic != MAGIC:
-        raise FormatError("not a kvpack container (bad magic bytes); was this file written by kvpack?")
+    _, _, head_len, _ = _unpack_prefix(view, "container prefix")
     if head_len > MAX_HEADER_BYTES:
         raise FormatError(f"header length {head_len} exceeds the limit of {MAX_HEADER_BYTES} bytes")
     return int(PREFIX_BYTES + head_len)
@@ -112,11 +119,7 @@ def read_header(data: bytes | memoryview, *, prefix: bool = False) -> dict[str, 
     the whole header.
     """
     view = memoryview(data).cast("B")
-    if len(view) < PREFIX_BYTES:
-        raise FormatError(f"{len(view)} bytes is too short for a kvpack container (at least {PREFIX_BYTES})")
-    magic, version, flags, head_len, total = _PREFIX.unpack_from(view, 0)
-    if magic != MAGIC:
-        raise FormatError("not a kvpack container (bad magic bytes); was this file written by kvpack?")
+    version, flags, head_len, total = _unpack_prefix(view, "container")
     if version != FORMAT_VERSION:
         raise FormatError(
             f"container format version {version} is not supported (this kvpack reads version {FORMAT_VERSION}); "
