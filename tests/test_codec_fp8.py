@@ -14,6 +14,7 @@ from numba import njit
 import kvpack
 from conftest import make_kv
 from kvpack.codecs import get
+from kvpack.codecs.base import Codec
 from kvpack.codecs.common import OUT_KINDS, float_bits
 from kvpack.codecs.fp8 import _encode_codes
 from kvpack.errors import CodecError, FormatError
@@ -115,13 +116,19 @@ def test_special_rows(kv_factory: Any) -> None:
     assert float(out.keys[1][0, 7, 3]) == -1000.0  # absmax maps to ±448 exactly
 
 
+def refuses(codec: Codec, kv: KVCache, layer: int, index: tuple[int, int, int], too_large: float) -> None:
+    """``codec`` refuses ``kv`` with a NaN, an infinity or ``too_large`` at ``index`` ``(head, token, channel)`` of
+    layer ``layer``'s keys."""
+    for bad in (float("nan"), float("inf"), too_large):
+        keys = [k.clone() for k in kv.keys]
+        keys[layer][index] = bad
+        with pytest.raises(CodecError):
+            codec.encode(KVCache.from_layers(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions))
+
+
 def test_refuses_what_it_cannot_represent(kv_factory: Any) -> None:
     kv = kv_factory(tokens=8)
-    for bad in (float("nan"), float("inf"), 1e30):
-        keys = [k.clone() for k in kv.keys]
-        keys[1][0, 3, 2] = bad
-        with pytest.raises(CodecError):
-            get("fp8").encode(KVCache.from_layers(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions))
+    refuses(get("fp8"), kv, 1, (0, 3, 2), 1e30)
     with pytest.raises(CodecError, match="classes"):
         get("fp8", classes=5)
 
