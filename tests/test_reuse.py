@@ -54,14 +54,30 @@ def ids(n: int, seed: int) -> torch.Tensor:
 SYSTEM, DOC_A, DOC_B, DOC_C, QUESTION = ids(20, 1), ids(23, 2), ids(21, 3), ids(18, 4), ids(6, 5)
 
 
+def tiny32(family: str) -> tuple[Any, ModelSpec]:
+    """A tiny float32 model of ``family`` and its spec."""
+    model = tiny(family, torch.float32)
+    return model, ModelSpec.from_model(model)
+
+
 @pytest.fixture(scope="module", params=MASK_KINDS)
 def model32(request: pytest.FixtureRequest) -> tuple[str, Any, ModelSpec]:
-    model = tiny(request.param, torch.float32)
-    return request.param, model, ModelSpec.from_model(model)
+    return request.param, *tiny32(request.param)
 
 
 def context_cache(model: Any, spec: ModelSpec, codec: str = "raw") -> ContextCache:
     return ContextCache(model, None, store=MemoryStore(), codec=codec, chunk_tokens=CHUNK, spec=spec, loader=EXACT)
+
+
+def assert_moved(rows: KVCache, alone: KVCache, spec: ModelSpec, exact_values: bool) -> None:
+    """``rows`` hold the K/V of ``alone`` moved to the positions of ``rows``: the values as they are (bit for bit with
+    ``exact_values``, else to 1e-5), the keys re-rotated (to 1e-5)."""
+    if exact_values:
+        assert torch.equal(rows.data[:, 1], alone.data[:, 1])
+    else:
+        torch.testing.assert_close(rows.data[:, 1], alone.data[:, 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.data[:, 0], rope.rerotate(alone.data[:, 0], alone.positions, rows.positions,
+                                                              spec.rope, spec.head_dim), rtol=1e-5, atol=1e-5)
 
 
 def rag(repair: Any = "none", order: tuple[torch.Tensor, ...] = (DOC_A, DOC_B, DOC_C), **kw: Any) -> Prompt:
@@ -71,8 +87,7 @@ def rag(repair: Any = "none", order: tuple[torch.Tensor, ...] = (DOC_A, DOC_B, D
 # ------------------------------------------------------------------------------------------------ re-rotation
 @pytest.mark.parametrize("family", MOVABLE)
 def test_rerotated_segment_equals_segment_encoded_at_its_offset(family: str) -> None:
-    model = tiny(family, torch.float32)
-    spec = ModelSpec.from_model(model)
+    model, spec = tiny32(family)
     segment, offset = DOC_A, 37
     at_zero, _ = prefill(model, spec, segment)
     cache = new_cache(model)
@@ -87,8 +102,8 @@ def test_rerotated_segment_equals_segment_encoded_at_its_offset(family: str) -> 
 
 
 def test_per_layer_type_rope_is_refused_when_keys_would_move() -> None:
-    model = tiny("gemma3", torch.float32)
-    with context_cache(model, ModelSpec.from_model(model)) as cc, pytest.raises(UnsupportedModelError, match="RoPE"):
+    model, spec = tiny32("gemma3")
+    with context_cache(model, spec) as cc, pytest.raises(UnsupportedModelError, match="RoPE"):
         cc.generate(rag(), max_new_tokens=1, do_sample=False)
 
 
@@ -241,8 +256,7 @@ def test_exact_prefix_rows_are_bit_identical_when_segments_move(model32: tuple[s
 
 
 def test_the_early_stop_of_blend_stops_only_its_own_thread() -> None:
-    model = tiny("llama", torch.float32)
-    spec = ModelSpec.from_model(model)
+    model, spec = tiny32("llama")
     prompt = torch.cat([SYSTEM, DOC_A, DOC_B])
     with context_cache(model, spec) as cc:
         cc.segments.assemble(rag("none"))
@@ -269,8 +283,7 @@ def test_the_early_stop_of_blend_stops_only_its_own_thread() -> None:
 # ----------------------------------------------------------------------------------------- storage and reuse
 @pytest.mark.parametrize("codec", ["raw", "zstd", "lossless", "fp8", "kivi"])
 def test_segments_are_stored_once_and_found_at_any_offset(codec: str) -> None:
-    model = tiny("llama", torch.float32)
-    spec = ModelSpec.from_model(model)
+    model, spec = tiny32("llama")
     with context_cache(model, spec, codec) as cc:
         first = cc.generate(rag("none"), max_new_tokens=2, do_sample=False).stats
         cc.flush()
@@ -284,14 +297,11 @@ def test_segments_are_stored_once_and_found_at_any_offset(codec: str) -> None:
     at = len(SYSTEM) + len(DOC_C) + len(DOC_A)
     rows = kv[at : at + len(DOC_B)]  # the stored segment as the codec gives it back, moved
     assert torch.equal(rows.positions, torch.arange(at, at + len(DOC_B)))
-    assert torch.equal(rows.data[:, 1], alone.data[:, 1])
-    torch.testing.assert_close(rows.data[:, 0], rope.rerotate(alone.data[:, 0], alone.positions, rows.positions,
-                                                              spec.rope, spec.head_dim), rtol=1e-5, atol=1e-5)
+    assert_moved(rows, alone, spec, exact_values=True)
 
 
 def test_prefill_stores_each_segment_once_in_its_caching_context() -> None:
-    model = tiny("llama", torch.float32)
-    spec = ModelSpec.from_model(model)
+    model, spec = tiny32("llama")
     with context_cache(model, spec) as cc:
         warm = cc.prefill(rag(shared_prefix=1))
         cc.flush()
@@ -306,8 +316,7 @@ def test_prefill_stores_each_segment_once_in_its_caching_context() -> None:
 
 
 def test_shared_prefix_segments_are_cached_after_it() -> None:
-    model = tiny("qwen2-sliding", torch.float32)
-    spec = ModelSpec.from_model(model)
+    model, spec = tiny32("qwen2-sliding")
     with context_cache(model, spec) as cc:
         _, _, first, _ = cc.segments.assemble(rag("none", shared_prefix=1))
         cc.flush()
@@ -319,16 +328,11 @@ def test_shared_prefix_segments_are_cached_after_it() -> None:
     cache = prefill(model, spec, SYSTEM)[0].to_hf()
     forward(model, DOC_A, cache)
     after = KVCache.from_hf(cache, spec, span=(len(SYSTEM), len(SYSTEM) + len(DOC_A)))
-    at = exact
-    rows = kv[at : at + len(DOC_A)]
-    torch.testing.assert_close(rows.data[:, 1], after.data[:, 1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rows.data[:, 0], rope.rerotate(after.data[:, 0], after.positions, rows.positions,
-                                                              spec.rope, spec.head_dim), rtol=1e-5, atol=1e-5)
+    assert_moved(kv[exact : exact + len(DOC_A)], after, spec, exact_values=False)
 
 
 def test_a_segment_that_does_not_decode_is_recomputed() -> None:
-    model = tiny("llama", torch.float32)
-    spec = ModelSpec.from_model(model)
+    model, spec = tiny32("llama")
     with context_cache(model, spec) as cc:
         _, clean, _, _ = cc.segments.assemble(rag("none"))
         cc.flush()
@@ -388,8 +392,7 @@ def test_an_edited_document_reuses_its_stored_version(model32: tuple[str, Any, M
 
 
 def test_an_edited_document_at_a_new_offset_is_moved_and_repaired() -> None:
-    model = tiny("llama", torch.float32)
-    spec = ModelSpec.from_model(model)
+    model, spec = tiny32("llama")
     with context_cache(model, spec) as cc:
         cc.prefill(Prompt([SYSTEM, Segment(FILE, doc="app.py")]))
         cc.flush()
@@ -405,9 +408,9 @@ def test_an_edited_document_at_a_new_offset_is_moved_and_repaired() -> None:
 
 
 def test_the_stored_version_of_a_document_is_the_base_of_edits() -> None:
-    model = tiny("llama", torch.float32)
+    model, spec = tiny32("llama")
     again = torch.cat([EDITED[:10], EDITED[12:]])  # a second edit, of the edited version
-    with context_cache(model, ModelSpec.from_model(model)) as cc:
+    with context_cache(model, spec) as cc:
         cc.prefill(Prompt([Segment(FILE, doc="app.py")]))
         cc.flush()
         before = cc.segments.assemble(Prompt([Segment(again, doc="app.py")], repair="none"))[2]
@@ -440,10 +443,9 @@ def test_invalid_prompts_and_policies_raise_typed_errors() -> None:
         policies.get("prophet", depth="2")
     with pytest.raises(PolicyError, match="query_tokens"):
         Prophet(query_tokens=0)
-    model = tiny("llama", torch.float32)
-    with context_cache(model, ModelSpec.from_model(model)) as cc, pytest.raises(PolicyError, match=r"layers 0\.\.3"):
+    model, spec = tiny32("llama")
+    with context_cache(model, spec) as cc, pytest.raises(PolicyError, match=r"layers 0\.\.3"):
         cc.segments.assemble(rag(Blend(layer=4)))
-    spec = ModelSpec.from_model(model)
     job = RepairJob(model=model, kv=KVCache.empty(spec, 8), candidates=torch.arange(8), segments=((0, 8),))
     with pytest.raises(PolicyError, match="query"):
         Prophet().select(job)  # no query to ask with (assemble always passes at least the prompt's last token)
