@@ -3,7 +3,6 @@ S3 server)."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from kvpack.errors import FormatError, StoreError
 from kvpack.format import write_container
 from kvpack.store import DiskStore, MemoryStore, RedisStore, S3Store, Store
 from servers import S3_CREDENTIALS, RedisServer, S3Server, redis_server_available, weed_binary
+from stores import run_threads
 
 REQUIRES_REDIS_SERVER = pytest.mark.skipif(
     not redis_server_available(),
@@ -209,26 +209,16 @@ def test_closed_store_raises(store: Store) -> None:
 
 
 def test_threads_share_a_store(store: Store) -> None:
-    errors: list[BaseException] = []
-
     def work(tid: int) -> None:
-        try:
-            for i in range(15):
-                key = f"t{tid}-{i % 5}"
-                data = entry(f"{tid}-{i}".encode() * 50)
-                store.put(key, data)
-                got = store.get(key)
-                assert got is None or got.startswith(b"\x89KVPACK")
-                store.get_many([f"t{(tid + 1) % 4}-{j}" for j in range(5)])
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(15):
+            key = f"t{tid}-{i % 5}"
+            data = entry(f"{tid}-{i}".encode() * 50)
+            store.put(key, data)
+            got = store.get(key)
+            assert got is None or got.startswith(b"\x89KVPACK")
+            store.get_many([f"t{(tid + 1) % 4}-{j}" for j in range(5)])
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
+    run_threads(work)
     st_ = store.stats()
     assert (st_.corrupt_entries, st_.errors) == (0, 0)
 

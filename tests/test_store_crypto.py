@@ -15,12 +15,9 @@ import kvpack.store
 from kvpack.errors import StoreError
 from kvpack.format import read_container, write_container
 from kvpack.store import DiskStore, EncryptedStore, KeyRing, MemoryStore, TieredStore
+from stores import entry
 
 K1, K2, K3 = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))
-
-
-def entry(payload: bytes) -> bytes:
-    return write_container({"t": 1}, {"p": payload})
 
 
 @pytest.fixture(autouse=True)

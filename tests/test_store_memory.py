@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from kvpack.format import write_container
 from kvpack.store import MemoryStore
-
-
-def entry(n: int, tag: str = "") -> bytes:
-    """A container of exactly ``n`` (at least 300) bytes: the payload fills it, a header string tops it up."""
-    payload = b"\x00" * (n - 200)
-    short = len(write_container({"t": tag, "pad": ""}, {"p": payload}))
-    data = write_container({"t": tag, "pad": "x" * (n - short)}, {"p": payload})
-    assert len(data) == n
-    return data
+from stores import sized_entry
 
 
 def test_evicts_least_recently_used_by_bytes() -> None:
     size = 1000
     store = MemoryStore(max_bytes=3 * size + 10)
     for key in "abc":
-        store.put(key, entry(size, key))
+        store.put(key, sized_entry(size, key))
     assert store.get("a") is not None  # a is now more recent than b and c
-    store.put("d", entry(size, "d"))
+    store.put("d", sized_entry(size, "d"))
     assert [store.contains(k) for k in "abcd"] == [True, False, True, True]
     st = store.stats()
     assert (st.entries, st.bytes_stored, st.evictions) == (3, 3 * size, 1)
@@ -32,16 +23,16 @@ def test_evicts_least_recently_used_by_bytes() -> None:
 def test_one_large_entry_evicts_several() -> None:
     store = MemoryStore(max_bytes=3000)
     for key in "abc":
-        store.put(key, entry(1000, key))
-    store.put("big", entry(2500, "big"))
+        store.put(key, sized_entry(1000, key))
+    store.put("big", sized_entry(2500, "big"))
     assert [store.contains(k) for k in ("a", "b", "c", "big")] == [False, False, False, True]
     assert store.stats().bytes_stored == 2500
 
 
 def test_entry_larger_than_capacity_is_not_kept() -> None:
     store = MemoryStore(max_bytes=1000)
-    store.put("small", entry(600))
-    store.put("huge", entry(1001))
+    store.put("small", sized_entry(600))
+    store.put("huge", sized_entry(1001))
     assert store.get("huge") is None
     assert store.get("small") is not None
     assert store.stats().puts == 1
@@ -49,8 +40,8 @@ def test_entry_larger_than_capacity_is_not_kept() -> None:
 
 def test_replacing_an_entry_updates_the_byte_count() -> None:
     store = MemoryStore(max_bytes=10_000)
-    store.put("k", entry(1000))
-    store.put("k", entry(400))
+    store.put("k", sized_entry(1000))
+    store.put("k", sized_entry(400))
     assert store.stats().bytes_stored == 400
     assert store.delete("k")
     assert (store.stats().entries, store.stats().bytes_stored) == (0, 0)

