@@ -131,6 +131,14 @@ def _loader(setup: dict[str, Any], chosen: list[Any], store: MemoryStore, **conf
                   LoaderConfig(**{"estimates_path": "", "compute_front": False, "prefetch": 2, "ewma": 1.0} | config))
 
 
+def _progressive(setup: dict[str, Any], store: MemoryStore, **config: Any
+                 ) -> tuple[Transform, str, list[list[str]], Loader]:
+    """A three-layer progressive codec, its name, the keys of its chunks stored in ``store``, and a loader of them."""
+    codec = Transform(profile=str(setup["profile"]), layers=3)
+    keys = _store(setup, [codec], store)
+    return codec, codec_label(codec), keys, _loader(setup, [codec], store, **config)
+
+
 def _force(loader: Loader, level: int) -> None:
     """Make every level but ``level`` look slow (1000 s a chunk: no re-plan can afford one), so that a tight target
     picks ``level`` for every chunk."""
@@ -141,11 +149,8 @@ def _force(loader: Loader, level: int) -> None:
 
 
 def test_a_progressive_level_reads_only_its_prefix_and_equals_a_sequential_decode(setup: dict[str, Any]) -> None:
-    codec = Transform(profile=str(setup["profile"]), layers=3)
-    name = codec_label(codec)
     store = FlakyStore()
-    keys = _store(setup, [codec], store)
-    loader = _loader(setup, [codec], store)
+    codec, name, keys, loader = _progressive(setup, store)
     assert [lv.name for lv in loader.levels] == [f"{name} 3/3", f"{name} 2/3", f"{name} 1/3"]
     _force(loader, 2)  # one layer of three
     out, report = loader.load(setup["ids"], keys, len(keys[0]), ttft_slo=0.5)
@@ -200,11 +205,8 @@ class SlowingStore(FlakyStore):
 
 
 def test_chunks_arriving_late_make_the_loader_lower_the_rest(setup: dict[str, Any]) -> None:
-    codec = Transform(profile=str(setup["profile"]), layers=3)
-    name = codec_label(codec)
     store = SlowingStore(fast=10**6, delay_s=0.0)
-    keys = _store(setup, [codec], store)
-    loader = _loader(setup, [codec], store, prefetch=1)
+    _, name, keys, loader = _progressive(setup, store, prefetch=1)
     loader.load(setup["ids"], keys, len(keys[0]))  # measure every level's size (headers) and the fast link
     for names in loader.level_names:
         loader.estimates.update(names.decode, 1e12)  # decoding is free here: only the link matters
@@ -219,11 +221,8 @@ def test_chunks_arriving_late_make_the_loader_lower_the_rest(setup: dict[str, An
 
 
 def test_store_dying_mid_stream_of_ranged_reads_still_gives_the_prefix(setup: dict[str, Any]) -> None:
-    codec = Transform(profile=str(setup["profile"]), layers=3)
-    name = codec_label(codec)
     store = FlakyStore()
-    keys = _store(setup, [codec], store)
-    loader = _loader(setup, [codec], store)
+    codec, name, keys, loader = _progressive(setup, store)
     _force(loader, 1)  # two layers of three
     n = len(keys[0])
     store.ok_reads = 6  # a few chunks come back (by one or two range reads each), then the backend fails
