@@ -525,9 +525,11 @@ def test_query_aware_repair_beats_no_repair(smollm: tuple[Any, Any, ModelSpec],
 
 #: KL(full || policy) over the continuation of an edited stdlib module (a 10-token comment line replacing 8 tokens
 #: at token 200 of 384), measured with `pytest tests/test_reuse.py -m model -k edited_file -s`, and the bound tested.
+#: The bf16 kernels round differently per CPU: 0.0027 on an AVX2 AMD EPYC, 0.0035 on an AMX Xeon (both policies);
+#: the bound leaves ~30% above the higher one.
 EDIT_QUALITY: dict[str, tuple[policies.RepairPolicy, float, float]] = {
-    "pie": (policies.NoRepair(), 0.0027, 0.0035),
-    "pie+blend": (Blend(ratio=0.15, layer=1), 0.0027, 0.0035),
+    "pie": (policies.NoRepair(), 0.0027, 0.0045),
+    "pie+blend": (Blend(ratio=0.15, layer=1), 0.0027, 0.0045),
 }
 
 
