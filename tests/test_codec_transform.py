@@ -191,7 +191,7 @@ def test_real_model_quality(smollm: tuple[Any, Any, Any], tmp_path: Path) -> Non
                                     default_ratio=8.0, fisher_docs=1, measure_kl=False)
     path = prof.save(tmp_path / "smollm.kvprof")
     codec = Transform(profile=str(path), preset="8x")
-    ref = reference(model, tokenizer, spec, documents(1)[0], 256, 64)
+    ref = reference(model, tokenizer, spec, documents(1)[0], 256, 64, greedy_tokens=4)  # greedy: not checked
     result = evaluate_document(model, ref, codec)
     # a 1,000-token basis leaves a large out-of-span residual: this small calibration measured 12.6x, +11.4% and
     # KL 0.111 (docs/transform.md, "The test setting"); the full calibration's figures are in docs/results/codecs.md
