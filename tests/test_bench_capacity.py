@@ -206,6 +206,16 @@ def test_replay_loads_what_is_stored_and_charges_only_what_is_missing(computed) 
     assert serve(0).tokens_hit == 4 * CHUNK
 
 
+def test_the_adaptive_loader_serves_a_hit_whole_and_charges_only_the_question(computed) -> None:  # type: ignore[no-untyped-def]
+    model, spec, prompts, prefilled, _ = computed
+    serve = Replay(model, spec, MemoryStore(max_bytes=1 << 30), codecs.get("raw"), CHUNK, prompts, prefilled,
+                   compute_front=True)
+    assert serve.prefixes.loader.config.compute_front and serve(0).tokens_hit == 0
+    hit = serve(0)
+    assert hit.tokens_hit == 4 * CHUNK and hit.compute_s == prefilled[0].question_s
+    assert hit.ttft_s == hit.load_s + hit.compute_s and hit.write_s == 0
+
+
 def test_a_chunk_encoded_again_puts_the_same_bytes_charged_its_first_encode(computed) -> None:  # type: ignore[no-untyped-def]
     model, spec, prompts, prefilled, _ = computed
     store = MemoryStore(max_bytes=1 << 30)
@@ -270,6 +280,12 @@ def test_the_page_states_the_target_from_the_rows(tmp_path: Path) -> None:
     checks = target(doc, "memory:256MiB")
     assert [(t["alpha"], t["met"]) for t in checks] == [(0.8, True), (1.2, False)]
     assert checks[1]["hit_ratio"] == pytest.approx(0.8 / 0.3) and checks[1]["ttft_speedup"] == 1.5
+    # rows of the adaptive loader are compared with the baseline's adaptive rows only
+    adaptive = [_row("raw", 1.2, 0.3, 3.0) | {"loader": "adaptive"},
+                _row("transform:preset=32x", 1.2, 0.8, 1.0) | {"loader": "adaptive"}]
+    both = target(doc | {"rows": doc["rows"] + adaptive}, "memory:256MiB")
+    assert [(t["loader"], t["alpha"], t["ttft_speedup"]) for t in both] == \
+        [("adaptive", 1.2, 3.0), ("load", 0.8, 4.0), ("load", 1.2, 1.5)]
     (tmp_path / "c.json").write_text(json.dumps(doc))
     main(["--render", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "c.md"), "--plot",
           str(tmp_path / "c.png")])

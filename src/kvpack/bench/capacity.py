@@ -16,8 +16,10 @@ Protocol (a *replay*; every step on the store and codec path runs for real, mode
    to bfloat16, the dtype a bf16 serving model stores.
 2. **Replay, per (codec, budget, alpha)** (:class:`Replay`): a fresh bounded store; for each request, the chunk
    lookup (``exists_many``), fetch and decode of the stored leading chunks into one buffer run for real through
-   :class:`~kvpack.prefix.PrefixStore` and :class:`~kvpack.loader.Loader` (``compute_front=False``, so a load never
-   runs the model) and are timed; the model compute that request still needs is *charged* from step 1's measurement
+   :class:`~kvpack.prefix.PrefixStore` and :class:`~kvpack.loader.Loader` and are timed (``--loader load``, the
+   default: ``compute_front=False``, so a load never runs the model; ``--loader adaptive``: the loader may prefill
+   leading chunks itself while it fetches and decodes the others, Cake's overlap, and that compute runs for real
+   inside the timed load); the model compute that request still needs is *charged* from step 1's measurement
    for that context (the chunks after the stored run plus the question; on a full hit only the question), not
    re-run. TTFT = load wall time + charged compute. Then, as ContextCache's writer thread does after the first
    token, the chunks that were not stored are encoded and put for real (timed as ``write_s``, not part of TTFT),
@@ -63,6 +65,8 @@ DEFAULT_SETTINGS = ("raw", "lossless", "fp8", "kivi:bits=4", "kivi:bits=2")
 DEFAULT_BUDGETS = "memory:256MiB,memory:1GiB,memory:256MiB+disk:1GiB"
 CODECS_RESULTS = Path(__file__).resolve().parents[3] / "docs" / "results" / "codecs.json"
 MANIFEST = "contexts.json"
+#: How a replayed hit loads: every stored chunk, or the adaptive loader that may compute leading chunks (Cake).
+LOADERS = ("load", "adaptive")
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB)?", re.I)
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -372,13 +376,15 @@ class Replay:
 
     def __init__(self, model: Any, spec: Any, store: Store, codec: Any, chunk_tokens: int,
                  prompts: Sequence[torch.Tensor], prefilled: Sequence[Prefilled],
-                 memo: EncodeMemo | None = None) -> None:
+                 memo: EncodeMemo | None = None, compute_front: bool = False) -> None:
         from kvpack.loader import LoaderConfig
         from kvpack.prefix import PrefixStore
 
         self.store, self.spec, self.prompts, self.prefilled = store, spec, prompts, prefilled
         self.prefixes = PrefixStore(store, model, spec, codec, chunk_tokens,
-                                    loader_config=LoaderConfig(compute_front=False, estimates_path=""))
+                                    loader_config=LoaderConfig(compute_front=compute_front, estimates_path=""))
+        if compute_front:  # the prefill rate the planner starts from, as ContextCache's first miss would teach it
+            self.prefixes.loader.observe_prefill(len(prompts[0]), prefilled[0].one_shot_s)
         self.memo = memo
         if memo is not None:  # the writes' encoder (the loader decodes with the codec itself)
             self.prefixes.codecs = (cast(Any, memo),)
@@ -485,14 +491,18 @@ def label(codec: Any) -> str:
 
 def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[Budget], alphas: Sequence[float],
         n_contexts: int, tokens: int, n_requests: int, seed: int, workdir: Path, chunk_tokens: int = 256,
-        compute_dtype: str = "auto", check_repeats: int = 3, results: Path = CODECS_RESULTS,
+        compute_dtype: str = "auto", check_repeats: int = 3, loader: str = "load", results: Path = CODECS_RESULTS,
         log: Callable[[str], None] = print, on_row: Callable[[dict[str, Any]], None] | None = None,
         compute_only: bool = False) -> dict[str, Any]:
     """Steps 1-3 of the module docstring; the JSON document (rows, check, compute, config).
 
     Arms run budget by budget (the smallest first), then alpha, then codec; ``on_row(doc)`` is called with the
-    document so far after each arm. ``compute_only`` stops after step 1.
+    document so far after each arm. ``compute_only`` stops after step 1. ``loader``: ``load`` or ``adaptive`` (see
+    the module docstring; adaptive computes with the stored model, so its rows are only comparable where that is the
+    compute dtype).
     """
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
     from kvpack import codecs
     from kvpack.eval.quality import machine
     from kvpack.prefix import spec_for
@@ -518,7 +528,7 @@ def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[B
                     "prefill_s": [p.compute_s(0) for p in prefilled], "question_s": [p.question_s for p in prefilled]},
         "config": {"contexts": n_contexts, "tokens": tokens, "requests": n_requests, "seed": seed,
                    "chunk_tokens": chunk_tokens, "question_tokens": len(question), "alphas": list(alphas),
-                   "budgets": [b.label for b in budgets], "settings": list(settings)},
+                   "budgets": [b.label for b in budgets], "settings": list(settings), "loaders": [loader]},
         "machine": machine()}
     if compute_only:
         return doc
@@ -533,7 +543,8 @@ def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[B
         trace = zipf_trace(n_contexts, n_requests, alpha, seed)
         with tempfile.TemporaryDirectory(prefix="kvpack-capacity-", dir=workdir) as tmp:
             store = budget.open(Path(tmp))
-            serve = Replay(model, spec, store, codec, chunk_tokens, prompts, prefilled, memo)
+            serve = Replay(model, spec, store, codec, chunk_tokens, prompts, prefilled, memo,
+                           compute_front=loader == "adaptive")
             wall = time.perf_counter()
             row = replay(trace, serve)
             wall = time.perf_counter() - wall
@@ -541,7 +552,8 @@ def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[B
             store.close()
         per_context = serve.bytes_put / max(serve.chunks_put, 1) * len(prefilled[0].chunk_s)
         doc["rows"].append({
-            "setting": setting, "label": label(codec), "codec_id": codec.codec_id, "budget": budget.label,
+            "setting": setting, "label": label(codec) + (", adaptive loader" if loader == "adaptive" else ""),
+            "loader": loader, "codec_id": codec.codec_id, "budget": budget.label,
             "memory_bytes": budget.memory_bytes, "disk_bytes": budget.disk_bytes, "alpha": alpha, **row,
             "bytes_stored": stored, "bytes_per_context": per_context,
             "ratio": 2 * spec.elements_per_token * len(prefilled[0].chunk_s) * chunk_tokens / per_context
@@ -577,18 +589,19 @@ def _quality(q: dict[str, Any] | None) -> str:
 
 
 def target(doc: dict[str, Any], budget: str, codec: str = "transform", baseline: str = "raw") -> list[dict[str, Any]]:
-    """Per alpha at ``budget``: ``codec``'s hit rate and mean TTFT against ``baseline``'s (the issue's target is
-    hit rate >= 3x and mean TTFT >= 2x lower)."""
+    """Per loader and alpha at ``budget``: ``codec``'s hit rate and mean TTFT against ``baseline``'s with the same
+    loader (the issue's target is hit rate >= 3x and mean TTFT >= 2x lower)."""
     out = []
     rows = [r for r in doc["rows"] if r["budget"] == budget]
-    for alpha in sorted({r["alpha"] for r in rows}):
-        a = next((r for r in rows if r["alpha"] == alpha and r["setting"].split(":")[0] == codec), None)
-        b = next((r for r in rows if r["alpha"] == alpha and r["setting"].split(":")[0] == baseline), None)
+    for loader, alpha in sorted({(r.get("loader", "load"), r["alpha"]) for r in rows}):
+        arm = [r for r in rows if r["alpha"] == alpha and r.get("loader", "load") == loader]
+        a = next((r for r in arm if r["setting"].split(":")[0] == codec), None)
+        b = next((r for r in arm if r["setting"].split(":")[0] == baseline), None)
         if a is None or b is None:
             continue
         hit = a["hit_rate"] / b["hit_rate"] if b["hit_rate"] else math.inf
         ttft = b["ttft_mean_s"] / a["ttft_mean_s"]
-        out.append({"alpha": alpha, "hit_rate": (a["hit_rate"], b["hit_rate"]), "hit_ratio": hit,
+        out.append({"loader": loader, "alpha": alpha, "hit_rate": (a["hit_rate"], b["hit_rate"]), "hit_ratio": hit,
                     "ttft_mean_s": (a["ttft_mean_s"], b["ttft_mean_s"]), "ttft_speedup": ttft,
                     "met": hit >= 3 and ttft >= 2})
     return out
@@ -614,7 +627,9 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
              + "; the faster dtype computes, its KV rounded to bf16): a miss is charged the one-shot prefill of the "
              "whole prompt (what ContextCache runs), a full hit the question's prefill on top of the context, a "
              "partial hit the one-shot time scaled by the share of a chunk-by-chunk prefill left to do. "
-             "TTFT = load + charged compute. The loader loads only (`compute_front=False`). Each codec encodes a "
+             "TTFT = load + charged compute. Loader: `load` rows load every stored chunk (`compute_front=False`); "
+             "`adaptive loader` rows let the loader prefill leading chunks itself while it loads the others (Cake), "
+             "and that prefill runs for real inside the measured load. Each codec encodes a "
              "chunk once per run: a later write of the same chunk (its context evicted, then missed again) puts "
              "the same bytes (the codecs are deterministic) and is charged that first encode's time.", ""]
     misses = check["miss"]
@@ -666,7 +681,7 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
     if not checks:
         lines.append("Not measured: the run has no transform and raw rows at that budget.")
     for t in checks:
-        lines.append(f"- {budgets[0]}, alpha {t['alpha']:g}: hit rate {t['hit_rate'][0]:.3f} vs "
+        lines.append(f"- {budgets[0]}, {t['loader']} loader, alpha {t['alpha']:g}: hit rate {t['hit_rate'][0]:.3f} vs "
                      f"{t['hit_rate'][1]:.3f} ({t['hit_ratio']:.2f}x), mean TTFT {t['ttft_mean_s'][0]:.3f} s vs "
                      f"{t['ttft_mean_s'][1]:.3f} s ({t['ttft_speedup']:.2f}x lower): "
                      f"**{'met' if t['met'] else 'missed'}**.")
@@ -720,7 +735,8 @@ def merge(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "check": first["check"] | {"hits": [h for d in docs for h in d["check"]["hits"]],
                                    "misses_by_run": [d["check"]["miss"] for d in docs]},
         "config": first["config"] | {key: list(dict.fromkeys(x for d in docs for x in d["config"][key]))
-                                     for key in ("settings", "budgets", "alphas")},
+                                     for key in ("settings", "budgets", "alphas")}
+                  | {"loaders": list(dict.fromkeys(x for d in docs for x in d["config"].get("loaders", ["load"])))},
         "command": "` and `".join(d.get("command", "kvpack bench capacity") for d in docs),
         "load_average_end": [d.get("load_average_end") for d in docs]}
 
@@ -750,6 +766,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                         help="dtype of the measured prefills (auto: the faster on this machine)")
     parser.add_argument("--check-repeats", type=int, default=3, help="requests per side of the end-to-end check")
+    parser.add_argument("--loader", choices=LOADERS, default="load",
+                        help="load: every stored chunk is loaded; adaptive: the loader may compute leading chunks")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kvpack-capacity",
                         help="where the contexts' KV files (and a manifest to resume from) are kept")
     parser.add_argument("--model", default=None, help="model name or path (default: the bundled model)")
@@ -777,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     doc = run(model, tokenizer, [s for s in args.settings.split(";") if s],
               [parse_budget(b) for b in args.budgets.split(",")], [float(a) for a in args.alphas.split(",")],
               args.contexts, args.tokens, args.requests, args.seed, args.workdir, args.chunk_tokens,
-              args.compute_dtype, args.check_repeats, on_row=save, compute_only=args.compute_only)
+              args.compute_dtype, args.check_repeats, args.loader, on_row=save, compute_only=args.compute_only)
     doc["command"] = command
     if args.compute_only:
         return
