@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import kvpack
-from kvpack import codecs
+from kvpack import codecs, cpu
 from kvpack.codecs import CalibratedCodec, get
 from kvpack.codecs.transform import KVTC, Transform
 from kvpack.codecs.transform.calibrate import calibrate_from_caches
+from kvpack.codecs.transform.codec import PROJECTION_ENV, projection_dtype
 from kvpack.errors import CodecError, FormatError, ProfileError, ProfileMismatchError
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
@@ -48,8 +49,11 @@ def _rel_error(a: KVCache, b: KVCache, skip: int = 0) -> float:
     return num / den
 
 
+@pytest.mark.parametrize("projection", ["float32", "bfloat16"])
 @pytest.mark.parametrize("preset", sorted(BOUNDS))
-def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str) -> None:
+def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str, projection: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PROJECTION_ENV, projection)  # the bound holds in either precision of the decode GEMM
     kv = _held_out()
     codec = Transform(profile=str(profiles["transform"]), preset=preset)
     data = codec.encode(kv)
@@ -62,6 +66,30 @@ def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str) -> 
                                                                strict=True))
     assert _rel_error(out, kv, skip=4) < BOUNDS[preset]
     assert kv.fp16_bytes / len(data) > 0.5 * float(preset[:-1])
+
+
+def test_projection_precision_follows_the_cpu_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PROJECTION_ENV, raising=False)
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx2", "fma"}))
+    assert projection_dtype() == torch.float32
+    for native in ("amx_bf16", "avx512_bf16"):
+        monkeypatch.setattr(cpu, "flags", lambda native=native: frozenset({"avx2", native}))
+        assert projection_dtype() == torch.bfloat16
+    monkeypatch.setenv(PROJECTION_ENV, "float32")
+    assert projection_dtype() == torch.float32
+    monkeypatch.setenv(PROJECTION_ENV, "float16")
+    with pytest.raises(ValueError, match=PROJECTION_ENV):
+        projection_dtype()
+
+
+def test_both_precisions_decode_the_same_bytes_alike(profiles: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    codec = Transform(profile=str(profiles["transform"]), preset="2x")
+    data = codec.encode(_held_out(tokens=64, start=100))
+    monkeypatch.setenv(PROJECTION_ENV, "float32")
+    exact = codec.decode(data)
+    monkeypatch.setenv(PROJECTION_ENV, "bfloat16")
+    assert _rel_error(codec.decode(data), exact) < 2e-5  # bf16 inputs: ~2^-9 relative per term
 
 
 def test_positions_explicit_and_offset(profiles: dict[str, Path]) -> None:

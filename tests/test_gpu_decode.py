@@ -146,9 +146,12 @@ def test_gpu_cachegen_is_bit_identical_to_cpu(cachegen_profile: str, anchor_delt
 
 
 @pytest.mark.parametrize("recipe", ["transform", "kvtc"])
-def test_gpu_transform_matches_cpu(tmp_path: Path, recipe: str) -> None:
+def test_gpu_transform_matches_cpu(tmp_path: Path, recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """transform: identical symbols and coefficients; values within the GEMM's rounding (on a CPU, under the
-    interpreter, the same GEMM: identical)."""
+    interpreter, the same float32 GEMM: identical)."""
+    from kvpack.codecs.transform.codec import PROJECTION_ENV
+
+    monkeypatch.setenv(PROJECTION_ENV, "float32")  # the GPU decoder multiplies in float32
     from kvpack.codecs.transform.calibrate import calibrate_from_caches
     from kvpack.entropy import parse
     from kvpack.entropy.rans_triton import decode_stream

@@ -37,10 +37,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvpack.bench.entropy import _cpu_model
 from kvpack.codecs.cachegen.calibrate import build_profile_from_caches
 from kvpack.codecs.cachegen.codec import CacheGen, error_bound, quantize_indices
 from kvpack.codecs.cachegen.profile import GROUP_SIZE, LEVELS, layer_groups
+from kvpack.cpu import model_name
 from kvpack.entropy import PROB_SCALE
 from kvpack.kv import KVCache
 
@@ -197,7 +197,7 @@ def run(kv_dir: Path | None, profile_path: Path, *, docs: int = 6, tokens: int =
             codec = CacheGen(profile=str(profile_path), level=level, anchor_delta=anchor_delta)
             rows.append(measure(codec, evaluation, chunk))
     stats = anchor_delta_stats(CacheGen(profile=str(profile_path), level=1), evaluation)
-    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
+    machine = {"cpu": model_name(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
                "numba_threads": numba.get_num_threads()}
     result: dict[str, Any] = {
         "profile": str(profile_path), "profile_hash": CacheGen(profile=str(profile_path)).profile_hash(),

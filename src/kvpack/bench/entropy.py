@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from functools import partial
@@ -27,21 +26,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from kvpack.cpu import model_name
 from kvpack.entropy import counts_to_tables, decode_lanes, encode_lanes, pack, pack_tables, quantize_freqs
 
 REPEATS = 7
 LANE_SYMBOLS = 8192
 N_LANES = 256
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _laplace(rng: np.random.Generator, n_lanes: int, lane: int, alphabet: int) -> np.ndarray:
@@ -153,7 +143,7 @@ def run(json_path: Path | None = None, console: Console | None = None) -> list[d
     """
     console = console or Console()
     machine: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": model_name(),
         "cores": os.cpu_count(),
         "load_1min": os.getloadavg()[0],
         "numba": numba.__version__,

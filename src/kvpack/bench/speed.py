@@ -35,10 +35,10 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
-from kvpack.bench.entropy import _cpu_model
 from kvpack.codecs import get
 from kvpack.codecs.base import Codec
 from kvpack.codecs.raw import tensor_bytes
+from kvpack.cpu import model_name
 from kvpack.eval import progress_bar
 from kvpack.eval.corpora import Document
 from kvpack.eval.quality import tokenize
@@ -130,7 +130,7 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
     console = console or Console()
     settings = [(name, setting, get(name, **{k: v for k, v in setting.items() if k != "as"}))
                 for name, setting in SETTINGS] + [(c.name, c.params(), c) for c in extra]
-    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
+    machine = {"cpu": model_name(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
                "threads": numba.get_num_threads(), "threading_layer": None}
     acc: dict[str, dict[str, Any]] = {}
     base: dict[str, Any] = {"raw": 0, "zstd3": 0, "zstd19": 0, "zipnn": 0, "zipnn_exact": True, "fp16": 0,

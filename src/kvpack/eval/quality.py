@@ -15,7 +15,6 @@ The original cache and reference logits of every document are computed once and 
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kvpack import cpu
 from kvpack.codecs.base import Codec
 from kvpack.eval.corpora import Document
 from kvpack.inference import forward, greedy, prefill
@@ -67,13 +67,7 @@ class DocumentResult:
 
 def machine() -> str:
     """CPU model and core count for result tables."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    return f"{cpu.model_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
 def tokenize(tokenizer: Any, doc: Document, prefix: int, cont: int) -> tuple[torch.Tensor, torch.Tensor]:

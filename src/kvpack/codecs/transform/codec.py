@@ -21,10 +21,18 @@ Bitstream (``meta`` + sections, per progressive layer ``k``; a layer is a set of
   the ``kvtc`` recipe.
 
 A prefix of the bytes that holds complete layers decodes at lower quality (:meth:`Transform.decode_prefix`).
+
+Decoding is one GEMM per PCA group, ``z [tokens, U] @ decode [U, D_g]`` (60 MFLOP per token for SmolLM2's 32x
+preset), in the precision :func:`projection_dtype` picks for this CPU: bfloat16 inputs with float32 accumulation
+where the CPU multiplies bf16 natively (5.4x faster than float32 on one core of an AMX Xeon, measured for that
+shape), float32 elsewhere. The bf16 inputs add a relative error of about 2^-9 per term, below both the coefficients'
+quantization error and the bf16 rounding of the decoded cache; encoding is always float32, so the bytes never depend
+on the machine.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
@@ -34,7 +42,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from kvpack import entropy
+from kvpack import cpu, entropy
 from kvpack.codecs.base import Payload, _tokens_info, register
 from kvpack.codecs.calibrated import CalibratedCodec, Log
 from kvpack.codecs.raw import tensor_bytes
@@ -67,6 +75,20 @@ from kvpack.kv import KVCache
 from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
 
+#: Environment variable that overrides :func:`projection_dtype`: ``float32``, ``bfloat16`` or ``auto`` (default).
+PROJECTION_ENV = "KVPACK_TRANSFORM_GEMM"
+
+
+def projection_dtype() -> torch.dtype:
+    """The precision of the decode projection on this machine: bfloat16 where the CPU multiplies bf16 natively
+    (:func:`kvpack.cpu.native_bf16_matmul`), else float32; ``$KVPACK_TRANSFORM_GEMM`` (``float32``, ``bfloat16``,
+    ``auto``) overrides it, e.g. for decoded caches identical across machines."""
+    choice = os.environ.get(PROJECTION_ENV, "auto")
+    if choice == "auto":
+        return torch.bfloat16 if cpu.native_bf16_matmul() else torch.float32
+    if choice not in ("float32", "bfloat16"):
+        raise ValueError(f"${PROJECTION_ENV} must be float32, bfloat16 or auto, not {choice!r}")
+    return torch.float32 if choice == "float32" else torch.bfloat16
 
 @dataclass(frozen=True)
 class _Layout:
@@ -284,13 +306,17 @@ class Transform(CalibratedCodec[TransformProfile]):
                 break
             self._decode_layer(st, self._layout(st, alloc, blocks), [container.section(n) for n in names], zs, coded)
         x = torch.empty(coded, sum(len(g) for g in st.groups))
+        dtype = projection_dtype()
         for g in range(len(st.groups)):
             p = st.projection(alloc, g)
             z = torch.from_numpy(np.ascontiguousarray(zs[g][:, p.used]))
-            if p.columns is None:
-                torch.addmm(p.decode_bias, z, p.decode, out=x)
+            decode, bias = p.decode_as(dtype)
+            if p.columns is None and dtype == torch.float32:
+                torch.addmm(bias, z, decode, out=x)
+            elif p.columns is None:
+                x.copy_(torch.addmm(bias, z.to(dtype), decode))
             else:
-                x[:, p.columns] = torch.addmm(p.decode_bias, z, p.decode)
+                x[:, p.columns] = torch.addmm(bias, z.to(dtype), decode).float()
         keys_c, values_c = unfeatures(x, positions[~sink], spec)
         keys_s, values_s = self._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
         data = torch.empty(spec.buffer_shape(num_tokens), dtype=spec.torch_dtype) if out is None else out

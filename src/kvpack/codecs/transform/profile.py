@@ -52,6 +52,15 @@ class Projection:
     encode_bias: torch.Tensor  # [U]
     decode: torch.Tensor  # [U, D_g]
     decode_bias: torch.Tensor  # [D_g]
+    casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def decode_as(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(decode, decode_bias)`` in ``dtype`` (cast once per dtype)."""
+        if dtype == torch.float32:
+            return self.decode, self.decode_bias
+        if dtype not in self.casts:
+            self.casts[dtype] = (self.decode.to(dtype), self.decode_bias.to(dtype))
+        return self.casts[dtype]
 
 
 @dataclass(frozen=True, eq=False)
