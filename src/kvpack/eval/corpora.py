@@ -81,6 +81,24 @@ def parse_sources(text: str) -> tuple[str, ...]:
     return tuple(s for s in SOURCES if s in names)
 
 
+def source_order(sources: Iterable[str]) -> list[str]:
+    """The distinct ``sources`` in ``SOURCES`` order, then ``file``."""
+    order = [*SOURCES, "file"]
+    return sorted(set(sources), key=order.index)
+
+
+def protocol(calibrated_on: Sequence[str] | None, evaluated_on: Sequence[str]) -> str | None:
+    """The setting of an evaluation (issue 16): ``own files`` when it ran on a user's files (``--text``); else, for
+    a profile whose calibration sources are known, ``in-source`` (every evaluated source was calibrated on; the
+    documents still differ: calibration and eval splits), ``cross-source`` (none was) or ``mixed``; else None."""
+    if "file" in evaluated_on:
+        return "own files"
+    if calibrated_on is None:
+        return None
+    seen = set(evaluated_on) & set(calibrated_on)
+    return "in-source" if seen == set(evaluated_on) else "cross-source" if not seen else "mixed"
+
+
 def code_documents() -> list[Document]:
     """Every stdlib top-level module of at least ``MIN_CHARS`` characters, named ``stdlib/NAME.py``."""
     root = Path(sysconfig.get_paths()["stdlib"])

@@ -24,7 +24,8 @@ import torch
 
 from kvpack import cpu
 from kvpack.codecs.base import Codec
-from kvpack.eval.corpora import Document
+from kvpack.codecs.calibrated import CalibratedCodec
+from kvpack.eval.corpora import Document, protocol, source_order
 from kvpack.inference import forward, greedy, prefill
 from kvpack.kv import KVCache
 from kvpack.spec import ModelSpec
@@ -49,6 +50,7 @@ class DocumentResult:
 
     document: str
     kind: str
+    source: str
     fp16_bytes: int
     stored_bytes: int
     elements: int
@@ -110,7 +112,8 @@ def evaluate_document(model: Any, ref: Reference, codec: Codec) -> DocumentResul
     agree = next((i for i, (a, b) in enumerate(zip(tokens, ref.greedy, strict=False)) if a != b),
                  min(len(tokens), len(ref.greedy)))
     return DocumentResult(
-        document=ref.document.name, kind=ref.document.kind, fp16_bytes=ref.kv.fp16_bytes, stored_bytes=len(data),
+        document=ref.document.name, kind=ref.document.kind, source=ref.document.source,
+        fp16_bytes=ref.kv.fp16_bytes, stored_bytes=len(data),
         elements=ref.kv.num_tokens * ref.kv.spec.elements_per_token,
         ppl_reference=perplexity(ref.logprobs, ref.cont_ids), ppl=perplexity(logprobs, ref.cont_ids), kl=kl,
         top1=float((logprobs.argmax(-1) == ref.logprobs.argmax(-1)).float().mean()),
@@ -119,11 +122,17 @@ def evaluate_document(model: Any, ref: Reference, codec: Codec) -> DocumentResul
 
 
 def summarize(codec: Codec, results: Sequence[DocumentResult], prefix: int, cont: int) -> dict[str, Any]:
-    """The JSON row of one codec setting over all documents (means over documents; byte totals for ratios)."""
+    """The JSON row of one codec setting over all documents (means over documents; byte totals for ratios).
+
+    ``sources``/``kinds`` are those of the documents, ``calibration_sources`` those the codec's profile records
+    (``kvpack calibrate --sources``; None without), and ``protocol`` the setting they make (:func:`protocol`).
+    """
     fp16 = sum(r.fp16_bytes for r in results)
     stored = sum(r.stored_bytes for r in results)
     kl = torch.cat([r.kl for r in results])
     mean = lambda values: float(sum(values) / len(values))  # noqa: E731
+    sources = source_order(r.source for r in results)
+    calibrated_on = codec.calibration.meta.get("calibration_sources") if isinstance(codec, CalibratedCodec) else None
     return {
         "codec": codec.name,
         "params": codec.params(),
@@ -135,6 +144,8 @@ def summarize(codec: Codec, results: Sequence[DocumentResult], prefix: int, cont
         "ppl_increase_pct": mean([r.ppl_increase_pct for r in results]),
         "ppl_increase_pct_code": _kind_mean(results, "code"),
         "ppl_increase_pct_prose": _kind_mean(results, "prose"),
+        "ppl_increase_pct_by_source": {s: mean([r.ppl_increase_pct for r in results if r.source == s])
+                                       for s in sources},
         "kl_mean": float(kl.mean()),
         "kl_p99": float(torch.quantile(kl.double(), 0.99)),
         "top1_agreement": mean([r.top1 for r in results]),
@@ -145,8 +156,12 @@ def summarize(codec: Codec, results: Sequence[DocumentResult], prefix: int, cont
         "prefix_tokens": prefix,
         "cont_tokens": cont,
         "documents": [r.document for r in results],
+        "sources": sources,
+        "kinds": sorted({r.kind for r in results}),
+        "calibration_sources": calibrated_on,
+        "protocol": protocol(calibrated_on, sources),
         "per_document": [
-            {"document": r.document, "kind": r.kind, "ratio": r.fp16_bytes / r.stored_bytes,
+            {"document": r.document, "kind": r.kind, "source": r.source, "ratio": r.fp16_bytes / r.stored_bytes,
              "ppl_reference": r.ppl_reference, "ppl": r.ppl, "ppl_increase_pct": r.ppl_increase_pct,
              "kl_mean": float(r.kl.mean()), "top1_agreement": r.top1, "greedy_agreement": r.greedy_agreement}
             for r in results
