@@ -13,12 +13,15 @@ import dataclasses
 import functools
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from kvpack.codecs.base import NOT_IN_BITSTREAM, Codec, available, codec_class
 from kvpack.errors import FormatError, ProfileError
 from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from kvpack.eval.corpora import Document
 
 #: What a codec compiles from its profile (validated arrays, entropy models).
 C = TypeVar("C")
@@ -44,12 +47,15 @@ class CalibratedCodec(Codec, Generic[C]):
 
     @classmethod
     @abstractmethod
-    def calibrate(cls, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, *, docs: int = 6,
-                  spec: ModelSpec | None = None, log: Log | None = None, **options: Any) -> Profile:
+    def calibrate(cls, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, *,
+                  docs: int | Sequence[Document] = 6, spec: ModelSpec | None = None, log: Log | None = None,
+                  **options: Any) -> Profile:
         """A profile for ``model`` (a transformers causal LM and its tokenizer; ``spec`` defaults to theirs).
 
         Args:
-            texts: calibration texts; default: ``docs`` of kvpack's calibration documents (never evaluation ones).
+            texts: calibration texts; default: ``docs``.
+            docs: how many of kvpack's calibration documents (never evaluation ones) to take, or the documents
+                (e.g. ``kvpack.eval.documents(6, "calibration", sources=...)``).
             log: called with a short status line per step.
             options: the codec's calibration settings (see its ``calibrate`` module).
         """

@@ -44,7 +44,7 @@ with ``include_tables=False``) and ``escapes`` (``E`` varints).
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -70,6 +70,9 @@ from kvpack.format import Container
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from kvpack.eval.corpora import Document
 
 __all__ = ["CacheGen", "error_bound", "kv_array", "quantize_indices", "read_stream"]
 
@@ -334,8 +337,9 @@ class CacheGen(CalibratedCodec[CacheGenTables]):
         super().__post_init__()
 
     @classmethod
-    def calibrate(cls, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, *, docs: int = 6,
-                  spec: ModelSpec | None = None, log: Log | None = None, **options: Any) -> Profile:
+    def calibrate(cls, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, *,
+                  docs: "int | Sequence[Document]" = 6, spec: ModelSpec | None = None, log: Log | None = None,
+                  **options: Any) -> Profile:
         """The profile of :func:`kvpack.codecs.cachegen.calibrate.build_profile` (``options``: its keyword
         arguments)."""
         from kvpack.codecs.cachegen.calibrate import build_profile

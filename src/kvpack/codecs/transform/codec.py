@@ -37,7 +37,7 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -74,6 +74,9 @@ from kvpack.format import PREFIX_BYTES, Container, crc32, read_header
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from kvpack.eval.corpora import Document
 
 #: Environment variable that overrides :func:`projection_dtype`: ``float32``, ``bfloat16`` or ``auto`` (default).
 PROJECTION_ENV = "KVPACK_TRANSFORM_GEMM"
@@ -145,14 +148,17 @@ class Transform(CalibratedCodec[TransformProfile]):
     # -------------------------------------------------------------------------------------------- profile
 
     @classmethod
-    def calibrate(cls, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, *, docs: int = 6,
-                  spec: ModelSpec | None = None, log: Log | None = None, **options: Any) -> Profile:
+    def calibrate(cls, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, *,
+                  docs: int | Sequence[Document] = 6, spec: ModelSpec | None = None, log: Log | None = None,
+                  **options: Any) -> Profile:
         """A profile made with the model (:func:`kvpack.codecs.transform.calibrate.calibrate` under this codec's
         recipe; ``options``: its keyword arguments)."""
         from kvpack.codecs.transform.calibrate import calibrate
 
-        return calibrate(model, tokenizer, spec or ModelSpec.from_model(model, tokenizer), n_docs=docs, texts=texts,
-                         recipe=cls.recipe, log=log, **options)
+        given = None if isinstance(docs, int) else docs
+        return calibrate(model, tokenizer, spec or ModelSpec.from_model(model, tokenizer), docs=given,
+                         n_docs=docs if isinstance(docs, int) else len(docs), texts=texts, recipe=cls.recipe,
+                         log=log, **options)
 
     @classmethod
     def compile(cls, profile: Profile) -> TransformProfile:
