@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 try:
     import typer
@@ -21,6 +22,9 @@ from kvpack.errors import KvpackError
 from kvpack.format import read_container
 from kvpack.models import DEFAULT_MODEL
 
+if TYPE_CHECKING:
+    from kvpack.eval.corpora import Document, Split
+
 app = typer.Typer(help="kvpack: store and reuse the KV caches of language models, small and fast to move.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON (numbers for docs/results).",
@@ -32,6 +36,9 @@ CodecOpt = Annotated[str, typer.Option("--codec", "-c", help=f"Codec name: {', '
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Codec parameter name=value (repeatable).")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name or local checkpoint directory.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON to this path.")]
+SourcesOpt = Annotated[str | None, typer.Option(
+    help="Corpus sources of the built-in documents, comma-separated: stdlib, site-packages (code), pydoc, metadata "
+         "(prose); default stdlib,pydoc (docs/codecs.md: the cross-source protocol).")]
 
 
 
@@ -56,6 +63,17 @@ def make_codec(name: str, params: list[str] | None) -> codecs.Codec:
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/bold red] {exc}")
     raise typer.Exit(2)
+
+
+def corpus(docs: int, split: Split, sources: str | None, text: list[Path] | None = None) -> list[Document]:
+    """The documents a command runs on: the user's ``--text`` files, or ``docs`` of ``split`` from ``--sources``."""
+    from kvpack.eval.corpora import DEFAULT_SOURCES, documents, parse_sources, text_documents
+
+    if text and sources:
+        raise ValueError("--text and --sources exclude each other (your files are their own source)")
+    if text:
+        return text_documents(text)
+    return documents(docs, split, parse_sources(sources) if sources else DEFAULT_SOURCES)
 
 
 def _command_line() -> str:
@@ -165,6 +183,7 @@ def eval_command(
     param: ParamOpt = None,
     docs: Annotated[int, typer.Option(help="Number of built-in eval documents (half code, half prose).")] = 6,
     text: Annotated[list[Path] | None, typer.Option(help="Evaluate on these text files instead (repeatable).")] = None,
+    sources: SourcesOpt = None,
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
     cont: Annotated[int, typer.Option(help="Continuation tokens scored on the decoded cache.")] = 512,
     passkey: Annotated[int | None, typer.Option(help="Also run passkey retrieval at this haystack length.")] = None,
@@ -173,11 +192,11 @@ def eval_command(
     json_path: JsonOpt = None,
 ) -> None:
     """Measure a codec's ratio, quality (perplexity, KL, top-1, greedy, passkey) and speed on a real model."""
-    from kvpack.eval import documents, evaluate, text_documents
+    from kvpack.eval import evaluate
 
     try:
         the_codec = make_codec(codec, param)
-        documents_used = text_documents(text) if text else documents(docs)
+        documents_used = corpus(docs, "eval", sources, text)
         lm, tokenizer, spec = load_model(model)
         rows = evaluate(lm, tokenizer, spec, [the_codec], documents_used, prefix=prefix, cont=cont,
                         passkey_tokens=passkey, passkey_trials=trials)
@@ -212,26 +231,39 @@ def calibrate(
     docs: Annotated[int, typer.Option(help="Calibration documents (never eval documents).")] = 6,
     text: Annotated[list[Path] | None, typer.Option(help="Calibrate on these text files instead (repeatable).")]
     = None,
+    sources: Annotated[str | None, typer.Option(
+        help="Draw the calibration documents from these corpus sources (comma-separated: stdlib, site-packages, "
+             "pydoc, metadata) and record them in the profile, so eval rows say in-source or cross-source; "
+             "default stdlib,pydoc, unrecorded.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
 ) -> None:
     """Build a codec's per-model calibration profile (PCA basis and bit allocations, or CacheGen's symbol tables)."""
-    from kvpack.eval.corpora import text_documents
-
     cls = codecs.codec_class(codec) if codec in codecs.available() else None
     if cls is None or not issubclass(cls, codecs.CalibratedCodec):
         _fail(ValueError(f"calibrate makes profiles for {', '.join(codecs.calibrated())}, not for {codec!r}"))
         return
+    try:
+        texts = [d.text for d in corpus(docs, "calibration", sources, text)] if text else None
+        chosen = corpus(docs, "calibration", sources) if sources else docs
+    except ValueError as exc:
+        _fail(exc)
+        return
+    if not isinstance(chosen, int):
+        console.print(f"calibration documents from {sources}: {', '.join(d.name for d in chosen)}")
     lm, tokenizer, spec = load_model(model)
-    texts = [d.text for d in text_documents(text)] if text else None
     t0 = time.perf_counter()
     with console.status(f"calibrating {codec} ...") as status:
         def say(msg: str) -> None:
             status.update(f"calibrating {codec} ({time.perf_counter() - t0:.0f} s): {msg}")
 
         try:
-            profile = cls.calibrate(lm, tokenizer, texts, docs=docs, spec=spec, log=say)
+            profile = cls.calibrate(lm, tokenizer, texts, docs=chosen, spec=spec, log=say)
         except (KvpackError, ValueError) as exc:
             _fail(exc)
+    if not isinstance(chosen, int):
+        from kvpack.eval.corpora import source_order
+
+        profile = replace(profile, meta={**profile.meta, "calibration_sources": source_order(d.source for d in chosen)})
     path = profile.save(output)
     console.print(f"{codec} profile {profile.hash} ({profile.nbytes / 1e6:.2f} MB) written to {path} in "
                   f"{time.perf_counter() - t0:.0f} s")
@@ -260,6 +292,7 @@ def bench_codecs(
         help="Extra setting NAME:k=v,k=v (repeatable), e.g. transform:profile=P,preset=32x.")] = None,
     defaults: Annotated[bool, typer.Option(help="Include the default settings (raw, zstd, lossless, ...).")] = True,
     docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
+    sources: SourcesOpt = None,
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
     cont: Annotated[int, typer.Option(help="Continuation tokens scored.")] = 512,
     passkey: Annotated[int | None, typer.Option(help="Also run passkey retrieval at this haystack length.")] = None,
@@ -271,12 +304,12 @@ def bench_codecs(
 ) -> None:
     """Every codec setting on the real model: ratio, bits/element, quality metrics and MB/s, side by side."""
     from kvpack.bench import codecs as bench
-    from kvpack.eval import documents, evaluate
+    from kvpack.eval import evaluate
 
     try:
         extra = [parse_setting(s) for s in setting or []]
         chosen = bench.settings(extra) if defaults else extra
-        documents_used = documents(docs)
+        documents_used = corpus(docs, "eval", sources)
         lm, tokenizer, spec = load_model(model)
         rows = evaluate(lm, tokenizer, spec, chosen, documents_used, prefix=prefix, cont=cont,
                         passkey_tokens=passkey, passkey_trials=trials)
@@ -302,12 +335,11 @@ def bench_speed(
 ) -> None:
     """Ratio, bits/element, encode/decode MB/s and error of each codec on real caches, next to zstd and ZipNN."""
     from kvpack.bench import speed
-    from kvpack.eval import documents
 
     try:
         extra = [parse_setting(s) for s in setting or []]
         lm, tokenizer, spec = load_model(model)
-        entries = speed.caches(lm, tokenizer, spec, documents(docs), prefix)
+        entries = speed.caches(lm, tokenizer, spec, corpus(docs, "eval", None), prefix)
         rows = speed.run(entries, extra, json_path, console, repeats=repeats, anchors=anchors)
     except (KvpackError, ValueError) as exc:
         _fail(exc)
@@ -326,8 +358,6 @@ def bench_gpu(
 ) -> None:
     """GPU decode GB/s per codec and TTFT (recompute vs loading over host memory and emulated 10/25 Gbps links) of a
     Llama-3.1-8B-shaped model with random bf16 weights, at 8K and 32K tokens (docs/gpu.md). Needs CUDA."""
-    from dataclasses import replace
-
     from kvpack.bench import gpu
 
     try:
