@@ -321,6 +321,30 @@ def bench_codecs(
     bench.write_outputs(rows, console, command, profiles, json_path, markdown, plot)
 
 
+@bench_app.command("cross-source")
+def bench_cross_source(
+    runs: Annotated[list[Path], typer.Argument(help="JSON of `kvpack bench codecs` or `kvpack eval` runs.",
+                                               exists=True, dir_okay=False)],
+    json_path: JsonOpt = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
+) -> None:
+    """In-source vs cross-source vs own-files ratio and Δppl (code and prose apart) per setting, from the rows of
+    runs with calibrate/eval --sources (docs/codecs.md); measures nothing."""
+    from kvpack.bench import crosssource
+
+    try:
+        rows = crosssource.load(runs)
+    except (KeyError, ValueError) as exc:
+        _fail(exc)
+    crosssource.print_summary(rows, console)
+    if json_path:
+        json_path.write_text(json.dumps(crosssource.summary(rows), indent=2))
+        console.print(f"wrote {json_path}")
+    if markdown:
+        markdown.write_text(crosssource.markdown(rows, _command_line()))
+        console.print(f"wrote {markdown}")
+
+
 @bench_app.command("speed")
 def bench_speed(
     setting: Annotated[list[str] | None, typer.Option(
