@@ -1,17 +1,23 @@
-"""The kvpack command line: inspect, decode, prefill, eval (raw shows exactly zero change), errors and help."""
+"""The kvpack command line: inspect, decode, prefill, eval (raw shows exactly zero change), errors and help; the
+cross-source protocol's options (--sources) on a tiny random model."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import PROSE
 from kvpack import cli
+from kvpack.spec import ModelSpec
+from test_families import tiny
 
 GOLDEN = Path(__file__).parent / "golden"
 runner = CliRunner()
@@ -78,3 +84,91 @@ def test_prefill_and_eval_raw_show_zero_change(smollm: Any, tmp_path: Path, monk
     assert row["top1_agreement"] == 1.0 and row["greedy_agreement"] == 1.0
     assert row["passkey_accuracy"] == row["passkey_accuracy_reference"]
     assert 0.99 < row["ratio"] <= 1.0 and row["documents"] == [str(text)]
+
+
+class CharTokenizer:
+    """Characters as token ids of the tiny model's vocabulary (what the harness calls of a tokenizer)."""
+
+    def __call__(self, text: str, return_tensors: str = "pt", add_special_tokens: bool = False) -> Any:
+        return SimpleNamespace(input_ids=torch.tensor([[3 + ord(c) % 90 for c in text]]))
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> tuple[Any, Any, ModelSpec]:
+    model = tiny("llama")
+    return model, CharTokenizer(), ModelSpec.from_model(model)
+
+
+def test_sources_reach_the_document_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import kvpack.eval
+
+    seen: list[list[Any]] = []
+
+    def fake_evaluate(model: Any, tokenizer: Any, spec: Any, chosen: Any, docs: Any, **_: Any) -> list[dict[str, Any]]:
+        seen.append(list(docs))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "load_model", lambda name: (None, None, None))
+    monkeypatch.setattr(kvpack.eval, "evaluate", fake_evaluate)
+    for command in (["eval", "--codec", "raw"], ["bench", "codecs", "--no-defaults"]):
+        result = runner.invoke(cli.app, [*command, "--docs", "3", "--sources", "metadata, site-packages"])
+        assert result.exit_code == 2 and "stop here" in result.output, result.output
+        assert [(d.kind, d.source) for d in seen[-1]] == [("code", "site-packages")] * 2 + [("prose", "metadata")]
+    text = tmp_path / "mine.txt"
+    text.write_text(PROSE)
+    for args in (["eval", "--text", str(text), "--sources", "stdlib"],
+                 ["calibrate", "-o", str(tmp_path / "p"), "--text", str(text), "--sources", "stdlib"]):
+        result = runner.invoke(cli.app, args)
+        assert result.exit_code == 2 and "exclude each other" in result.output, result.output
+    result = runner.invoke(cli.app, ["eval", "--sources", "stdlib,wiki"])
+    assert result.exit_code == 2 and "comma-separated subset" in result.output
+
+
+def test_cross_source_protocol(tiny_model: tuple[Any, Any, ModelSpec], monkeypatch: pytest.MonkeyPatch,
+                               tmp_path: Path) -> None:
+    """Calibrate on stdlib+pydoc, evaluate on the eval split of both source sets and on a user's file: every row says
+    what it was measured on, and the cross-source table puts each run under its protocol."""
+    import kvpack.eval
+    from kvpack.eval.quality import reference
+
+    monkeypatch.setattr(cli, "load_model", lambda name: tiny_model)
+    monkeypatch.setattr(kvpack.eval, "reference", functools.partial(reference, greedy_tokens=2))  # not checked
+    profile = tmp_path / "a.kvprof"
+    result = runner.invoke(cli.app, ["calibrate", "--codec", "cachegen", "--docs", "2", "--sources", "pydoc,stdlib",
+                                     "-o", str(profile)])
+    assert result.exit_code == 0, result.output
+    assert "calibration documents from pydoc,stdlib: stdlib/" in result.output
+    runs = []
+    for sources in ("stdlib,pydoc", "site-packages,metadata", None):
+        out = tmp_path / f"{sources}.json"
+        where = ["--sources", sources] if sources else ["--text", str(Path(__file__))]
+        command = ["bench", "codecs", "--no-defaults"] if sources else ["eval", "--codec", "cachegen"]
+        setting = ["--setting", f"cachegen:profile={profile}"] if sources else ["-p", f"profile={profile}"]
+        result = runner.invoke(cli.app, [*command, *setting, *where, "--docs", "2", "--prefix", "48", "--cont", "16",
+                                         "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        runs.append(out)
+    in_source = json.loads(runs[0].read_text())["rows"][0]
+    cross = json.loads(runs[1].read_text())["rows"][0]
+    own = json.loads(runs[2].read_text())
+    assert in_source["calibration_sources"] == cross["calibration_sources"] == ["stdlib", "pydoc"]
+    assert (in_source["protocol"], cross["protocol"], own["protocol"]) == ("in-source", "cross-source", "own files")
+    assert cross["sources"] == ["site-packages", "metadata"] and cross["kinds"] == ["code", "prose"]
+    assert [(d["kind"], d["source"]) for d in cross["per_document"]] == [("code", "site-packages"),
+                                                                        ("prose", "metadata")]
+    assert set(cross["ppl_increase_pct_by_source"]) == {"site-packages", "metadata"}
+    assert own["sources"] == ["file"] and own["per_document"][0]["kind"] == "file"
+
+    page = tmp_path / "cross.md"
+    summary = tmp_path / "cross.json"
+    result = runner.invoke(cli.app, ["bench", "cross-source", *map(str, runs), "--markdown", str(page),
+                                     "--json", str(summary)])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(summary.read_text())
+    assert entry["setting"].startswith("cachegen")
+    assert entry["cross-source"]["runs"] == ["stdlib+pydoc -> site-packages+metadata"]
+    assert entry["cross-source"]["ratio"] == cross["ratio"]
+    assert entry["cross-source"]["ppl_increase_pct_prose"] == cross["ppl_increase_pct_prose"]
+    assert entry["in-source"]["documents"] == 2 and entry["own files"]["ppl_increase_pct_code"] is None
+    text = page.read_text()
+    assert "| stdlib+pydoc -> site-packages+metadata | cross-source |" in text and "own files Δppl %" in text
