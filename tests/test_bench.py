@@ -208,3 +208,12 @@ def test_speed_rows_count_every_byte(tmp_path: Path) -> None:
     assert by[("lossless", 256)]["ratio"] < lossless["ratio"]  # two containers pay two headers
     assert by[("kivi bits=2", None)]["rel_rmse_k"] > 0 and ("zstd level=3", None) in by
     assert "| zipnn (bf16) | doc |" in speed.markdown(rows, "kvpack bench speed")
+
+
+def test_cross_source_table_refuses_rows_without_sources(tmp_path: Path) -> None:
+    from kvpack.bench import crosssource
+
+    old = tmp_path / "old.json"
+    old.write_text('{"rows": [{"codec": "raw"}], "profiles_bytes": {}}')
+    with pytest.raises(ValueError, match="predates the cross-source protocol"):
+        crosssource.load([old])

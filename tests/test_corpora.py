@@ -150,3 +150,15 @@ def test_selection_rules_on_a_made_up_site_packages(tmp_path: Path, monkeypatch:
     (doc,) = corpora.metadata_documents()
     assert doc.name == "metadata/foo-bar+six" and doc.kind == "prose" and doc.source == "metadata"
     assert doc.text.count("A sentence") == 200
+
+
+def test_protocol_names_the_setting() -> None:
+    from kvpack.eval.corpora import protocol
+
+    assert protocol(["stdlib", "pydoc"], ["stdlib", "pydoc"]) == "in-source"
+    assert protocol(["stdlib", "pydoc", "metadata"], ["pydoc"]) == "in-source"
+    assert protocol(["stdlib", "pydoc"], ["site-packages", "metadata"]) == "cross-source"
+    assert protocol(["stdlib", "pydoc"], ["stdlib", "metadata"]) == "mixed"
+    assert protocol(None, ["file"]) == protocol(["stdlib"], ["file"]) == "own files"
+    assert protocol(None, ["stdlib", "pydoc"]) is None
+
