@@ -147,6 +147,12 @@ def test_selection_rules_on_a_made_up_site_packages(tmp_path: Path, monkeypatch:
     assert [d.name.split("/")[1] for d in code_docs] == ["foo", "six.py"]
     assert code_docs[0].name in ("site-packages/foo/a.py", "site-packages/foo/sub/b.py")
     assert code_docs == corpora.site_packages_documents()
+    user = tmp_path.with_name(tmp_path.name + "-user")  # a second root (the user's site-packages): foo is taken
+    (user / "foo").mkdir(parents=True)
+    (user / "foo" / "c.py").write_text(code)
+    (user / "qux.py").write_text(code)
+    monkeypatch.setattr(corpora, "_site_roots", lambda: [tmp_path, user])
+    assert [d.name for d in corpora.site_packages_documents()] == [d.name for d in code_docs] + ["site-packages/qux.py"]
     (doc,) = corpora.metadata_documents()
     assert doc.name == "metadata/foo-bar+six" and doc.kind == "prose" and doc.source == "metadata"
     assert doc.text.count("A sentence") == 200

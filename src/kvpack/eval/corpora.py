@@ -5,10 +5,10 @@
 - ``pydoc`` (prose): the language-reference topics of ``pydoc_data.topics``, joined in name order into documents of
   at least ``MIN_CHARS``;
 - ``site-packages`` (code by other authors): one module per top-level package or module of the environment's
-  site-packages (kvpack excluded): of its ``.py`` files of ``MIN_CHARS`` to ``MAX_BYTES`` bytes, the first by
-  digest of its name that is UTF-8 text without NUL bytes and with lines of at most ``MAX_MEAN_LINE`` characters on
-  average (generated tables are not code anyone writes); one per package, so torch's thousands of files do not
-  crowd out the rest;
+  site-packages (and the user's, where Python reads it; kvpack excluded): of its ``.py`` files of ``MIN_CHARS`` to
+  ``MAX_BYTES`` bytes, the first by digest of its name that is UTF-8 text without NUL bytes and with lines of at
+  most ``MAX_MEAN_LINE`` characters on average (generated tables are not code anyone writes); one per package, so
+  torch's thousands of files do not crowd out the rest;
 - ``metadata`` (prose): the package descriptions of ``*.dist-info/METADATA`` (the body, or the ``Description``
   field), of ``MIN_DESCRIPTION`` to ``MAX_BYTES`` characters, joined in package-name order into documents of at
   least ``MIN_CHARS``.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import email.parser
 import hashlib
+import site
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -133,8 +134,12 @@ def prose_documents() -> list[Document]:
 
 
 def _site_roots() -> list[Path]:
+    """The environment's site-packages directories, and the user's when Python reads it (``pip install --user``)."""
     paths = sysconfig.get_paths()
-    return sorted({Path(paths[key]) for key in ("purelib", "platlib") if Path(paths[key]).is_dir()})
+    roots = [Path(paths["purelib"]), Path(paths["platlib"])]
+    if site.ENABLE_USER_SITE:
+        roots.append(Path(site.getusersitepackages()))
+    return sorted({root for root in roots if root.is_dir()})
 
 
 def _code_text(path: Path) -> str | None:
@@ -163,9 +168,12 @@ def _packages(root: Path) -> Iterator[tuple[str, list[Path]]]:
 
 def site_packages_documents() -> list[Document]:
     """One module per third-party top-level package of site-packages, named ``site-packages/RELATIVE/PATH.py``."""
-    docs = []
+    docs, taken = [], set()
     for root in _site_roots():
-        for _, files in _packages(root):
+        for package, files in _packages(root):
+            if package in taken:  # installed in two roots: the first one's
+                continue
+            taken.add(package)
             names = {f"site-packages/{f.relative_to(root).as_posix()}": f for f in files}
             for name in sorted(names, key=_digest):
                 text = _code_text(names[name])
