@@ -299,12 +299,14 @@ def test_runs_of_one_workload_merge_and_others_do_not() -> None:
                        "budgets": ["memory:1MiB"], "settings": ["raw"]},
             "compute": {"prefill_s": [1.0, 2.0]}, "rows": [{"setting": "raw"}],
             "check": {"miss": {"replay_s": 1.0}, "hits": [{"codec_id": "raw"}]}, "command": "a"}
-    other = base | {"config": base["config"] | {"settings": ["transform"], "alphas": [0.8, 1.2]},
+    other = base | {"config": base["config"] | {"settings": ["transform"], "alphas": [0.8, 1.2],
+                                                "loaders": ["adaptive"]},
                     "rows": [{"setting": "transform"}], "command": "b",
                     "check": {"miss": {"replay_s": 1.1}, "hits": [{"codec_id": "t"}]}}
     doc = merge([base, other])
     assert [r["setting"] for r in doc["rows"]] == ["raw", "transform"] and len(doc["check"]["hits"]) == 2
     assert doc["config"]["settings"] == ["raw", "transform"] and doc["config"]["alphas"] == [0.8, 1.2]
+    assert doc["config"]["loaders"] == ["load", "adaptive"]  # a run from before --loader loaded every chunk
     assert doc["command"] == "a` and `b" and merge([base]) is base
     with pytest.raises(ValueError):
         merge([base, base | {"compute": {"prefill_s": [1.0, 2.5]}}])

@@ -771,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kvpack-capacity",
                         help="where the contexts' KV files (and a manifest to resume from) are kept")
     parser.add_argument("--model", default=None, help="model name or path (default: the bundled model)")
-    parser.add_argument("--json", type=Path, default=None, help="write the JSON document here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the JSON document here (with --render: the merged document)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the results page here")
     parser.add_argument("--plot", type=Path, default=None, help="write the plot (PNG) here")
     parser.add_argument("--render", type=Path, nargs="+", default=None,
@@ -780,8 +781,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
     if args.render is not None:
-        docs = [json.loads(path.read_text()) for path in args.render]
-        render(merge(docs), args.markdown, args.plot, f"kvpack bench capacity {argv_text}")
+        merged = merge([json.loads(path.read_text()) for path in args.render])
+        if args.json:  # the runs joined in one document, which renders the same page on its own
+            args.json.write_text(json.dumps(merged, indent=1))
+        render(merged, args.markdown, args.plot, f"kvpack bench capacity {argv_text}")
         return
     from kvpack import models
 
