@@ -67,6 +67,8 @@ CODECS_RESULTS = Path(__file__).resolve().parents[3] / "docs" / "results" / "cod
 MANIFEST = "contexts.json"
 #: How a replayed hit loads: every stored chunk, or the adaptive loader that may compute leading chunks (Cake).
 LOADERS = ("load", "adaptive")
+#: What the rows of the adaptive loader add to the codec's label.
+ADAPTIVE = ", adaptive loader"
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB)?", re.I)
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -552,7 +554,7 @@ def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[B
             store.close()
         per_context = serve.bytes_put / max(serve.chunks_put, 1) * len(prefilled[0].chunk_s)
         doc["rows"].append({
-            "setting": setting, "label": label(codec) + (", adaptive loader" if loader == "adaptive" else ""),
+            "setting": setting, "label": label(codec) + (ADAPTIVE if loader == "adaptive" else ""),
             "loader": loader, "codec_id": codec.codec_id, "budget": budget.label,
             "memory_bytes": budget.memory_bytes, "disk_bytes": budget.disk_bytes, "alpha": alpha, **row,
             "bytes_stored": stored, "bytes_per_context": per_context,
@@ -614,6 +616,7 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
              f"Produced by `{command}`; this page and its plot are rendered from the JSON by `{render_command}`. "
              f"Machine: {doc['machine']}; load average at the end {doc.get('load_average_end')} (shared machine: "
              "every timing is indicative).", "",
+             *([f"Note on the runs: {doc['note']}.", ""] if doc.get("note") else []),
              f"Workload: {cfg['contexts']} distinct contexts of {cfg['tokens']} tokens (windows of the eval "
              f"corpora) + a {cfg['question_tokens']}-token question, {cfg['requests']} requests per arm with Zipf "
              f"popularity (seed {cfg['seed']}), chunks of {cfg['chunk_tokens']} tokens, SmolLM2-135M storing bf16 "
@@ -643,7 +646,7 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
               "| request | ContextCache TTFT s | replay TTFT s | replay / ContextCache |", "|---|---|---|---|"]
     real = statistics.median(misses["contextcache_s"])
     lines.append(f"| miss | {real:.3f} | {misses['replay_s']:.3f} | {misses['replay_s'] / real:.2f} |")
-    names = {r["codec_id"]: r["label"] for r in doc["rows"]}
+    names = {r["codec_id"]: r["label"].removesuffix(ADAPTIVE) for r in doc["rows"]}  # the check loads every chunk
     cold = [h for h in check["hits"] if not h.get("warmed_up")]
     for h in check["hits"]:
         replayed = h["replay_s"] if h.get("warmed_up") else h["replay_s"][1:] or h["replay_s"]
@@ -709,11 +712,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             ax.bar([i + k * width for i in range(len(arms))], values, width, label=name, color=f"C{k % 10}")
     for ax, title in zip(axes, ("hit rate (whole context)", "mean TTFT (s)"), strict=True):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(arms))])
-        ax.set_xticklabels([f"{b}\nalpha {a:g}" for b, a in arms], fontsize=6)
+        ax.set_xticklabels([b.replace("+", "+\n") + f"\nalpha {a:g}" for b, a in arms], fontsize=6)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=min(len(names), 4))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
