@@ -140,8 +140,12 @@ def test_ttft_times_every_arm_under_one_protocol(tmp_path: Path, monkeypatch: py
     transports = ("memory", "disk", "link 1 Gbps (emulated)", "link 10→1 Gbps (emulated)")
     assert set(by) == {(s, t) for s in ("load", "adaptive") for t in transports}
     for (strategy, transport), r in by.items():
-        assert r["tokens_hit"] == 512 and r["chunks_hit"] == 2 and r["ratio"] > 0.9
-        assert r["chunks_loaded"] + r["chunks_computed"] + len(r["failed_chunks"]) == 2
+        assert r["chunks_hit"] == 2 and r["ratio"] > 0.9
+        if r["plan"]["recompute"]:  # the adaptive loader may prefill the whole prompt instead of loading
+            assert strategy == "adaptive" and r["tokens_hit"] == 0 and r["chunks_loaded"] == 0
+        else:
+            assert r["tokens_hit"] == 512
+            assert r["chunks_loaded"] + r["chunks_computed"] + len(r["failed_chunks"]) == 2
         assert r["plan"]["chunks"] == 2 and r["plan"]["compute_front"] in (True, False)
         assert len(r["runs"]) == 2 and all(set(run) >= {"ttft_s", "chunks_loaded", "chunks_computed"}
                                            for run in r["runs"])

@@ -97,6 +97,57 @@ def test_plan_from_injected_estimates() -> None:
                       LoaderConfig(compute_front=False, estimates_path="")).plan(4).compute_front
 
 
+def test_plan_to_recompute_when_one_prefill_is_sooner_than_any_load() -> None:
+    model = tiny("llama")
+    spec = ModelSpec.from_model(model)
+    load = loader(model, spec, MemoryStore(), codecs.get("raw"))
+    load.estimates = est = Estimates(None, alpha=1.0)
+    fp16 = 2 * CHUNK * spec.elements_per_token
+    est.update(load.names.chunk_bytes, fp16)
+    est.update(load.names.decode, fp16 * 1000.0)  # decode: 1 ms per chunk
+    est.update(load.names.fetch, fp16 * 10.0)  # a slow link: 100 ms per chunk
+    est.update(load.names.prefill, CHUNK / 0.01)  # one call: 10 ms per chunk's worth of tokens
+    est.update(load.names.chunk_prefill, 0.05)  # the front, chunk by chunk: 50 ms a chunk
+    plan = load.plan(4, allow_recompute=True)  # 40 ms in one call against >= 100 ms for any load
+    assert plan.recompute and plan.levels == ("recompute",) * 4 and plan.predicted_ttft_s == pytest.approx(0.04)
+    assert not load.plan(4).recompute  # a caller that cannot prefill the prompt itself gets a load
+    assert load.plan(4).predicted_chunk_compute_s == pytest.approx(0.05)  # the front's own measurement
+    assert load.plan(4, ttft_slo=0.05, allow_recompute=True).recompute  # exact and in time
+    assert not load.plan(4, ttft_slo=0.03, allow_recompute=True).recompute  # too slow for the target
+    est.update(load.names.fetch, fp16 * 1e6)  # a fast link: loading is sooner
+    assert not load.plan(4, allow_recompute=True).recompute
+    only_load = Loader(model, spec, MemoryStore(), codecs.get("raw"), CHUNK,
+                       LoaderConfig(compute_front=False, estimates_path=""))
+    only_load.estimates = est
+    est.update(load.names.fetch, fp16 * 10.0)
+    assert not only_load.plan(4, allow_recompute=True).recompute  # load-only never recomputes
+
+
+def test_a_recompute_plan_reads_nothing_and_gives_the_plain_output() -> None:
+    model = tiny("llama", torch.float32)
+    ids = prompt()
+    store = SlowStore(delay_s=0.2)
+    with ContextCache(model, None, store=store, codec="raw", chunk_tokens=CHUNK,
+                      loader=LoaderConfig(estimates_path="")) as cc:
+        cc.prefill(ids)
+        cc.flush()
+        chunks = (len(ids) - 1) // CHUNK  # the stored run a request loads (its last token is always computed)
+        loader_ = cc.prefixes.loader
+        loader_.observe_prefill(len(ids), 0.001)  # one call of the whole prompt: 1 ms
+        loader_.estimates.update(loader_.names.fetch, 1000.0)  # the link: 1 kB/s
+        loader_.estimates.update(loader_.names.chunk_prefill, 0.05)  # the front: 50 ms a chunk
+        read = store.stats().bytes_read
+        result = cc.generate(ids, max_new_tokens=3, do_sample=False)
+        stats = result.stats
+        assert stats.plan is not None and stats.plan.recompute and stats.chunk_levels == ["recomputed"] * chunks
+        assert stats.tokens_hit == 0 and stats.chunks_hit == chunks
+        assert stats.chunks_written == len(ids) // CHUNK - chunks  # only what was not stored
+        assert store.stats().bytes_read == read  # the stored chunks stay unread, and are not written again
+        plain = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
+                               max_new_tokens=3, do_sample=False)
+    assert torch.equal(result.sequences, plain)
+
+
 @pytest.mark.parametrize("codec", ["raw", "lossless"])
 def test_pipelined_load_is_bit_identical_to_sequential_decode(codec: str) -> None:
     model = tiny("gemma2")

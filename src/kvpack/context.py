@@ -192,7 +192,7 @@ class ContextCache:
         """Queue for storing: the prompt's full chunks after the stored prefix, and the ones that failed to load."""
         assert self.spec is not None
         c = self.chunk_tokens
-        start, stop = self.prefixes.chunk_span(ids, stats.tokens_hit)
+        start, stop = self.prefixes.chunk_span(ids, max(stats.tokens_hit, stats.chunks_hit * c))  # stored already
         spans = [(i * c, (i + 1) * c) for i in stats.failed_chunks] + ([(start, stop)] if stop > start else [])
         if not spans:
             return 0

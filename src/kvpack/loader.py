@@ -192,16 +192,20 @@ class EstimateNames:
     """The names under which a loader keeps its estimates (shared by loaders of the same store, codec and model).
 
     ``fetch``: bytes/s of reading one chunk from the store (latency included); ``chunk_bytes``: stored bytes per
-    chunk; ``decode``: fp16-equivalent bytes/s of decoding; ``prefill``: tokens/s of this model's prefill here.
+    chunk; ``decode``: fp16-equivalent bytes/s of decoding; ``prefill``: tokens/s of this model's prefill of a whole
+    prompt here (one call, as ContextCache computes what it does not load); ``chunk_prefill``: seconds to prefill one
+    chunk on top of the chunks before it, as the loader's front does (several times slower per token than one call
+    on a CPU, and slowed further by the loads running beside it).
     """
 
     fetch: str
     chunk_bytes: str
     decode: str
     prefill: str
+    chunk_prefill: str
 
-    def all(self) -> tuple[str, str, str, str]:
-        return self.fetch, self.chunk_bytes, self.decode, self.prefill
+    def all(self) -> tuple[str, str, str, str, str]:
+        return self.fetch, self.chunk_bytes, self.decode, self.prefill, self.chunk_prefill
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,8 @@ class Plan:
     """What the loader decided for ``chunks`` stored chunks, and the predictions it decided on (seconds).
 
     ``levels``: per chunk, the planned level's name or ``"compute"``; ``ttft_slo``: the target, if any;
-    ``predicted_ttft_s``: predicted load plus the rest of the prompt; ``meets_slo``: whether the prediction meets it.
+    ``predicted_ttft_s``: predicted load plus the rest of the prompt; ``meets_slo``: whether the prediction meets it;
+    ``recompute``: load nothing, the whole prompt is prefilled in one call (every level ``"recompute"``).
     """
 
     chunks: int
@@ -296,6 +301,7 @@ class Plan:
     ttft_slo: float | None = None
     predicted_ttft_s: float | None = None
     meets_slo: bool | None = None
+    recompute: bool = False
 
 
 @dataclass
@@ -372,7 +378,8 @@ class Loader:
         return EstimateNames(fetch=f"fetch_Bps/{_short(repr(self.store))}",
                              chunk_bytes=f"chunk_bytes/{cid}/{self.chunk_tokens}{part}",
                              decode=f"decode_Bps/{cid}{part}",
-                             prefill=f"prefill_tps/{self.spec.fingerprint[:16]}")
+                             prefill=f"prefill_tps/{self.spec.fingerprint[:16]}",
+                             chunk_prefill=f"chunk_prefill_s/{self.spec.fingerprint[:16]}/{self.chunk_tokens}")
 
     # ------------------------------------------------------------------------------------------------- planning
     def costs(self, fetch_scale: float = 1.0) -> list[Cost | None]:
@@ -397,10 +404,19 @@ class Loader:
             return self.estimates.get(self.tail_name) or (tokens / tps if tps else 0.0)
         return tokens / tps if tps else 0.0
 
-    def plan(self, chunks: int, ttft_slo: float | None = None, tail_tokens: int = 0) -> Plan:
-        """The plan for ``chunks`` stored chunks from the current estimates: meeting point and level per chunk."""
+    def chunk_compute_estimate(self) -> float | None:
+        """Predicted seconds for the front to prefill one chunk: as measured, else from the whole-prompt rate."""
         tps = self.estimates.get(self.names.prefill)
-        compute = self.chunk_tokens / tps if tps else None
+        return self.estimates.get(self.names.chunk_prefill) or (self.chunk_tokens / tps if tps else None)
+
+    def plan(self, chunks: int, ttft_slo: float | None = None, tail_tokens: int = 0,
+             allow_recompute: bool = False) -> Plan:
+        """The plan for ``chunks`` stored chunks from the current estimates: meeting point and level per chunk.
+
+        With ``allow_recompute`` (and ``compute_front``) the plan may also be to load nothing and prefill the whole
+        prompt in one call (``recompute``): without a target when that is predicted sooner than the best load, with
+        ``ttft_slo`` when it meets the target no later than the load would (it is exact, the best quality)."""
+        compute = self.chunk_compute_estimate()
         tail = self.tail_estimate(tail_tokens)
         budget = None if ttft_slo is None else ttft_slo - tail
         c = choose(chunks, self.costs(), compute, budget, self.config.compute_front)
@@ -408,12 +424,30 @@ class Loader:
         if budget is None and c.front == 1 and c.seconds is not None:  # computing one chunk only races the decoder
             c = Choice(0, (0,) * chunks, predict(0, [0] * chunks, self.costs(), compute), None)
             names = (self.levels[0].name,) * chunks
+        predicted = None if c.seconds is None else c.seconds + tail
+        tps = self.estimates.get(self.names.prefill)
+        if allow_recompute and self.config.compute_front and tps and predicted is not None:
+            whole = (chunks * self.chunk_tokens + tail_tokens) / tps
+            if ttft_slo is None:
+                sooner = whole <= predicted  # a tie: one call, no loader threads
+            else:  # exact, so in time it wins unless a load is sooner and in time too
+                sooner = whole <= ttft_slo and (whole <= predicted or not c.meets)
+            if sooner:
+                return Plan(chunks=chunks, compute_front=True, predicted_load_s=0.0,
+                            predicted_chunk_compute_s=compute, levels=("recompute",) * chunks, ttft_slo=ttft_slo,
+                            predicted_ttft_s=whole, meets_slo=None if ttft_slo is None else True, recompute=True)
         return Plan(chunks=chunks, compute_front=c.front > 0, predicted_load_s=c.seconds,
                     predicted_chunk_compute_s=compute, levels=names, ttft_slo=ttft_slo,
-                    predicted_ttft_s=None if c.seconds is None else c.seconds + tail, meets_slo=c.meets)
+                    predicted_ttft_s=predicted, meets_slo=c.meets)
+
+    def observe_chunk_prefill(self, seconds: float) -> None:
+        """Record that the front prefilled one chunk in ``seconds``."""
+        if seconds > 0:
+            self.estimates.update(self.names.chunk_prefill, seconds)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        """Record a prefill of ``tokens`` tokens that took ``seconds`` (ContextCache reports its tail prefills).
+        """Record a prefill of ``tokens`` tokens in one call that took ``seconds`` (ContextCache reports its tail
+        prefills and whole-prompt ones).
 
         Only prefills of at least one chunk count: a short tail is dominated by per-call overhead and would make
         computing a chunk look several times slower than it is; a short one is kept as the tail estimate.
@@ -433,18 +467,22 @@ class Loader:
     # -------------------------------------------------------------------------------------------------- loading
     def load(self, ids: torch.Tensor, keys: list[str] | list[list[str]], chunks: int, *,
              stored: list[list[bool]] | None = None, ttft_slo: float | None = None, tail_tokens: int = 0,
-             on_chunk: Callable[[str, int], None] | None = None) -> tuple[KVCache, LoadReport]:
+             on_chunk: Callable[[str, int], None] | None = None, plan: Plan | None = None
+             ) -> tuple[KVCache, LoadReport]:
         """The KV of the first ``chunks`` chunks of ``ids``, loaded or computed.
 
         ``keys``: the chunk keys of ``ids`` (one list per codec when the loader has several); ``stored[j][i]``:
         whether codec ``j`` has chunk ``i`` (default: every codec has every chunk). ``ttft_slo``: a TTFT target in
         seconds (``tail_tokens``: prompt tokens after the chunks, prefilled after the load). ``on_chunk(kind,
-        index)`` (kind ``"loaded"`` or ``"computed"``) is called as each chunk is done.
+        index)`` (kind ``"loaded"`` or ``"computed"``) is called as each chunk is done. ``plan``: one
+        :meth:`plan` made for this load (default: planned here; a ``recompute`` plan is for the caller to follow).
         """
         c = self.chunk_tokens
         per_codec = [keys] if not keys or isinstance(keys[0], str) else keys
         assert len(per_codec) == len(self.codecs), "one key list per codec"
-        report = LoadReport(plan=self.plan(chunks, ttft_slo, tail_tokens))
+        if plan is not None and plan.recompute:
+            raise ValueError("a recompute plan loads nothing: prefill the prompt instead of calling load")
+        report = LoadReport(plan=plan or self.plan(chunks, ttft_slo, tail_tokens))
         assert report.plan is not None
         report.chunk_levels = ["computed"] * chunks
         kv = KVCache.empty(self.spec, chunks * c)
@@ -490,7 +528,7 @@ class Loader:
             elapsed = time.perf_counter() - t0
             report.compute_s += elapsed
             report.chunks_computed += 1
-            self.observe_prefill(c, elapsed)
+            self.observe_chunk_prefill(elapsed)
             if on_chunk is not None:
                 on_chunk("computed", j)
         return cache
@@ -668,8 +706,7 @@ class _Request:
         if last < first:
             return
         loader = self.loader
-        tps = loader.estimates.get(loader.names.prefill)
-        compute = loader.chunk_tokens / tps if tps else None
+        compute = loader.chunk_compute_estimate()
         left = self.budget - (time.perf_counter() - self.start)
         c = choose(last - first + 1, self.costs, compute, left, loader.config.compute_front)
         for offset, j in enumerate(c.levels):

@@ -41,9 +41,10 @@ class RequestStats(LoadReport):
     """What one request did (times in seconds): its load (the fields of :class:`~kvpack.loader.LoadReport`) and the
     rest of the request.
 
-    ``tokens_hit``/``chunks_hit``: the stored prefix the request reused, the chunks its load reports on (a failed
-    chunk is computed, and stored again). ``prefill_s``: the prefill of the rest of the prompt; ``ttft_s``: the
-    time to the first token; ``chunks_written``: the chunks the request stored.
+    ``tokens_hit``/``chunks_hit``: the stored prefix the request reused, and the chunks of it that were stored (a
+    failed chunk is computed, and stored again; when the loader's plan is to recompute, ``plan.recompute``, the
+    stored chunks are left unread: ``tokens_hit`` is 0). ``prefill_s``: the prefill of the rest of the prompt;
+    ``ttft_s``: the time to the first token; ``chunks_written``: the chunks the request stored.
     """
 
     prompt_tokens: int = 0
@@ -125,8 +126,14 @@ class PrefixStore:
         keys, stored, chunks = self._stored(ids)
         if chunks == 0:
             return None
-        kv, report = self.loader.load(ids, keys, chunks, stored=stored, ttft_slo=ttft_slo,
-                                       tail_tokens=len(ids) + after - chunks * self.chunk_tokens)
+        tail = len(ids) + after - chunks * self.chunk_tokens
+        plan = self.loader.plan(chunks, ttft_slo, tail, allow_recompute=True)
+        if plan.recompute:  # prefilling the whole prompt is predicted sooner: the stored chunks stay unread
+            stats.plan, stats.chunks_hit, stats.tokens_hit = plan, chunks, 0
+            stats.chunk_levels = ["recomputed"] * chunks
+            return None
+        kv, report = self.loader.load(ids, keys, chunks, stored=stored, ttft_slo=ttft_slo, tail_tokens=tail,
+                                       plan=plan)
         stats.chunks_hit, stats.tokens_hit = chunks, chunks * self.chunk_tokens
         for f in fields(LoadReport):
             setattr(stats, f.name, getattr(report, f.name))

@@ -403,7 +403,7 @@ class Replay:
         t0 = time.perf_counter()
         self.prefixes.load(ids[:-1], stats)  # lookup, fetch, decode: real
         load_s = time.perf_counter() - t0
-        compute_s = item.compute_s(stats.chunks_hit)
+        compute_s = item.compute_s(stats.tokens_hit // c)  # a plan to recompute reads nothing: all charged
         t1 = time.perf_counter()
         spans = [(j * c, (j + 1) * c) for j in stats.failed_chunks]
         if stats.chunks_hit < n:

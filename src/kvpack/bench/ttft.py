@@ -726,7 +726,7 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
                         f"{min(kls):.4f}-{max(kls):.4f}", "met" if r["within_1_1x"] >= 0.9 * n else "missed"))
     adaptive = [r for r in rows if _strategy(r) == "adaptive" and r.get("levels")]
     if adaptive:
-        own = [r for r in adaptive if set(r["levels"]) <= {r.get("best_level"), "computed"}]
+        own = [r for r in adaptive if set(r["levels"]) <= {r.get("best_level"), "computed", "recomputed"}]
         out.append(("with no target, adaptive loads the best stored level (quality of the fixed codec)",
                     f"{len(own)}/{len(adaptive)} adaptive rows loaded only their codec's best level",
                     "met" if len(own) == len(adaptive) else "missed"))
