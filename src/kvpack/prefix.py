@@ -117,17 +117,19 @@ class PrefixStore:
         return self._stored(ids)[2] * self.chunk_tokens
 
     def load(self, ids: torch.Tensor, stats: RequestStats, ttft_slo: float | None = None,
-             after: int = 0) -> KVCache | None:
+             after: int = 0, allow_recompute: bool = True) -> KVCache | None:
         """The KV of the longest stored run of leading full chunks of ``ids``, in one buffer; fills ``stats``.
 
         Chunks that fail to load are computed instead, so the result is always the prefix's KV. ``ttft_slo``: a TTFT
         target (:meth:`Loader.load`); ``after``: prompt tokens that follow ``ids`` (prefilled after the load too).
+        With ``allow_recompute`` the loader may plan to read nothing (:meth:`Loader.plan`): then ``None``, with
+        ``stats.plan.recompute`` set, and the caller prefills the whole prompt.
         """
         keys, stored, chunks = self._stored(ids)
         if chunks == 0:
             return None
         tail = len(ids) + after - chunks * self.chunk_tokens
-        plan = self.loader.plan(chunks, ttft_slo, tail, allow_recompute=True)
+        plan = self.loader.plan(chunks, ttft_slo, tail, allow_recompute=allow_recompute)
         if plan.recompute:  # prefilling the whole prompt is predicted sooner: the stored chunks stay unread
             stats.plan, stats.chunks_hit, stats.tokens_hit = plan, chunks, 0
             stats.chunk_levels = ["recomputed"] * chunks

@@ -185,7 +185,7 @@ class SegmentReuse:
         pieces = self.tokens(prompt)
         ids = torch.cat(pieces)
         stats = SegmentStats(prompt_tokens=len(ids))
-        exact_kv = self.prefixes.load(ids[:-1], stats)
+        exact_kv = self.prefixes.load(ids[:-1], stats, allow_recompute=False)  # the segments build on what it reads
         units = self._units(prompt, pieces)
         limit = min(units[-1].stop, len(ids) - 1) if units else 0
         hit = stats.tokens_hit
