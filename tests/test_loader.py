@@ -113,6 +113,9 @@ def test_plan_to_recompute_when_one_prefill_is_sooner_than_any_load() -> None:
     assert not load.plan(4).recompute  # a caller that cannot prefill the prompt itself gets a load
     assert load.plan(4).predicted_chunk_compute_s == pytest.approx(0.05)  # the front's own measurement
     assert load.plan(4, ttft_slo=0.05, allow_recompute=True).recompute  # exact and in time
+    unknown = Loader(model, spec, MemoryStore(), codecs.get("raw"), CHUNK, LoaderConfig(estimates_path=""))
+    unknown.estimates.update(unknown.names.prefill, CHUNK / 0.01)
+    assert not unknown.plan(4, allow_recompute=True).recompute  # no load measured yet: load, and measure
     assert not load.plan(4, ttft_slo=0.03, allow_recompute=True).recompute  # too slow for the target
     est.update(load.names.fetch, fp16 * 1e6)  # a fast link: loading is sooner
     assert not load.plan(4, allow_recompute=True).recompute
@@ -136,6 +139,7 @@ def test_a_recompute_plan_reads_nothing_and_gives_the_plain_output() -> None:
         loader_.observe_prefill(len(ids), 0.001)  # one call of the whole prompt: 1 ms
         loader_.estimates.update(loader_.names.fetch, 1000.0)  # the link: 1 kB/s
         loader_.estimates.update(loader_.names.chunk_prefill, 0.05)  # the front: 50 ms a chunk
+        loader_.estimates.update(loader_.names.decode, 1e9)  # (stored sizes are known from the writes)
         read = store.stats().bytes_read
         result = cc.generate(ids, max_new_tokens=3, do_sample=False)
         stats = result.stats

@@ -415,7 +415,8 @@ class Loader:
 
         With ``allow_recompute`` (and ``compute_front``) the plan may also be to load nothing and prefill the whole
         prompt in one call (``recompute``): without a target when that is predicted sooner than the best load, with
-        ``ttft_slo`` when it meets the target no later than the load would (it is exact, the best quality)."""
+        ``ttft_slo`` when it meets the target no later than the load would (it is exact, the best quality); never
+        before the best level's fetch and decode costs are known (only loads measure them)."""
         compute = self.chunk_compute_estimate()
         tail = self.tail_estimate(tail_tokens)
         budget = None if ttft_slo is None else ttft_slo - tail
@@ -426,7 +427,8 @@ class Loader:
             names = (self.levels[0].name,) * chunks
         predicted = None if c.seconds is None else c.seconds + tail
         tps = self.estimates.get(self.names.prefill)
-        if allow_recompute and self.config.compute_front and tps and predicted is not None:
+        measured = self.costs()[0] is not None  # else the load is the only way to learn what a load costs
+        if allow_recompute and self.config.compute_front and tps and measured and predicted is not None:
             whole = (chunks * self.chunk_tokens + tail_tokens) / tps
             if ttft_slo is None:
                 sooner = whole <= predicted  # a tie: one call, no loader threads
