@@ -563,6 +563,7 @@ def run(model: Any, tokenizer: Any, spec: Any, codecs: list[Codec], config: Ttft
                 json_path.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2))
     for row in rows:
         row["machine"] = machine()
+        row["command"] = command  # what a page rendered later from the JSON names as its source
     _print(console, rows)
     if json_path:
         json_path.write_text(json.dumps(rows, indent=2))
@@ -578,8 +579,10 @@ def render(rows: list[dict[str, Any]], markdown_path: Path | None, plot_path: Pa
     a machine (a partial file) get this one's."""
     for row in rows:
         row.setdefault("machine", machine())
+    measured = next((r["command"] for r in rows if "command" in r), None)
     if markdown_path:
-        markdown_path.write_text(markdown(rows, plot_path, command))
+        markdown_path.write_text(markdown(rows, plot_path, measured or command,
+                                          rendered_by=command if measured else None))
     if plot_path:
         plot(rows, plot_path)
 
@@ -783,8 +786,10 @@ def _links_text(rows: list[dict[str, Any]]) -> str:
     return " ".join(text)
 
 
-def markdown(rows: list[dict[str, Any]], plot_path: Path | None, command: str = "kvpack bench ttft") -> str:
-    """docs/results/ttft.md from the rows."""
+def markdown(rows: list[dict[str, Any]], plot_path: Path | None, command: str = "kvpack bench ttft",
+             rendered_by: str | None = None) -> str:
+    """docs/results/ttft.md from the rows (measured by ``command``; ``rendered_by``: the command that drew this page
+    from their JSON)."""
     recomputes = [r for r in rows if r["method"] == "recompute"]
     lines = ["# Time to first token", ""]
     if any("recompute_s" not in r for r in recomputes) or any("strategy" not in r for r in rows):
@@ -798,7 +803,8 @@ def markdown(rows: list[dict[str, Any]], plot_path: Path | None, command: str = 
     loads = [r["load_avg_1m"] for r in rows if "load_avg_1m" in r]
     busy = f" (load average over 1 min while the rows were measured: {min(loads):.1f} to {max(loads):.1f})" \
         if loads else ""
-    lines += [f"Produced by `{command}` on " + (rows[0]["machine"] if rows else "?") + busy + ".", "",
+    lines += [f"Produced by `{command}` on " + (rows[0]["machine"] if rows else "?") + busy + "."
+              + (f" This page is rendered from its JSON by `{rendered_by}`." if rendered_by else ""), "",
               "TTFT in seconds; every row is the lower median of the timed runs after one untimed warm-up run. "
               "`recompute` is plain `model.generate` on the whole prompt in bfloat16 or float32 compute, whichever "
               "is faster on this machine; `load` loads every stored chunk; `adaptive` lets the loader compute "
