@@ -420,14 +420,15 @@ class Loader:
         compute = self.chunk_compute_estimate()
         tail = self.tail_estimate(tail_tokens)
         budget = None if ttft_slo is None else ttft_slo - tail
-        c = choose(chunks, self.costs(), compute, budget, self.config.compute_front)
+        costs = self.costs()
+        c = choose(chunks, costs, compute, budget, self.config.compute_front)
         names = ("compute",) * c.front + tuple(self.levels[j].name for j in c.levels)
         if budget is None and c.front == 1 and c.seconds is not None:  # computing one chunk only races the decoder
-            c = Choice(0, (0,) * chunks, predict(0, [0] * chunks, self.costs(), compute), None)
+            c = Choice(0, (0,) * chunks, predict(0, [0] * chunks, costs, compute), None)
             names = (self.levels[0].name,) * chunks
         predicted = None if c.seconds is None else c.seconds + tail
         tps = self.estimates.get(self.names.prefill)
-        measured = self.costs()[0] is not None  # else the load is the only way to learn what a load costs
+        measured = costs[0] is not None  # else the load is the only way to learn what a load costs
         if allow_recompute and self.config.compute_front and tps and measured and predicted is not None:
             whole = (chunks * self.chunk_tokens + tail_tokens) / tps
             if ttft_slo is None:

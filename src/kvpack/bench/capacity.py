@@ -537,11 +537,10 @@ def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[B
     doc["check"] = validate(model, tokenizer, spec, compute_model, [c for _, c in instances], prompts[0],
                             prefilled[0], chunk_tokens, check_repeats, log)
     arms = [(setting, codec, budget, alpha) for setting, codec in instances for budget in budgets for alpha in alphas]
-    memos: dict[int, EncodeMemo | None] = {}
+    memo_of, memo = None, None
     for setting, codec, budget, alpha in arms:  # codec by codec: one codec's encoded chunks are kept at a time
-        if id(codec) not in memos:
-            memos = {id(codec): None if codec.name == "raw" else EncodeMemo(codec)}  # raw's encode is a copy
-        memo = memos[id(codec)]
+        if codec is not memo_of:
+            memo_of, memo = codec, None if codec.name == "raw" else EncodeMemo(codec)  # raw's encode is a copy
         trace = zipf_trace(n_contexts, n_requests, alpha, seed)
         with tempfile.TemporaryDirectory(prefix="kvpack-capacity-", dir=workdir) as tmp:
             store = budget.open(Path(tmp))

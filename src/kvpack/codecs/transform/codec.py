@@ -24,10 +24,9 @@ A prefix of the bytes that holds complete layers decodes at lower quality (:meth
 
 Decoding is one GEMM per PCA group, ``z [tokens, U] @ decode [U, D_g]`` (60 MFLOP per token for SmolLM2's 32x
 preset), in the precision :func:`projection_dtype` picks for this CPU: bfloat16 inputs with float32 accumulation
-where the CPU multiplies bf16 natively (5.4x faster than float32 on one core of an AMX Xeon, measured for that
-shape), float32 elsewhere. The bf16 inputs add a relative error of about 2^-9 per term, below both the coefficients'
-quantization error and the bf16 rounding of the decoded cache; encoding is always float32, so the bytes never depend
-on the machine.
+where the CPU multiplies bf16 natively (several times faster there than float32), float32 elsewhere. The bf16
+inputs add a relative error of about 2^-9 per term, below both the coefficients' quantization error and the bf16
+rounding of the decoded cache; encoding is always float32, so the bytes never depend on the machine.
 """
 
 from __future__ import annotations
