@@ -32,6 +32,7 @@ from kvpack.reuse import (
     policies,
     recompute,
 )
+from kvpack.reuse.recompute import recompute_narrowing
 from kvpack.reuse.edits import Edit, decode_version, encode_version
 from kvpack.reuse.policies.prophet import query_attention
 from kvpack.spec import ModelSpec
@@ -134,18 +135,45 @@ def test_recomputing_a_tail_equals_prefilling_it_on_the_loaded_head(model32: tup
         torch.testing.assert_close(recompute(model, kv, tail), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_early_stop_returns_the_first_layers_of_the_full_pass(model32: tuple[str, Any, ModelSpec]) -> None:
+def test_narrowing_that_never_narrows_is_recompute(model32: tuple[str, Any, ModelSpec]) -> None:
     _, model, spec = model32
     with context_cache(model, spec) as cc:
         _, kv, _, _ = cc.segments.assemble(rag("none"))
         assert kv is not None
         chosen = torch.tensor([20, 30, 44, 63])
-        assert torch.equal(recompute(model, kv, chosen, through_layer=1), recompute(model, kv, chosen)[:2])
+        tokens, fresh = recompute_narrowing(model, kv, chosen, lambda layer, t, f: t)
+        assert all(torch.equal(t, chosen) for t in tokens)
+        assert torch.equal(torch.stack(fresh), recompute(model, kv, chosen))
+
+
+def test_narrowed_tokens_go_on_from_the_layers_they_went_through(model32: tuple[str, Any, ModelSpec]) -> None:
+    """Narrowing after layer 1 to a subset S: layers 0-1 are recompute of the first set; layers 2-3 are S recomputed
+    on top of a cache whose layers 0-1 hold the first set's fresh K/V (every dropped token keeps them there)."""
+    _, model, spec = model32
+    with context_cache(model, spec) as cc:
+        _, kv, _, _ = cc.segments.assemble(rag("none"))
+        assert kv is not None
+        first = torch.arange(20, kv.num_tokens)
+        kept = first[::3].contiguous()
+        tokens, fresh = recompute_narrowing(model, kv, first, lambda layer, t, f: kept if layer == 1 else t)
+        assert [t.numel() for t in tokens] == [first.numel()] * 2 + [kept.numel()] * 2
+        full = recompute(model, kv, first)
+        assert torch.equal(torch.stack(fresh[:2]), full[:2])
+        early = KVCache(spec=spec, data=kv.data.clone(), positions=kv.positions, token_ids=kv.token_ids)
+        early.data[:2, :, :, first] = full[:2]
+        expected = recompute(model, early, kept)
+        torch.testing.assert_close(torch.stack(fresh[2:]), expected[2:], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(fresh[3], full[3][:, :, torch.searchsorted(first, kept)], atol=1e-3)
+        empty = recompute_narrowing(model, kv, first, lambda layer, t, f: t[:0] if layer == 0 else t)[0]
+        assert [t.numel() for t in empty] == [first.numel(), 0, 0, 0]
+        with pytest.raises(ValueError, match="sorted subset"):
+            recompute_narrowing(model, kv, first, lambda layer, t, f: t.flip(0))
 
 
 # --------------------------------------------------------------------------------------------------- policies
 @pytest.mark.parametrize("policy", [policies.NoRepair(), Epic(k=3), Blend(ratio=0.25, layer=1),
-                                    Blend(ratio=1.0, layer=0), Prophet(ratio=0.25), Prophet(ratio=1.0, depth=0.0)],
+                                    Blend(ratio=1.0, layer=0), Blend(ratio=0.25, layer=0, checks=3),
+                                    Prophet(ratio=0.25), Prophet(ratio=1.0, depth=0.0)],
                          ids=str)
 def test_policy_recomputes_exactly_the_tokens_it_selects(model32: tuple[str, Any, ModelSpec],
                                                          policy: policies.RepairPolicy) -> None:
@@ -162,13 +190,6 @@ def test_policy_recomputes_exactly_the_tokens_it_selects(model32: tuple[str, Any
     starts = [len(SYSTEM), len(SYSTEM) + len(DOC_A), len(SYSTEM) + len(DOC_A) + len(DOC_B)]
     if isinstance(policy, Epic):
         assert stats.recomputed == [s + i for s in starts for i in range(policy.k)]
-    if isinstance(policy, Blend):
-        assert chosen.numel() == round(policy.ratio * moved.numel()) and bool(torch.isin(chosen, moved).all())
-        fresh = recompute(model, loaded, moved, through_layer=policy.layer)[policy.layer]
-        deviation = (fresh - loaded.data[policy.layer, :, :, moved]).square().sum(dim=(0, 1, 3))
-        picked = torch.isin(moved, chosen)
-        if 0 < chosen.numel() < moved.numel():
-            assert deviation[picked].min() >= deviation[~picked].max()
     if isinstance(policy, Prophet):  # the query's attention at its layer ranks the picked tokens first
         assert chosen.numel() == round(policy.ratio * moved.numel())
         layer = round(policy.depth * (spec.num_layers - 1))
@@ -177,12 +198,43 @@ def test_policy_recomputes_exactly_the_tokens_it_selects(model32: tuple[str, Any
         scores, picked = attention[moved], torch.isin(moved, chosen)
         if 0 < chosen.numel() < moved.numel():
             assert scores[picked].min() >= scores[~picked].max()
-    kept = torch.ones(kv.num_tokens, dtype=torch.bool)
-    kept[chosen] = False
-    assert torch.equal(kv.data[:, :, :, kept], loaded.data[:, :, :, kept])  # everything else is what was loaded
-    if chosen.numel():
-        assert torch.equal(kv.data[:, :, :, chosen], recompute(model, loaded, chosen))
-        assert not torch.equal(kv.data[:, :, :, chosen], loaded.data[:, :, :, chosen])
+    if isinstance(policy, Blend):
+        tokens = assert_blend_narrows(model, loaded, moved, policy, stats, kv)
+    else:
+        tokens = [chosen] * spec.num_layers
+        if chosen.numel():
+            assert torch.equal(kv.data[:, :, :, chosen], recompute(model, loaded, chosen))
+    for layer, mine in enumerate(tokens):  # at each layer, every other token is what was loaded
+        kept = torch.ones(kv.num_tokens, dtype=torch.bool)
+        kept[mine] = False
+        assert torch.equal(kv.data[layer, :, :, kept], loaded.data[layer, :, :, kept])
+        if mine.numel():
+            assert not torch.equal(kv.data[layer, :, :, mine], loaded.data[layer, :, :, mine])
+    assert stats.token_layers_recomputed == sum(t.numel() for t in tokens)
+
+
+def assert_blend_narrows(model: Any, loaded: KVCache, moved: torch.Tensor, policy: Blend, stats: SegmentStats,
+                         kv: KVCache) -> list[torch.Tensor]:
+    """CacheBlend's schedule: every moved token through ``layer``, then nested sets of the scheduled sizes, each
+    the tokens of highest K/V deviation at its check layer; the assembled cache is the loaded one with the repair
+    applied. Returns the per-layer token sets."""
+    repair = policy.repair(RepairJob(model=model, kv=loaded, candidates=moved, segments=()))
+    expected = KVCache(spec=loaded.spec, data=loaded.data.clone(), positions=loaded.positions)
+    repair.apply(expected)
+    assert torch.equal(kv.data, expected.data)
+    tokens = list(repair.tokens)
+    assert all(torch.equal(t, moved) for t in tokens[: policy.layer + 1])
+    for check in range(policy.checks):
+        layer = policy.layer + check
+        now, after = tokens[layer], tokens[layer + 1]
+        assert after.numel() == policy.kept(check, moved.numel()) and bool(torch.isin(after, now).all())
+        deviation = (repair.kv[layer] - loaded.data[layer][:, :, now]).square().sum(dim=(0, 1, 3))
+        picked = torch.isin(now, after)
+        if 0 < after.numel() < now.numel():
+            assert deviation[picked].min() >= deviation[~picked].max()
+    assert all(torch.equal(t, tokens[policy.layer + policy.checks]) for t in tokens[policy.layer + policy.checks :])
+    assert stats.recomputed == tokens[-1].tolist()
+    return tokens
 
 
 def test_generate_continues_from_the_assembled_cache(model32: tuple[str, Any, ModelSpec]) -> None:
@@ -385,10 +437,13 @@ def test_an_edited_document_reuses_its_stored_version(model32: tuple[str, Any, M
     assert torch.equal(kv.data[:, :, :, :37], old.data[:, :, :, :37])
     kept = torch.tensor([j for j in range(40, len(EDITED)) if j not in stats.recomputed])
     src = kept - 1  # one token longer after the edit
-    assert torch.equal(kv.data[:, 1, :, kept], old.data[:, 1, :, src])
-    torch.testing.assert_close(kv.data[:, 0, :, kept], rope.rerotate(old.data[:, 0, :, src], src, kept, spec.rope,
-                                                                     spec.head_dim), rtol=1e-5, atol=1e-5)
-    assert torch.equal(kv.data[:, :, :, chosen], recompute(model, kv, chosen))  # on top of all the rest
+    above = 0 if policy == "none" else policy.layer + policy.checks  # blend recomputes every moved token below
+    assert torch.equal(kv.data[above:, 1, :, kept], old.data[above:, 1, :, src])
+    torch.testing.assert_close(kv.data[above:, 0, :, kept], rope.rerotate(old.data[above:, 0, :, src], src, kept,
+                                                                          spec.rope, spec.head_dim),
+                               rtol=1e-5, atol=1e-5)
+    if policy == "none":
+        assert torch.equal(kv.data[:, :, :, chosen], recompute(model, kv, chosen))  # on top of all the rest
 
 
 def test_an_edited_document_at_a_new_offset_is_moved_and_repaired() -> None:

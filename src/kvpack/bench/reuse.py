@@ -16,9 +16,10 @@ Three kinds of cases (docs/reuse.md, issue 13 §3), each compared with full reco
 
 What is expensive is computed once per case: each segment's cache (stored in a memory store through
 :class:`~kvpack.context.ContextCache`, raw codec), the assembled unrepaired cache, and the full-recompute reference;
-every policy and ratio then starts from them. The check pass of ``blend`` (the same for every ratio) is memoized
-(:class:`_SharedJob`). Quality arms take the policy's choice from ``policy.select`` and recompute it with
-:func:`~kvpack.reuse.recompute.recompute`, as ``SegmentReuse.assemble`` does.
+every policy and ratio then starts from them. Quality arms apply ``policy.repair(job)``, as ``SegmentReuse.assemble``
+does; besides ``recomputed`` (the share of moved tokens recomputed at every layer) each RAG row has ``compute``, the
+(token, layer) pairs recomputed over those of recomputing every moved token: CacheBlend's arms recompute every moved
+token in their first layers, so at equal ``recomputed`` they spend more than EPIC's or the query-aware arm's.
 
 TTFT is measured on dedicated timing cases (RAG: ``max(segment_counts)`` segments of ``segment_tokens[1]`` tokens;
 edits: the first edit case) through the request path (``cc.segments.assemble`` from the memory store, then the model
@@ -37,7 +38,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from kvpack.eval.quality import machine
 from kvpack.inference import forward, greedy, new_cache, prefill
 from kvpack.kv import KVCache
 from kvpack.loader import LoaderConfig
-from kvpack.reuse import Blend, Epic, Prompt, Prophet, RepairJob, RepairPolicy, Segment
+from kvpack.reuse import Blend, Epic, Prompt, Prophet, Repair, RepairJob, RepairPolicy, Segment
 from kvpack.reuse.policies import FullRecompute, NoRepair
 from kvpack.store import MemoryStore
 
@@ -103,19 +104,6 @@ class ReuseConfig:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
 
-@dataclass(frozen=True)
-class _SharedJob(RepairJob):
-    """A :class:`RepairJob` whose recomputes are memoized: blend's check pass is the same for every ratio."""
-
-    memo: dict[tuple[bytes, int | None], torch.Tensor] = field(default_factory=dict)
-
-    def fresh(self, tokens: torch.Tensor, through_layer: int | None = None) -> torch.Tensor:
-        key = (tokens.numpy().tobytes(), through_layer)
-        if key not in self.memo:
-            self.memo[key] = super().fresh(tokens, through_layer)
-        return self.memo[key]
-
-
 @dataclass
 class _Scored:
     """What the model does after a cache: log-probs of the scored positions ``[s, vocab]`` and greedy tokens."""
@@ -144,22 +132,23 @@ def _compare(arm: _Scored, ref: _Scored, targets: torch.Tensor) -> dict[str, Any
             "greedy": agree / max(1, len(ref.greedy))}
 
 
-def _repaired(job: RepairJob, chosen: torch.Tensor) -> KVCache:
+def _repaired(job: RepairJob, repair: Repair) -> KVCache:
     kv = KVCache.empty(job.kv.spec, job.kv.num_tokens)
     kv.data.copy_(job.kv.data)
     kv.token_ids = job.kv.token_ids
-    if chosen.numel():
-        kv.data[:, :, :, chosen] = job.fresh(chosen)
+    repair.apply(kv)
     return kv
 
 
 def _policies(ratio: float, per_segment: float) -> list[RepairPolicy]:
-    """The arms at one recompute ratio: EPIC with ``k`` = that share of a segment, CacheBlend, query-aware."""
-    return [Epic(k=max(1, round(ratio * per_segment))), Blend(ratio=ratio, layer=1), Prophet(ratio=ratio)]
+    """The arms at one recompute ratio: EPIC with ``k`` = that share of a segment, CacheBlend with one selection at
+    layer 1 (as LMCache runs it) and with gradual filtering over 3 layers, query-aware."""
+    return [Epic(k=max(1, round(ratio * per_segment))), Blend(ratio=ratio, layer=1),
+            Blend(ratio=ratio, layer=1, checks=3), Prophet(ratio=ratio)]
 
 
 def _label(policy: RepairPolicy) -> str:
-    return policy.name
+    return "blend-gradual" if isinstance(policy, Blend) and policy.checks > 1 else policy.name
 
 
 # ------------------------------------------------------------------------------------------------------- RAG
@@ -202,7 +191,7 @@ def _moved(system: torch.Tensor, segments: list[torch.Tensor]) -> tuple[torch.Te
 
 def _segment_arms(model: Any, tokenizer: Any, spec: Any, system: torch.Tensor, segments: list[torch.Tensor],
                   tail: torch.Tensor, scored: int, arms: list[tuple[str, float, RepairPolicy]],
-                  greedy_tokens: int) -> tuple[_Scored, list[tuple[str, float, RepairPolicy, int, _Scored]]]:
+                  greedy_tokens: int) -> tuple[_Scored, list[tuple[str, float, RepairPolicy, Repair, _Scored]]]:
     """The full-recompute reference and every arm's result on one segmented prompt (segments computed once)."""
     kv_full, _ = prefill(model, spec, torch.cat([system, *segments]), step=512)
     ref = _score(model, kv_full, tail, scored, greedy_tokens)
@@ -211,12 +200,11 @@ def _segment_arms(model: Any, tokenizer: Any, spec: Any, system: torch.Tensor, s
         _, base, _, _ = cc.segments.assemble(Prompt([system, *segments, Segment(tail, cache=False)], repair="none"))
     assert base is not None
     candidates, bounds = _moved(system, segments)
-    job = _SharedJob(model=model, kv=base, candidates=candidates, segments=bounds, query=tail)
+    job = RepairJob(model=model, kv=base, candidates=candidates, segments=bounds, query=tail)
     out = []
     for label, ratio, policy in arms:
-        chosen = policy.select(job)
-        out.append((label, ratio, policy, int(chosen.numel()), _score(model, _repaired(job, chosen), tail, scored,
-                                                                        greedy_tokens)))
+        repair = policy.repair(job)
+        out.append((label, ratio, policy, repair, _score(model, _repaired(job, repair), tail, scored, greedy_tokens)))
     return ref, out
 
 
@@ -243,8 +231,10 @@ def run_rag(model: Any, tokenizer: Any, spec: Any, config: ReuseConfig, say: Cal
                                      len(case["continuation"]), _rag_arms(config, moved / count),
                                      config.greedy_tokens)
         targets = case["continuation"][1:]
-        for label, ratio, policy, chosen, scored in results:
-            row = _compare(scored, ref, targets) | {"recomputed": chosen / moved, "params": policy.params(),
+        for label, ratio, policy, repair, scored in results:
+            row = _compare(scored, ref, targets) | {"recomputed": repair.recomputed.numel() / moved,
+                                                    "compute": repair.token_layers / (moved * spec.num_layers),
+                                                    "params": policy.params(),
                                                     "kind": kind}
             per_arm.setdefault((label, ratio), []).append(row)
         cases.append({"kind": kind, "segments": count, "tokens": [len(s) for s in case["segments"]],
@@ -253,7 +243,8 @@ def run_rag(model: Any, tokenizer: Any, spec: Any, config: ReuseConfig, say: Cal
             f"{time.perf_counter() - t0:.0f} s")
     rows = [_summarize(label, ratio, results) for (label, ratio), results in per_arm.items()]
     rows.append({"policy": "full", "ratio": 1.0, "kl_mean": 0.0, "kl_p99": 0.0, "top1": 1.0, "greedy": 1.0,
-                 "recomputed": 1.0, "ppl": rows[0]["ppl_ref"], "ppl_ref": rows[0]["ppl_ref"], "ppl_increase_pct": 0.0,
+                 "recomputed": 1.0, "compute": 1.0, "ppl": rows[0]["ppl_ref"], "ppl_ref": rows[0]["ppl_ref"],
+                 "ppl_increase_pct": 0.0,
                  "kl_mean_code": 0.0, "kl_mean_prose": 0.0, "params": {}})
     return {"cases": cases, "rows": rows}
 
@@ -267,7 +258,8 @@ def _summarize(label: str, ratio: float, results: list[dict[str, Any]]) -> dict[
            "kl_p99": float(kls.quantile(0.99)) if kls.numel() else 0.0,
            "top1": statistics.mean(r["top1"] for r in results), "greedy": statistics.mean(r["greedy"] for r in results),
            "ppl": ppl, "ppl_ref": ref, "ppl_increase_pct": 100.0 * (ppl / ref - 1.0),
-           "recomputed": statistics.mean(r["recomputed"] for r in results)}
+           "recomputed": statistics.mean(r["recomputed"] for r in results),
+           "compute": statistics.mean(r["compute"] for r in results)}
     for kind in ("code", "prose"):
         mine = [statistics.mean(r["kl"]) for r in results if r["kind"] == kind]
         row[f"kl_mean_{kind}"] = statistics.mean(mine) if mine else None
@@ -508,6 +500,10 @@ def run(name: str, config: ReuseConfig, say: Callable[[str], None], command: str
     return out
 
 
+#: The policy arms at each ratio, by label (:func:`_policies`).
+POLICIES = ("epic", "blend", "blend-gradual", "prophet")
+
+
 def _row(rows: list[dict[str, Any]], policy: str, ratio: float) -> dict[str, Any] | None:
     return next((r for r in rows if r["policy"] == policy and abs(r["ratio"] - ratio) < 1e-9), None)
 
@@ -520,14 +516,14 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
         rows = doc["rag"]["rows"]
         none = _row(rows, "none", 0.0)
         assert none is not None
-        gaps = {p: 1.0 - r["kl_mean"] / none["kl_mean"] for p in ("blend", "prophet", "epic")
+        gaps = {p: 1.0 - r["kl_mean"] / none["kl_mean"] for p in POLICIES
                 if (r := _row(rows, p, r15)) is not None and none["kl_mean"] > 0}
         best = max(gaps, key=lambda p: gaps[p]) if gaps else None
         out["kl_gap_closed_at_15"] = {"gap_closed": gaps, "best": best,
                                       "met": None if best is None else gaps[best] >= 0.8}
         beats = {}
         for ratio in doc["config"]["ratios"]:
-            kls = {p: r["kl_mean"] for p in ("epic", "blend", "prophet") if (r := _row(rows, p, ratio))}
+            kls = {p: r["kl_mean"] for p in POLICIES if (r := _row(rows, p, ratio))}
             beats[str(ratio)] = kls
         wins = [min(k, key=lambda p: k[p]) for k in beats.values() if k]
         out["best_beats_epic_and_blend"] = {"kl_mean_by_ratio": beats, "winner_by_ratio": wins,
@@ -541,8 +537,8 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
     if doc.get("passkey"):
         acc = {r["policy"]: r["accuracy"] for r in doc["passkey"]["rows"]}
         one = 1.0 / doc["config"]["passkey_trials"]
-        out["passkey_at_15"] = {"accuracy": acc, "met_by": [p for p in ("epic", "blend", "prophet")
-                                                            if abs(acc[p] - acc["full"]) <= one + 1e-9]}
+        out["passkey_at_15"] = {"accuracy": acc, "met_by": [p for p in POLICIES if p in acc
+                                                            and abs(acc[p] - acc["full"]) <= one + 1e-9]}
         out["passkey_at_15"]["met"] = bool(out["passkey_at_15"]["met_by"])
     if doc.get("edits"):
         rows = doc["edits"]["rows"]
@@ -581,11 +577,14 @@ def markdown(doc: dict[str, Any], command: str, plot_name: str | None) -> str:
         lines += [f"## RAG: {len(doc['rag']['cases'])} cases of {' and '.join(map(str, counts))} segments of "
                   f"{c['segment_tokens'][0]}-{c['segment_tokens'][1]} tokens (half code, half prose)", "",
                   "Against full recompute, means over the cases; KL p99 over every scored position; `recomputed` "
-                  "is the share of the moved tokens recomputed.", "",
-                  "| policy | ratio | recomputed | KL mean | KL p99 | KL code | KL prose | top-1 | ppl (full) | Δppl % "
-                  "| greedy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "is the share of the moved tokens recomputed at every layer, `compute` the (token, layer) pairs "
+                  "recomputed over those of recomputing every moved token (CacheBlend's arms recompute every moved "
+                  "token in layers 0-1 first).", "",
+                  "| policy | ratio | recomputed | compute | KL mean | KL p99 | KL code | KL prose | top-1 "
+                  "| ppl (full) | Δppl % | greedy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in doc["rag"]["rows"]:
-            lines.append(f"| {r['policy']} | {r['ratio']:.2f} | {r['recomputed']:.3f} | {r['kl_mean']:.4f} | "
+            lines.append(f"| {r['policy']} | {r['ratio']:.2f} | {r['recomputed']:.3f} | "
+                         f"{_fmt(r.get('compute'), '.3f')} | {r['kl_mean']:.4f} | "
                          f"{r['kl_p99']:.3f} | {_fmt(r['kl_mean_code'], '.4f')} | {_fmt(r['kl_mean_prose'], '.4f')} | "
                          f"{r['top1']:.3f} | {r['ppl']:.2f} ({r['ppl_ref']:.2f}) | {r['ppl_increase_pct']:+.2f} | "
                          f"{r['greedy']:.2f} |")
@@ -680,8 +679,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     rows = doc["rag"]["rows"]
     none = _row(rows, "none", 0.0)
     assert none is not None
-    for policy in ("epic", "blend", "prophet"):
+    for policy in POLICIES:
         mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["ratio"])
+        if not mine:
+            continue
         ax.plot([0.0] + [r["ratio"] for r in mine], [none["kl_mean"]] + [r["kl_mean"] for r in mine], marker="o",
                 label=policy)
     ax.set_xlabel("recompute ratio (of the moved tokens)")

@@ -26,6 +26,7 @@ several sliding windows or use chunked attention are refused (:class:`Unsupporte
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,51 +40,132 @@ ATTENTION = ("sdpa", "eager")
 
 
 class _Stop(Exception):
-    """Raised by the forward hook once the last layer asked for has run (ends the pass early)."""
+    """Raised by a forward hook to end this thread's pass early (nothing after that layer is needed)."""
 
 
-def recompute(model: Any, kv: KVCache, selected: torch.Tensor, through_layer: int | None = None) -> torch.Tensor:
-    """Fresh K/V of tokens ``selected`` of ``kv``, attending to the loaded K/V of every other token of ``kv``.
+#: ``narrow(layer, tokens, fresh)``: given the sorted token indices ``[m]`` recomputed at ``layer`` and their fresh
+#: K/V there ``[2, kv_heads, m, head_dim]``, the sorted subset of ``tokens`` to recompute at the next layer.
+Narrow = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
-    ``kv`` is an assembled cache (``data [layers, 2, kv_heads, tokens, head_dim]``, ``positions``, ``token_ids``);
-    ``selected`` sorted, distinct int64 token indices ``[m]`` into it. Returns ``[layers', 2, kv_heads, m, head_dim]``
-    in the cache's dtype, where ``layers'`` is ``through_layer + 1`` when given (the pass stops after that layer:
-    CacheBlend's early-layer look, which costs ``(through_layer + 1) / layers`` of the full pass) and every layer
-    otherwise. ``kv`` is not modified.
-    """
-    spec = kv.spec
+
+def _check_tokens(kv: KVCache, selected: torch.Tensor) -> None:
     if kv.token_ids is None:
         raise ValueError("recompute needs the cache's token_ids (the assembled prompt's tokens)")
     if selected.dim() != 1 or (selected.numel() and (int(selected.min()) < 0 or int(selected.max()) >= kv.num_tokens)):
         raise ValueError(f"selected must be 1-D token indices in [0, {kv.num_tokens})")
     if selected.numel() > 1 and not bool((selected[1:] > selected[:-1]).all()):
         raise ValueError("selected token indices must be sorted and distinct")
-    layers = spec.num_layers if through_layer is None else through_layer + 1
-    if not 1 <= layers <= spec.num_layers:
-        raise ValueError(f"through_layer must be in [0, {spec.num_layers - 1}], got {through_layer}")
-    if selected.numel() == 0:
-        return kv.data.new_empty((layers, 2, spec.num_kv_heads, 0, spec.head_dim))
+
+
+def _others(kv: KVCache, selected: torch.Tensor) -> torch.Tensor:
+    """The token indices of ``kv`` not in ``selected`` (sorted): the ones whose loaded K/V the recomputed attend to."""
     keep = torch.ones(kv.num_tokens, dtype=torch.bool)
     keep[selected] = False
-    kept = keep.nonzero().reshape(-1)
+    return keep.nonzero().reshape(-1)
+
+
+def recompute(model: Any, kv: KVCache, selected: torch.Tensor) -> torch.Tensor:
+    """Fresh K/V of tokens ``selected`` of ``kv``, attending to the loaded K/V of every other token of ``kv``.
+
+    ``kv`` is an assembled cache (``data [layers, 2, kv_heads, tokens, head_dim]``, ``positions``, ``token_ids``);
+    ``selected`` sorted, distinct int64 token indices ``[m]`` into it. Returns ``[layers, 2, kv_heads, m, head_dim]``
+    in the cache's dtype. ``kv`` is not modified.
+    """
+    spec = kv.spec
+    _check_tokens(kv, selected)
+    if selected.numel() == 0:
+        return kv.data.new_empty((spec.num_layers, 2, spec.num_kv_heads, 0, spec.head_dim))
+    kept = _others(kv, selected)
     cache = hf_cache(kv.data.index_select(3, kept))  # sliding layers too: the mask applies their window
     q_pos = kv.positions[selected]
     mask = attention_mask(model, kv.spec.sliding_windows, q_pos, torch.cat([kv.positions[kept], q_pos]))
-    stop = _stop_after(model, through_layer) if through_layer is not None else None
+    with torch.no_grad():
+        model(as_batch(kv.token_ids[selected]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
+              use_cache=True, **cache_arg(model, cache))
+    out = kv.data.new_empty((spec.num_layers, 2, spec.num_kv_heads, selected.numel(), spec.head_dim))
+    for i in range(spec.num_layers):
+        out[i, 0].copy_(cache.layers[i].keys[0, :, kept.numel() :])
+        out[i, 1].copy_(cache.layers[i].values[0, :, kept.numel() :])
+    return out
+
+
+def recompute_narrowing(model: Any, kv: KVCache, first: torch.Tensor, narrow: Narrow
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Fresh K/V of a token set that narrows layer by layer: CacheBlend's gradual filtering (Yao et al., arXiv
+    2405.16444, §4.3), in one pass over the model.
+
+    Tokens ``first`` (sorted, distinct int64 indices ``[m0]`` of ``kv``) go through layer 0 as queries, as in
+    :func:`recompute`; after each layer ``l``, ``narrow(l, S_l, fresh_l)`` picks ``S_{l+1}``, a sorted subset of
+    ``S_l``, and only those go on through layer ``l + 1`` (their hidden states from layer ``l``'s output), attending
+    at that layer to the fresh K/V of ``S_{l+1}`` and to the loaded K/V of every other token, including the tokens
+    dropped on the way: they keep their fresh K/V in the layers they were recomputed in and their loaded K/V above.
+    With ``narrow`` never narrowing it is :func:`recompute` of ``first`` (the same computation). Returns
+    ``(tokens, fresh)``: per layer, ``S_l [m_l]`` and its K/V ``[2, kv_heads, m_l, head_dim]`` (empty sets for the
+    layers after the set became empty: the pass stops there). ``kv`` is not modified.
+    """
+    spec = kv.spec
+    _check_tokens(kv, first)
+    first = first.contiguous()
+    sets, fresh = [first], []
+    kept = _others(kv, first)
+    cache = hf_cache(kv.data.index_select(3, kept))
+    q_pos = kv.positions[first]
+    mask = attention_mask(model, spec.sliding_windows, q_pos, torch.cat([kv.positions[kept], q_pos]))
+    owner = threading.get_ident()
+    layers = model.get_decoder().layers
+
+    def before(i: int) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any) -> Any:
+            if threading.get_ident() != owner or sets[i].numel() == first.numel():
+                return None  # nothing narrowed yet: the model's own inputs are this layer's
+            now, rows = sets[i], torch.searchsorted(first, sets[i])
+            others = _others(kv, now)
+            cache.layers[i].keys = kv.data[i, 0, :, others].unsqueeze(0)
+            cache.layers[i].values = kv.data[i, 1, :, others].unsqueeze(0)
+            pos = kv.positions[now]
+            kwargs["attention_mask"] = attention_mask(model, spec.sliding_windows[i : i + 1], pos,
+                                                      torch.cat([kv.positions[others], pos]))
+            kwargs["position_embeddings"] = tuple(t[:, rows] for t in kwargs["position_embeddings"])
+            kwargs["position_ids"] = kwargs["position_ids"][:, rows]
+            hidden = args[0][:, torch.searchsorted(sets[i - 1], now)]  # the previous layer ran on sets[i - 1]
+            return (hidden, *args[1:]), kwargs
+
+        return hook
+
+    def after(i: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if threading.get_ident() != owner:
+                return
+            m = sets[i].numel()
+            fresh.append(torch.stack([cache.layers[i].keys[0, :, -m:], cache.layers[i].values[0, :, -m:]]))
+            if i + 1 < spec.num_layers:
+                nxt = narrow(i, sets[i], fresh[i])
+                unsorted = nxt.numel() > 1 and not bool((nxt[1:] > nxt[:-1]).all())
+                if unsorted or not bool(torch.isin(nxt, sets[i]).all()):
+                    raise ValueError(f"narrow must return a sorted subset of the layer's tokens (layer {i})")
+                sets.append(nxt.contiguous())
+                if nxt.numel() == 0:
+                    raise _Stop
+
+        return hook
+
+    handles = [h for i, layer in enumerate(layers[: spec.num_layers])
+               for h in (layer.register_forward_pre_hook(before(i), with_kwargs=True),
+                         layer.register_forward_hook(after(i)))]
     try:
         with torch.no_grad():
-            model(as_batch(kv.token_ids[selected]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
+            model(as_batch(kv.token_ids[first]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
                   use_cache=True, **cache_arg(model, cache))
     except _Stop:
         pass
     finally:
-        if stop is not None:
-            stop.remove()
-    out = kv.data.new_empty((layers, 2, spec.num_kv_heads, selected.numel(), spec.head_dim))
-    for i in range(layers):
-        out[i, 0].copy_(cache.layers[i].keys[0, :, kept.numel() :])
-        out[i, 1].copy_(cache.layers[i].values[0, :, kept.numel() :])
-    return out
+        for h in handles:
+            h.remove()
+    empty = kv.data.new_empty((2, spec.num_kv_heads, 0, spec.head_dim))
+    while len(fresh) < spec.num_layers:
+        sets.append(first[:0])
+        fresh.append(empty)
+    return sets[: spec.num_layers], fresh
 
 
 def attention_mask(model: Any, windows: tuple[int | None, ...], q_pos: torch.Tensor,
@@ -118,15 +200,3 @@ def attention_mask(model: Any, windows: tuple[int | None, ...], q_pos: torch.Ten
     if len(set(windows)) == 1:
         return build(windows[0])
     return {"full_attention": build(None), "sliding_attention": build(next(iter(sizes)))}
-
-
-def _stop_after(model: Any, layer: int) -> Any:
-    """A forward hook on decoder layer ``layer`` that ends this thread's forward pass after it (other threads that
-    share the model run through); returns the hook's handle."""
-    owner = threading.get_ident()
-
-    def hook(module: Any, args: Any, output: Any) -> None:
-        if threading.get_ident() == owner:
-            raise _Stop
-
-    return model.get_decoder().layers[layer].register_forward_hook(hook)

@@ -114,8 +114,10 @@ class SegmentStats(RequestStats):
     because they were not stored (and queued for storing); ``segments_edited``: loaded units that were an older
     version of the segment's document, with ``tokens_edited`` tokens inserted or replaced (always recomputed).
     ``tokens_moved``: tokens whose K/V were computed in another context (the repair candidates); ``recomputed``: the
-    token indices recomputed (the policy's choice and the edited tokens), ``repair_s`` the time of choosing and
-    recomputing them. ``load_s`` covers the whole assembly.
+    token indices recomputed at every layer (the policy's choice and the edited tokens);
+    ``token_layers_recomputed``: (token, layer) pairs recomputed, which also counts tokens a policy recomputed in
+    some layers only (CacheBlend's early layers); ``repair_s`` the time of choosing and recomputing them.
+    ``load_s`` covers the whole assembly.
     """
 
     segments_loaded: int = 0
@@ -124,6 +126,7 @@ class SegmentStats(RequestStats):
     tokens_edited: int = 0
     tokens_moved: int = 0
     recomputed: list[int] = field(default_factory=list)
+    token_layers_recomputed: int = 0
     repair_s: float = 0.0
 
     @property
@@ -216,13 +219,9 @@ class SegmentReuse:
         t0 = time.perf_counter()
         job = RepairJob(model=self.prefixes.model, kv=kv, candidates=candidates, segments=segments, required=required,
                         query=ids[limit:])
-        chosen = prompt.policy.select(job)
-        if not bool(torch.isin(chosen, candidates).all()):
-            raise ValueError(f"repair policy {prompt.policy.name} chose tokens outside the moved segments")
-        chosen = torch.cat([chosen, required]).unique()
-        if chosen.numel():
-            kv.data[:, :, :, chosen] = job.fresh(chosen)
-        stats.recomputed = chosen.tolist()
+        repair = prompt.policy.repair(job)
+        repair.apply(kv)
+        stats.recomputed, stats.token_layers_recomputed = repair.recomputed.tolist(), repair.token_layers
         stats.repair_s = time.perf_counter() - t0
         stats.load_s = time.perf_counter() - start
         return ids, kv, stats, dirty_from

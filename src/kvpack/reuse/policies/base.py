@@ -46,13 +46,48 @@ class RepairJob:
     required: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     query: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
-    def fresh(self, tokens: torch.Tensor, through_layer: int | None = None) -> torch.Tensor:
-        """Recomputed K/V of the sorted, distinct ``tokens`` (``[layers', 2, kv_heads, len(tokens), head_dim]``,
+    def fresh(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Recomputed K/V of the sorted, distinct ``tokens`` (``[layers, 2, kv_heads, len(tokens), head_dim]``,
         see :func:`~kvpack.reuse.recompute.recompute`); the ``required`` tokens are recomputed with them (they have
         no loaded K/V to attend to)."""
         union = torch.cat([tokens, self.required]).unique()
-        out = recompute(self.model, self.kv, union, through_layer)
+        out = recompute(self.model, self.kv, union)
         return out if union.numel() == tokens.numel() else out[:, :, :, torch.searchsorted(union, tokens)]
+
+
+@dataclass(frozen=True)
+class Repair:
+    """Fresh K/V, layer by layer: ``tokens[l]`` the sorted int64 token indices ``[m_l]`` recomputed at layer ``l``,
+    ``kv[l]`` their K/V there ``[2, kv_heads, m_l, head_dim]``. Most policies recompute one set at every layer;
+    CacheBlend's gradual filtering narrows it layer by layer."""
+
+    tokens: tuple[torch.Tensor, ...]
+    kv: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def everywhere(cls, tokens: torch.Tensor, fresh: torch.Tensor) -> Repair:
+        """``tokens [m]`` recomputed at every layer, ``fresh [layers, 2, kv_heads, m, head_dim]``."""
+        return cls(tokens=(tokens,) * fresh.shape[0], kv=tuple(fresh.unbind(0)))
+
+    def apply(self, kv: KVCache) -> None:
+        """Write the fresh K/V into ``kv``'s rows (every other row keeps what was loaded)."""
+        for layer, (tokens, fresh) in enumerate(zip(self.tokens, self.kv, strict=True)):
+            if tokens.numel():
+                kv.data[layer, :, :, tokens] = fresh
+
+    @property
+    def recomputed(self) -> torch.Tensor:
+        """The tokens recomputed at every layer (sorted)."""
+        common = self.tokens[0]
+        for tokens in self.tokens[1:]:
+            common = common[torch.isin(common, tokens)]
+        return common
+
+    @property
+    def token_layers(self) -> int:
+        """How many (token, layer) pairs were recomputed: the compute spent, in units of one token through one
+        layer."""
+        return sum(t.numel() for t in self.tokens)
 
 
 @dataclass(frozen=True)
@@ -65,7 +100,18 @@ class RepairPolicy(ABC):
 
     @abstractmethod
     def select(self, job: RepairJob) -> torch.Tensor:
-        """Sorted, distinct int64 token indices ``[r]``, a subset of ``job.candidates``, to recompute."""
+        """Sorted, distinct int64 token indices ``[r]``, a subset of ``job.candidates``, recomputed at every layer."""
+
+    def repair(self, job: RepairJob) -> Repair:
+        """The fresh K/V this policy puts in ``job.kv``: by default :meth:`select`'s tokens and ``job.required``,
+        recomputed at every layer. Policies whose set changes from layer to layer override it."""
+        chosen = self.select(job)
+        if not bool(torch.isin(chosen, job.candidates).all()):
+            raise PolicyError(f"repair policy {self.name} chose tokens outside the moved segments")
+        chosen = torch.cat([chosen, job.required]).unique()
+        fresh = (job.fresh(chosen) if chosen.numel() else
+                 job.kv.data.new_empty((job.kv.spec.num_layers, 2, job.kv.spec.num_kv_heads, 0, job.kv.spec.head_dim)))
+        return Repair.everywhere(chosen, fresh)
 
     def params(self) -> dict[str, Any]:
         """The policy's parameters (for reports and benchmarks)."""
