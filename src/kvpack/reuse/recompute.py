@@ -48,13 +48,15 @@ class _Stop(Exception):
 Narrow = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _check_tokens(kv: KVCache, selected: torch.Tensor) -> None:
+def _check_tokens(kv: KVCache, selected: torch.Tensor) -> torch.Tensor:
+    """``kv``'s token ids ``[tokens]``, once ``selected`` is checked to be sorted, distinct indices into them."""
     if kv.token_ids is None:
         raise ValueError("recompute needs the cache's token_ids (the assembled prompt's tokens)")
     if selected.dim() != 1 or (selected.numel() and (int(selected.min()) < 0 or int(selected.max()) >= kv.num_tokens)):
         raise ValueError(f"selected must be 1-D token indices in [0, {kv.num_tokens})")
     if selected.numel() > 1 and not bool((selected[1:] > selected[:-1]).all()):
         raise ValueError("selected token indices must be sorted and distinct")
+    return kv.token_ids
 
 
 def _others(kv: KVCache, selected: torch.Tensor) -> torch.Tensor:
@@ -72,7 +74,7 @@ def recompute(model: Any, kv: KVCache, selected: torch.Tensor) -> torch.Tensor:
     in the cache's dtype. ``kv`` is not modified.
     """
     spec = kv.spec
-    _check_tokens(kv, selected)
+    ids = _check_tokens(kv, selected)
     if selected.numel() == 0:
         return kv.data.new_empty((spec.num_layers, 2, spec.num_kv_heads, 0, spec.head_dim))
     kept = _others(kv, selected)
@@ -80,7 +82,7 @@ def recompute(model: Any, kv: KVCache, selected: torch.Tensor) -> torch.Tensor:
     q_pos = kv.positions[selected]
     mask = attention_mask(model, kv.spec.sliding_windows, q_pos, torch.cat([kv.positions[kept], q_pos]))
     with torch.no_grad():
-        model(as_batch(kv.token_ids[selected]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
+        model(as_batch(ids[selected]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
               use_cache=True, **cache_arg(model, cache))
     out = kv.data.new_empty((spec.num_layers, 2, spec.num_kv_heads, selected.numel(), spec.head_dim))
     for i in range(spec.num_layers):
@@ -104,7 +106,7 @@ def recompute_narrowing(model: Any, kv: KVCache, first: torch.Tensor, narrow: Na
     layers after the set became empty: the pass stops there). ``kv`` is not modified.
     """
     spec = kv.spec
-    _check_tokens(kv, first)
+    ids = _check_tokens(kv, first)
     first = first.contiguous()
     sets, fresh = [first], []
     kept = _others(kv, first)
@@ -154,7 +156,7 @@ def recompute_narrowing(model: Any, kv: KVCache, first: torch.Tensor, narrow: Na
                          layer.register_forward_hook(after(i)))]
     try:
         with torch.no_grad():
-            model(as_batch(kv.token_ids[first]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
+            model(as_batch(ids[first]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
                   use_cache=True, **cache_arg(model, cache))
     except _Stop:
         pass
