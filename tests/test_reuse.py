@@ -32,9 +32,9 @@ from kvpack.reuse import (
     policies,
     recompute,
 )
-from kvpack.reuse.recompute import recompute_narrowing
 from kvpack.reuse.edits import Edit, decode_version, encode_version
 from kvpack.reuse.policies.prophet import query_attention
+from kvpack.reuse.recompute import recompute_narrowing
 from kvpack.spec import ModelSpec
 from kvpack.store import MemoryStore
 from test_families import FAMILIES, tiny
