@@ -513,7 +513,7 @@ SEGMENT_TOKENS, CONTINUATION = 128, 32
 QUALITY: dict[str, tuple[policies.RepairPolicy, float, float]] = {
     "none": (policies.NoRepair(), 0.0623, 0.075),
     "epic": (Epic(k=16), 0.0445, 0.055),
-    "blend": (Blend(ratio=0.15, layer=1), 0.0312, 0.040),
+    "blend": (Blend(ratio=0.15, layer=1), 0.0314, 0.040),
     "full": (policies.FullRecompute(), 0.0, 0.0),
 }
 
