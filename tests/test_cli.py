@@ -124,6 +124,30 @@ def test_sources_reach_the_document_choice(monkeypatch: pytest.MonkeyPatch, tmp_
     assert result.exit_code == 2 and "comma-separated subset" in result.output
 
 
+def test_calibrate_options_reach_the_codecs_calibration(tiny_model: tuple[Any, Any, ModelSpec],
+                                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kvpack.codecs.transform import calibrate as transform_calibration
+
+    monkeypatch.setattr(cli, "load_model", lambda name: tiny_model)
+    real, seen = transform_calibration.calibrate, {}
+
+    def fake(model: Any, tokenizer: Any, spec: Any, **options: Any) -> Any:
+        seen.update(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(transform_calibration, "calibrate", fake)
+    result = runner.invoke(cli.app, ["calibrate", "--docs", "2", "-o", str(tmp_path / "p"), "--option", "rounding=0.4",
+                                     "--option", "max_tokens=100", "--option", "measure_kl=false"])
+    assert result.exit_code == 2 and "stop here" in result.output, result.output
+    assert (seen["rounding"], seen["max_tokens"], seen["measure_kl"]) == (0.4, 100, False)
+    assert isinstance(seen["max_tokens"], int)
+    monkeypatch.setattr(transform_calibration, "calibrate", real)
+    result = runner.invoke(cli.app, ["calibrate", "--docs", "2", "-o", str(tmp_path / "p"), "--option", "bogus=1"])
+    assert result.exit_code == 2 and "does not take that --option" in result.output, result.output
+    result = runner.invoke(cli.app, ["calibrate", "--docs", "2", "-o", str(tmp_path / "p"), "--option", "rounding"])
+    assert result.exit_code == 2 and "name=value" in result.output, result.output
+
+
 def test_cross_source_protocol(tiny_model: tuple[Any, Any, ModelSpec], monkeypatch: pytest.MonkeyPatch,
                                tmp_path: Path) -> None:
     """Calibrate on stdlib+pydoc, evaluate on the eval split of both source sets and on a user's file: every row says

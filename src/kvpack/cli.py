@@ -235,6 +235,9 @@ def calibrate(
         help="Draw the calibration documents from these corpus sources (comma-separated: stdlib, site-packages, "
              "pydoc, metadata) and record them in the profile, so eval rows say in-source or cross-source; "
              "default stdlib,pydoc, unrecorded.")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        help="Calibration setting name=value (repeatable), e.g. rounding=0.4 or max_tokens=12288 for transform: the "
+             "keyword arguments of the codec's calibrate function (kvpack.codecs.<codec>.calibrate).")] = None,
     model: ModelOpt = DEFAULT_MODEL,
 ) -> None:
     """Build a codec's per-model calibration profile (PCA basis and bit allocations, or CacheGen's symbol tables)."""
@@ -245,7 +248,8 @@ def calibrate(
     try:
         texts = [d.text for d in corpus(docs, "calibration", sources, text)] if text else None
         chosen = corpus(docs, "calibration", sources) if sources else docs
-    except ValueError as exc:
+        options = {k: _literal(v) for k, v in codecs.parse_params(option or []).items()}
+    except (KvpackError, ValueError) as exc:
         _fail(exc)
         return
     if not isinstance(chosen, int):
@@ -257,7 +261,11 @@ def calibrate(
             status.update(f"calibrating {codec} ({time.perf_counter() - t0:.0f} s): {msg}")
 
         try:
-            profile = cls.calibrate(lm, tokenizer, texts, docs=chosen, spec=spec, log=say)
+            profile = cls.calibrate(lm, tokenizer, texts, docs=chosen, spec=spec, log=say, **options)
+        except TypeError as exc:
+            if "unexpected keyword argument" not in str(exc):
+                raise
+            _fail(ValueError(f"{codec} calibration does not take that --option: {exc}"))
         except (KvpackError, ValueError) as exc:
             _fail(exc)
     if not isinstance(chosen, int):
@@ -278,6 +286,16 @@ def bench_entropy(json_path: JsonOpt = None) -> None:
     from kvpack.bench.entropy import run
 
     run(json_path, console)
+
+
+def _literal(value: str) -> int | float | bool | str:
+    """A command-line value as the int, float or bool it spells, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def parse_setting(text: str) -> codecs.Codec:

@@ -438,7 +438,8 @@ def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: i
 def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] | None = None, n_docs: int = 6,
               texts: Sequence[str] | None = None, *, tokens: int = 1536, cont: int = 256, recipe: str = "transform",
               weighting: str = "fisher", ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
-              sinks: int = 4, fisher_docs: int = 2, measure_kl: bool = True, log: Log | None = None) -> Profile:
+              sinks: int = 4, fisher_docs: int = 2, measure_kl: bool = True, rounding: float = 0.5,
+              max_tokens: int = 6144, log: Log | None = None) -> Profile:
     """Calibrate a profile with the model (``kvpack calibrate``): what :func:`calibrate_from_caches` does, plus
     Fisher weights and per-preset KL measured on the last calibration document (held out from the basis).
 
@@ -449,6 +450,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         weighting: ``"fisher"`` (sensitivity-weighted distortion) or ``"uniform"`` (plain MSE, as in KVTC).
         fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
             for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
+        rounding, max_tokens: as in :func:`calibrate_from_caches` (dead zone; calibration tokens kept).
     """
     from kvpack.codecs.transform import KVTC, Transform
     from kvpack.eval.corpora import documents
@@ -475,7 +477,8 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         f = torch.stack(fisher).mean(0).double()
         weights = (f / f.mean() + 1e-3).sqrt().numpy()
     profile = calibrate_from_caches(caches, spec, recipe=recipe, weights=weights, sinks=sinks, ratios=ratios,
-                                    default_ratio=default_ratio, reference_tokens=tokens, log=say)
+                                    default_ratio=default_ratio, reference_tokens=tokens, rounding=rounding,
+                                    max_tokens=max_tokens, log=say)
     if not measure_kl:
         return profile
     cont_ids, reference = refs[-1]
