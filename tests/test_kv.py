@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -43,6 +44,28 @@ def test_spec_json_round_trip() -> None:
     assert ModelSpec.from_json(spec.to_json()) == spec
     with pytest.raises(ValueError):
         RopeSpec(type="bogus")
+
+
+def test_per_layer_ropes_round_trip_and_headers_are_checked() -> None:
+    from dataclasses import replace
+
+    from kvpack.codecs.validate import header_spec
+    from kvpack.errors import FormatError
+
+    base = make_spec()
+    assert "layer_ropes" not in base.to_json()  # headers of one-RoPE models are what they always were
+    ropes = tuple(RopeSpec(theta=1e4 if i % 2 else 1e6) for i in range(base.num_layers))
+    spec = replace(base, layer_ropes=ropes)
+    header = json.loads(json.dumps(spec.to_json()))  # as a container header holds it
+    assert ModelSpec.from_json(spec.to_json()) == spec == header_spec(header)
+    assert [spec.rope_of(i).theta for i in range(2)] == [1e6, 1e4] and base.rope_of(1) == base.rope
+    with pytest.raises(ValueError, match="one entry per layer"):
+        replace(base, layer_ropes=ropes[:1])
+    for bad in (ropes[:1], [{"type": "default", "theta": -1.0, "partial_rotary_factor": 1.0, "params": {}}]
+                * base.num_layers, "default"):
+        obj = header | {"layer_ropes": [r.__dict__ for r in bad] if isinstance(bad, tuple) else bad}
+        with pytest.raises(FormatError, match="layer_ropes"):
+            header_spec(obj)
 
 
 def test_buffer_views_slices_and_out_decode() -> None:

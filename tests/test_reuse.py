@@ -16,7 +16,6 @@ import torch
 
 from kvpack import codecs, rope
 from kvpack.context import ContextCache
-from kvpack.errors import UnsupportedModelError
 from kvpack.inference import forward, new_cache, prefill
 from kvpack.kv import KVCache
 from kvpack.loader import LoaderConfig
@@ -41,8 +40,7 @@ from test_families import FAMILIES, tiny
 
 CHUNK = 16
 EXACT = LoaderConfig(compute_front=False, estimates_path="")
-#: Families whose keys can move (Gemma 3 has one RoPE per layer type and is refused; tested below).
-MOVABLE = sorted(f for f in FAMILIES if f != "gemma3")
+
 #: One family per mask kind: full attention (sdpa), only sliding layers (one windowed mask), mixed sliding/full layers
 #: (sdpa, a mask per layer type), eager attention (additive masks).
 MASK_KINDS = ["llama", "mistral", "qwen2-sliding", "gemma2"]
@@ -86,7 +84,7 @@ def rag(repair: Any = "none", order: tuple[torch.Tensor, ...] = (DOC_A, DOC_B, D
 
 
 # ------------------------------------------------------------------------------------------------ re-rotation
-@pytest.mark.parametrize("family", MOVABLE)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_rerotated_segment_equals_segment_encoded_at_its_offset(family: str) -> None:
     model, spec = tiny32(family)
     segment, offset = DOC_A, 37
@@ -95,17 +93,27 @@ def test_rerotated_segment_equals_segment_encoded_at_its_offset(family: str) -> 
     with torch.no_grad():
         model(segment[None], position_ids=torch.arange(offset, offset + len(segment))[None], cache=cache)
     at_offset = KVCache.from_hf(cache, spec, start_position=offset)
-    moved = rope.rerotate(at_zero.data[:, 0], at_zero.positions, at_offset.positions, spec.rope, spec.head_dim)
+    moved = rope.by_layer(lambda k, r: rope.rerotate(k, at_zero.positions, at_offset.positions, r, spec.head_dim),
+                          at_zero.data[:, 0], spec)
     torch.testing.assert_close(moved, at_offset.data[:, 0], rtol=1e-5, atol=2e-5)
     # values do not depend on position: equal at layer 0 bit for bit, deeper up to the rounding of q.k
     assert torch.equal(at_zero.data[0, 1], at_offset.data[0, 1])
     torch.testing.assert_close(at_zero.data[:, 1], at_offset.data[:, 1], rtol=1e-5, atol=2e-5)
 
 
-def test_per_layer_type_rope_is_refused_when_keys_would_move() -> None:
+def test_a_model_with_one_rope_per_layer_type_moves_each_layer_with_its_own() -> None:
+    """Gemma 3: local (sliding) layers with theta 1e4, global ones with 1e6. One RoPE for all layers would put the
+    global layers' keys at wrong angles; the segment test above checks every layer, this one that the spec holds
+    both and that assembled segments repair and generate like the other families."""
     model, spec = tiny32("gemma3")
-    with context_cache(model, spec) as cc, pytest.raises(UnsupportedModelError, match="RoPE"):
-        cc.generate(rag(), max_new_tokens=1, do_sample=False)
+    assert [r.theta for r in spec.layer_ropes] == [10000.0, 1000000.0] * 2 and spec.rope.theta == 1000000.0
+    assert spec.rope_of(0).theta == 10000.0 and ModelSpec.from_json(spec.to_json()) == spec
+    with context_cache(model, spec) as cc:
+        first = cc.generate(rag(Blend(ratio=0.25)), max_new_tokens=1, do_sample=False).stats
+        cc.flush()
+        again = cc.generate(rag(Blend(ratio=0.25)), max_new_tokens=1, do_sample=False).stats
+    assert isinstance(first, SegmentStats) and isinstance(again, SegmentStats)
+    assert first.segments_computed == 4 and again.segments_loaded == 4 and again.token_layers_recomputed > 0
 
 
 # ------------------------------------------------------------------------------------------- recompute engine

@@ -15,11 +15,12 @@ the rotation of a key the model produced is exact up to the key's own rounding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from kvpack.errors import UnsupportedModelError
-from kvpack.spec import RopeSpec
+from kvpack.spec import ModelSpec, RopeSpec
 
 SUPPORTED = ("default", "linear", "llama3", "yarn")
 
@@ -161,3 +162,23 @@ def rerotate(keys: torch.Tensor, from_positions: torch.Tensor, to_positions: tor
     if from_positions.shape != to_positions.shape:
         raise ValueError("from_positions and to_positions must have the same shape")
     return rotate(unrotate(keys, from_positions, rope, head_dim), to_positions, rope, head_dim)
+
+
+def by_layer(apply: Callable[[torch.Tensor, RopeSpec], torch.Tensor], keys: torch.Tensor,
+             spec: ModelSpec) -> torch.Tensor:
+    """``apply(keys[group], rope)`` for each group of layers of ``keys [layers, ...]`` that share a RoPE
+    (:meth:`~kvpack.spec.ModelSpec.rope_of`; one call where every layer has the spec's), results in layer order
+    (float32 ``[layers, ...]``), e.g. ``by_layer(lambda k, r: rerotate(k, a, b, r, head_dim), keys, spec)``."""
+    if not spec.layer_ropes:
+        return apply(keys, spec.rope)
+    groups: list[tuple[RopeSpec, list[int]]] = []
+    for layer, rope in enumerate(spec.layer_ropes):
+        same = next((g for g in groups if g[0] == rope), None)
+        if same is None:
+            groups.append((rope, [layer]))
+        else:
+            same[1].append(layer)
+    out = torch.empty(keys.shape, dtype=torch.float32)
+    for rope, layers in groups:
+        out[layers] = apply(keys[layers], rope)
+    return out

@@ -1,8 +1,9 @@
 """`ModelSpec`: everything that gives a KV cache its meaning.
 
 A spec names the cache layout (layers, KV heads, head dim, dtype), the rotary position embedding that was applied
-to the keys (type and parameters, partial rotary factor), per-layer sliding windows, and a fingerprint over the
-model's config, weights and tokenizer vocabulary. Two caches can be exchanged only when their fingerprints match.
+to the keys (type and parameters, partial rotary factor; one per layer where the model has one per layer type, as
+Gemma 3 does), per-layer sliding windows, and a fingerprint over the model's config, weights and tokenizer
+vocabulary. Two caches can be exchanged only when their fingerprints match.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class ModelSpec:
     Keys and values of layer ``i`` have shape ``[num_kv_heads, tokens, head_dim]`` and dtype ``dtype``.
     ``sliding_windows[i]`` is the window of layer ``i`` or ``None`` for full attention.
     ``fingerprint`` is a hex SHA-256 over config, weights digest, dtype and tokenizer vocabulary.
+    ``layer_ropes``: empty when every layer's keys carry ``rope``; else the RoPE of each layer (models with one RoPE
+    per layer type: ``rope`` is then the full-attention layers' one). :meth:`rope_of` reads either.
     """
 
     num_layers: int
@@ -68,6 +71,7 @@ class ModelSpec:
     sliding_windows: tuple[int | None, ...]
     fingerprint: str
     name: str = ""
+    layer_ropes: tuple[RopeSpec, ...] = ()
 
     def __post_init__(self) -> None:
         for attr in ("num_layers", "num_kv_heads", "head_dim"):
@@ -78,6 +82,12 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if len(self.sliding_windows) != self.num_layers:
             raise ValueError("sliding_windows needs one entry per layer")
+        if self.layer_ropes and len(self.layer_ropes) != self.num_layers:
+            raise ValueError("layer_ropes needs one entry per layer (or none)")
+
+    def rope_of(self, layer: int) -> RopeSpec:
+        """The RoPE applied to layer ``layer``'s keys."""
+        return self.layer_ropes[layer] if self.layer_ropes else self.rope
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -97,17 +107,22 @@ class ModelSpec:
         return [i for i, w in enumerate(self.sliding_windows) if w is not None]
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict; inverse of :meth:`from_json`."""
-        return asdict(self)
+        """A JSON-able dict; inverse of :meth:`from_json` (``layer_ropes`` only where the model has them, so the
+        headers of every other model are what they were before the field existed)."""
+        out = asdict(self)
+        if not self.layer_ropes:
+            del out["layer_ropes"]
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> ModelSpec:
         """Rebuild a spec from :meth:`to_json` output; malformed input raises :class:`FormatError`."""
         try:
             rope = RopeSpec(**obj["rope"])
+            layer_ropes = tuple(RopeSpec(**r) for r in obj.get("layer_ropes", ()))
             fields = {k: obj[k] for k in ("num_layers", "num_kv_heads", "head_dim", "dtype", "fingerprint")}
             return cls(rope=rope, sliding_windows=tuple(obj["sliding_windows"]), name=str(obj.get("name", "")),
-                       **fields)
+                       layer_ropes=layer_ropes, **fields)
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"invalid model spec in header: {exc}") from None
 
@@ -131,15 +146,17 @@ class ModelSpec:
         head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads)
         num_kv_heads = int(getattr(text_config, "num_key_value_heads", None) or num_heads)
         num_layers = int(text_config.num_hidden_layers)
+        rope, layer_ropes = _ropes(text_config, num_layers)
         return cls(
             num_layers=num_layers,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             dtype=dtype_name(dtype),
-            rope=_rope_spec(text_config),
+            rope=rope,
             sliding_windows=_sliding_windows(text_config, num_layers),
             fingerprint=fingerprint,
             name=str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "")),
+            layer_ropes=layer_ropes,
         )
 
 
@@ -174,12 +191,28 @@ def _vocab_digest(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
 
 
-def _rope_spec(config: Any) -> RopeSpec:
-    """RoPE settings from a transformers config (v5 ``rope_parameters`` or the older ``rope_scaling``)."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    scaling = getattr(config, "rope_scaling", None)
-    if isinstance(scaling, dict):
-        params = {**scaling, **params}
+def _ropes(config: Any, num_layers: int) -> tuple[RopeSpec, tuple[RopeSpec, ...]]:
+    """``(rope, layer_ropes)`` of a transformers config: one RoPE for every layer, or, where ``rope_parameters`` is
+    keyed by layer type (Gemma 3: local and global theta), the full-attention one and one per layer."""
+    params = getattr(config, "rope_parameters", None)
+    if not (isinstance(params, dict) and params and set(params) <= set(KV_LAYER_TYPES)):
+        return _rope_spec(config), ()
+    by_type = {kind: _rope_spec(config, dict(p)) for kind, p in params.items()}
+    types = list(getattr(config, "layer_types", None) or [])
+    if len(types) != num_layers or not set(types) <= set(by_type):
+        raise UnsupportedModelError(f"{getattr(config, 'model_type', 'this model')} has RoPE parameters per layer "
+                                    f"type {sorted(by_type)} but layer types {types}")
+    return by_type.get("full_attention", by_type[types[0]]), tuple(by_type[t] for t in types)
+
+
+def _rope_spec(config: Any, params: dict[str, Any] | None = None) -> RopeSpec:
+    """RoPE settings from a transformers config (v5 ``rope_parameters`` or the older ``rope_scaling``), or from
+    ``params``, one layer type's entry of them."""
+    if params is None:
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        scaling = getattr(config, "rope_scaling", None)
+        if isinstance(scaling, dict):
+            params = {**scaling, **params}
     theta = float(params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0)
     rope_type = str(params.pop("rope_type", None) or params.pop("type", None) or "default")
     params.pop("type", None)

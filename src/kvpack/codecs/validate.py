@@ -75,16 +75,25 @@ def header_spec(obj: Any) -> ModelSpec:
     for w in windows:
         if w is not None:
             json_int(w, "a sliding window", 1, MAX_POSITION)
-    rope = obj.get("rope")
-    if not isinstance(rope, dict) or rope.get("type") not in ROPE_TYPES or not isinstance(rope.get("params"), dict):
-        raise FormatError(f"spec.rope must be an object with a type in {ROPE_TYPES} and a params object")
-    if _finite(rope.get("theta"), "spec.rope.theta") <= 0:
-        raise FormatError("spec.rope.theta must be positive")
-    if not 0 < _finite(rope.get("partial_rotary_factor"), "spec.rope.partial_rotary_factor") <= 1:
-        raise FormatError("spec.rope.partial_rotary_factor must be in (0, 1]")
-    if not all(isinstance(k, str) and _json_scalar_or_list(v) for k, v in rope["params"].items()):
-        raise FormatError("spec.rope.params must map names to finite numbers, strings, booleans, null or lists")
+    _check_rope(obj.get("rope"), "spec.rope")
+    if "layer_ropes" in obj:
+        ropes = obj["layer_ropes"]
+        if not isinstance(ropes, list) or len(ropes) != layers:
+            raise FormatError(f"spec.layer_ropes must be a list of {layers} entries")
+        for rope in ropes:
+            _check_rope(rope, "spec.layer_ropes[]")
     return ModelSpec.from_json(obj)
+
+
+def _check_rope(rope: Any, label: str) -> None:
+    if not isinstance(rope, dict) or rope.get("type") not in ROPE_TYPES or not isinstance(rope.get("params"), dict):
+        raise FormatError(f"{label} must be an object with a type in {ROPE_TYPES} and a params object")
+    if _finite(rope.get("theta"), f"{label}.theta") <= 0:
+        raise FormatError(f"{label}.theta must be positive")
+    if not 0 < _finite(rope.get("partial_rotary_factor"), f"{label}.partial_rotary_factor") <= 1:
+        raise FormatError(f"{label}.partial_rotary_factor must be in (0, 1]")
+    if not all(isinstance(k, str) and _json_scalar_or_list(v) for k, v in rope["params"].items()):
+        raise FormatError(f"{label}.params must map names to finite numbers, strings, booleans, null or lists")
 
 
 def check_layout(stored: ModelSpec, trusted: ModelSpec) -> None:

@@ -111,6 +111,7 @@ class Edit:
         src = self.source[kept]
         kv.data[:, :, :, kept] = old_kv.data[:, :, :, src]
         moved, frm = kept[src != kept], src[src != kept]  # tokens at their old position keep their bytes
-        kv.data[:, 0, :, moved] = rope.rerotate(old_kv.data[:, 0, :, frm], old_kv.positions[frm], kv.positions[moved],
-                                                spec.rope, spec.head_dim).to(spec.torch_dtype)
+        kv.data[:, 0, :, moved] = rope.by_layer(
+            lambda k, r: rope.rerotate(k, old_kv.positions[frm], kv.positions[moved], r, spec.head_dim),
+            old_kv.data[:, 0, :, frm], spec).to(spec.torch_dtype)
         return kv

@@ -47,14 +47,13 @@ from typing import Any
 import torch
 
 from kvpack import rope
-from kvpack.errors import KvpackError, UnsupportedModelError
+from kvpack.errors import KvpackError
 from kvpack.inference import as_batch, forward, prefill
 from kvpack.kv import KVCache
 from kvpack.prefix import PrefixStore, RequestStats
 from kvpack.reuse.edits import Edit, decode_version, encode_version, version_key
 from kvpack.reuse.policies import RepairJob, RepairPolicy
 from kvpack.reuse.policies import get as get_policy
-from kvpack.spec import KV_LAYER_TYPES
 
 SegmentContent = str | torch.Tensor | Sequence[int]
 
@@ -281,15 +280,11 @@ class SegmentReuse:
         return keys
 
     def _check_movable(self) -> None:
-        """:class:`UnsupportedModelError` unless every layer's keys can be moved with the spec's one RoPE."""
-        config = self.prefixes.model.config.get_text_config()
-        params = getattr(config, "rope_parameters", None)
-        if isinstance(params, dict) and set(params) & set(KV_LAYER_TYPES):
-            raise UnsupportedModelError(
-                f"{getattr(config, 'model_type', 'this model')} uses one RoPE per layer type ({sorted(params)}); "
-                "kvpack's ModelSpec holds one, so its keys cannot be moved to new positions. Reuse its segments only "
-                "where they sit in their caching context (repair='full', or one segment after the shared prefix)")
-        rope.inverse_frequencies(self.prefixes.spec.rope, self.prefixes.spec.head_dim)  # refuses dynamic scaling
+        """:class:`UnsupportedModelError` unless every layer's keys can be moved with its RoPE (refuses dynamic
+        scaling, whose frequencies depend on the sequence length)."""
+        spec = self.prefixes.spec
+        for rope_spec in spec.layer_ropes or (spec.rope,):
+            rope.inverse_frequencies(rope_spec, spec.head_dim)
 
     def _unit_kv(self, unit: _Unit, stats: SegmentStats, context: Callable[[], KVCache]) -> KVCache:
         """The unit's KV at its caching positions: loaded, or computed in its caching context (``context()``: the
@@ -381,7 +376,7 @@ class SegmentReuse:
         target[:, 1].copy_(rows.data[:, 1])
         if unit.moved:
             spec = kv.spec
-            target[:, 0].copy_(rope.rerotate(rows.data[:, 0], rows.positions, kv.positions[a:b], spec.rope,
-                                             spec.head_dim))
+            target[:, 0].copy_(rope.by_layer(lambda k, r: rope.rerotate(k, rows.positions, kv.positions[a:b], r,
+                                                                        spec.head_dim), rows.data[:, 0], spec))
         else:
             target[:, 0].copy_(rows.data[:, 0])

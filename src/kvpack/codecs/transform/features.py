@@ -32,7 +32,8 @@ def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
     keys, values = kv.data[:, 0], kv.data[:, 1]  # [L, H, T, D]
     if rows is not None:
         keys, values = keys[:, :, rows], values[:, :, rows]
-    pre = rope.unrotate(keys, pos, spec.rope, spec.head_dim) if spec.rope.type != "none" else keys.float()
+    pre = (rope.by_layer(lambda k, r: rope.unrotate(k, pos, r, spec.head_dim), keys, spec)
+           if spec.rope.type != "none" else keys.float())
     both = torch.stack((pre, values.float()), dim=1)  # [L, 2, H, T, D]
     return both.permute(3, 0, 1, 2, 4).reshape(pos.numel(), 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim)
 
@@ -43,6 +44,6 @@ def unfeatures(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> tup
     per_layer = x.reshape(tokens, spec.num_layers, 2, heads, dim).permute(1, 2, 3, 0, 4)  # [L, 2, H, T, D]
     keys = per_layer[:, 0]
     if spec.rope.type != "none":
-        keys = rope.rotate(keys, positions, spec.rope, dim)
+        keys = rope.by_layer(lambda k, r: rope.rotate(k, positions, r, dim), keys, spec)
     return keys, per_layer[:, 1]
 

@@ -99,7 +99,7 @@ def query_attention(model: Any, kv: KVCache, query: torch.Tensor, layer: int, la
     finally:
         handle.remove()
     q_pos = positions[-last:]
-    q = rope.rotate(captured[0].detach(), q_pos, spec.rope, spec.head_dim)  # [heads, q', dim]
+    q = rope.rotate(captured[0].detach(), q_pos, spec.rope_of(layer), spec.head_dim)  # [heads, q', dim]
     keys = kv.data[layer, 0].float()  # [kv_heads, tokens, dim]
     q = q.reshape(spec.num_kv_heads, -1, spec.head_dim)  # query heads grouped by the KV head they share
     logits = q @ keys.transpose(1, 2) / spec.head_dim**0.5  # [kv_heads, group * q', tokens]
