@@ -221,3 +221,22 @@ def test_cross_source_table_refuses_rows_without_sources(tmp_path: Path) -> None
     old.write_text('{"rows": [{"codec": "raw"}], "profiles_bytes": {}}')
     with pytest.raises(ValueError, match="predates the cross-source protocol"):
         crosssource.load([old])
+
+
+def test_lossless_context_sees_a_context_that_pays_and_projects_today_exactly(tmp_path: Path) -> None:
+    from kvpack.bench import lossless_context
+    from kvpack.eval.corpora import Document
+
+    kv = make_kv(tokens=300, layers=1, head_dim=64)
+    kv.data[..., 1::2, :] = kv.data[..., 0::2, :]  # every odd token repeats the one before: the previous token tells
+    rows = lossless_context.run([(Document(name="d", kind="code", text=""), kv)], chunks=(256,),
+                                json_path=tmp_path / "c.json")
+    by = {r["context"]: r for r in rows}
+    today, prev = by["today"], by["prev symbol"]
+    assert prev["adaptive"] < today["adaptive"] - 0.5 and prev["code"] < today["code"] - 1
+    assert today["static"] == today["code"] + today["tables"] and today["elements"] == kv.data.numel()
+    assert 0.98 < by["mantissa bit 5"]["entropy"] <= 1.0  # random mantissas: nothing to gain
+    written = sum(len(kvpack.codecs.get("lossless").encode(part)) for part in kv.chunks(256))
+    assert today["actual"] < 8 * written / kv.data.numel()  # the sections, without container headers
+    assert json.loads((tmp_path / "c.json").read_text())[0]["context"] == "today"
+    assert "| 256 | prev symbol |" in lossless_context.markdown(rows, "kvpack bench lossless-context")

@@ -389,6 +389,28 @@ def bench_speed(
         markdown.write_text(speed.markdown(rows, _command_line()))
 
 
+@bench_app.command("lossless-context")
+def bench_lossless_context(
+    docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
+    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is measured.")] = 2048,
+    model: ModelOpt = DEFAULT_MODEL,
+    json_path: JsonOpt = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
+) -> None:
+    """Would context modelling raise `lossless`? Its symbol's cost under richer contexts, at 256-token and
+    whole-document chunks (bf16 caches)."""
+    from kvpack.bench import lossless_context, speed
+
+    try:
+        lm, tokenizer, spec = load_model(model)
+        entries = speed.caches(lm, tokenizer, spec, corpus(docs, "eval", None), prefix)
+        rows = lossless_context.run(entries, json_path=json_path, console=console)
+    except (KvpackError, ValueError) as exc:
+        _fail(exc)
+    if markdown:
+        markdown.write_text(lossless_context.markdown(rows, _command_line()))
+
+
 @bench_app.command("gpu")
 def bench_gpu(
     contexts: Annotated[str | None, typer.Option(help="Context lengths in tokens, comma-separated.")] = None,

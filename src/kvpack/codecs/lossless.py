@@ -209,6 +209,39 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
 SECTIONS = ("rows", "classes", "symbols", "escapes", "mantissa")
 
 
+@dataclass(frozen=True)
+class BitSplit:
+    """Float bits ``[groups, heads, tokens, dim]`` split into the fields :func:`encode_bits` stores (module docstring).
+
+    ``base``, ``flip``: uint8 ``[tiles * dim]`` (tiles ``(group, head)``); ``n_esc``: int64 ``[tiles]``; ``shift``: the
+    mantissa shift; ``symbols``: uint8 ``[groups, heads * dim, tokens]``, the rows the rANS stream codes;
+    ``escapes``: uint16 ``[n]``; ``raw``: uint8 ``[tiles, tokens * row_bytes]``.
+    """
+
+    base: np.ndarray
+    flip: np.ndarray
+    n_esc: np.ndarray
+    shift: int
+    symbols: np.ndarray
+    escapes: np.ndarray
+    raw: np.ndarray
+
+
+def split_bits(bits: np.ndarray, dtype: str) -> BitSplit:
+    """Split bits ``[groups, heads, tokens, dim]`` of ``dtype`` (as :func:`encode_bits`) before entropy coding."""
+    exp_bits, man_bits, k = FIELDS[dtype]
+    groups, heads, tokens, dim = bits.shape
+    tiles = bits.reshape(groups * heads, tokens, dim)
+    low_bits = int(np.bitwise_or.reduce(bits & ((1 << (man_bits - k)) - 1), axis=None)) if bits.size else 0
+    zeros = (low_bits & -low_bits).bit_length() - 1 if low_bits else man_bits - k
+    shift = zeros // 8 * 8  # whole zero bytes only: at most 3 kernel variants per dtype to compile
+    base, flip, n_esc = _row_stats(tiles, exp_bits, man_bits, 255 >> (k + 1))
+    esc_start = np.zeros(n_esc.size + 1, np.int64)
+    np.cumsum(n_esc, out=esc_start[1:])
+    symbols, escapes, raw = _kernels(dtype, shift)[0](tiles, base, flip, esc_start)
+    return BitSplit(base, flip, n_esc, shift, symbols.reshape(groups, heads * dim, tokens), escapes, raw)
+
+
 def encode_bits(bits: np.ndarray, dtype: str, classes: int) -> dict[str, bytes]:
     """Losslessly code float bit patterns (scheme and sections in the module docstring).
 
@@ -222,23 +255,14 @@ def encode_bits(bits: np.ndarray, dtype: str, classes: int) -> dict[str, bytes]:
     Returns:
         The sections named in :data:`SECTIONS`.
     """
-    exp_bits, man_bits, k = FIELDS[dtype]
-    groups, heads, tokens, dim = bits.shape
-    tiles = bits.reshape(groups * heads, tokens, dim)
-    low_bits = int(np.bitwise_or.reduce(bits & ((1 << (man_bits - k)) - 1), axis=None)) if bits.size else 0
-    zeros = (low_bits & -low_bits).bit_length() - 1 if low_bits else man_bits - k
-    shift = zeros // 8 * 8  # whole zero bytes only: at most 3 kernel variants per dtype to compile
-    base, flip, n_esc = _row_stats(tiles, exp_bits, man_bits, 255 >> (k + 1))
-    esc_start = np.zeros(n_esc.size + 1, np.int64)
-    np.cumsum(n_esc, out=esc_start[1:])
-    symbols, escapes, raw = _kernels(dtype, shift)[0](tiles, base, flip, esc_start)
-    blob, class_ids = encode_rows(symbols.reshape(groups, heads * dim, tokens), 256, classes)
+    s = split_bits(bits, dtype)
+    blob, class_ids = encode_rows(s.symbols, 256, classes)
     return {
-        "rows": base.tobytes() + np.packbits(flip).tobytes(),
+        "rows": s.base.tobytes() + np.packbits(s.flip).tobytes(),
         "classes": class_ids,
         "symbols": blob,
-        "escapes": encode_varints(n_esc).tobytes() + escapes.astype("<u2").tobytes(),
-        "mantissa": bytes([shift]) + raw.tobytes(),
+        "escapes": encode_varints(s.n_esc).tobytes() + s.escapes.astype("<u2").tobytes(),
+        "mantissa": bytes([s.shift]) + s.raw.tobytes(),
     }
 
 
