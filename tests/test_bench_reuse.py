@@ -79,3 +79,26 @@ def test_the_page_renders_every_part_and_the_targets(tmp_path: Path) -> None:
     for heading in ("## RAG", "## TTFT", "## Passkey", "## Edits", "## Targets"):
         assert heading in page
     assert "--from-json r.json" in page and "| prophet | 0.15 |" in page
+
+
+def test_a_run_that_stopped_resumes_with_its_parts_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kvpack import models
+    from test_families import tiny
+
+    model = tiny("llama")
+    monkeypatch.setattr(models, "load", lambda name, dtype=None: (model, None))
+    ran: list[str] = []
+    for part, runner in (("rag", "run_rag"), ("timing", "run_rag_timing"), ("edits", "run_edits"),
+                         ("passkey", "run_passkey")):
+        monkeypatch.setattr(reuse, runner, lambda *args, part=part: ran.append(part) or _doc()[part])
+    stopped = {k: v for k, v in _doc().items() if k not in ("edits", "passkey")} | {"parts_done": ["rag", "timing"]}
+    config = reuse.ReuseConfig(ratios=(0.05, 0.15), passkey_trials=20)
+    doc = reuse.run("m", config, lambda _: None, "kvpack bench reuse --resume r.json", resume=stopped)
+    assert ran == ["edits", "passkey"] and doc["rag"] == stopped["rag"] and doc["command"] == "kvpack bench reuse"
+    assert doc["parts_done"] == ["rag", "timing", "passkey", "edits"] and doc["minutes"] >= stopped["minutes"]
+    assert doc["resumed"][0]["parts"] == ["edits", "passkey"] and doc["targets"]["edits"]["met"]
+    reuse.write(doc, None, tmp_path / "r.md", None, "render")
+    assert "Parts edits, passkey by `kvpack bench reuse --resume r.json`, resuming that run" in (
+        tmp_path / "r.md").read_text()
+    with pytest.raises(ValueError, match="cannot resume"):
+        reuse.run("m", reuse.ReuseConfig(cases=2), lambda _: None, "again", resume=stopped)

@@ -517,6 +517,8 @@ def bench_reuse(
     parts: Annotated[str, typer.Option(help="Of rag, timing, edits, passkey; comma-separated, run in that order.")]
     = "rag,timing,edits,passkey",
     from_json: Annotated[Path | None, typer.Option(help="Only render --markdown/--plot from this JSON.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="The JSON of a run with the same options that stopped part-way: keep its parts, run the rest.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
@@ -539,7 +541,8 @@ def bench_reuse(
             edit_tokens=edit_tokens, continuation=continuation, greedy_tokens=greedy, repeats=repeats, dtype=dtype)
         doc = reuse.run(model, config, console.print, _command_line(),
                         tuple(p.strip() for p in parts.split(",") if p.strip()),
-                        checkpoint=lambda d: reuse.write(d, json_path, markdown, plot, render))
+                        checkpoint=lambda d: reuse.write(d, json_path, markdown, plot, render),
+                        resume=json.loads(resume.read_text()) if resume else None)
     except (KvpackError, ValueError) as exc:
         _fail(exc)
     console.print_json(json.dumps(doc["targets"]))

@@ -345,6 +345,22 @@ def run_passkey(model: Any, tokenizer: Any, spec: Any, config: ReuseConfig,
 
 
 # ----------------------------------------------------------------------------------------------------- edits
+#: Eval documents per kind that edit cases are drawn from (the eval split holds 14 prose documents).
+EDIT_POOL = 14
+KINDS = ("code", "prose")
+
+
+def _long_documents(tokenizer: Any, kind: str, count: int, tokens: int) -> list[Document]:
+    """The first ``count`` eval documents of ``kind`` (in :func:`documents`' order) with at least ``tokens`` tokens:
+    an edit case needs its ``edit_tokens`` plus a continuation after them."""
+    pool = [d for d in documents(2 * EDIT_POOL) if d.kind == kind]
+    chosen = [d for d in pool if len(tokenizer(d.text, add_special_tokens=False).input_ids) >= tokens][:count]
+    if len(chosen) < count:
+        raise ValueError(f"only {len(chosen)} of the {len(pool)} {kind} eval documents have {tokens} tokens, "
+                         f"{count} edit cases need them: ask for fewer --edit-cases or --edit-tokens")
+    return chosen
+
+
 def _lines_upto(tokenizer: Any, doc: Document, tokens: int) -> tuple[list[str], list[str]]:
     """``doc``'s lines split where the first ``tokens`` tokens end (by whole lines), and the lines after."""
     lines = doc.text.splitlines(keepends=True)
@@ -387,8 +403,8 @@ def _edit_case(tokenizer: Any, doc: Document, tokens: int, continuation: int,
 def run_edits(model: Any, tokenizer: Any, spec: Any, config: ReuseConfig,
               say: Callable[[str], None]) -> dict[str, Any]:
     rng = random.Random(config.seed + 3)
-    docs = documents(2 * config.edit_cases)
-    code, prose = [d for d in docs if d.kind == "code"], [d for d in docs if d.kind == "prose"]
+    code, prose = (_long_documents(tokenizer, kind, (config.edit_cases + 1 - i) // 2,
+                                   config.edit_tokens + 2 * config.continuation) for i, kind in enumerate(KINDS))
     arms = _edit_arms(config.edit_ratios)
     per_arm: dict[tuple[str, float], list[dict[str, Any]]] = {}
     cases, timing = [], None
@@ -468,36 +484,58 @@ def _probe_dtypes(name: str) -> tuple[Any, Any, dict[str, float]]:
 
 def run(name: str, config: ReuseConfig, say: Callable[[str], None], command: str,
         parts: tuple[str, ...] = ("rag", "timing", "edits", "passkey"),
-        checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every part of the benchmark; the JSON document (also the input of :func:`markdown` and :func:`plot`).
-    ``checkpoint(doc)`` is called after each part with the document so far (the parts done)."""
+    ``checkpoint(doc)`` is called after each part with the document so far (the parts done). ``resume``: the
+    document of an earlier run of the same model and config that stopped part-way; its parts are kept, the others
+    run in its dtype, and the document records this run under ``resumed`` (command, parts, load, minutes)."""
     from kvpack import models
     from kvpack.spec import ModelSpec
 
+    runners = {"rag": run_rag, "timing": run_rag_timing, "passkey": run_passkey, "edits": run_edits}
+    unknown = [p for p in parts if p not in runners]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; parts are {', '.join(runners)}")
     started = time.time()
     load_start = os.getloadavg()
-    if config.dtype == "auto":
-        model, tokenizer, probe = _probe_dtypes(name)
+    if resume is not None:
+        _check_resumable(resume, name, config)
+        model, tokenizer = models.load(name, dtype=getattr(torch, resume["dtype"]))
+        out = dict(resume)
+        todo = [p for p in parts if p not in resume.get("parts_done", [])]
+        record: dict[str, Any] = {"command": command, "parts": todo, "load_average_start": list(load_start)}
+        out["resumed"] = [*resume.get("resumed", []), record]
+        minutes_before = float(resume["minutes"])
     else:
-        model, tokenizer = models.load(name, dtype=getattr(torch, config.dtype))
-        probe = {}
+        if config.dtype == "auto":
+            model, tokenizer, probe = _probe_dtypes(name)
+        else:
+            model, tokenizer = models.load(name, dtype=getattr(torch, config.dtype))
+            probe = {}
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        out = {"command": command, "model": name, "dtype": dtype, "dtype_probe_256_tokens_s": probe,
+               "machine": machine(), "config": asdict(config), "load_average_start": list(load_start)}
+        todo, record, minutes_before = list(parts), out, 0.0
     spec = ModelSpec.from_model(model, tokenizer)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    say(f"model {name} in {dtype} (prefill of 256 tokens: {probe})")
-    out: dict[str, Any] = {"command": command, "model": name, "dtype": dtype, "dtype_probe_256_tokens_s": probe,
-                           "machine": machine(), "config": asdict(config)}
-    runners = {"rag": run_rag, "timing": run_rag_timing, "passkey": run_passkey, "edits": run_edits}
-    out["load_average_start"] = list(load_start)
-    for part in parts:
-        if part not in runners:
-            raise ValueError(f"unknown part {part!r}; parts are {', '.join(runners)}")
+    say(f"model {name} in {out['dtype']}; parts to run: {', '.join(todo) or 'none'}")
+    for part in todo:
         out[part] = runners[part](model, tokenizer, spec, config, say)
-        out["load_average_end"], out["minutes"] = list(os.getloadavg()), (time.time() - started) / 60
-        out["parts_done"] = [p for p in parts if p in out]
+        record["load_average_end"], record["minutes"] = list(os.getloadavg()), (time.time() - started) / 60
+        out["minutes"] = minutes_before + record["minutes"]
+        out["parts_done"] = [p for p in runners if p in out]
         out["targets"] = targets(out)
         if checkpoint is not None:
             checkpoint(out)
     return out
+
+
+def _check_resumable(doc: dict[str, Any], name: str, config: ReuseConfig) -> None:
+    """ValueError unless ``doc`` is a run of model ``name`` under exactly ``config``."""
+    same = json.loads(json.dumps(asdict(config))) == json.loads(json.dumps(doc.get("config")))
+    if doc.get("model") != name or not same or "dtype" not in doc or "minutes" not in doc:
+        raise ValueError(f"cannot resume: that run was of {doc.get('model')!r} with config {doc.get('config')}; "
+                         f"this one is of {name!r} with {asdict(config)} (give the same options)")
 
 
 #: The policy arms at each ratio, by label (:func:`_policies`).
@@ -570,6 +608,12 @@ def markdown(doc: dict[str, Any], command: str, plot_name: str | None) -> str:
              f"docs/results/reuse.json by `{command}`. Protocol: `kvpack.bench.reuse` (module docstring). Model dtype "
              f"{doc['dtype']} for every arm"
              + (f" (the faster on a 256-token prefill: {probe})" if probe else "") + ".", ""]
+    for r in doc.get("resumed", []):
+        lines += [f"Parts {', '.join(r['parts'])} by `{r['command']}`, resuming that run"
+                  + (f" ({r['minutes']:.0f} min; load average "
+                     f"{', '.join(f'{x:.1f}' for x in r['load_average_start'])} at the start, "
+                     f"{', '.join(f'{x:.1f}' for x in r['load_average_end'])} at the end)" if "minutes" in r else "")
+                  + ".", ""]
     if plot_name:
         lines += [f"![KL against recompute ratio]({plot_name})", ""]
     if "rag" in doc:
