@@ -194,6 +194,11 @@ def test_codecs_page_and_plot(tmp_path: Path) -> None:
            "threads": 2, "prefix_tokens": 1536, "cont_tokens": 512, "documents": ["a", "b"], "machine": "test"}
     page = bench_codecs.markdown([row], "kvpack bench codecs", {"transform x": 1_000_000}, tmp_path / "p.png")
     assert "| kivi(bits=2) | 5.00 | 3.20 | +1.50 |" in page and "transform x: 1.00 MB" in page
+    calibrated = row | {"codec": "transform", "params": {"preset": "32x"},
+                        "profile": {"hash": "ab12cd34ef", "rounding": 0.35, "calibration_tokens": 6144}}
+    page = bench_codecs.markdown([row, calibrated], "kvpack bench codecs", {}, None)
+    assert "| transform(preset=32x) [ab12cd34] | 5.00 |" in page
+    assert "- `ab12cd34`: quantizer rounding 0.35, 6144 calibration tokens" in page
     bench_codecs.plot([row], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 

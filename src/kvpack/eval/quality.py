@@ -121,11 +121,17 @@ def evaluate_document(model: Any, ref: Reference, codec: Codec) -> DocumentResul
     )
 
 
+#: What a row says about the profile of a calibrated codec besides its hash (what ``kvpack calibrate --option`` can
+#: change), so that rows of one setting under different profiles can be told apart.
+PROFILE_FACTS = ("rounding", "calibration_tokens")
+
+
 def summarize(codec: Codec, results: Sequence[DocumentResult], prefix: int, cont: int) -> dict[str, Any]:
     """The JSON row of one codec setting over all documents (means over documents; byte totals for ratios).
 
     ``sources``/``kinds`` are those of the documents, ``calibration_sources`` those the codec's profile records
-    (``kvpack calibrate --sources``; None without), and ``protocol`` the setting they make (:func:`protocol`).
+    (``kvpack calibrate --sources``; None without), and ``protocol`` the setting they make (:func:`protocol`);
+    ``profile``: the profile's hash and :data:`PROFILE_FACTS` (None for codecs without one).
     """
     fp16 = sum(r.fp16_bytes for r in results)
     stored = sum(r.stored_bytes for r in results)
@@ -133,6 +139,8 @@ def summarize(codec: Codec, results: Sequence[DocumentResult], prefix: int, cont
     mean = lambda values: float(sum(values) / len(values))  # noqa: E731
     sources = source_order(r.source for r in results)
     calibrated_on = codec.calibration.meta.get("calibration_sources") if isinstance(codec, CalibratedCodec) else None
+    profile = ({"hash": codec.calibration.hash, **{k: codec.calibration.meta.get(k) for k in PROFILE_FACTS}}
+               if isinstance(codec, CalibratedCodec) else None)
     return {
         "codec": codec.name,
         "params": codec.params(),
@@ -159,6 +167,7 @@ def summarize(codec: Codec, results: Sequence[DocumentResult], prefix: int, cont
         "sources": sources,
         "kinds": sorted({r.kind for r in results}),
         "calibration_sources": calibrated_on,
+        "profile": profile,
         "protocol": protocol(calibrated_on, sources),
         "per_document": [
             {"document": r.document, "kind": r.kind, "source": r.source, "ratio": r.fp16_bytes / r.stored_bytes,
