@@ -425,8 +425,11 @@ def run_edits(model: Any, tokenizer: Any, spec: Any, config: ReuseConfig,
                 flat, kv, stats, _ = cc.segments.assemble(prompt)
                 start = kv.num_tokens if kv is not None else 0  # prefix-only: the rest of the document runs too
                 scored = _score(model, kv, flat[start:], len(cont), config.greedy_tokens, skip=len(new) - start)
-                recomputed = (len(new) - stats.tokens_hit) if label == "prefix-only" else stats.tokens_recomputed
+                whole = label == "prefix-only"  # every token from the first changed chunk, at every layer
+                recomputed = (len(new) - stats.tokens_hit) if whole else stats.tokens_recomputed
+                layers = recomputed * spec.num_layers if whole else stats.token_layers_recomputed
                 row = _compare(scored, ref, cont[1:]) | {"recomputed": recomputed / len(new), "params": policy.params(),
+                                                         "compute": layers / (len(new) * spec.num_layers),
                                                          "kind": doc.kind}
                 per_arm.setdefault((label, ratio), []).append(row)
             if c == 0:
