@@ -342,11 +342,13 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
              "miss; its chunks are stored) followed by a warm one under the same salt (the chunks the cold one "
              "stored are loaded). Medians of the timed requests. The connector's background writer is flushed "
              "between requests (`save s`: that wait after a cold request), so no encode runs inside a timed "
-             "request. Prompts: a context of that many tokens of the eval corpora (stdlib source first) and a "
+             "request; a cold request still pays the connector's lookup and its copy of the new chunks out of "
+             "vLLM's pages (compare it with the `no connector` row). Prompts: a context of that many tokens of the "
+             "eval corpora (stdlib source first) and a "
              f"{doc['question_tokens']}-token question; at the model's window of {doc['window']} positions the "
              "context is cut so that the prompt and one token fit. The connector loads whole chunks that end "
              "before the prompt's last token (`loaded`); the rest is computed. The warm requests read entries the "
-             "cold ones just wrote, so the disk store reads them from the page cache.", ""]
+             "cold ones just wrote, so the disk store's reads most likely come from the OS page cache.", ""]
     lines += ["## TTFT cold vs warm", "",
               "Seconds, medians. ratio: the page bytes (float32 or bf16 KV) of the stored chunks / the bytes stored. "
               "hits as expected: every cold request loaded nothing and every warm one all `loaded` tokens.", "",
