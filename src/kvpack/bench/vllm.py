@@ -349,20 +349,25 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
              "context is cut so that the prompt and one token fit. The connector loads whole chunks that end "
              "before the prompt's last token (`loaded`); the rest is computed. The warm requests read entries the "
              "cold ones just wrote, so the disk store's reads most likely come from the OS page cache.", ""]
-    lines += ["## TTFT cold vs warm", "",
-              "Seconds, medians. ratio: the page bytes (float32 or bf16 KV) of the stored chunks / the bytes stored. "
-              "hits as expected: every cold request loaded nothing and every warm one all `loaded` tokens.", "",
-              "| arm | context | prompt | loaded | cold s | warm s | warm / cold | save s | stored MB | ratio | "
-              "hits as expected |", "|" + "---|" * 11]
-    for r in doc["rows"]:
-        lines.append(
-            f"| {r['arm']} | {r['context_tokens']} | {r['prompt_tokens']} | "
-            f"{r['loadable_tokens'] if r['setting'] else '-'} | {_fmt(r['cold_s'], '.3f')} | "
-            f"{_fmt(r['warm_s'], '.3f')} | {_fmt(r['warm_over_cold'], '.3f')} | {_fmt(r['save_s'], '.2f')} | "
-            f"{_fmt(None if r['stored_bytes'] is None else r['stored_bytes'] / 1e6, '.1f')} | "
-            f"{_fmt(r['ratio'], '.2f')} | {'-' if r['setting'] is None else 'yes' if r['hits_as_expected'] else 'no'}"
-            " |")
-    lines += ["", "## Serving", ""]
+    lines += ["## TTFT cold vs warm", ""]
+    if not doc["rows"]:
+        lines += ["Not run.", ""]
+    else:
+        lines += ["Seconds, medians. ratio: the page bytes (float32 or bf16 KV) of the stored chunks / the bytes "
+                  "stored. hits as expected: every cold request loaded nothing and every warm one all `loaded` "
+                  "tokens.", "",
+                  "| arm | context | prompt | loaded | cold s | warm s | warm / cold | save s | stored MB | ratio | "
+                  "hits as expected |", "|" + "---|" * 11]
+        for r in doc["rows"]:
+            lines.append(
+                f"| {r['arm']} | {r['context_tokens']} | {r['prompt_tokens']} | "
+                f"{r['loadable_tokens'] if r['setting'] else '-'} | {_fmt(r['cold_s'], '.3f')} | "
+                f"{_fmt(r['warm_s'], '.3f')} | {_fmt(r['warm_over_cold'], '.3f')} | {_fmt(r['save_s'], '.2f')} | "
+                f"{_fmt(None if r['stored_bytes'] is None else r['stored_bytes'] / 1e6, '.1f')} | "
+                f"{_fmt(r['ratio'], '.2f')} | "
+                f"{'-' if r['setting'] is None else 'yes' if r['hits_as_expected'] else 'no'} |")
+        lines.append("")
+    lines += ["## Serving", ""]
     if doc["serving"]:
         lines += [f"{cfg['requests']} requests over {cfg['contexts']} distinct contexts of {cfg['context_tokens']} "
                   "tokens (windows of the eval corpora) + the question, in an order drawn "
