@@ -3,8 +3,9 @@
 Every run is a new process (tests/vllm_run.py), so vLLM's own prefix cache starts empty. Cold run: nothing is hit, the
 prompt's full chunks are stored. Warm run: the loadable chunks are hit and the greedy output is token for token the
 cold one, with raw and with lossless chunks. Valid entries with other K/V: the output changes, so the loaded K/V is
-what the model attends to. Corrupted entries: misses, recomputed, the cold output. Six vLLM runs in all. Skipped,
-with the reason, only where the venv could not be built.
+what the model attends to. Corrupted entries: misses, recomputed, the cold output. Six vLLM runs in all, and two
+more for `kvpack bench vllm` at its smallest (without and with the connector). Skipped, with the reason, only where
+the venv could not be built.
 """
 
 from __future__ import annotations
@@ -99,3 +100,22 @@ def test_warm_run_in_a_new_process_loads_the_stored_chunks_and_answers_the_same(
     assert corrupted["output"] == cold["output"]
     for path in entries(store):  # the store dropped what it could not verify; nothing broken is left
         verify(path.read_bytes())
+
+
+def test_bench_vllm_smallest_run_loads_every_warm_chunk_and_serves(tmp_path: Path) -> None:
+    """`kvpack bench vllm` at its smallest: one length, raw, one repeat, a four-request serving run (two vLLM
+    processes: without and with the connector)."""
+    from kvpack.bench import vllm
+
+    config = vllm.VllmBenchConfig(settings=("raw",), lengths=(600,), repeats=1, requests=4, contexts=2,
+                                  context_tokens=300, concurrency=2, serving_tokens=2, serving_setting="raw",
+                                  kv_cache_gib=1, arm_timeout_s=900)
+    doc = vllm.run(config, VENV, MODEL, tmp_path, log=lambda _: None)
+    assert [a["error"] for a in doc["arms"]] == [None, None]
+    baseline, raw = doc["rows"]
+    assert baseline["warm_s"] is None and raw["hits_as_expected"] and raw["loadable_tokens"] == 512
+    assert raw["ratio"] == pytest.approx(1.0, rel=0.01)  # raw stores the pages' bytes (and a small header)
+    assert [s["arm"] for s in doc["serving"]] == [vllm.BASELINE, "raw"]
+    assert doc["serving"][0]["hit_rate"] == 0 and all(s["requests"] == 4 for s in doc["serving"])
+    vllm.render(doc, tmp_path / "v.md", tmp_path / "v.png", "render")
+    assert "hits as expected" in (tmp_path / "v.md").read_text()

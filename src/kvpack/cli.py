@@ -499,6 +499,69 @@ def bench_ttft(
         _fail(exc)
 
 
+@bench_app.command("vllm")
+def bench_vllm(
+    setting: Annotated[list[str] | None, typer.Option(
+        help="Codec setting NAME:k=v,k=v of a connector arm (repeatable; default raw, lossless, fp8, kivi:bits=4); "
+             "a calibrated codec needs its profile, e.g. transform:profile=P.kvprof.")] = None,
+    lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated; empty for none.")]
+    = "1024,2048,4096,8192",
+    repeats: Annotated[int, typer.Option(help="Timed cold and warm requests per length (medians).")] = 3,
+    requests: Annotated[int, typer.Option(help="Requests of the serving run.")] = 100,
+    contexts: Annotated[int, typer.Option(help="Distinct contexts of the serving run.")] = 20,
+    context_tokens: Annotated[int, typer.Option(help="Tokens per serving context.")] = 2048,
+    concurrency: Annotated[int, typer.Option(help="Serving requests in flight at once.")] = 4,
+    serving_tokens: Annotated[int, typer.Option(help="Tokens each serving request generates.")] = 16,
+    alpha: Annotated[float, typer.Option(help="Zipf exponent of the serving order (0: uniform).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the serving order.")] = 0,
+    serving_setting: Annotated[str, typer.Option(
+        help="Codec setting of the serving run with the connector (one of the settings); empty: no serving run.")]
+    = "lossless",
+    baseline: Annotated[bool, typer.Option(help="Also run vLLM without the connector.")] = True,
+    dtype: Annotated[str, typer.Option(help="vLLM's model dtype: float32 or bfloat16 (refused on AMX hosts).")]
+    = "float32",
+    kv_cache_gib: Annotated[int, typer.Option(help="vLLM's KV cache space in GiB.")] = 4,
+    arm_timeout: Annotated[float, typer.Option(help="Seconds one arm's vLLM process may run.")] = 3600.0,
+    venv: Annotated[Path, typer.Option(help="The vLLM venv (make vllm-venv).")] = Path(".venv-vllm"),
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: the venv's SmolLM2).")]
+    = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where the arms' stores and logs go (a temporary folder).")]
+    = None,
+    json_path: JsonOpt = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of TTFT against context length here.")] = None,
+    render: Annotated[Path | None, typer.Option(help="Measure nothing: write --markdown/--plot from this JSON.")]
+    = None,
+) -> None:
+    """TTFT cold vs warm per codec and a serving run with and without kvpack's connector, in vLLM (docs/vllm.md)."""
+    from kvpack.bench import vllm
+
+    command = _command_line()
+    if render is not None:
+        vllm.render(json.loads(render.read_text()), markdown, plot, command)
+        return
+    try:
+        config = vllm.VllmBenchConfig(
+            settings=tuple(setting or vllm.DEFAULT_SETTINGS),
+            lengths=tuple(int(x) for x in lengths.split(",") if x.strip()), repeats=repeats, requests=requests,
+            contexts=contexts, context_tokens=context_tokens, concurrency=concurrency, serving_tokens=serving_tokens,
+            alpha=alpha, seed=seed, serving_setting=serving_setting or None, baseline=baseline, dtype=dtype,
+            kv_cache_gib=kv_cache_gib, arm_timeout_s=arm_timeout)
+
+        def save(doc: dict[str, Any]) -> None:
+            if json_path:
+                json_path.write_text(json.dumps(doc | {"command": command}, indent=1))
+
+        doc = vllm.run(config, venv, checkpoint, workdir, console.print, on_arm=save) | {"command": command}
+    except (KvpackError, ValueError) as exc:
+        _fail(exc)
+    save(doc)
+    render_command = "kvpack bench vllm --render JSON" + (f" --markdown {markdown.name}" if markdown else "") + \
+        (f" --plot {plot.name}" if plot else "")
+    vllm.render(doc, markdown, plot, render_command)
+    console.print_json(json.dumps({"target": vllm.target(doc), "serving": doc["serving"]}))
+
+
 @bench_app.command("reuse")
 def bench_reuse(
     cases: Annotated[int, typer.Option(help="RAG cases (half code, half prose).")] = 6,

@@ -336,6 +336,13 @@ class KvpackConnector(KVConnectorBase_V1):
                 kv.token_ids = torch.tensor(save.token_ids, dtype=torch.int64)
                 self._writer.submit(save.key, kv)
 
+    def flush(self) -> None:
+        """Wait until every chunk handed to the background writer is stored (or failed); a no-op on the scheduler
+        side. Benchmarks call it between timed requests, so that one request's encoding never runs inside the next
+        one's time."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._load_errors = self._load_errors, set()
         return failed
