@@ -5,7 +5,8 @@
 Serves SmolLM2 in-process on the CPU backend with ``KvpackConnector`` over a disk store, generates greedily for the
 prompt, and writes the generated token ids, vLLM's count of the prompt tokens it did not compute and the entries
 now in the store to OUT_JSON. Every run is a new process, so vLLM's own prefix cache starts empty: tokens it did
-not compute came from the store.
+not compute came from the store. The model runs in bfloat16, except on AMX hosts, where vLLM keeps bfloat16 KV in
+prepacked tiles the connector refuses (docs/vllm.md): float32 there.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def main() -> None:
         "kv_role": "kv_both",
         "kv_connector_extra_config": {"store": f"file://{store_dir}", "codec": codec},
     }
-    llm = LLM(model=checkpoint, dtype="bfloat16", max_model_len=2048, enforce_eager=True, seed=0,
+    from kvpack.cpu import flags
+
+    dtype = "float32" if "amx_bf16" in flags() else "bfloat16"
+    llm = LLM(model=checkpoint, dtype=dtype, max_model_len=2048, enforce_eager=True, seed=0,
               kv_transfer_config=transfer)
     prompt = Path(prompt_file).read_text()
     result = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16))[0]
