@@ -59,6 +59,10 @@ def test_targets_are_judged_on_the_document_numbers() -> None:
     assert t["kl_gap_closed_at_15"]["met"] and t["best_beats_epic_and_blend"]["met"]
     assert t["ttft_speedup_at_15"]["met"] and t["ttft_speedup_at_15"]["speedup"]["prophet"] == 4.0
     assert t["passkey_at_15"]["met_by"] == ["blend", "prophet"]  # epic is two trials below full
+    doc = _doc()
+    doc["passkey"]["rows"][-1]["accuracy"] = 0.85  # full below prophet by three trials: no loss, but not equal
+    assert reuse.targets(doc)["passkey_at_15"]["equal_within_one"] == ["epic", "blend"]
+    assert reuse.targets(doc)["passkey_at_15"]["met_by"] == ["epic", "blend", "prophet"]
     assert t["edits"]["best_at_most_10pct"]["policy"] == "pie" and t["edits"]["met"]  # +0.5% at 4%, 6x
 
 

@@ -579,7 +579,8 @@ def bench_reuse(
     greedy: Annotated[int, typer.Option(help="Greedy tokens compared after the question.")] = 8,
     parts: Annotated[str, typer.Option(help="Of rag, timing, edits, passkey; comma-separated, run in that order.")]
     = "rag,timing,edits,passkey",
-    from_json: Annotated[Path | None, typer.Option(help="Only render --markdown/--plot from this JSON.")] = None,
+    from_json: Annotated[Path | None, typer.Option(
+        help="Only render --markdown/--plot from this JSON (with --json: write it back, targets re-judged).")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="The JSON of a run with the same options that stopped part-way: keep its parts, run the rest.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
@@ -592,8 +593,9 @@ def bench_reuse(
 
     render = f"kvpack bench reuse --from-json {from_json or json_path}" + (f" --markdown {markdown}" if markdown
                                                                           else "") + (f" --plot {plot}" if plot else "")
-    if from_json is not None:
-        reuse.write(json.loads(from_json.read_text()), None, markdown, plot, render)
+    if from_json is not None:  # targets re-judged by this version's rules (--json writes them back)
+        doc = json.loads(from_json.read_text())
+        reuse.write(doc | {"targets": reuse.targets(doc)}, json_path, markdown, plot, render)
         return
     try:
         low, _, high = segment_tokens.partition("-")
