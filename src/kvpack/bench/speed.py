@@ -38,6 +38,7 @@ from rich.table import Table
 from kvpack.codecs import get
 from kvpack.codecs.base import Codec
 from kvpack.codecs.raw import tensor_bytes
+from kvpack.codecs.transform.codec import projection_dtype
 from kvpack.cpu import model_name
 from kvpack.eval import progress_bar
 from kvpack.eval.corpora import Document
@@ -131,7 +132,8 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
     settings = [(name, setting, get(name, **{k: v for k, v in setting.items() if k != "as"}))
                 for name, setting in SETTINGS] + [(c.name, c.params(), c) for c in extra]
     machine = {"cpu": model_name(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
-               "threads": numba.get_num_threads(), "threading_layer": None}
+               "threads": numba.get_num_threads(), "threading_layer": None,
+               "transform_gemm": str(projection_dtype()).removeprefix("torch.")}
     acc: dict[str, dict[str, Any]] = {}
     base: dict[str, Any] = {"raw": 0, "zstd3": 0, "zstd19": 0, "zipnn": 0, "zipnn_exact": True, "fp16": 0,
                             "zstd3_decode_s": []}
@@ -208,8 +210,9 @@ def _cells(r: dict[str, Any]) -> list[str]:
 
 def _title(rows: list[dict[str, Any]]) -> str:
     m = rows[0]
+    gemm = f", transform/kvtc decode GEMM in {m['transform_gemm']}" if "transform_gemm" in m else ""
     return (f"codecs on {len(m['documents'])} real eval caches: {m['cpu']}, {m['cores']} cores, {m['threads']} numba "
-            f"threads ({m['threading_layer']}), load {m['load_1min']:.1f}")
+            f"threads ({m['threading_layer']}), load {m['load_1min']:.1f}{gemm}")
 
 
 def _print(console: Console, rows: list[dict[str, Any]]) -> None:
