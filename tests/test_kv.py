@@ -61,6 +61,11 @@ def test_per_layer_ropes_round_trip_and_headers_are_checked() -> None:
     assert [spec.rope_of(i).theta for i in range(2)] == [1e6, 1e4] and base.rope_of(1) == base.rope
     with pytest.raises(ValueError, match="one entry per layer"):
         replace(base, layer_ropes=ropes[:1])
+    from kvpack.codecs.validate import check_layout
+
+    check_layout(spec, spec)
+    with pytest.raises(FormatError, match="RoPE per layer"):  # written before the spec held per-layer RoPEs
+        check_layout(base, spec)
     for bad in (ropes[:1], [{"type": "default", "theta": -1.0, "partial_rotary_factor": 1.0, "params": {}}]
                 * base.num_layers, "default"):
         obj = header | {"layer_ropes": [r.__dict__ for r in bad] if isinstance(bad, tuple) else bad}

@@ -105,6 +105,9 @@ def check_layout(stored: ModelSpec, trusted: ModelSpec) -> None:
             f"{[getattr(stored, f) for f in fields]}, but that model's is {[getattr(trusted, f) for f in fields]}: "
             "the header is forged or corrupted"
         )
+    if stored.layer_ropes != trusted.layer_ropes:  # e.g. a Gemma 3 cache written before kvpack read its per-layer RoPE
+        raise FormatError("the header describes this model's RoPE per layer differently from the model itself: the "
+                          "cache was written by another kvpack version; recompute it")
 
 
 def element_count(spec: ModelSpec, num_tokens: int) -> int:
