@@ -174,6 +174,8 @@ def test_narrowed_tokens_go_on_from_the_layers_they_went_through(model32: tuple[
         assert not torch.allclose(fresh[3], full[3][:, :, torch.searchsorted(first, kept)], atol=1e-3)
         empty = recompute_narrowing(model, kv, first, lambda layer, t, f: t[:0] if layer == 0 else t)[0]
         assert [t.numel() for t in empty] == [first.numel(), 0, 0, 0]
+        nothing, none_fresh = recompute_narrowing(model, kv, first[:0], lambda layer, t, f: t)
+        assert [t.numel() for t in nothing] == [0] * 4 and [f.shape[2] for f in none_fresh] == [0] * 4
         with pytest.raises(ValueError, match="sorted subset"):
             recompute_narrowing(model, kv, first, lambda layer, t, f: t.flip(0))
 

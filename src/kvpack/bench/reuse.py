@@ -65,6 +65,8 @@ POOL_CHARS = 12_000
 #: Chunk size of the edits' store: prefix-only reuse loads whole chunks before the first change.
 EDIT_CHUNK = 64
 EXACT = LoaderConfig(compute_front=False, estimates_path="")
+#: Document kinds; cases alternate between them (half code, half prose).
+KINDS = ("code", "prose")
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ def run_rag(model: Any, tokenizer: Any, spec: Any, config: ReuseConfig, say: Cal
     per_arm: dict[tuple[str, float], list[dict[str, Any]]] = {}
     cases = []
     for c in range(config.cases):
-        kind = ("code", "prose")[c % 2]
+        kind = KINDS[c % 2]
         count = config.segment_counts[(c // 2) % len(config.segment_counts)]
         case = rag_case(tokenizer, pools, kind, count, config.segment_tokens, config.continuation, rng)
         tail = torch.cat([case["continuation"], case["question"]])
@@ -260,7 +262,7 @@ def _summarize(label: str, ratio: float, results: list[dict[str, Any]]) -> dict[
            "ppl": ppl, "ppl_ref": ref, "ppl_increase_pct": 100.0 * (ppl / ref - 1.0),
            "recomputed": statistics.mean(r["recomputed"] for r in results),
            "compute": statistics.mean(r["compute"] for r in results)}
-    for kind in ("code", "prose"):
+    for kind in KINDS:
         mine = [statistics.mean(r["kl"]) for r in results if r["kind"] == kind]
         row[f"kl_mean_{kind}"] = statistics.mean(mine) if mine else None
     return row
@@ -347,7 +349,6 @@ def run_passkey(model: Any, tokenizer: Any, spec: Any, config: ReuseConfig,
 # ----------------------------------------------------------------------------------------------------- edits
 #: Eval documents per kind that edit cases are drawn from (the eval split holds 14 prose documents).
 EDIT_POOL = 14
-KINDS = ("code", "prose")
 
 
 def _long_documents(tokenizer: Any, kind: str, count: int, tokens: int) -> list[Document]:

@@ -66,6 +66,26 @@ def _others(kv: KVCache, selected: torch.Tensor) -> torch.Tensor:
     return keep.nonzero().reshape(-1)
 
 
+def _loaded_cache(kv: KVCache, selected: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The token indices not in ``selected`` and a transformers cache holding their loaded K/V (sliding layers too:
+    the mask applies their window)."""
+    kept = _others(kv, selected)
+    return kept, hf_cache(kv.data.index_select(3, kept))
+
+
+def _run(model: Any, kv: KVCache, ids: torch.Tensor, selected: torch.Tensor, kept: torch.Tensor, cache: Any) -> None:
+    """The forward pass of tokens ``selected`` as queries at their positions on ``cache`` (the loaded K/V of
+    ``kept``), which it extends layer by layer; a hook raising :class:`_Stop` ends it early."""
+    q_pos = kv.positions[selected]
+    mask = attention_mask(model, kv.spec.sliding_windows, q_pos, torch.cat([kv.positions[kept], q_pos]))
+    try:
+        with torch.no_grad():
+            model(as_batch(ids[selected]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
+                  use_cache=True, **cache_arg(model, cache))
+    except _Stop:
+        pass
+
+
 def recompute(model: Any, kv: KVCache, selected: torch.Tensor) -> torch.Tensor:
     """Fresh K/V of tokens ``selected`` of ``kv``, attending to the loaded K/V of every other token of ``kv``.
 
@@ -77,13 +97,8 @@ def recompute(model: Any, kv: KVCache, selected: torch.Tensor) -> torch.Tensor:
     ids = _check_tokens(kv, selected)
     if selected.numel() == 0:
         return kv.data.new_empty((spec.num_layers, 2, spec.num_kv_heads, 0, spec.head_dim))
-    kept = _others(kv, selected)
-    cache = hf_cache(kv.data.index_select(3, kept))  # sliding layers too: the mask applies their window
-    q_pos = kv.positions[selected]
-    mask = attention_mask(model, kv.spec.sliding_windows, q_pos, torch.cat([kv.positions[kept], q_pos]))
-    with torch.no_grad():
-        model(as_batch(ids[selected]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
-              use_cache=True, **cache_arg(model, cache))
+    kept, cache = _loaded_cache(kv, selected)
+    _run(model, kv, ids, selected, kept, cache)
     out = kv.data.new_empty((spec.num_layers, 2, spec.num_kv_heads, selected.numel(), spec.head_dim))
     for i in range(spec.num_layers):
         out[i, 0].copy_(cache.layers[i].keys[0, :, kept.numel() :])
@@ -109,10 +124,10 @@ def recompute_narrowing(model: Any, kv: KVCache, first: torch.Tensor, narrow: Na
     ids = _check_tokens(kv, first)
     first = first.contiguous()
     sets, fresh = [first], []
-    kept = _others(kv, first)
-    cache = hf_cache(kv.data.index_select(3, kept))
-    q_pos = kv.positions[first]
-    mask = attention_mask(model, spec.sliding_windows, q_pos, torch.cat([kv.positions[kept], q_pos]))
+    empty = kv.data.new_empty((2, spec.num_kv_heads, 0, spec.head_dim))
+    if first.numel() == 0:
+        return sets * spec.num_layers, [empty] * spec.num_layers
+    kept, cache = _loaded_cache(kv, first)
     owner = threading.get_ident()
     layers = model.get_decoder().layers
 
@@ -155,15 +170,10 @@ def recompute_narrowing(model: Any, kv: KVCache, first: torch.Tensor, narrow: Na
                for h in (layer.register_forward_pre_hook(before(i), with_kwargs=True),
                          layer.register_forward_hook(after(i)))]
     try:
-        with torch.no_grad():
-            model(as_batch(ids[first]), position_ids=q_pos.reshape(1, -1), attention_mask=mask,
-                  use_cache=True, **cache_arg(model, cache))
-    except _Stop:
-        pass
+        _run(model, kv, ids, first, kept, cache)
     finally:
         for h in handles:
             h.remove()
-    empty = kv.data.new_empty((2, spec.num_kv_heads, 0, spec.head_dim))
     while len(fresh) < spec.num_layers:
         sets.append(first[:0])
         fresh.append(empty)

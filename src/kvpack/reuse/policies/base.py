@@ -109,9 +109,7 @@ class RepairPolicy(ABC):
         if not bool(torch.isin(chosen, job.candidates).all()):
             raise PolicyError(f"repair policy {self.name} chose tokens outside the moved segments")
         chosen = torch.cat([chosen, job.required]).unique()
-        fresh = (job.fresh(chosen) if chosen.numel() else
-                 job.kv.data.new_empty((job.kv.spec.num_layers, 2, job.kv.spec.num_kv_heads, 0, job.kv.spec.head_dim)))
-        return Repair.everywhere(chosen, fresh)
+        return Repair.everywhere(chosen, job.fresh(chosen))
 
     def params(self) -> dict[str, Any]:
         """The policy's parameters (for reports and benchmarks)."""

@@ -68,8 +68,6 @@ class Blend(RepairPolicy):
             raise PolicyError(f"blend: selections at layers {self.layer}..{self.layer + self.checks - 1} leave no "
                               f"layer to narrow; the model has layers 0..{layers - 1}")
         first = torch.cat([job.candidates, job.required]).unique()
-        if first.numel() == 0:
-            return Repair.everywhere(first, job.fresh(first))
 
         def narrow(layer: int, tokens: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
             check = layer - self.layer
