@@ -27,13 +27,14 @@ class ByteTokenizer:
 
 @pytest.mark.parametrize("bad, match", [
     ({"settings": ("raw", "raw")}, "repeat"),
-    ({"serving_setting": "fp8", "settings": ("raw",)}, "must be one of the settings"),
+    ({"serving_settings": ("fp8",), "settings": ("raw",)}, "must be one of the settings"),
+    ({"store_bytes": 0}, "store_bytes"),
     ({"dtype": "float16"}, "dtype"),
     ({"alpha": -1.0}, "alpha"),
     ({"repeats": 0}, "repeats"),
     ({"concurrency": 0}, "concurrency"),
     ({"lengths": (0,)}, "lengths"),
-    ({"lengths": (), "serving_setting": None}, "nothing to measure"),
+    ({"lengths": (), "serving_settings": ()}, "nothing to measure"),
     ({"settings": ("kivi:bits",)}, "NAME or NAME:k=v"),
 ])
 def test_config_refuses_what_it_cannot_run(bad: dict[str, Any], match: str) -> None:
@@ -144,3 +145,19 @@ def test_cli_refuses_bad_options_before_starting_vllm(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli.app, ["bench", "vllm", "--setting", "raw", "--serving-setting", "raw", "--venv",
                                           str(tmp_path)])
     assert result.exit_code == 2 and "make vllm-venv" in result.output
+
+
+def test_under_a_store_budget_the_page_compares_transform_hit_rate_with_raw(tmp_path: Path) -> None:
+    doc = _doc(0.1)
+    assert vllm.budget_comparison(doc) is None  # no budget
+    doc["config"]["store_bytes"] = 256 * 2**20
+    assert vllm.budget_comparison(doc) is None  # no raw and transform serving arms
+    doc["serving"] += [doc["serving"][1] | {"arm": arm, "setting": setting, "hit_rate": hit, "ttft_mean_s": ttft,
+                                            "stored_bytes": stored}
+                       for arm, setting, hit, ttft, stored in (("raw", "raw", 0.2, 5.0, 250e6),
+                                                               ("transform", "transform:profile=p", 0.7, 2.0, 9e6))]
+    (arm,) = vllm.budget_comparison(doc)["arms"]  # type: ignore[index]
+    assert arm["setting"] == "transform:profile=p" and arm["times_raw"] == pytest.approx(3.5)
+    page = vllm.markdown(doc, "c", "r")
+    assert "Under the 256 MiB store budget, transform:profile=p's hit rate is 0.70 against raw's 0.20 (3.5x" in page
+    assert "| raw | 20 | 5.000 |" in page and "| 250.0 |" in page and "at most 256 MiB of entries" in page

@@ -1,11 +1,13 @@
 """kvpack's connector inside vLLM (CPU backend, in-process), through the integration venv that `make vllm-venv` builds.
 
-Every run is a new process (tests/vllm_run.py), so vLLM's own prefix cache starts empty. Cold run: nothing is hit, the
-prompt's full chunks are stored. Warm run: the loadable chunks are hit and the greedy output is token for token the
-cold one, with raw and with lossless chunks. Valid entries with other K/V: the output changes, so the loaded K/V is
-what the model attends to. Corrupted entries: misses, recomputed, the cold output. Six vLLM runs in all, and two
-more for `kvpack bench vllm` at its smallest (without and with the connector). Skipped, with the reason, only where
-the venv could not be built.
+Three processes (tests/vllm_run.py), each making one vLLM engine after another, vLLM's own prefix cache off. Cold:
+every codec (raw, lossless, fp8, kivi, and transform with a profile that `kvpack calibrate --for-vllm` bound to the
+served checkpoint) over its own empty disk store: nothing is hit, the prompt's full chunks are stored. Warm, in a new
+process: the loadable chunks are hit; the greedy output is token for token the cold one with raw and lossless
+chunks, and a lossy chunk decodes to the raw run's K/V with the codec's own error on them. Then, on copies of the
+raw store: valid entries holding other K/V change the output (the loaded K/V is what the model attends to);
+corrupted entries are misses, recomputed, with the cold output. And `kvpack bench vllm` at its smallest (two more
+processes: without and with the connector). Skipped, with the reason, only where the venv could not be built.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 
 from conftest import PROSE
 from kvpack import codecs
+from kvpack.cpu import flags
 from kvpack.format import verify
+from kvpack.profile import Profile
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-vllm"
@@ -40,20 +44,26 @@ def _not_built() -> str | None:
             + (f"; its last attempt ended with: {tail[0]} (.venv-vllm.log)" if tail else ""))
 
 
-#: Each vLLM run is a new process (2.5 to 6 minutes each on the shared, loaded 2-core development machine); the raw
-#: test makes four.
+#: A process starts vLLM in 10 to 20 s and makes a run in 5 to 30 s on a 2-core machine (docs/vllm.md).
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3000),
               pytest.mark.skipif(_not_built() is not None, reason=str(_not_built()))]
 
 
-def run(store: Path, codec: str, prompt: Path, tmp: Path, name: str) -> dict[str, Any]:
-    out = tmp / f"{name}.json"
+#: Every codec the connector can use, with their parameters (transform: a profile bound to the served model).
+CODECS = {"raw": {}, "lossless": {}, "fp8": {}, "kivi": {"bits": 4}, "transform": {"preset": "16x"}}
+#: Codecs whose warm output must be the cold one token for token.
+EXACT = ("raw", "lossless")
+
+
+def run_plan(runs: list[dict[str, Any]], prompt: str, tmp: Path, name: str) -> dict[str, dict[str, Any]]:
+    """One process (a new one, so nothing of vLLM's state survives from earlier runs) making ``runs`` in turn."""
+    plan, out = tmp / f"{name}.plan.json", tmp / f"{name}.json"
+    plan.write_text(json.dumps({"checkpoint": str(MODEL), "prompt": prompt, "runs": runs}))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "KVPACK_CACHE_DIR": str(tmp / "kvpack-cache")}
-    proc = subprocess.run([str(PYTHON), str(RUN), str(MODEL), str(store), codec, str(prompt), str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{name}: vLLM run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    result: dict[str, Any] = json.loads(out.read_text())
-    return result
+    proc = subprocess.run([str(PYTHON), str(RUN), str(plan), str(out)], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, f"{name}: vLLM runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return {r["name"]: r for r in json.loads(out.read_text())}
 
 
 def entries(store: Path) -> list[Path]:
@@ -61,45 +71,98 @@ def entries(store: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def prompt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("vllm") / "prompt.txt"
-    path.write_text("".join(f"Paragraph {i}. {PROSE}" for i in range(18)) + "\nSummarize the text above.")
-    return path
+def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Cold runs of every codec in one process, warm runs in a second; then, on copies of the raw store, valid
+    entries holding other K/V and corrupted entries in a third."""
+    tmp = tmp_path_factory.mktemp("vllm")
+    prompt = "".join(f"Paragraph {i}. {PROSE}" for i in range(18)) + "\nSummarize the text above."
+    profile = tmp / "transform.kvprof"
+    dtype = "float32" if "amx_bf16" in flags() else "bfloat16"  # what tests/vllm_run.py serves in
+    calibrate = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "kvpack"), "calibrate", "--codec", "transform", "--model", str(MODEL),
+         "--for-vllm", dtype, "--docs", "2", "--option", "tokens=512", "--option", "cont=32",
+         "--option", "fisher_docs=1", "--option", "measure_kl=false", "-o", str(profile)],
+        env={**os.environ, "KVPACK_CACHE_DIR": str(tmp / "kvpack-cache")}, capture_output=True, text=True,
+        timeout=900)
+    assert calibrate.returncode == 0, calibrate.stdout[-3000:] + calibrate.stderr[-3000:]
+    params = {**CODECS, "transform": {**CODECS["transform"], "profile": str(profile)}}
+    stores = {codec: tmp / codec for codec in CODECS}
+    runs = [{"name": codec, "store": str(stores[codec]), "codec": codec, "codec_params": params[codec]}
+            for codec in CODECS]
+    cold = run_plan(runs, prompt, tmp, "cold")
+    stored = {codec: entries(stores[codec]) for codec in CODECS}
+    warm = run_plan(runs, prompt, tmp, "warm")
+    # copies of the raw store: one whose entries are valid but hold other K/V, one whose entries are corrupted
+    raw = codecs.get("raw")
+    forged, corrupted = tmp / "forged", tmp / "corrupted"
+    for path in stored["raw"]:
+        data = path.read_bytes()
+        kv = raw.decode(data)
+        kv.data.copy_(torch.randn(kv.data.shape, generator=torch.Generator().manual_seed(0)).to(kv.data.dtype) * 4)
+        broken = bytearray(data)
+        broken[len(broken) // 2] ^= 0xFF
+        for root, payload in ((forged, raw.encode(kv)), (corrupted, bytes(broken))):
+            target = root / path.relative_to(stores["raw"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(payload)
+    altered = run_plan([{"name": "forged", "store": str(forged), "codec": "raw"},
+                        {"name": "corrupted", "store": str(corrupted), "codec": "raw"}], prompt, tmp, "altered")
+    return {"cold": cold, "warm": warm, "stored": stored, "altered": altered, "corrupted": corrupted,
+            "profile": profile, "params": params}
 
 
-@pytest.mark.parametrize("codec", ["raw", "lossless"])
-def test_warm_run_in_a_new_process_loads_the_stored_chunks_and_answers_the_same(
-        codec: str, prompt: Path, tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    cold = run(store, codec, prompt, tmp_path, "cold")
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_warm_run_in_a_new_process_loads_every_loadable_chunk(codec: str, rounds: dict[str, Any]) -> None:
+    cold, warm = rounds["cold"][codec], rounds["warm"][codec]
     full, loadable = cold["prompt_tokens"] // CHUNK, (cold["prompt_tokens"] - 1) // CHUNK
     assert loadable >= 2, "the prompt must span at least two loadable chunks"
     assert cold["cached_tokens"] == 0
-    assert len(entries(store)) == full
-    warm = run(store, codec, prompt, tmp_path, "warm")
-    assert warm["cached_tokens"] == loadable * CHUNK  # from kvpack: vLLM's own prefix cache is empty
-    assert warm["output"] == cold["output"]
-    if codec != "raw":
-        return
-    # valid entries holding other K/V: the answer changes, so the model attends to what was loaded
-    originals = {path: path.read_bytes() for path in entries(store)}
-    raw = codecs.get("raw")
-    for path, data in originals.items():
-        kv = raw.decode(data)
-        kv.data.copy_(torch.randn(kv.data.shape, generator=torch.Generator().manual_seed(0)).to(kv.data.dtype) * 4)
-        path.write_bytes(raw.encode(kv))
-    forged = run(store, codec, prompt, tmp_path, "forged")
-    assert forged["cached_tokens"] == loadable * CHUNK
+    assert len(rounds["stored"][codec]) == full
+    assert cold["codec"] == warm["codec"] and json.loads(cold["codec"])["name"] == codec
+    assert warm["cached_tokens"] == loadable * CHUNK  # from kvpack: vLLM's own prefix cache is off
+    if codec in EXACT:
+        assert warm["output"] == cold["output"]
+
+
+def _by_position(paths: list[Path], codec: codecs.Codec, spec: Any = None) -> list[Any]:
+    return sorted((codec.decode(p.read_bytes(), spec=spec) for p in paths), key=lambda kv: int(kv.positions[0]))
+
+
+def _rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("codec", [c for c in CODECS if c not in EXACT])
+def test_lossy_chunks_hold_the_served_kv_within_the_codecs_own_error(codec: str, rounds: dict[str, Any]) -> None:
+    """A lossy chunk vLLM stored decodes to the K/V the raw run stored for the same tokens, with the error the codec
+    makes on those K/V here (a wrong page layout or token order would be far off)."""
+    reference = _by_position(rounds["stored"]["raw"], codecs.get("raw"))
+    spec = reference[0].spec
+    the_codec = codecs.get(codec, **rounds["params"][codec])
+    stored = _by_position(rounds["stored"][codec], the_codec, spec)
+    assert [int(kv.positions[0]) for kv in stored] == [int(kv.positions[0]) for kv in reference]
+    for got, ref in zip(stored, reference, strict=True):
+        own = _rel_rmse(the_codec.decode(the_codec.encode(ref), spec=spec).data, ref.data)
+        assert 0 < _rel_rmse(got.data, ref.data) <= own * 1.05 + 1e-6
+
+
+def test_valid_entries_with_other_kv_change_the_answer(rounds: dict[str, Any]) -> None:
+    """The model attends to what was loaded: entries that decode to other K/V give another answer."""
+    forged, cold = rounds["altered"]["forged"], rounds["cold"]["raw"]
+    assert forged["cached_tokens"] == rounds["warm"]["raw"]["cached_tokens"]
     assert forged["output"] != cold["output"]
-    # corrupted entries are misses: vLLM recomputes those tokens and answers as without a cache
-    for path, data in originals.items():
-        broken = bytearray(data)
-        broken[len(broken) // 2] ^= 0xFF
-        path.write_bytes(bytes(broken))
-    corrupted = run(store, codec, prompt, tmp_path, "corrupted")
-    assert corrupted["output"] == cold["output"]
-    for path in entries(store):  # the store dropped what it could not verify; nothing broken is left
+
+
+def test_corrupted_entries_are_misses_and_the_answer_is_the_cold_one(rounds: dict[str, Any]) -> None:
+    corrupted = rounds["altered"]["corrupted"]
+    assert corrupted["output"] == rounds["cold"]["raw"]["output"]
+    for path in entries(rounds["corrupted"]):  # the store dropped what it could not verify; nothing broken is left
         verify(path.read_bytes())
+
+
+def test_a_profile_calibrated_for_vllm_is_bound_to_the_model_vllm_serves(rounds: dict[str, Any]) -> None:
+    """`kvpack calibrate --for-vllm` computes, without vLLM, the fingerprint the connector computes inside it."""
+    assert Profile.open(rounds["profile"]).model_fingerprint == rounds["cold"]["transform"]["fingerprint"]
 
 
 def test_bench_vllm_smallest_run_loads_every_warm_chunk_and_serves(tmp_path: Path) -> None:
@@ -108,7 +171,7 @@ def test_bench_vllm_smallest_run_loads_every_warm_chunk_and_serves(tmp_path: Pat
     from kvpack.bench import vllm
 
     config = vllm.VllmBenchConfig(settings=("raw",), lengths=(600,), repeats=1, requests=4, contexts=2,
-                                  context_tokens=300, concurrency=2, serving_tokens=2, serving_setting="raw",
+                                  context_tokens=300, concurrency=2, serving_tokens=2, serving_settings=("raw",),
                                   kv_cache_gib=1, arm_timeout_s=900)
     doc = vllm.run(config, VENV, MODEL, tmp_path, log=lambda _: None)
     assert [a["error"] for a in doc["arms"]] == [None, None]

@@ -1,53 +1,69 @@
-"""One vLLM run with kvpack's connector, in this process (run by tests/test_vllm.py with the integration venv).
+"""vLLM runs with kvpack's connector, in this process, one engine after another (run by tests/test_vllm.py with the
+integration venv).
 
-    python tests/vllm_run.py CHECKPOINT STORE_DIR CODEC PROMPT_FILE OUT_JSON
+    python tests/vllm_run.py PLAN_JSON OUT_JSON
 
-Serves SmolLM2 in-process on the CPU backend with ``KvpackConnector`` over a disk store, generates greedily for the
-prompt, and writes the generated token ids, vLLM's count of the prompt tokens it did not compute and the entries
-now in the store to OUT_JSON. Every run is a new process, so vLLM's own prefix cache starts empty: tokens it did
-not compute came from the store. The model runs in bfloat16, except on AMX hosts, where vLLM keeps bfloat16 KV in
-prepacked tiles the connector refuses (docs/vllm.md): float32 there.
+PLAN_JSON: ``{"checkpoint": DIR, "prompt": TEXT, "runs": [{"name": N, "store": DIR, "codec": C,
+"codec_params": {...}}, ...]}``. For each run: an engine (SmolLM2 in-process on the CPU backend, vLLM's own prefix
+cache off) with ``KvpackConnector`` over that disk store and codec, one greedy request, the connector's pending
+saves flushed, the engine shut down (which also shuts the connector down, so the next engine makes its own). OUT_JSON
+gets per run the prompt's token count, the generated token ids, the prompt tokens vLLM did not compute and the
+connector's codec. vLLM's prefix cache is off, so the tokens it did not compute came from the store; a warm run in
+a new process reads what an earlier process stored. The model runs in bfloat16, except on AMX hosts, where vLLM
+keeps bfloat16 KV in prepacked tiles the connector refuses (docs/vllm.md): float32 there.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def main() -> None:
-    checkpoint, store_dir, codec, prompt_file, out = sys.argv[1:6]
+def dtype() -> str:
+    """The model dtype of these runs on this host (module docstring)."""
+    from kvpack.cpu import flags
+
+    return "float32" if "amx_bf16" in flags() else "bfloat16"
+
+
+def one(checkpoint: str, prompt: str, run: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     transfer = {
         "kv_connector": "KvpackConnector",
         "kv_connector_module_path": "kvpack.integrations.vllm",
         "kv_role": "kv_both",
-        "kv_connector_extra_config": {"store": f"file://{store_dir}", "codec": codec},
+        "kv_connector_extra_config": {"store": f"file://{run['store']}", "codec": run["codec"],
+                                      "codec_params": run.get("codec_params", {})},
     }
-    from kvpack.cpu import flags
-
-    dtype = "float32" if "amx_bf16" in flags() else "bfloat16"
-    llm = LLM(model=checkpoint, dtype=dtype, max_model_len=2048, enforce_eager=True, seed=0,
-              kv_transfer_config=transfer)
-    prompt = Path(prompt_file).read_text()
+    llm = LLM(model=checkpoint, dtype=dtype(), max_model_len=2048, enforce_eager=True, seed=0,
+              enable_prefix_caching=False, kv_transfer_config=transfer)
+    connector = get_kv_transfer_group()
     result = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16))[0]
-    engine = llm.llm_engine
-    del llm, engine  # the connector's writer finishes its saves at exit
-    import gc
-
+    connector.flush()
+    out = {"name": run["name"], "prompt_tokens": len(result.prompt_token_ids),
+           "output": list(result.outputs[0].token_ids), "cached_tokens": result.num_cached_tokens,
+           "codec": connector.codec.codec_id, "fingerprint": connector.spec.fingerprint}
+    llm.llm_engine.engine_core.shutdown()
+    del llm, connector
     gc.collect()
-    Path(out).write_text(json.dumps({
-        "prompt_tokens": len(result.prompt_token_ids),
-        "output": list(result.outputs[0].token_ids),
-        "cached_tokens": result.num_cached_tokens,
-    }))
+    return out
+
+
+def main() -> None:
+    plan_file, out_file = sys.argv[1:3]
+    plan = json.loads(Path(plan_file).read_text())
+    results = [one(plan["checkpoint"], plan["prompt"], run) for run in plan["runs"]]
+    Path(out_file).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -239,6 +239,10 @@ def calibrate(
         help="Calibration setting name=value (repeatable), e.g. rounding=0.4 or max_tokens=12288 for transform: the "
              "keyword arguments of the codec's calibrate function (kvpack.codecs.<codec>.calibrate).")] = None,
     model: ModelOpt = DEFAULT_MODEL,
+    for_vllm: Annotated[str | None, typer.Option(
+        "--for-vllm", help="Bind the profile to the model vLLM serves from --model (the local checkpoint directory) "
+                           "in this dtype (float32, bfloat16, float16), for kvpack's vLLM connector (docs/vllm.md).")]
+    = None,
 ) -> None:
     """Build a codec's per-model calibration profile (PCA basis and bit allocations, or CacheGen's symbol tables)."""
     cls = codecs.codec_class(codec) if codec in codecs.available() else None
@@ -255,6 +259,15 @@ def calibrate(
     if not isinstance(chosen, int):
         console.print(f"calibration documents from {sources}: {', '.join(d.name for d in chosen)}")
     lm, tokenizer, spec = load_model(model)
+    if for_vllm is not None:
+        from kvpack.integrations.identity import spec_for_vllm
+
+        try:
+            spec = spec_for_vllm(spec, model, for_vllm)
+        except (KvpackError, ValueError) as exc:
+            _fail(exc)
+            return
+        console.print(f"profile bound to {model} as vLLM serves it in {for_vllm} (model {spec.fingerprint[:12]})")
     t0 = time.perf_counter()
     with console.status(f"calibrating {codec} ...") as status:
         def say(msg: str) -> None:
@@ -514,9 +527,11 @@ def bench_vllm(
     serving_tokens: Annotated[int, typer.Option(help="Tokens each serving request generates.")] = 16,
     alpha: Annotated[float, typer.Option(help="Zipf exponent of the serving order (0: uniform).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the serving order.")] = 0,
-    serving_setting: Annotated[str, typer.Option(
-        help="Codec setting of the serving run with the connector (one of the settings); empty: no serving run.")]
-    = "lossless",
+    serving_setting: Annotated[list[str] | None, typer.Option(
+        help="Codec setting of a serving run with the connector (one of the settings; repeatable; default "
+             "lossless); empty: no serving run.")] = None,
+    store_bytes: Annotated[int, typer.Option(
+        help="Cap each connector arm's disk store at this many bytes, LRU-evicted (0: unbounded).")] = 0,
     baseline: Annotated[bool, typer.Option(help="Also run vLLM without the connector.")] = True,
     dtype: Annotated[str, typer.Option(help="vLLM's model dtype: float32 or bfloat16 (refused on AMX hosts).")]
     = "float32",
@@ -545,7 +560,8 @@ def bench_vllm(
             settings=tuple(setting or vllm.DEFAULT_SETTINGS),
             lengths=tuple(int(x) for x in lengths.split(",") if x.strip()), repeats=repeats, requests=requests,
             contexts=contexts, context_tokens=context_tokens, concurrency=concurrency, serving_tokens=serving_tokens,
-            alpha=alpha, seed=seed, serving_setting=serving_setting or None, baseline=baseline, dtype=dtype,
+            alpha=alpha, seed=seed, serving_settings=tuple(s for s in serving_setting or ["lossless"] if s),
+            store_bytes=store_bytes or None, baseline=baseline, dtype=dtype,
             kv_cache_gib=kv_cache_gib, arm_timeout_s=arm_timeout)
 
         def save(doc: dict[str, Any]) -> None:

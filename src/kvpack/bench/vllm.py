@@ -61,8 +61,10 @@ class VllmBenchConfig:
         lengths: context lengths of the TTFT arms, in tokens.
         repeats: timed cold and warm requests per length (medians reported).
         requests / contexts / context_tokens / concurrency / serving_tokens / alpha / seed: the serving workload.
-        serving_setting: the codec setting of the serving run with the connector (one of ``settings``); ``None``
-            runs no serving workload.
+        serving_settings: the codec settings of the serving runs with the connector (each one of ``settings``; its
+            arm runs it); empty: no serving workload.
+        store_bytes: each connector arm's disk store keeps at most this many bytes of entries, least recently used
+            evicted (the capacity question: how many contexts a budget holds per codec); ``None``: unbounded.
         baseline: also run the arm without the connector.
         dtype: vLLM's model dtype, ``float32`` by default: with ``bfloat16`` on AMX hosts vLLM's CPU attention uses
             prepacked AMX pages, which the connector refuses (docs/vllm.md).
@@ -80,7 +82,8 @@ class VllmBenchConfig:
     serving_tokens: int = 16
     alpha: float = 0.0
     seed: int = 0
-    serving_setting: str | None = "lossless"
+    serving_settings: tuple[str, ...] = ("lossless",)
+    store_bytes: int | None = None
     baseline: bool = True
     dtype: str = "float32"
     kv_cache_gib: int = 4
@@ -93,7 +96,7 @@ class VllmBenchConfig:
             parse_setting(setting)
         if any(not isinstance(n, int) or n < 1 for n in self.lengths):
             raise ValueError(f"lengths must be positive token counts, got {self.lengths!r}")
-        if not self.lengths and self.serving_setting is None:
+        if not self.lengths and not self.serving_settings:
             raise ValueError("nothing to measure: no lengths and no serving run")
         for name in ("repeats", "requests", "contexts", "context_tokens", "concurrency", "serving_tokens",
                      "kv_cache_gib"):
@@ -102,9 +105,13 @@ class VllmBenchConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
             raise ValueError(f"alpha must be a non-negative number (0: uniform), got {self.alpha!r}")
-        if self.serving_setting is not None and self.serving_setting not in self.settings:
-            raise ValueError(f"the serving run's setting {self.serving_setting!r} must be one of the settings "
-                             f"{list(self.settings)} (its arm runs it)")
+        for setting in self.serving_settings:
+            if setting not in self.settings:
+                raise ValueError(f"the serving run's setting {setting!r} must be one of the settings "
+                                 f"{list(self.settings)} (its arm runs it)")
+        if self.store_bytes is not None and (not isinstance(self.store_bytes, int) or isinstance(self.store_bytes, bool)
+                                             or self.store_bytes < 1):
+            raise ValueError(f"store_bytes must be a positive byte count or None, got {self.store_bytes!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype is one of {DTYPES}, got {self.dtype!r}")
         if not self.arm_timeout_s > 0:
@@ -234,7 +241,7 @@ def serving_row(arm: str, setting: str | None, serving: dict[str, Any],
             "hit_rate": sum(c >= n > 0 for c, n in zip(cached, loadable, strict=True)) / len(requests),
             "partial_hit_rate": sum(0 < c < n for c, n in zip(cached, loadable, strict=True)) / len(requests),
             "tokens_loaded_fraction": sum(cached) / max(1, sum(r["prompt_tokens"] for r in requests)),
-            "load_average": serving["load_average"]}
+            "stored_bytes": serving.get("stored_bytes"), "load_average": serving["load_average"]}
 
 
 def _load_average() -> list[float] | None:
@@ -262,7 +269,7 @@ def run(config: VllmBenchConfig, venv: Path = VENV, checkpoint: Path | None = No
     ttft_prompts = prompts(tokenizer, config.lengths, window)
     question = len(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
     cut = {p.length: len(p.ids) - question for p in ttft_prompts}
-    serving = serving_job(tokenizer, config) if config.serving_setting is not None else None
+    serving = serving_job(tokenizer, config) if config.serving_settings else None
     doc: dict[str, Any] = {"rows": [], "serving": [], "arms": [], "config": asdict(config), "labels": labels,
                            "checkpoint": str(checkpoint), "window": window, "question_tokens": question,
                            "machine": machine(), "load_average_start": _load_average()}
@@ -275,9 +282,10 @@ def run(config: VllmBenchConfig, venv: Path = VENV, checkpoint: Path | None = No
             connector = None
             if setting is not None:
                 name, params = parse_setting(setting)
-                connector = {"store": f"file://{armdir.resolve() / 'store'}", "codec": name, "codec_params": params,
-                             "namespace": "bench-vllm"}
-            with_serving = serving is not None and setting in (None, config.serving_setting)
+                budget = "" if config.store_bytes is None else f"?max_bytes={config.store_bytes}"
+                connector = {"store": f"file://{armdir.resolve() / 'store'}{budget}", "codec": name,
+                             "codec_params": params, "namespace": "bench-vllm"}
+            with_serving = serving is not None and (setting is None or setting in config.serving_settings)
             job = WorkerJob(str(checkpoint.resolve()), config.dtype, window, config.kv_cache_gib, connector,
                             ttft_prompts, config.repeats, serving if with_serving else None)
             log(f"{arm}: starting vLLM")
@@ -311,6 +319,22 @@ def target(doc: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {"length": length, "codec": codec, "most": most, "cold_s": row["cold_s"], "warm_s": row["warm_s"],
             "ratio": row["warm_over_cold"], "met": row["warm_over_cold"] <= most}
+
+
+def budget_comparison(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """Under a store budget, the serving hit rate of each calibrated (``transform``/``kvtc``) setting against
+    ``raw``'s, as the capacity benchmark compares them (its target: at least 3x); ``None`` without a budget or
+    without both arms."""
+    budget = doc["config"].get("store_bytes")
+    rows = {s["setting"]: s for s in doc["serving"] if s["setting"]}
+    raw = rows.get("raw")
+    if budget is None or raw is None:
+        return None
+    out = [{"setting": setting, "hit_rate": row["hit_rate"], "raw_hit_rate": raw["hit_rate"],
+            "times_raw": row["hit_rate"] / raw["hit_rate"] if raw["hit_rate"] else None,
+            "ttft_mean_s": row["ttft_mean_s"], "raw_ttft_mean_s": raw["ttft_mean_s"]}
+           for setting, row in rows.items() if setting.split(":")[0] in ("transform", "kvtc")]
+    return {"store_bytes": budget, "arms": out} if out else None
 
 
 def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: str | None = None) -> str:
@@ -378,13 +402,18 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
                   "first request of each context misses; so does a request that arrives while the chunks of its "
                   "context are still being computed or written: saves are asynchronous) and stores as it serves. "
                   "TTFT as above; hit: the request loaded every loadable chunk of its prompt; partial: some; tokens "
-                  "loaded: of all prompt tokens.", "",
+                  "loaded: of all prompt tokens; stored MB: the store's entries at the end."
+                  + ("" if cfg.get("store_bytes") is None else
+                     f" Each connector arm's disk store keeps at most {cfg['store_bytes'] / 2**20:g} MiB of entries, "
+                     "least recently used evicted: how many contexts the budget holds depends on the codec."), "",
                   "| arm | requests | TTFT mean s | TTFT p95 s | latency mean s | requests/s | output tokens/s | "
-                  "hit | partial | tokens loaded |", "|" + "---|" * 10]
+                  "hit | partial | tokens loaded | stored MB |", "|" + "---|" * 11]
         for s in doc["serving"]:
+            stored = s.get("stored_bytes")
             lines.append(f"| {s['arm']} | {s['requests']} | {s['ttft_mean_s']:.3f} | {s['ttft_p95_s']:.3f} | "
                          f"{s['latency_mean_s']:.3f} | {s['requests_per_s']:.3f} | {s['output_tokens_per_s']:.2f} | "
-                         f"{s['hit_rate']:.2f} | {s['partial_hit_rate']:.2f} | {s['tokens_loaded_fraction']:.2f} |")
+                         f"{s['hit_rate']:.2f} | {s['partial_hit_rate']:.2f} | {s['tokens_loaded_fraction']:.2f} | "
+                         f"{_fmt(None if stored is None else stored / 1e6, '.1f')} |")
     else:
         lines.append("Not run.")
     lines += ["", "## Target", ""]
@@ -393,6 +422,14 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
         "not measured (no lossless row at 4096 tokens)." if t is None else
         f"{t['warm_s']:.3f} s warm / {t['cold_s']:.3f} s cold = {t['ratio']:.3f}x: "
         f"**{'met' if t['met'] else 'missed'}**."))
+    budget = budget_comparison(doc)
+    if budget is not None:
+        for b in budget["arms"]:
+            lines.append(f"Under the {budget['store_bytes'] / 2**20:g} MiB store budget, {b['setting']}'s hit rate "
+                         f"is {b['hit_rate']:.2f} against raw's {b['raw_hit_rate']:.2f} ("
+                         + ("raw hit nothing" if b["times_raw"] is None else f"{b['times_raw']:.1f}x")
+                         + f"; the capacity benchmark's target is at least 3x), mean TTFT {b['ttft_mean_s']:.2f} s "
+                         f"against {b['raw_ttft_mean_s']:.2f} s.")
     failed = [a for a in doc["arms"] if a.get("error")]
     if failed:
         lines += ["", "Arms that did not finish (their rows are what they measured before): "

