@@ -12,9 +12,14 @@ processes: without and with the connector). Skipped, with the reason, only where
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
+import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ import torch
 
 from conftest import PROSE
 from kvpack import codecs
+from kvpack.bench.redis_server import free_port
 from kvpack.cpu import flags
 from kvpack.format import verify
 from kvpack.profile import Profile
@@ -182,3 +188,81 @@ def test_bench_vllm_smallest_run_loads_every_warm_chunk_and_serves(tmp_path: Pat
     assert doc["serving"][0]["hit_rate"] == 0 and all(s["requests"] == 4 for s in doc["serving"])
     vllm.render(doc, tmp_path / "v.md", tmp_path / "v.png", "render")
     assert "hits as expected" in (tmp_path / "v.md").read_text()
+
+
+def readme_serve_args() -> list[str]:
+    """The arguments of the README's line that serves SmolLM2 with vLLM and kvpack, as written."""
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "vllm.entrypoints.openai.api_server" in x)
+    args = shlex.split(line.split("&&", 1)[1])
+    assert args[:3] == [".venv-vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"], line
+    return args[3:]
+
+
+class VllmServer:
+    """vLLM's OpenAI-compatible server on a free loopback port, stopped by :meth:`stop`."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen([str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", *args,
+                                          "--host", "127.0.0.1", "--port", str(self.port),
+                                          "--enable-prompt-tokens-details", "--no-enable-prefix-caching"],
+                                         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the vLLM server exited ({self.proc.returncode}):\n{self.tail()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise AssertionError(f"the vLLM server did not answer /health within 600 s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def complete(self, model: str, prompt: str) -> dict[str, Any]:
+        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=60)
+
+
+def test_the_readmes_vllm_line_serves_a_repeated_prompt_from_the_store(tmp_path: Path) -> None:
+    """The README's command line (its store moved into a temporary folder; float32 on AMX hosts, as the README says;
+    vLLM's own prefix cache off): a request, then the same request again: its loadable chunks come from kvpack's
+    store and the completion is the same."""
+    args = [a.replace("file:///var/tmp/kvpack-vllm", f"file://{tmp_path / 'store'}") for a in readme_serve_args()]
+    if "amx_bf16" in flags():
+        args[args.index("--dtype") + 1] = "float32"
+    model = args[args.index("--model") + 1]
+    prompt = "".join(f"Paragraph {i}. {PROSE}" for i in range(18)) + "\nSummarize the text above."
+    server = VllmServer(args, tmp_path / "serve.log")
+    try:
+        cold = server.complete(model, prompt)
+        tokens = cold["usage"]["prompt_tokens"]
+        deadline = time.monotonic() + 120  # saves are asynchronous: wait until the chunks are stored
+        while len(entries(tmp_path / "store")) < tokens // CHUNK and time.monotonic() < deadline:
+            time.sleep(0.5)
+        warm = server.complete(model, prompt)
+    finally:
+        server.stop()
+    assert len(entries(tmp_path / "store")) == tokens // CHUNK
+    assert (cold["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == (tokens - 1) // CHUNK * CHUNK
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
