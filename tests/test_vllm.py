@@ -1,12 +1,13 @@
 """kvpack's connector inside vLLM (CPU backend, in-process), through the integration venv that `make vllm-venv` builds.
 
 Three processes (tests/vllm_run.py), each making one vLLM engine after another, vLLM's own prefix cache off. Cold:
-every codec (raw, lossless, fp8, kivi, and transform with a profile that `kvpack calibrate --for-vllm` bound to the
-served checkpoint) over its own empty disk store: nothing is hit, the prompt's full chunks are stored. Warm, in a new
-process: the loadable chunks are hit; the greedy output is token for token the cold one with raw and lossless
-chunks, and a lossy chunk decodes to the raw run's K/V with the codec's own error on them. Then, on copies of the
-raw store: valid entries holding other K/V change the output (the loaded K/V is what the model attends to);
-corrupted entries are misses, recomputed, with the cold output. And `kvpack bench vllm` at its smallest (two more
+every codec (the calibrated ones with small profiles that `kvpack calibrate --for-vllm` bound to the served
+checkpoint) over its own empty disk store: nothing is hit, the prompt's full chunks are stored. Warm, in a new
+process: the loadable chunks are hit; the greedy output is token for token the cold one with raw, zstd and
+lossless chunks, and a lossy chunk decodes to the raw run's K/V with the codec's own error on them. Then, on copies
+of the raw store: valid entries holding other K/V change the output (the loaded K/V is what the model attends
+to); corrupted entries are misses, recomputed, with the cold output. The vLLM server as the README starts it serves
+a repeated prompt from the store. And `kvpack bench vllm` at its smallest (two more
 processes: without and with the connector). Skipped, with the reason, only where the venv could not be built.
 """
 
@@ -55,10 +56,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3000),
               pytest.mark.skipif(_not_built() is not None, reason=str(_not_built()))]
 
 
-#: Every codec the connector can use, with their parameters (transform: a profile bound to the served model).
-CODECS = {"raw": {}, "lossless": {}, "fp8": {}, "kivi": {"bits": 4}, "transform": {"preset": "16x"}}
+#: Every codec, with its parameters (the calibrated ones also get a profile bound to the served model).
+CODECS = {"raw": {}, "zstd": {}, "lossless": {}, "fp8": {}, "kivi": {"bits": 4}, "cachegen": {},
+          "transform": {"preset": "16x"}, "kvtc": {"preset": "16x"}}
+#: `kvpack calibrate` options of the calibrated codecs: small profiles, made in seconds.
+SMALL = ["--option", "tokens=512", "--option", "cont=32", "--option", "fisher_docs=1", "--option", "measure_kl=false"]
+CALIBRATION = {"cachegen": [], "transform": SMALL, "kvtc": SMALL}
 #: Codecs whose warm output must be the cold one token for token.
-EXACT = ("raw", "lossless")
+EXACT = ("raw", "zstd", "lossless")
 
 
 def run_plan(runs: list[dict[str, Any]], prompt: str, tmp: Path, name: str) -> dict[str, dict[str, Any]]:
@@ -82,16 +87,17 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     entries holding other K/V and corrupted entries in a third."""
     tmp = tmp_path_factory.mktemp("vllm")
     prompt = "".join(f"Paragraph {i}. {PROSE}" for i in range(18)) + "\nSummarize the text above."
-    profile = tmp / "transform.kvprof"
     dtype = "float32" if "amx_bf16" in flags() else "bfloat16"  # what tests/vllm_run.py serves in
-    calibrate = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "kvpack"), "calibrate", "--codec", "transform", "--model", str(MODEL),
-         "--for-vllm", dtype, "--docs", "2", "--option", "tokens=512", "--option", "cont=32",
-         "--option", "fisher_docs=1", "--option", "measure_kl=false", "-o", str(profile)],
-        env={**os.environ, "KVPACK_CACHE_DIR": str(tmp / "kvpack-cache")}, capture_output=True, text=True,
-        timeout=900)
-    assert calibrate.returncode == 0, calibrate.stdout[-3000:] + calibrate.stderr[-3000:]
-    params = {**CODECS, "transform": {**CODECS["transform"], "profile": str(profile)}}
+    params = dict(CODECS)
+    for codec, options in CALIBRATION.items():
+        profile = tmp / f"{codec}.kvprof"
+        calibrate = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "kvpack"), "calibrate", "--codec", codec, "--model", str(MODEL),
+             "--for-vllm", dtype, "--docs", "2", *options, "-o", str(profile)],
+            env={**os.environ, "KVPACK_CACHE_DIR": str(tmp / "kvpack-cache")}, capture_output=True, text=True,
+            timeout=900)
+        assert calibrate.returncode == 0, calibrate.stdout[-3000:] + calibrate.stderr[-3000:]
+        params[codec] = {**CODECS[codec], "profile": str(profile)}
     stores = {codec: tmp / codec for codec in CODECS}
     runs = [{"name": codec, "store": str(stores[codec]), "codec": codec, "codec_params": params[codec]}
             for codec in CODECS]
@@ -114,7 +120,7 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     altered = run_plan([{"name": "forged", "store": str(forged), "codec": "raw"},
                         {"name": "corrupted", "store": str(corrupted), "codec": "raw"}], prompt, tmp, "altered")
     return {"cold": cold, "warm": warm, "stored": stored, "altered": altered, "corrupted": corrupted,
-            "profile": profile, "params": params}
+            "params": params}
 
 
 @pytest.mark.parametrize("codec", list(CODECS))
@@ -168,7 +174,9 @@ def test_corrupted_entries_are_misses_and_the_answer_is_the_cold_one(rounds: dic
 
 def test_a_profile_calibrated_for_vllm_is_bound_to_the_model_vllm_serves(rounds: dict[str, Any]) -> None:
     """`kvpack calibrate --for-vllm` computes, without vLLM, the fingerprint the connector computes inside it."""
-    assert Profile.open(rounds["profile"]).model_fingerprint == rounds["cold"]["transform"]["fingerprint"]
+    for codec in CALIBRATION:
+        profile = Profile.open(rounds["params"][codec]["profile"])
+        assert profile.model_fingerprint == rounds["cold"][codec]["fingerprint"]
 
 
 def test_bench_vllm_smallest_run_loads_every_warm_chunk_and_serves(tmp_path: Path) -> None:

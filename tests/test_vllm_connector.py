@@ -4,12 +4,17 @@ hit and block arithmetic over a real store, request fingerprints, and the connec
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_kv
+from conftest import make_kv, make_spec
 from kvpack import codecs
 from kvpack.errors import UnsupportedModelError
 from kvpack.integrations.chunk_plan import (
@@ -18,6 +23,7 @@ from kvpack.integrations.chunk_plan import (
     loadable_chunks,
     request_fingerprint,
 )
+from kvpack.integrations.identity import checkpoint_fingerprint, spec_for_vllm
 from kvpack.integrations.pages import PageLayout
 from kvpack.integrations.settings import ConnectorConfig
 from kvpack.keys import KeySpace
@@ -206,3 +212,44 @@ def test_connector_config_from_extra() -> None:
         ConnectorConfig.from_extra({"chunk_tokens": 0})
     with pytest.raises(ValueError, match="codec_params"):
         ConnectorConfig.from_extra({"codec_params": ["bits=4"]})
+
+
+def _checkpoint(path: Path, weights: bytes = b"w" * 100, **config: Any) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                                  "num_key_value_heads": 2, "num_hidden_layers": 2, **config}))
+    (path / "model.safetensors").write_bytes(weights)
+    return path
+
+
+def test_checkpoint_fingerprint_covers_config_dtype_quantization_and_weight_contents(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    base = _checkpoint(tmp_path / "a")
+    config = AutoConfig.from_pretrained(base)
+    fp = checkpoint_fingerprint(config, "float32", None, str(base))
+    assert fp == checkpoint_fingerprint(config, "float32", None, str(_checkpoint(tmp_path / "copy")))  # not the path
+    other_weights = _checkpoint(tmp_path / "b", weights=b"v" * 100)
+    other_config = AutoConfig.from_pretrained(_checkpoint(tmp_path / "c", num_hidden_layers=3))
+    assert len({fp, checkpoint_fingerprint(config, "bfloat16", None, str(base)),
+                checkpoint_fingerprint(config, "float32", "awq", str(base)),
+                checkpoint_fingerprint(config, "float32", None, str(other_weights)),
+                checkpoint_fingerprint(other_config, "float32", None, str(base)),
+                checkpoint_fingerprint(config, "float32", None, "org/model", "main")}) == 6
+
+
+def test_spec_for_vllm_binds_the_spec_to_the_checkpoint_or_says_why_not(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    base = _checkpoint(tmp_path / "a")
+    spec = make_spec()
+    bound = spec_for_vllm(spec, str(base), "bfloat16")
+    assert bound.fingerprint == checkpoint_fingerprint(AutoConfig.from_pretrained(base), "bfloat16", None, str(base))
+    assert dataclasses.replace(bound, fingerprint=spec.fingerprint) == spec  # nothing else changes
+    with pytest.raises(ValueError, match="checkpoint directory"):
+        spec_for_vllm(spec, "smollm2-135m", "float32")
+    with pytest.raises(ValueError, match="float32"):
+        spec_for_vllm(spec, str(base), "fp8")
+    quantized = _checkpoint(tmp_path / "q", quantization_config={"quant_method": "awq", "bits": 4})
+    with pytest.raises(UnsupportedModelError, match="quantized"):
+        spec_for_vllm(spec, str(quantized), "float32")
