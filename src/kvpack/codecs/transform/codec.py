@@ -45,7 +45,6 @@ from kvpack import cpu, entropy
 from kvpack.codecs.base import Payload, _tokens_info, register
 from kvpack.codecs.calibrated import CalibratedCodec, Log
 from kvpack.codecs.raw import tensor_bytes
-from kvpack.codecs.transform import ratecontrol
 from kvpack.codecs.transform.features import features, unfeatures
 from kvpack.codecs.transform.profile import Allocation, TransformProfile, profile_from
 from kvpack.codecs.transform.quant import (
@@ -129,13 +128,10 @@ class Transform(CalibratedCodec[TransformProfile]):
     max_kl: float | None = None
     sinks: int = 4
     layers: int = 1
-    max_error: float | None = None
 
     def __post_init__(self) -> None:
-        if sum(x is not None for x in (self.preset, self.target_ratio, self.max_kl, self.max_error)) > 1:
-            raise ValueError("give at most one of preset, target_ratio, max_kl and max_error")
-        if self.max_error is not None and not (isinstance(self.max_error, int | float) and self.max_error > 0):
-            raise ValueError(f"max_error must be a positive number, got {self.max_error!r}")
+        if sum(x is not None for x in (self.preset, self.target_ratio, self.max_kl)) > 1:
+            raise ValueError("give at most one of preset, target_ratio and max_kl")
         if self.target_ratio is not None and not (isinstance(self.target_ratio, int | float) and self.target_ratio > 1):
             raise ValueError(f"target_ratio must be a number > 1, got {self.target_ratio!r}")
         if self.max_kl is not None and not (isinstance(self.max_kl, int | float) and self.max_kl > 0):
@@ -169,14 +165,6 @@ class Transform(CalibratedCodec[TransformProfile]):
         if st.recipe != cls.recipe:
             raise FormatError(f"it was calibrated for the {st.recipe!r} recipe, not {cls.recipe!r}")
         return st
-
-    def params(self) -> dict[str, Any]:
-        """As :meth:`Codec.params`, without ``max_error`` while it is unset (chunks written before it existed keep
-        their codec identity)."""
-        out = super().params()
-        if out.get("max_error") is None:
-            out.pop("max_error", None)
-        return out
 
     def state(self) -> TransformProfile:
         """The compiled profile."""
@@ -226,16 +214,12 @@ class Transform(CalibratedCodec[TransformProfile]):
         if kv.spec.fingerprint != st.profile.model_fingerprint:
             raise CodecError(f"profile {self.profile} was calibrated on another model "
                              f"({st.profile.model_fingerprint[:12]}, cache is {kv.spec.fingerprint[:12]})")
+        alloc = self.allocation()
         sink = kv.positions < self.sinks
         coded = ~sink
         sections = {"sinks": self._encode_sinks(kv, sink, st.sink_format)}
         x = features(kv, coded)
-        if self.max_error is None:
-            alloc = self.allocation()
-            zs = [self._project(st, alloc, g, x) for g in range(len(st.groups))]
-        else:
-            errors, zs = ratecontrol.preset_errors(st, x)
-            alloc = ratecontrol.choose(st, errors, self.max_error)
+        zs = [self._project(st, alloc, g, x) for g in range(len(st.groups))]
         layers = self._layer_blocks(st, alloc, self.layers)
         for k, blocks in enumerate(layers):
             sections.update(self._encode_layer(st, k, self._layout(st, alloc, blocks), zs, x.shape[0]))
