@@ -155,9 +155,9 @@ def test_under_a_store_budget_the_page_compares_transform_hit_rate_with_raw(tmp_
     doc["serving"] += [doc["serving"][1] | {"arm": arm, "setting": setting, "hit_rate": hit, "ttft_mean_s": ttft,
                                             "stored_bytes": stored}
                        for arm, setting, hit, ttft, stored in (("raw", "raw", 0.2, 5.0, 250e6),
-                                                               ("transform", "transform:profile=p", 0.7, 2.0, 9e6))]
+                                                               ("transform 32x", "transform:profile=p", 0.7, 2.0, 9e6))]
     (arm,) = vllm.budget_comparison(doc)["arms"]  # type: ignore[index]
     assert arm["setting"] == "transform:profile=p" and arm["times_raw"] == pytest.approx(3.5)
     page = vllm.markdown(doc, "c", "r")
-    assert "Under the 256 MiB store budget, transform:profile=p's hit rate is 0.70 against raw's 0.20 (3.5x" in page
+    assert "Under the 256 MiB store budget, transform 32x's hit rate is 0.70 against raw's 0.20 (3.5x" in page
     assert "| raw | 20 | 5.000 |" in page and "| 250.0 |" in page and "at most 256 MiB of entries" in page

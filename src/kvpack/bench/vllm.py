@@ -330,7 +330,7 @@ def budget_comparison(doc: dict[str, Any]) -> dict[str, Any] | None:
     raw = rows.get("raw")
     if budget is None or raw is None:
         return None
-    out = [{"setting": setting, "hit_rate": row["hit_rate"], "raw_hit_rate": raw["hit_rate"],
+    out = [{"setting": setting, "arm": row["arm"], "hit_rate": row["hit_rate"], "raw_hit_rate": raw["hit_rate"],
             "times_raw": row["hit_rate"] / raw["hit_rate"] if raw["hit_rate"] else None,
             "ttft_mean_s": row["ttft_mean_s"], "raw_ttft_mean_s": raw["ttft_mean_s"]}
            for setting, row in rows.items() if setting.split(":")[0] in ("transform", "kvtc")]
@@ -396,7 +396,7 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
         lines += [f"{cfg['requests']} requests over {cfg['contexts']} distinct contexts of {cfg['context_tokens']} "
                   "tokens (windows of the eval corpora) + the question, in an order drawn "
                   + ("uniformly" if cfg["alpha"] == 0 else f"with Zipf popularity (alpha {cfg['alpha']:g})")
-                  + f" (seed {cfg['seed']}), the same sequence in both arms; {cfg['concurrency']} requests in flight "
+                  + f" (seed {cfg['seed']}), the same sequence in every arm; {cfg['concurrency']} requests in flight "
                   "(a closed loop: the next is submitted when one finishes), each generating "
                   f"{cfg['serving_tokens']} tokens (greedy). The connector's arm starts from an empty store (the "
                   "first request of each context misses; so does a request that arrives while the chunks of its "
@@ -425,7 +425,7 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
     budget = budget_comparison(doc)
     if budget is not None:
         for b in budget["arms"]:
-            lines.append(f"Under the {budget['store_bytes'] / 2**20:g} MiB store budget, {b['setting']}'s hit rate "
+            lines.append(f"Under the {budget['store_bytes'] / 2**20:g} MiB store budget, {b['arm']}'s hit rate "
                          f"is {b['hit_rate']:.2f} against raw's {b['raw_hit_rate']:.2f} ("
                          + ("raw hit nothing" if b["times_raw"] is None else f"{b['times_raw']:.1f}x")
                          + f"; the capacity benchmark's target is at least 3x), mean TTFT {b['ttft_mean_s']:.2f} s "
@@ -444,27 +444,18 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    """Left: TTFT against context length, cold (dashed) and warm (solid) per arm. Right: the serving runs' mean and
-    p95 TTFT, with their hit rates."""
+    """Left (when TTFT lengths ran): TTFT against context length, cold (dashed) and warm (solid) per arm. Right: the
+    serving runs' mean and p95 TTFT, with their hit rates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    for k, arm in enumerate(dict.fromkeys(r["arm"] for r in doc["rows"])):
-        rows = sorted((r for r in doc["rows"] if r["arm"] == arm), key=lambda r: r["prompt_tokens"])
-        color = "black" if arm == BASELINE else f"C{k % 10}"
-        left.plot([r["prompt_tokens"] for r in rows], [r["cold_s"] for r in rows], "--o", color=color,
-                  label=f"{arm} cold" if arm != BASELINE else arm)
-        warm = [r for r in rows if r["warm_s"] is not None]
-        if warm:
-            left.plot([r["prompt_tokens"] for r in warm], [r["warm_s"] for r in warm], "-s", color=color,
-                      label=f"{arm} warm")
-    left.set(xlabel="prompt tokens", ylabel="TTFT (s, median)", yscale="log", xscale="log",
-             title="TTFT cold vs warm")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=7)
+    if doc["rows"]:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+        _plot_ttft(left, doc["rows"])
+    else:
+        fig, right = plt.subplots(1, 1, figsize=(6, 4.5))
     serving = doc["serving"]
     if serving:
         x = range(len(serving))
@@ -478,6 +469,21 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_ttft(ax: Any, rows: list[dict[str, Any]]) -> None:
+    for k, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+        mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["prompt_tokens"])
+        color = "black" if arm == BASELINE else f"C{k % 10}"
+        ax.plot([r["prompt_tokens"] for r in mine], [r["cold_s"] for r in mine], "--o", color=color,
+                label=f"{arm} cold" if arm != BASELINE else arm)
+        warm = [r for r in mine if r["warm_s"] is not None]
+        if warm:
+            ax.plot([r["prompt_tokens"] for r in warm], [r["warm_s"] for r in warm], "-s", color=color,
+                    label=f"{arm} warm")
+    ax.set(xlabel="prompt tokens", ylabel="TTFT (s, median)", yscale="log", xscale="log", title="TTFT cold vs warm")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def render(doc: dict[str, Any], markdown_path: Path | None, plot_path: Path | None, render_command: str) -> None:
