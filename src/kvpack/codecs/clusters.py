@@ -65,7 +65,7 @@ class RowCounts:
         each class; ``classes``: int ``[n_groups, rows]``."""
         out: np.ndarray = np.zeros((self.n_groups, n_classes, self.alphabet), dtype)
         _class_sums(self.start, self.size, self.symbol, self.count, classes.reshape(-1).astype(np.int64),
-                    self.rows, np.ones(self.n_groups, np.bool_), out)
+                    self.rows, out)
         return out
 
     def dense(self) -> np.ndarray:
@@ -113,17 +113,27 @@ def _sparse_rows(flat, n_groups, width):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _class_sums(start, size, symbol, count, classes, rows, active, out):  # type: ignore[no-untyped-def]
-    """``out[g] =`` the sums over the rows ``r`` of group ``g`` of their counts, in class ``classes[r]``, for every
-    group with ``active[g]`` (the others are left as they are)."""
+def _class_sums(start, size, symbol, count, classes, rows, out):  # type: ignore[no-untyped-def]
+    """``out[g, classes[r], s] += count`` over the nonzero counts of every row ``r`` of group ``g``."""
     for g in prange(out.shape[0]):
-        if not active[g]:
-            continue
-        out[g] = 0
         for r in range(g * rows, (g + 1) * rows):
             c = classes[r]
             for i in range(start[r], start[r] + size[r]):
                 out[g, c, symbol[i]] += count[i]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _move_rows(start, size, symbol, count, old, new, rows, sums):  # type: ignore[no-untyped-def]
+    """Update the class sums ``sums [n_groups, n_classes, alphabet]`` of classes ``old`` to those of ``new`` (flat
+    ``[n_groups * rows]``) by moving the counts of the rows that changed class (exact: integers)."""
+    for g in prange(sums.shape[0]):
+        for r in range(g * rows, (g + 1) * rows):
+            a = old[r]
+            b = new[r]
+            if a != b:
+                for i in range(start[r], start[r] + size[r]):
+                    sums[g, a, symbol[i]] -= count[i]
+                    sums[g, b, symbol[i]] += count[i]
 
 
 @njit(nogil=True, cache=True)
@@ -146,8 +156,7 @@ def _best_classes(start, size, symbol, count, logp_t, rows, bound, active, best)
         lp = logp_t[g]
         score = np.empty(n_classes, np.float64)
         for r in range(g * rows, (g + 1) * rows):
-            for c in range(n_classes):
-                score[c] = 0.0
+            score[:] = 0.0
             for i in range(start[r], start[r] + size[r]):
                 h = np.float64(count[i])
                 s = symbol[i]
@@ -181,12 +190,11 @@ def assign_classes(counts: RowCounts, n_classes: int) -> np.ndarray:
     assign = (rank * n_classes // rows).astype(np.int64)
     gamma = alphabet * 2.0**-53 / (1 - alphabet * 2.0**-53)  # Higham's gamma_n for sums of n = alphabet products
     # A group whose classes did not change in a round gets the same tables and classes in the next: only the groups
-    # that changed are recomputed (their sums in place).
+    # that changed are scored again, and the class sums follow the rows that moved.
     active = np.ones(n_groups, np.bool_)
-    sums = np.zeros((n_groups, n_classes, alphabet), np.float64)
+    sums = counts.class_counts(assign, n_classes, np.float64)
     dense: np.ndarray | None = None
     for _ in range(KMEANS_ROUNDS):
-        _class_sums(counts.start, counts.size, counts.symbol, counts.count, assign.reshape(-1), rows, active, sums)
         smoothed = sums + 1.0 / alphabet
         logp = np.log2(smoothed / smoothed.sum(axis=2, keepdims=True))
         new = assign.copy()
@@ -198,6 +206,8 @@ def assign_classes(counts: RowCounts, n_classes: int) -> np.ndarray:
         active = (new != assign).any(axis=1)
         if not active.any():
             break
+        _move_rows(counts.start, counts.size, counts.symbol, counts.count, assign.reshape(-1), new.reshape(-1), rows,
+                   sums)
         assign = new
     return assign.astype(np.uint8)
 
