@@ -264,7 +264,8 @@ class KiviCodec(Codec):
             symbols = _quantize(xs, heads, n_sink, count, self.group, levels + 1, k_m, k_s, v_m, v_s)
             blob, classes = encode_rows(symbols.reshape(groups, heads * dim, count), levels + 1, self.classes)
             exact = torch.cat([kv.data[:, :, :, :n_sink], kv.data[:, :, :, tokens - n_res :]], dim=3)
-            sections = {"classes": classes, "symbols": blob, "exact": tensor_bytes(exact)}
+            sections: dict[str, bytes | memoryview] = {"classes": classes, "symbols": blob,
+                                                       "exact": tensor_bytes(exact)}
             for prefix, minima, steps in (("key_params", params[0], params[1]), ("value_params", params[2], params[3])):
                 coded = encode_bits(_param_bits(minima, steps, prefix == "key_params"), "float16", PARAM_CLASSES)
                 sections.update({f"{prefix}.{name}": data for name, data in coded.items()})
