@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from kvpack.codecs.clusters import RowCounts, assign_classes
 from kvpack.codecs.validate import Size, exact
@@ -233,13 +233,25 @@ def float_bits(u: int, kind: int) -> int:
 def stacked_float32(kv: KVCache) -> np.ndarray:
     """Keys and values of every layer as one float32 array ``[2 * num_layers * num_kv_heads, tokens, head_dim]``
     (tiles ordered layer, K/V, head); exact for every KV dtype, numpy only (no torch thread pool)."""
-    tiles = kv.tiles()
-    if kv.spec.dtype == "bfloat16":
-        halves = tiles.view(torch.int16).numpy().view(np.uint16)
-        return (halves.astype(np.uint32) << 16).view(np.float32)
+    spec = kv.spec
+    shape = (2 * spec.num_layers * spec.num_kv_heads, kv.num_tokens, spec.head_dim)
+    if kv.spec.dtype == "bfloat16":  # one pass from the (maybe strided: a chunk of a longer cache) buffer
+        return _widen_bf16(kv.data.view(torch.int16).numpy().view(np.uint16).reshape(shape))
     if kv.spec.dtype == "float16":
-        return tiles.numpy().astype(np.float32)
-    return tiles.numpy()
+        return kv.data.numpy().reshape(shape).astype(np.float32)
+    return kv.tiles().numpy()
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _widen_bf16(halves: np.ndarray) -> np.ndarray:
+    """float32 ``[tiles, tokens, dim]`` of bfloat16 bits ``halves`` (uint16, any strides): the bits shifted up."""
+    tiles, tokens, dim = halves.shape
+    out = np.empty((tiles, tokens, dim), np.uint32)
+    for tile in prange(tiles):
+        for t in range(tokens):
+            for c in range(dim):
+                out[tile, t, c] = np.uint32(halves[tile, t, c]) << 16
+    return out.view(np.float32)
 
 
 def out_buffer(shape: tuple[int, ...], dtype: str) -> tuple[torch.Tensor, np.ndarray]:
