@@ -84,8 +84,7 @@ def write_container(header: Mapping[str, Any], sections: Mapping[str, bytes | me
     total = PREFIX_BYTES + len(head) + offset
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(head), total)
     parts = [prefix, _CRC.pack(crc32(prefix + head)), head]
-    parts.extend(bytes(d) if isinstance(d, memoryview) else d for d in sections.values())
-    return b"".join(parts)
+    return b"".join([*parts, *sections.values()])
 
 
 def _unpack_prefix(view: memoryview, what: str) -> tuple[int, int, int, int]:

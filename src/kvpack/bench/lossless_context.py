@@ -45,7 +45,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvpack.codecs.common import assign_classes
+from kvpack.codecs.clusters import RowCounts, assign_classes
 from kvpack.codecs.lossless import LosslessCodec, encode_bits, split_bits
 from kvpack.entropy import PROB_SCALE, pack_tables, quantize_freqs
 from kvpack.eval.corpora import Document
@@ -66,10 +66,9 @@ def chunk_symbols(bits: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarra
         heads, dim, 1]``, the ``group * classes + class`` table each row gets (:func:`assign_classes`).
     """
     groups, heads, tokens, dim = bits.shape
-    rows = split_bits(bits, "bfloat16").symbols.astype(np.int64)  # [groups, heads * dim, tokens]
-    row_id = np.arange(groups * heads * dim, dtype=np.int64)[:, None]
-    hist = np.bincount((row_id * ALPHABET + rows.reshape(-1, tokens)).ravel(), minlength=row_id.size * ALPHABET)
-    cls = assign_classes(hist.reshape(groups, heads * dim, ALPHABET), classes).astype(np.int64)
+    symbols = split_bits(bits, "bfloat16").symbols  # [groups, heads * dim, tokens]
+    cls = assign_classes(RowCounts.of(symbols, ALPHABET), classes).astype(np.int64)
+    rows = symbols.astype(np.int64)
     table = np.arange(groups, dtype=np.int64)[:, None] * classes + cls
     return rows.reshape(groups, heads, dim, tokens), table.reshape(groups, heads, dim, 1)
 

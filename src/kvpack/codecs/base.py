@@ -33,10 +33,11 @@ NOT_IN_BITSTREAM: Mapping[str, bool] = types.MappingProxyType({"kvpack.bitstream
 
 @dataclasses.dataclass(frozen=True)
 class Payload:
-    """What a codec stores: ``meta`` goes into the JSON header, ``sections`` after it."""
+    """What a codec stores: ``meta`` goes into the JSON header, ``sections`` after it (bytes, or byte views that
+    :func:`kvpack.format.write_container` copies without an intermediate ``bytes``)."""
 
     meta: dict[str, Any]
-    sections: dict[str, bytes]
+    sections: Mapping[str, bytes | memoryview]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from kvpack.codecs.clusters import RowCounts, assign_classes
 from kvpack.codecs.validate import Size, exact
 from kvpack.entropy import MIN_PACKED_BYTES, max_packed_bytes, pack, parse, quantize_freqs
 from kvpack.entropy.rans import LaneStream, decode_lanes
@@ -38,8 +39,6 @@ from kvpack.spec import DTYPES
 PARALLEL_MIN_ELEMENTS = 1 << 18
 #: Target symbols per rANS lane: a lane pays ~6 bytes (final state and word count), < 1% of 4K symbols.
 LANE_SYMBOLS = 4096
-#: k-means rounds when assigning rows to class tables (converges in 3-6 on real KV).
-KMEANS_ROUNDS = 8
 #: Allowed numbers of class tables per group (a power of two, so class ids pack into whole bits).
 CLASS_CHOICES = (1, 2, 4, 8, 16)
 
@@ -66,51 +65,6 @@ def check_classes(n_classes: int) -> None:
 
 def _class_bits(n_classes: int) -> int:
     return n_classes.bit_length() - 1
-
-
-def assign_classes(hist: np.ndarray, n_classes: int) -> np.ndarray:
-    """Cluster rows by their symbol histograms into ``n_classes`` tables per group.
-
-    Args:
-        hist: int64 ``[n_groups, rows, alphabet]`` symbol counts per row.
-        n_classes: tables per group.
-
-    Returns:
-        uint8 ``[n_groups, rows]``: the class of every row. Starts from quantiles of the rows' mean symbol and
-        moves each row to the class whose (add-one smoothed) distribution codes it in the fewest bits, for up to
-        :data:`KMEANS_ROUNDS` rounds.
-    """
-    n_groups, rows, alphabet = hist.shape
-    if n_classes == 1 or rows == 0:
-        return np.zeros((n_groups, rows), np.uint8)
-    h = hist.astype(np.float64)
-    total = np.maximum(h.sum(axis=2), 1.0)
-    mean = (h @ np.arange(alphabet, dtype=np.float64)) / total
-    rank = np.argsort(np.argsort(mean, axis=1, kind="stable"), axis=1, kind="stable")
-    assign = (rank * n_classes // rows).astype(np.int64)
-    for _ in range(KMEANS_ROUNDS):
-        counts = _class_counts(h, assign, n_classes) + 1.0 / alphabet
-        logp = np.log2(counts / counts.sum(axis=2, keepdims=True))
-        new = (h @ logp.transpose(0, 2, 1)).argmax(axis=2)
-        if np.array_equal(new, assign):
-            break
-        assign = new
-    return assign.astype(np.uint8)
-
-
-@njit(nogil=True, cache=True)
-def _class_counts(hist: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Summed histograms ``[n_groups, n_classes, alphabet]`` of the rows of each class (``hist``'s dtype; counts, so
-    float64 sums are exact in any order). A loop, not a one-hot matmul: numpy's stacked matmul ran at ~3 GFLOP/s and
-    was a fifth of a 256-token chunk's encode."""
-    n_groups, rows, alphabet = hist.shape
-    out = np.zeros((n_groups, n_classes, alphabet), hist.dtype)
-    for g in range(n_groups):
-        for r in range(rows):
-            c = classes[g, r]
-            for s in range(alphabet):
-                out[g, c, s] += hist[g, r, s]
-    return out
 
 
 def pack_classes(classes: np.ndarray, n_classes: int) -> bytes:
@@ -153,16 +107,6 @@ def _lanes(sorted_keys: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray
     return starts, sorted_keys[first].astype(np.int32)
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _row_histograms(flat: np.ndarray, alphabet: int) -> np.ndarray:
-    """int64 ``[n_rows, alphabet]`` symbol counts of every row of uint8 ``flat [n_rows, tokens]``."""
-    hist = np.zeros((flat.shape[0], alphabet), np.int64)
-    for r in prange(flat.shape[0]):
-        for t in range(flat.shape[1]):
-            hist[r, flat[r, t]] += 1
-    return hist
-
-
 def encode_rows(symbols: np.ndarray, alphabet: int, n_classes: int) -> tuple[bytes, bytes]:
     """Entropy-code symbol rows with per-class tables.
 
@@ -176,10 +120,10 @@ def encode_rows(symbols: np.ndarray, alphabet: int, n_classes: int) -> tuple[byt
     """
     n_groups, rows, tokens = symbols.shape
     flat = symbols.reshape(n_groups * rows, tokens)
-    hist = _row_histograms(flat, alphabet).reshape(n_groups, rows, alphabet)
+    hist = RowCounts.of(symbols, alphabet)
     classes = assign_classes(hist, n_classes)
     key = (np.arange(n_groups, dtype=np.int64)[:, None] * n_classes + classes).reshape(-1)
-    counts = _class_counts(hist, classes.astype(np.int64), n_classes).reshape(-1, alphabet)
+    counts = hist.class_counts(classes, n_classes, np.int64).reshape(-1, alphabet)
     order = _row_order(classes, n_groups, n_classes)
     starts, lane_table = _lanes(key[order], tokens)
     blob = pack(flat[order].reshape(-1), starts, lane_table, quantize_freqs(counts))
@@ -289,13 +233,25 @@ def float_bits(u: int, kind: int) -> int:
 def stacked_float32(kv: KVCache) -> np.ndarray:
     """Keys and values of every layer as one float32 array ``[2 * num_layers * num_kv_heads, tokens, head_dim]``
     (tiles ordered layer, K/V, head); exact for every KV dtype, numpy only (no torch thread pool)."""
-    tiles = kv.tiles()
-    if kv.spec.dtype == "bfloat16":
-        halves = tiles.view(torch.int16).numpy().view(np.uint16)
-        return (halves.astype(np.uint32) << 16).view(np.float32)
+    spec = kv.spec
+    shape = (2 * spec.num_layers * spec.num_kv_heads, kv.num_tokens, spec.head_dim)
+    if kv.spec.dtype == "bfloat16":  # one pass from the (maybe strided: a chunk of a longer cache) buffer
+        return _widen_bf16(kv.data.view(torch.int16).numpy().view(np.uint16).reshape(shape))
     if kv.spec.dtype == "float16":
-        return tiles.numpy().astype(np.float32)
-    return tiles.numpy()
+        return kv.data.numpy().reshape(shape).astype(np.float32)
+    return kv.tiles().numpy()
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _widen_bf16(halves: np.ndarray) -> np.ndarray:
+    """float32 ``[tiles, tokens, dim]`` of bfloat16 bits ``halves`` (uint16, any strides): the bits shifted up."""
+    tiles, tokens, dim = halves.shape
+    out = np.empty((tiles, tokens, dim), np.uint32)
+    for tile in prange(tiles):
+        for t in range(tokens):
+            for c in range(dim):
+                out[tile, t, c] = np.uint32(halves[tile, t, c]) << 16
+    return out.view(np.float32)
 
 
 def out_buffer(shape: tuple[int, ...], dtype: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -305,6 +261,6 @@ def out_buffer(shape: tuple[int, ...], dtype: str) -> tuple[torch.Tensor, np.nda
     return out, out.view(torch.int32 if wide else torch.int16).numpy().view(np.uint32 if wide else np.uint16)
 
 
-__all__ = ["CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "assign_classes", "check_classes", "decode_rows",
+__all__ = ["CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "check_classes", "decode_rows",
            "encode_rows", "f32_to_bf16_bits", "f32_to_f16_bits", "float_bits", "out_buffer", "pack_classes",
            "rows_sizes", "rows_stream", "stacked_float32", "threads_for", "unpack_classes"]

@@ -78,13 +78,25 @@ def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
     vmax = np.full((layers, heads, count, gv), -np.inf)
     for tile in prange(tiles):
         layer, kind, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
+        # local accumulators, updated in the same order as before (a min/max of -0.0 and 0.0 keeps the first)
+        lo = np.empty(dim)
+        hi = np.empty(dim)
         for i in range(count):
-            for c in range(dim):
-                v = np.float64(x[tile, first + i, c])
-                if kind == 0:
-                    kmin[layer, h, c, i // group] = min(kmin[layer, h, c, i // group], v)
-                    kmax[layer, h, c, i // group] = max(kmax[layer, h, c, i // group], v)
-                else:
+            row = x[tile, first + i]
+            if kind == 0:
+                if i % group == 0:
+                    lo[:] = np.inf
+                    hi[:] = -np.inf
+                for c in range(dim):
+                    v = np.float64(row[c])
+                    lo[c] = min(lo[c], v)
+                    hi[c] = max(hi[c], v)
+                if i % group == group - 1 or i == count - 1:
+                    kmin[layer, h, :, i // group] = lo
+                    kmax[layer, h, :, i // group] = hi
+            else:
+                for c in range(dim):
+                    v = np.float64(row[c])
                     vmin[layer, h, i, c // group] = min(vmin[layer, h, i, c // group], v)
                     vmax[layer, h, i, c // group] = max(vmax[layer, h, i, c // group], v)
     return kmin, kmax, vmin, vmax
@@ -264,7 +276,8 @@ class KiviCodec(Codec):
             symbols = _quantize(xs, heads, n_sink, count, self.group, levels + 1, k_m, k_s, v_m, v_s)
             blob, classes = encode_rows(symbols.reshape(groups, heads * dim, count), levels + 1, self.classes)
             exact = torch.cat([kv.data[:, :, :, :n_sink], kv.data[:, :, :, tokens - n_res :]], dim=3)
-            sections = {"classes": classes, "symbols": blob, "exact": tensor_bytes(exact)}
+            sections: dict[str, bytes | memoryview] = {"classes": classes, "symbols": blob,
+                                                       "exact": tensor_bytes(exact)}
             for prefix, minima, steps in (("key_params", params[0], params[1]), ("value_params", params[2], params[3])):
                 coded = encode_bits(_param_bits(minima, steps, prefix == "key_params"), "float16", PARAM_CLASSES)
                 sections.update({f"{prefix}.{name}": data for name, data in coded.items()})

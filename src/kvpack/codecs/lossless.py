@@ -58,22 +58,26 @@ ESCAPE = 255
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _row_stats(bits: np.ndarray, exp_bits: int, man_bits: int, max_rel: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row of ``bits [tiles, tokens, dim]``: largest exponent and majority-sign flag; escapes per tile."""
+def _row_stats(bits: np.ndarray, exp_bits: int, man_bits: int, max_rel: int, low_mask: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Per row of ``bits [tiles, tokens, dim]``: largest exponent and majority-sign flag; escapes per tile; the OR of
+    every element's bits under ``low_mask``."""
     tiles, tokens, dim = bits.shape
     base = np.zeros(tiles * dim, np.uint8)
     flip = np.zeros(tiles * dim, np.uint8)
     n_esc = np.zeros(tiles, np.int64)
+    low = np.zeros(tiles, np.int64)
     emask = (1 << exp_bits) - 1
     for tile in prange(tiles):
         top = np.zeros(dim, np.int64)
         neg = np.zeros(dim, np.int64)
+        ors = np.zeros(dim, np.int64)
         for t in range(tokens):
             for c in range(dim):
                 v = np.int64(bits[tile, t, c])
                 top[c] = max(top[c], (v >> man_bits) & emask)
                 neg[c] += v >> (exp_bits + man_bits)
+                ors[c] |= v
         esc = 0
         for t in range(tokens):
             for c in range(dim):
@@ -82,7 +86,11 @@ def _row_stats(bits: np.ndarray, exp_bits: int, man_bits: int, max_rel: int
         for c in range(dim):
             base[tile * dim + c] = top[c]
             flip[tile * dim + c] = 2 * neg[c] > tokens
-    return base, flip, n_esc
+            low[tile] |= ors[c] & low_mask
+    all_low = 0
+    for tile in range(tiles):
+        all_low |= low[tile]
+    return base, flip, n_esc, all_low
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -117,12 +125,15 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
 
     @njit(nogil=True, cache=True, parallel=True)
     def split(bits, base, flip, esc_start):  # type: ignore[no-untyped-def]
-        """Symbols ``[rows, tokens]``, escapes ``[n]`` and raw low bits ``[tiles, tokens * row_bytes]``."""
+        """Symbols ``[rows, tokens]``, escapes ``[n]`` and the mantissa section: the shift byte, then the raw low
+        bits ``[tiles, tokens * row_bytes]``."""
         tiles, tokens, dim = bits.shape
         row_bytes = dim * whole + (dim + 7) // 8 * part
         symbols = np.empty((tiles * dim, tokens), np.uint8)
         escapes = np.empty(esc_start[-1], np.uint16)
-        raw = np.empty((tiles, tokens * row_bytes), np.uint8)
+        mantissa = np.empty(1 + tiles * tokens * row_bytes, np.uint8)
+        mantissa[0] = shift
+        raw = mantissa[1:].reshape((tiles, tokens * row_bytes))
         for tile in prange(tiles):
             r0 = tile * dim
             ep = esc_start[tile]
@@ -151,7 +162,7 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
                     for w in range(part):
                         m[q + w] = (block >> (8 * w)) & 0xFF
                     q += part
-        return symbols, escapes, raw
+        return symbols, escapes, mantissa
 
     @njit(nogil=True, cache=True, parallel=True)
     def merge(out, symbols, row_offset, base, flip, escapes, esc_start, raw):  # type: ignore[no-untyped-def]
@@ -215,7 +226,8 @@ class BitSplit:
 
     ``base``, ``flip``: uint8 ``[tiles * dim]`` (tiles ``(group, head)``); ``n_esc``: int64 ``[tiles]``; ``shift``: the
     mantissa shift; ``symbols``: uint8 ``[groups, heads * dim, tokens]``, the rows the rANS stream codes;
-    ``escapes``: uint16 ``[n]``; ``raw``: uint8 ``[tiles, tokens * row_bytes]``.
+    ``escapes``: uint16 ``[n]``; ``mantissa``: uint8 ``[1 + tiles * tokens * row_bytes]``, the ``mantissa`` section
+    (the shift byte, then the raw low bits ``[tiles, tokens * row_bytes]``).
     """
 
     base: np.ndarray
@@ -224,7 +236,7 @@ class BitSplit:
     shift: int
     symbols: np.ndarray
     escapes: np.ndarray
-    raw: np.ndarray
+    mantissa: np.ndarray
 
 
 def split_bits(bits: np.ndarray, dtype: str) -> BitSplit:
@@ -232,17 +244,16 @@ def split_bits(bits: np.ndarray, dtype: str) -> BitSplit:
     exp_bits, man_bits, k = FIELDS[dtype]
     groups, heads, tokens, dim = bits.shape
     tiles = bits.reshape(groups * heads, tokens, dim)
-    low_bits = int(np.bitwise_or.reduce(bits & ((1 << (man_bits - k)) - 1), axis=None)) if bits.size else 0
+    base, flip, n_esc, low_bits = _row_stats(tiles, exp_bits, man_bits, 255 >> (k + 1), (1 << (man_bits - k)) - 1)
     zeros = (low_bits & -low_bits).bit_length() - 1 if low_bits else man_bits - k
     shift = zeros // 8 * 8  # whole zero bytes only: at most 3 kernel variants per dtype to compile
-    base, flip, n_esc = _row_stats(tiles, exp_bits, man_bits, 255 >> (k + 1))
     esc_start = np.zeros(n_esc.size + 1, np.int64)
     np.cumsum(n_esc, out=esc_start[1:])
-    symbols, escapes, raw = _kernels(dtype, shift)[0](tiles, base, flip, esc_start)
-    return BitSplit(base, flip, n_esc, shift, symbols.reshape(groups, heads * dim, tokens), escapes, raw)
+    symbols, escapes, mantissa = _kernels(dtype, shift)[0](tiles, base, flip, esc_start)
+    return BitSplit(base, flip, n_esc, shift, symbols.reshape(groups, heads * dim, tokens), escapes, mantissa)
 
 
-def encode_bits(bits: np.ndarray, dtype: str, classes: int) -> dict[str, bytes]:
+def encode_bits(bits: np.ndarray, dtype: str, classes: int) -> dict[str, bytes | memoryview]:
     """Losslessly code float bit patterns (scheme and sections in the module docstring).
 
     Args:
@@ -262,7 +273,7 @@ def encode_bits(bits: np.ndarray, dtype: str, classes: int) -> dict[str, bytes]:
         "classes": class_ids,
         "symbols": blob,
         "escapes": encode_varints(s.n_esc).tobytes() + s.escapes.astype("<u2").tobytes(),
-        "mantissa": bytes([s.shift]) + s.raw.tobytes(),
+        "mantissa": s.mantissa.data,
     }
 
 

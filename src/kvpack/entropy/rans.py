@@ -546,12 +546,11 @@ def pack(
     else:
         crc = model.crc if model is not None else zlib.crc32(pack_tables(f))
         parts.append(crc.to_bytes(4, "little"))
-    parts.append(words.astype("<u2").tobytes())
     header = (
         bytes([BLOB_VERSION, PROB_BITS, flags])
         + encode_varints(np.array([n_lanes, f.shape[0], f.shape[1]], np.int64)).tobytes()
     )
-    return header + b"".join(parts)
+    return b"".join([header, *parts, np.ascontiguousarray(words, "<u2").data])  # one copy of the words
 
 
 def parse(data: bytes | bytearray | memoryview, *, max_symbols: int, freqs: npt.ArrayLike | Model | None = None,
