@@ -329,10 +329,10 @@ class Transform(CalibratedCodec[TransformProfile]):
             data[:, 0].copy_(keys_c)
             data[:, 1].copy_(values_c)
             return data
-        for layer in range(spec.num_layers):
-            for kind, c, s in ((0, keys_c, keys_s), (1, values_c, values_s)):
-                data[layer, kind][:, ~sink] = c[layer].to(spec.torch_dtype)
-                data[layer, kind][:, sink] = s[layer]
+        coded_at, sinks_at = (~sink).nonzero().squeeze(1), sink.nonzero().squeeze(1)
+        for kind, c, s in ((0, keys_c, keys_s), (1, values_c, values_s)):  # all layers at once: [L, H, T, D]
+            data[:, kind].index_copy_(2, coded_at, c.to(spec.torch_dtype))
+            data[:, kind].index_copy_(2, sinks_at, torch.stack(s))
         return data
 
     def _decode_layer(self, st: TransformProfile, lay: _Layout, data: list[memoryview], zs: list[np.ndarray],

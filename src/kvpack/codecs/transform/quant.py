@@ -57,7 +57,8 @@ def zigzag(q: np.ndarray) -> np.ndarray:
 
 
 def unzigzag(u: np.ndarray) -> np.ndarray:
-    return np.where(u & 1, -(u >> 1) - 1, u >> 1)
+    """Inverse of :func:`zigzag` (for non-negative signed integers ``u``): ``(u >> 1) XOR -(u & 1)``."""
+    return (u >> 1) ^ -(u & 1)
 
 
 def int_quantize(z: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray | None]:
