@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 import kvpack
 from conftest import make_kv
 from kvpack.errors import FormatError, KvpackError
-from kvpack.format import MAGIC, read_container, write_container
+from kvpack.format import MAGIC, crc32, read_container, write_container
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -112,3 +113,10 @@ def test_zstd_is_bit_exact_and_bounded(level: int) -> None:
     assert kvpack.decode(data, token_ids=kv.token_ids).equal(kv)
     with pytest.raises(kvpack.CodecError):
         kvpack.codecs.get("zstd", level=0)
+
+
+@given(st.binary(max_size=4096), st.integers(0, 64))
+def test_crc32_is_zlibs(data: bytes, skip: int) -> None:
+    """The containers' checksum (ISA-L) is zlib's CRC-32, on bytes and on memoryviews into them."""
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(memoryview(data)[skip:]) == zlib.crc32(data[skip:])
