@@ -45,6 +45,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -58,6 +59,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from kvpack.bench.rows import fmt
 from kvpack.store import DiskStore, MemoryStore, Store, TieredStore
 
 QUESTION = "\n\nQuestion: what is the text above about? Answer:"
@@ -562,30 +564,19 @@ def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[B
             "contexts_in_budget": (budget.memory_bytes + (budget.disk_bytes or 0)) / per_context
             if per_context else None,
             "quality": quality_of(codec.codec_id, results), "replay_wall_s": wall,
-            "load_average": _load_average()})
-        doc["load_average_end"] = _load_average()
+            "load_average": list(os.getloadavg())})
+        doc["load_average_end"] = list(os.getloadavg())
         log(json.dumps(doc["rows"][-1]))
         if on_row is not None:
             on_row(doc)
     return doc
 
 
-def _load_average() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------- the page
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _quality(q: dict[str, Any] | None) -> str:
     if q is None:
         return "not measured"
-    text = f"{q['ppl_increase_pct']:+.2f}% / {_fmt(q.get('kl_mean'), '.4f')}"
+    text = f"{q['ppl_increase_pct']:+.2f}% / {fmt(q.get('kl_mean'), '.4f')}"
     return text if q.get("same_profile", True) else text + " (other profile)"
 
 
@@ -669,8 +660,8 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
         lines.append(
             f"| {r['label']} | {r['budget']} | {r['alpha']:g} | {r['hit_rate']:.3f} | {r['partial_hit_rate']:.3f} | "
             f"{r['ttft_mean_s']:.3f} | {r['ttft_p95_s']:.3f} | {r['load_mean_s']:.3f} | {r['compute_mean_s']:.3f} | "
-            f"{r['write_mean_s']:.3f} | {r['bytes_stored'] / 1e6:.1f} | {_fmt(r['ratio'], '.1f')} | "
-            f"{_fmt(r['contexts_in_budget'], '.0f')} | {_quality(r['quality'])} |")
+            f"{r['write_mean_s']:.3f} | {r['bytes_stored'] / 1e6:.1f} | {fmt(r['ratio'], '.1f')} | "
+            f"{fmt(r['contexts_in_budget'], '.0f')} | {_quality(r['quality'])} |")
     done = {(r["setting"], r["budget"], r["alpha"]) for r in doc["rows"]}
     missing = [f"{s} at {b}, alpha {a:g}" for b in cfg["budgets"] for a in cfg["alphas"] for s in cfg["settings"]
                if (s, b, a) not in done]

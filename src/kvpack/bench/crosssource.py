@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpack.bench.codecs import label
+from kvpack.bench.rows import fmt
 
 PROTOCOLS = ("in-source", "cross-source", "own files")
 
@@ -74,9 +75,6 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
 
 #: Summary columns per protocol: (heading, key of the cell); own files have no code/prose tag.
 CELLS = {p: (("ratio", "ratio"), ("code %", "ppl_increase_pct_code"), ("prose %", "ppl_increase_pct_prose"))
@@ -88,7 +86,7 @@ def _summary_cells(entry: dict[str, Any]) -> list[str]:
     cells = [entry["setting"]]
     for p, keys in CELLS.items():
         cell = entry[p] or {}
-        cells += [_fmt(cell.get(key), ".2f" if key == "ratio" else "+.2f") for _, key in keys]
+        cells += [fmt(cell.get(key), ".2f" if key == "ratio" else "+.2f") for _, key in keys]
     return cells
 
 
@@ -98,8 +96,8 @@ RUN_COLUMNS = ["setting", "calibrated on -> evaluated on", "protocol", "ratio", 
 
 def _run_cells(row: dict[str, Any]) -> list[str]:
     return [label(row), _run(row), row.get("protocol") or "-", f"{row['ratio']:.2f}",
-            f"{row['ppl_increase_pct']:+.2f}", _fmt(row.get("ppl_increase_pct_code"), "+.2f"),
-            _fmt(row.get("ppl_increase_pct_prose"), "+.2f"), f"{row['kl_mean']:.4f}"]
+            f"{row['ppl_increase_pct']:+.2f}", fmt(row.get("ppl_increase_pct_code"), "+.2f"),
+            fmt(row.get("ppl_increase_pct_prose"), "+.2f"), f"{row['kl_mean']:.4f}"]
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from kvpack.bench.rows import fmt
 from kvpack.bench.ttft import timed
 from kvpack.context import ContextCache
 from kvpack.eval import passkey
@@ -602,9 +603,6 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
 
 def markdown(doc: dict[str, Any], command: str, plot_name: str | None) -> str:
     """The results page, rendered from the JSON document ``doc`` by ``command``."""
@@ -637,8 +635,8 @@ def markdown(doc: dict[str, Any], command: str, plot_name: str | None) -> str:
                   "| ppl (full) | Δppl % | greedy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in doc["rag"]["rows"]:
             lines.append(f"| {r['policy']} | {r['ratio']:.2f} | {r['recomputed']:.3f} | "
-                         f"{_fmt(r.get('compute'), '.3f')} | {r['kl_mean']:.4f} | "
-                         f"{r['kl_p99']:.3f} | {_fmt(r['kl_mean_code'], '.4f')} | {_fmt(r['kl_mean_prose'], '.4f')} | "
+                         f"{fmt(r.get('compute'), '.3f')} | {r['kl_mean']:.4f} | "
+                         f"{r['kl_p99']:.3f} | {fmt(r['kl_mean_code'], '.4f')} | {fmt(r['kl_mean_prose'], '.4f')} | "
                          f"{r['top1']:.3f} | {r['ppl']:.2f} ({r['ppl_ref']:.2f}) | {r['ppl_increase_pct']:+.2f} | "
                          f"{r['greedy']:.2f} |")
         lines.append("")

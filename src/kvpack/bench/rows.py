@@ -11,7 +11,8 @@ COLUMNS = ("codec", "params", "ratio", "bits/el", "Δppl %", "code %", "prose %"
            "greedy", "passkey (ref)", "enc MB/s", "dec MB/s")
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``-`` for a missing value (the results pages' tables)."""
     return "-" if value is None else format(value, spec)
 
 
@@ -25,8 +26,8 @@ def print_rows(rows: list[dict[str, Any]], title: str, console: Console | None =
         pk = "-" if r.get("passkey_accuracy") is None else \
             f"{r['passkey_accuracy']:.2f} ({r['passkey_accuracy_reference']:.2f})"
         table.add_row(r["codec"], params, f"{r['ratio']:.2f}", f"{r['bits_per_element']:.2f}",
-                      _fmt(r["ppl_increase_pct"], "+.2f"), _fmt(r.get("ppl_increase_pct_code"), "+.2f"),
-                      _fmt(r.get("ppl_increase_pct_prose"), "+.2f"), _fmt(r["kl_mean"], ".4f"),
-                      _fmt(r["kl_p99"], ".3f"), _fmt(r["top1_agreement"], ".3f"), _fmt(r["greedy_agreement"], ".2f"),
-                      pk, _fmt(r["encode_MBps"], ".0f"), _fmt(r["decode_MBps"], ".0f"))
+                      fmt(r["ppl_increase_pct"], "+.2f"), fmt(r.get("ppl_increase_pct_code"), "+.2f"),
+                      fmt(r.get("ppl_increase_pct_prose"), "+.2f"), fmt(r["kl_mean"], ".4f"),
+                      fmt(r["kl_p99"], ".3f"), fmt(r["top1_agreement"], ".3f"), fmt(r["greedy_agreement"], ".2f"),
+                      pk, fmt(r["encode_MBps"], ".0f"), fmt(r["decode_MBps"], ".0f"))
     (console or Console()).print(table)

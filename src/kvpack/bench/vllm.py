@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpack.bench.capacity import QUESTION, contexts, parse_setting, summarize, zipf_trace
+from kvpack.bench.rows import fmt
 from kvpack.bench.vllm_job import ServingJob, TtftPrompt, WorkerJob
 from kvpack.keys import DEFAULT_CHUNK_TOKENS
 
@@ -244,13 +245,6 @@ def serving_row(arm: str, setting: str | None, serving: dict[str, Any],
             "stored_bytes": serving.get("stored_bytes"), "load_average": serving["load_average"]}
 
 
-def _load_average() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
-
-
 def run(config: VllmBenchConfig, venv: Path = VENV, checkpoint: Path | None = None, workdir: Path | None = None,
         log: Callable[[str], None] = print,
         on_arm: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -272,7 +266,7 @@ def run(config: VllmBenchConfig, venv: Path = VENV, checkpoint: Path | None = No
     serving = serving_job(tokenizer, config) if config.serving_settings else None
     doc: dict[str, Any] = {"rows": [], "serving": [], "arms": [], "config": asdict(config), "labels": labels,
                            "checkpoint": str(checkpoint), "window": window, "question_tokens": question,
-                           "machine": machine(), "load_average_start": _load_average()}
+                           "machine": machine(), "load_average_start": list(os.getloadavg())}
     arms: list[tuple[str, str | None]] = ([(BASELINE, None)] if config.baseline else []) + \
         [(labels[s], s) for s in config.settings]
     with tempfile.TemporaryDirectory(prefix="kvpack-bench-vllm-", dir=workdir) as tmp:
@@ -297,7 +291,7 @@ def run(config: VllmBenchConfig, venv: Path = VENV, checkpoint: Path | None = No
                                 "startup_s": result.get("startup_s"), "threads": result.get("threads"),
                                 "error": result.get("error"), "load_average_start": result.get("load_average_start"),
                                 "load_average_end": result.get("load_average_end")})
-            doc["load_average_end"] = _load_average()
+            doc["load_average_end"] = list(os.getloadavg())
             log(f"{arm}: done in {result['wall_s']:.0f} s" + (f" ({result['error']})" if result.get("error") else ""))
             if on_arm is not None:
                 on_arm(doc)
@@ -305,10 +299,6 @@ def run(config: VllmBenchConfig, venv: Path = VENV, checkpoint: Path | None = No
 
 
 # ------------------------------------------------------------------------------------------------------ the page
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def target(doc: dict[str, Any]) -> dict[str, Any] | None:
     """The issue's target on the rows: warm TTFT at most 0.25x cold at 4096 tokens with lossless (``None`` if that
     row was not measured)."""
@@ -385,10 +375,10 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
         for r in doc["rows"]:
             lines.append(
                 f"| {r['arm']} | {r['context_tokens']} | {r['prompt_tokens']} | "
-                f"{r['loadable_tokens'] if r['setting'] else '-'} | {_fmt(r['cold_s'], '.3f')} | "
-                f"{_fmt(r['warm_s'], '.3f')} | {_fmt(r['warm_over_cold'], '.3f')} | {_fmt(r['save_s'], '.2f')} | "
-                f"{_fmt(None if r['stored_bytes'] is None else r['stored_bytes'] / 1e6, '.1f')} | "
-                f"{_fmt(r['ratio'], '.2f')} | "
+                f"{r['loadable_tokens'] if r['setting'] else '-'} | {fmt(r['cold_s'], '.3f')} | "
+                f"{fmt(r['warm_s'], '.3f')} | {fmt(r['warm_over_cold'], '.3f')} | {fmt(r['save_s'], '.2f')} | "
+                f"{fmt(None if r['stored_bytes'] is None else r['stored_bytes'] / 1e6, '.1f')} | "
+                f"{fmt(r['ratio'], '.2f')} | "
                 f"{'-' if r['setting'] is None else 'yes' if r['hits_as_expected'] else 'no'} |")
         lines.append("")
     lines += ["## Serving", ""]
@@ -413,7 +403,7 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
             lines.append(f"| {s['arm']} | {s['requests']} | {s['ttft_mean_s']:.3f} | {s['ttft_p95_s']:.3f} | "
                          f"{s['latency_mean_s']:.3f} | {s['requests_per_s']:.3f} | {s['output_tokens_per_s']:.2f} | "
                          f"{s['hit_rate']:.2f} | {s['partial_hit_rate']:.2f} | {s['tokens_loaded_fraction']:.2f} | "
-                         f"{_fmt(None if stored is None else stored / 1e6, '.1f')} |")
+                         f"{fmt(None if stored is None else stored / 1e6, '.1f')} |")
     else:
         lines.append("Not run.")
     lines += ["", "## Target", ""]
@@ -436,7 +426,7 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
                   + "; ".join(f"{a['arm']} ({a['error']})" for a in failed) + "."]
     lines += ["", "## Arms", "", "| arm | vLLM start s | process s | load average at its start | at its end |",
               "|---|---|---|---|---|"]
-    lines += [f"| {a['arm']} | {_fmt(a.get('startup_s'), '.1f')} | {a['wall_s']:.0f} | {a.get('load_average_start')} "
+    lines += [f"| {a['arm']} | {fmt(a.get('startup_s'), '.1f')} | {a['wall_s']:.0f} | {a.get('load_average_start')} "
               f"| {a.get('load_average_end')} |" for a in doc["arms"]]
     if plot_name:
         lines += ["", f"![TTFT cold and warm per context length; serving TTFT]({plot_name})"]

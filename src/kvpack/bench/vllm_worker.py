@@ -35,10 +35,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vLLM is i
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _load_average() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-
-
 def serve(engine: Any, requests: list[tuple[list[int], str | None]], concurrency: int,
           max_tokens: int) -> tuple[list[dict[str, Any]], float]:
     """Run ``requests`` (prompt ids, cache salt) through ``engine`` (a ``LLMEngine``), at most ``concurrency`` in
@@ -144,19 +140,19 @@ class Worker:
                                 else after - before})
             if self.connector is not None:
                 runs.append(self.one(ids, salt(f"cold-{length}-{k}")) | {"kind": "warm"})
-        return {"length": length, "prompt_tokens": len(ids), "runs": runs, "load_average": _load_average()}
+        return {"length": length, "prompt_tokens": len(ids), "runs": runs, "load_average": list(os.getloadavg())}
 
 
 def main(argv: list[str]) -> None:
     job_path, out_path = (Path(a) for a in argv)
     job = WorkerJob.from_json(job_path.read_text())
-    out: dict[str, Any] = {"load_average_start": _load_average(), "ttft": [], "serving": None}
+    out: dict[str, Any] = {"load_average_start": list(os.getloadavg()), "ttft": [], "serving": None}
     worker = Worker(job)
     out |= {"startup_s": worker.startup_s, "threads": worker.threads,
             "page_bytes_per_token": worker.page_bytes_per_token}
 
     def save() -> None:
-        out["load_average_end"] = _load_average()
+        out["load_average_end"] = list(os.getloadavg())
         out_path.write_text(json.dumps(out, indent=1))
 
     for prompt in job.prompts:
@@ -171,7 +167,7 @@ def main(argv: list[str]) -> None:
                               serving.concurrency, serving.max_tokens)
         out["serving"] = {"requests": [r | {"context": i} for r, i in zip(records, serving.trace, strict=True)],
                           "wall_s": wall, "save_s": worker.flush(), "stored_bytes": worker.stored_bytes(),
-                          "load_average": _load_average()}
+                          "load_average": list(os.getloadavg())}
         save()
     save()
     del worker
