@@ -36,19 +36,19 @@ class RowCounts:
     """Sparse symbol histograms of rows ``[n_groups, rows]`` (flat row ``r = group * rows + row``).
 
     Row ``r``'s nonzero counts are ``count[start[r] : start[r] + size[r]]`` of the symbols at the same positions of
-    ``symbol`` (in no particular order); ``total[r]`` is its count of symbols and ``weighted[r]`` their sum.
+    ``symbol`` (in no particular order); every row counts ``tokens`` symbols, and ``weighted[r]`` is their sum.
     ``start``: int64 ``[n]``; ``size``: int32 ``[n]``; ``symbol``: uint8 ``[capacity]``; ``count``: int32
-    ``[capacity]`` (only the listed positions are set); ``total``, ``weighted``: int64 ``[n]``.
+    ``[capacity]`` (only the listed positions are set); ``weighted``: int64 ``[n]``.
     """
 
     n_groups: int
     rows: int
     alphabet: int
+    tokens: int
     start: np.ndarray
     size: np.ndarray
     symbol: np.ndarray
     count: np.ndarray
-    total: np.ndarray
     weighted: np.ndarray
 
     @classmethod
@@ -57,8 +57,7 @@ class RowCounts:
         n_groups, rows, tokens = symbols.shape
         flat = np.ascontiguousarray(symbols).reshape(n_groups * rows, tokens)
         start, size, symbol, count, weighted = _sparse_rows(flat, max(n_groups, 1), min(tokens, 256))
-        total = np.full(n_groups * rows, tokens, np.int64)
-        return cls(n_groups, rows, alphabet, start, size, symbol, count, total, weighted)
+        return cls(n_groups, rows, alphabet, tokens, start, size, symbol, count, weighted)
 
     def class_counts(self, classes: np.ndarray, n_classes: int, dtype: npt.DTypeLike) -> np.ndarray:
         """Summed histograms ``[n_groups, n_classes, alphabet]`` (``dtype``: int64 or float64, exact) of the rows of
@@ -184,8 +183,7 @@ def assign_classes(counts: RowCounts, n_classes: int) -> np.ndarray:
     n_groups, rows, alphabet = counts.n_groups, counts.rows, counts.alphabet
     if n_classes == 1 or rows == 0:
         return np.zeros((n_groups, rows), np.uint8)
-    total = np.maximum(counts.total.reshape(n_groups, rows).astype(np.float64), 1.0)
-    mean = counts.weighted.reshape(n_groups, rows).astype(np.float64) / total
+    mean = counts.weighted.reshape(n_groups, rows).astype(np.float64) / max(counts.tokens, 1)
     rank = np.argsort(np.argsort(mean, axis=1, kind="stable"), axis=1, kind="stable")
     assign = (rank * n_classes // rows).astype(np.int64)
     gamma = alphabet * 2.0**-53 / (1 - alphabet * 2.0**-53)  # Higham's gamma_n for sums of n = alphabet products
