@@ -45,29 +45,21 @@ from kvpack import cpu, entropy
 from kvpack.codecs.base import Payload, _tokens_info, register
 from kvpack.codecs.calibrated import CalibratedCodec, Log
 from kvpack.codecs.raw import tensor_bytes
+from kvpack.codecs.transform import levels
 from kvpack.codecs.transform.features import features, unfeatures
-from kvpack.codecs.transform.profile import Allocation, TransformProfile, profile_from
+from kvpack.codecs.transform.profile import Allocation, Projection, TransformProfile, profile_from
 from kvpack.codecs.transform.quant import (
-    ESCAPE,
     INT_BITS,
     N_RATES,
     TYPE_DROP,
     TYPE_EC,
     TYPE_FP8,
-    ec_dequantize,
-    ec_quantize,
     fixed_bytes,
     fixed_decode,
     fixed_encode,
-    low_bits,
-    pack_bits,
     rates,
-    unpack_bits,
-    unzigzag,
-    zigzag,
 )
 from kvpack.codecs.validate import Size, json_int
-from kvpack.entropy.tables import decode_varints, encode_varints
 from kvpack.errors import CodecError, FormatError, ModelMismatchError
 from kvpack.format import PREFIX_BYTES, Container, crc32, read_header
 from kvpack.kv import KVCache
@@ -219,41 +211,31 @@ class Transform(CalibratedCodec[TransformProfile]):
         coded = ~sink
         sections = {"sinks": self._encode_sinks(kv, sink, st.sink_format)}
         x = features(kv, coded)
-        zs = [self._project(st, alloc, g, x) for g in range(len(st.groups))]
+        projections = [st.projection(alloc, g) for g in range(len(st.groups))]
+        zs = [self._project(p, x) for p in projections]
         layers = self._layer_blocks(st, alloc, self.layers)
         for k, blocks in enumerate(layers):
-            sections.update(self._encode_layer(st, k, self._layout(st, alloc, blocks), zs, x.shape[0]))
+            lay = self._layout(st, alloc, blocks)
+            sections.update(self._encode_layer(st, k, lay, _columns(projections, lay), zs))
         meta = {"preset": alloc.name, "layers": len(layers), "coded": int(x.shape[0])}
         return Payload(meta=meta, sections=sections)
 
     @staticmethod
-    def _project(st: TransformProfile, alloc: Allocation, g: int, x: torch.Tensor) -> np.ndarray:
-        """Normalized coefficients ``z [T, C_g]`` of PCA group ``g`` (zero for components the preset drops)."""
-        p = st.projection(alloc, g)
-        z = np.zeros((x.shape[0], len(st.sigmas[g])), np.float32)
-        z[:, p.used] = torch.addmm(-p.encode_bias, x if p.columns is None else x[:, p.columns], p.encode).numpy()
-        return z
+    def _project(p: Projection, x: torch.Tensor) -> np.ndarray:
+        """Normalized coefficients ``z [T, U_g]`` of the components a preset codes in PCA group ``g``."""
+        return torch.addmm(-p.encode_bias, x if p.columns is None else x[:, p.columns], p.encode).numpy()
 
-    def _encode_layer(self, st: TransformProfile, k: int, lay: _Layout, zs: list[np.ndarray],
-                      tokens: int) -> dict[str, bytes]:
+    def _encode_layer(self, st: TransformProfile, k: int, lay: _Layout, cols: _Columns,
+                      zs: list[np.ndarray]) -> dict[str, bytes]:
         blob, escapes, lows = b"", b"", b""
+        tokens = zs[0].shape[0]
         if lay.ec_comp.size and tokens:
-            z = np.empty((lay.ec_comp.size, tokens), np.float32)  # [n_ec, T]
-            for g in range(len(zs)):
-                sel = lay.ec_group == g
-                z[sel] = zs[g][:, lay.ec_comp[sel]].T
-            r = rates()[lay.ec_class][:, None]
-            u = zigzag(ec_quantize(z, r, st.rounding))
-            b = low_bits()[lay.ec_class][:, None]
-            high, low = u >> b, u & ((1 << b) - 1)
-            esc = (high >= ESCAPE) | (st.freqs[lay.ec_class[:, None], np.minimum(high, ESCAPE)] == 0)
-            escapes = encode_varints(high[esc]).tobytes()
-            symbols = np.where(esc, ESCAPE, high).astype(np.uint8).reshape(-1)
+            symbols, escapes, lows = levels.quantize(zs, lay.ec_group, cols.ec, lay.ec_class, st.freqs, st.rounding)
             classes, counts = np.unique(lay.ec_class, return_counts=True)
             starts = np.concatenate([[0], np.cumsum(counts * tokens)]).astype(np.int64)
             blob = entropy.pack(symbols, starts, classes.astype(np.int32), st.model, include_tables=False)
-            lows = b"".join(pack_bits(low[b[:, 0] == nb].reshape(-1), int(nb)) for nb in np.unique(b[:, 0]) if nb)
-        fixed = b"".join(fixed_encode(zs[g][:, s : s + n], kind, gs) for g, s, n, kind, gs in lay.fixed)
+        fixed = b"".join(fixed_encode(zs[g][:, c : c + n], kind, gs)
+                         for (g, _, n, kind, gs), c in zip(lay.fixed, cols.fixed, strict=True))
         if st.recipe == "kvtc":
             fixed = zlib.compress(fixed, 9)
         return {f"e{k}": blob, f"x{k}": escapes, f"b{k}": lows, f"i{k}": fixed}
@@ -304,24 +286,28 @@ class Transform(CalibratedCodec[TransformProfile]):
         if int((~sink).sum()) != coded:
             raise FormatError(f"payload codes {coded} tokens but {int((~sink).sum())} are not sinks")
         alloc = st.presets[str(preset)]
-        zs = [np.zeros((coded, len(s)), np.float32) for s in st.sigmas]
+        projections = [st.projection(alloc, g) for g in range(len(st.groups))]
+        offsets = np.cumsum([0] + [p.used.size for p in projections])
+        zt = np.zeros((int(offsets[-1]), coded), np.float32)  # [U, T]: every group's used components
         for k, blocks in enumerate(self._layer_blocks(st, alloc, n_layers)):
             names = [f"{p}{k}" for p in "exbi"]
             if isinstance(container, _Partial) and not all(n in container.sections for n in names):
                 break
-            self._decode_layer(st, self._layout(st, alloc, blocks), [container.section(n) for n in names], zs, coded)
+            lay = self._layout(st, alloc, blocks)
+            self._decode_layer(st, lay, _columns(projections, lay, offsets), [container.section(n) for n in names],
+                               zt)
         x = torch.empty(coded, sum(len(g) for g in st.groups))
         dtype = projection_dtype()
-        for g in range(len(st.groups)):
-            p = st.projection(alloc, g)
-            z = torch.from_numpy(np.ascontiguousarray(zs[g][:, p.used]))
+        for g, p in enumerate(projections):
+            # [T, U_g] row-major: the GEMM is faster (and rounds as before) than on the transposed view
+            z = torch.from_numpy(zt[offsets[g] : offsets[g + 1]]).t().to(dtype, memory_format=torch.contiguous_format)
             decode, bias = p.decode_as(dtype)
             if p.columns is None and dtype == torch.float32:
                 torch.addmm(bias, z, decode, out=x)
             elif p.columns is None:
-                x.copy_(torch.addmm(bias, z.to(dtype), decode))
+                x.copy_(torch.addmm(bias, z, decode))
             else:
-                x[:, p.columns] = torch.addmm(bias, z.to(dtype), decode).float()
+                x[:, p.columns] = torch.addmm(bias, z, decode).float()
         keys_c, values_c = unfeatures(x, positions[~sink], spec)
         keys_s, values_s = self._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
         data = torch.empty(spec.buffer_shape(num_tokens), dtype=spec.torch_dtype) if out is None else out
@@ -335,51 +321,29 @@ class Transform(CalibratedCodec[TransformProfile]):
             data[:, kind].index_copy_(2, sinks_at, torch.stack(s))
         return data
 
-    def _decode_layer(self, st: TransformProfile, lay: _Layout, data: list[memoryview], zs: list[np.ndarray],
-                      tokens: int) -> None:
+    def _decode_layer(self, st: TransformProfile, lay: _Layout, cols: _Columns, data: list[memoryview],
+                      zt: np.ndarray) -> None:
+        """One progressive layer's coefficients into rows ``cols`` of ``zt [U, T]``."""
         escapes, lows, fixed = (np.frombuffer(d, np.uint8) for d in data[1:])
-        blob = data[0]
+        blob, tokens = data[0], zt.shape[1]
         n_ec = lay.ec_comp.size
         if n_ec and tokens:
             symbols, starts = entropy.unpack(blob, max_symbols=n_ec * tokens, freqs=st.model)
             _, counts = np.unique(lay.ec_class, return_counts=True)
             if not np.array_equal(starts, np.concatenate([[0], np.cumsum(counts * tokens)])):
                 raise FormatError("entropy-coded lanes do not match the preset's layout")
-            high = symbols.astype(np.int64).reshape(n_ec, tokens)
-            esc = high == ESCAPE
-            values, pos = decode_varints(escapes, 0, int(esc.sum()), 1 << 31)
-            if pos != escapes.size:
-                raise FormatError("escape section is malformed or has trailing bytes")
-            high[esc] = values
-            b = low_bits()[lay.ec_class]
-            need = sum((int((b == nb).sum()) * tokens * int(nb) + 7) // 8 for nb in np.unique(b) if nb)
-            if lows.size != need:
-                raise FormatError(f"low-bit section has {lows.size} bytes, expected {need}")
-            low = np.zeros_like(high)
-            pos = 0
-            for nb in np.unique(b):
-                if nb:
-                    rows = b == nb
-                    size = (int(rows.sum()) * tokens * int(nb) + 7) // 8
-                    low[rows] = unpack_bits(lows[pos : pos + size], int(rows.sum()) * tokens, int(nb)).reshape(-1,
-                                                                                                                tokens)
-                    pos += size
-            q = unzigzag((high << b[:, None]) | low)
-            z = ec_dequantize(q, rates()[lay.ec_class][:, None], st.shrink[lay.ec_class][:, None])
-            for g in range(len(zs)):
-                sel = lay.ec_group == g
-                zs[g][:, lay.ec_comp[sel]] = z[sel].T
+            levels.dequantize(symbols, tokens, escapes, lows, lay.ec_class, st.shrink, cols.ec, zt)
         elif len(blob) or escapes.size or lows.size:
             raise FormatError("entropy-coded sections present where the preset has none")
         if st.recipe == "kvtc" and (lay.fixed or fixed.size):
             limit = sum(fixed_bytes(kind, gs, tokens, n) for _, _, n, kind, gs in lay.fixed)
             fixed = _inflate(fixed, limit)
         pos = 0
-        for g, s, n, kind, gs in lay.fixed:
+        for (_, _, n, kind, gs), row in zip(lay.fixed, cols.fixed, strict=True):
             size = fixed_bytes(kind, gs, tokens, n)
             if pos + size > fixed.size:
                 raise FormatError("fixed-width section is truncated")
-            zs[g][:, s : s + n] = fixed_decode(fixed[pos : pos + size], kind, gs, tokens, n)
+            zt[row : row + n] = fixed_decode(fixed[pos : pos + size], kind, gs, tokens, n).T
             pos += size
         if pos != fixed.size:
             raise FormatError("fixed-width section has trailing bytes")
@@ -473,6 +437,26 @@ class Transform(CalibratedCodec[TransformProfile]):
         if "sinks" not in sections:
             raise FormatError("prefix does not reach the sink section; read more bytes")
         return self._decode_container(_Partial(header=header, sections=sections), spec, token_ids, out)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Where a layout's components sit among the coded ones: entropy-coded component ``i`` at column ``ec[i]`` and
+    fixed-width block ``j`` from column ``fixed[j]`` of its group's ``z [T, U_g]`` (plus the group's offset in
+    ``[U, T]`` when decoding)."""
+
+    ec: np.ndarray  # int64 [n_ec]
+    fixed: list[int]
+
+
+def _columns(projections: list[Projection], lay: _Layout, offsets: np.ndarray | None = None) -> _Columns:
+    base = np.zeros(len(projections), np.int64) if offsets is None else np.asarray(offsets[:-1], np.int64)
+    ec = np.zeros(lay.ec_comp.size, np.int64)
+    for g, p in enumerate(projections):
+        sel = lay.ec_group == g
+        ec[sel] = base[g] + np.searchsorted(p.used, lay.ec_comp[sel])
+    fixed = [int(base[g] + np.searchsorted(projections[g].used, s)) for g, s, _, _, _ in lay.fixed]
+    return _Columns(ec, fixed)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
