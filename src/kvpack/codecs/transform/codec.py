@@ -296,18 +296,16 @@ class Transform(CalibratedCodec[TransformProfile]):
             lay = self._layout(st, alloc, blocks)
             self._decode_layer(st, lay, _columns(projections, lay, offsets), [container.section(n) for n in names],
                                zt)
-        x = torch.empty(coded, sum(len(g) for g in st.groups))
         dtype = projection_dtype()
+        x = torch.empty(coded, sum(len(g) for g in st.groups), dtype=dtype)  # the GEMM's output precision
         for g, p in enumerate(projections):
             # [T, U_g] row-major: the GEMM is faster (and rounds as before) than on the transposed view
             z = torch.from_numpy(zt[offsets[g] : offsets[g + 1]]).t().to(dtype, memory_format=torch.contiguous_format)
             decode, bias = p.decode_as(dtype)
-            if p.columns is None and dtype == torch.float32:
+            if p.columns is None:
                 torch.addmm(bias, z, decode, out=x)
-            elif p.columns is None:
-                x.copy_(torch.addmm(bias, z, decode))
             else:
-                x[:, p.columns] = torch.addmm(bias, z, decode).float()
+                x[:, p.columns] = torch.addmm(bias, z, decode)
         keys_c, values_c = unfeatures(x, positions[~sink], spec)
         keys_s, values_s = self._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
         data = torch.empty(spec.buffer_shape(num_tokens), dtype=spec.torch_dtype) if out is None else out

@@ -34,12 +34,16 @@ def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         keys, values = keys[:, :, rows], values[:, :, rows]
     pre = (rope.by_layer(lambda k, r: rope.unrotate(k, pos, r, spec.head_dim), keys, spec)
            if spec.rope.type != "none" else keys.float())
-    both = torch.stack((pre, values.float()), dim=1)  # [L, 2, H, T, D]
-    return both.permute(3, 0, 1, 2, 4).reshape(pos.numel(), 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim)
+    out = torch.empty(pos.numel(), spec.num_layers, 2, spec.num_kv_heads, spec.head_dim)
+    both = out.permute(1, 2, 3, 0, 4)  # [L, 2, H, T, D], written in place: no stacked copy to permute
+    both[:, 0] = pre
+    both[:, 1] = values
+    return out.reshape(pos.numel(), 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim)
 
 
 def unfeatures(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`features`: post-RoPE keys and values ``[layers, kv_heads, tokens, head_dim]`` (float32)."""
+    """Inverse of :func:`features`: post-RoPE keys and values ``[layers, kv_heads, tokens, head_dim]`` (keys float32
+    when rotated, values a view of ``x``, in its dtype)."""
     tokens, heads, dim = x.shape[0], spec.num_kv_heads, spec.head_dim
     per_layer = x.reshape(tokens, spec.num_layers, 2, heads, dim).permute(1, 2, 3, 0, 4)  # [L, 2, H, T, D]
     keys = per_layer[:, 0]
