@@ -310,6 +310,11 @@ def test_runs_of_one_workload_merge_and_others_do_not() -> None:
     assert doc["config"]["settings"] == ["raw", "transform"] and doc["config"]["alphas"] == [0.8, 1.2]
     assert doc["config"]["loaders"] == ["load", "adaptive"]  # a run from before --loader loaded every chunk
     assert doc["command"] == "a` and `b" and merge([base]) is base
+    arm = {"setting": "raw", "label": "raw", "loader": "load", "budget": "memory:1MiB", "alpha": 0.8}
+    first, rerun = arm | {"hit_rate": 0.1}, arm | {"hit_rate": 0.2}
+    kept = arm | {"setting": "fp8", "label": "fp8"}
+    doc = merge([base | {"rows": [first, kept]}, other | {"rows": [rerun, arm | {"alpha": 1.2}]}])
+    assert doc["rows"] == [rerun, kept, arm | {"alpha": 1.2}]  # a rerun replaces its arm's row, in its place
     with pytest.raises(ValueError):
         merge([base, base | {"compute": {"prefill_s": [1.0, 2.5]}}])
     with pytest.raises(ValueError):

@@ -712,9 +712,14 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _arm(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row.get(k) for k in ("setting", "label", "loader", "budget", "alpha"))
+
+
 def merge(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One document from runs of the same workload (contexts, requests, seed, computed prefills) with different codec
-    settings or budgets (e.g. a codec whose profile came later): rows and end-to-end hit checks joined;
+    settings or budgets (e.g. a codec whose profile came later): rows and end-to-end hit checks joined, a later run's
+    row replacing an earlier run's of the same arm (setting, loader, budget, alpha: a rerun after a code change);
     :class:`ValueError` if the workloads differ."""
     first = docs[0]
     same = ("contexts", "tokens", "requests", "seed", "chunk_tokens")
@@ -725,7 +730,7 @@ def merge(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if len(docs) == 1:
         return first
     return first | {
-        "rows": [r for d in docs for r in d["rows"]],
+        "rows": list({_arm(r): r for d in docs for r in d["rows"]}.values()),
         "check": first["check"] | {"hits": [h for d in docs for h in d["check"]["hits"]],
                                    "misses_by_run": [d["check"]["miss"] for d in docs]},
         "config": first["config"] | {key: list(dict.fromkeys(x for d in docs for x in d["config"][key]))
