@@ -3,8 +3,11 @@ definition (:mod:`kvpack.codecs.transform.quant`), value for value, and their re
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,9 +15,11 @@ from kvpack.codecs.transform import levels
 from kvpack.codecs.transform.quant import (
     ALPHABET,
     ESCAPE,
+    FP8_GAIN,
     N_RATES,
     ec_dequantize,
     ec_quantize,
+    fp8_dequantize,
     low_bits,
     pack_bits,
     rates,
@@ -88,3 +93,14 @@ def test_sections_that_do_not_match_the_symbols_are_refused() -> None:
                                           (esc, low, symbols[:-1])):
         with pytest.raises(FormatError):
             levels.dequantize(bad_symbols, 50, bad_esc.copy(), bad_low.copy(), classes, shrink, target, out)
+
+
+def test_fp8_blocks_decode_every_byte_as_torch_does() -> None:
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected = torch.from_numpy(every.copy()).view(torch.float8_e4m3fn).float().numpy() / FP8_GAIN
+    got = fp8_dequantize(every)
+    assert got.dtype == np.float32 and np.array_equal(got, expected.astype(np.float32), equal_nan=True)
+    every.setflags(write=False)  # a read-only view of a container decodes too, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp8_dequantize(every)
