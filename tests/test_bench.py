@@ -196,9 +196,12 @@ def test_codecs_page_and_plot(tmp_path: Path) -> None:
     assert "| kivi(bits=2) | 5.00 | 3.20 | +1.50 |" in page and "transform x: 1.00 MB" in page
     calibrated = row | {"codec": "transform", "params": {"preset": "32x"},
                         "profile": {"hash": "ab12cd34ef", "rounding": 0.35, "calibration_tokens": 6144}}
-    page = bench_codecs.markdown([row, calibrated], "kvpack bench codecs", {}, None)
+    grouped = calibrated | {"profile": {"hash": "98fe76dc", "rounding": 0.5, "calibration_tokens": 6128,
+                                        "grouping": "layers:2"}}
+    page = bench_codecs.markdown([row, calibrated, grouped], "kvpack bench codecs", {}, None)
     assert "| transform(preset=32x) [ab12cd34] | 5.00 |" in page
-    assert "- `ab12cd34`: quantizer rounding 0.35, 6144 calibration tokens" in page
+    assert "- `ab12cd34`: quantizer rounding 0.35, 6144 calibration tokens\n" in page  # rows from before: no groups
+    assert "- `98fe76dc`: quantizer rounding 0.5, 6128 calibration tokens, PCA groups layers:2" in page
     bench_codecs.plot([row], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
@@ -217,6 +220,29 @@ def test_speed_rows_count_every_byte(tmp_path: Path) -> None:
     assert by[("lossless", 256)]["ratio"] < lossless["ratio"]  # two containers pay two headers
     assert by[("kivi bits=2", None)]["rel_rmse_k"] > 0 and ("zstd level=3", None) in by
     assert "| zipnn (bf16) | doc |" in speed.markdown(rows, "kvpack bench speed")
+
+
+def test_speed_keeps_settings_under_different_profiles_apart(tmp_path: Path) -> None:
+    from kvpack.bench import speed
+    from kvpack.codecs.transform import Transform
+    from kvpack.codecs.transform.calibrate import calibrate_from_caches
+    from kvpack.eval.corpora import Document
+    from test_calibrate import low_rank_caches
+
+    caches = low_rank_caches()
+    codecs = []
+    for grouping in ("joint", "layers:3"):  # the same setting (preset 4x) under two profiles
+        prof = calibrate_from_caches(caches, caches[0].spec, grouping=grouping, ratios=(2.0, 4.0), default_ratio=4.0,
+                                     reference_tokens=256)
+        codecs.append(Transform(profile=str(prof.save(tmp_path / f"{grouping}.kvprof")), preset="4x"))
+    kv = low_rank_caches(n=1, tokens=300, seed=9)[0]
+    rows = speed.run([(Document(name="d", kind="code", text=""), kv)], codecs, repeats=1, anchors=False)
+    mine = [r for r in rows if r["codec"] == "transform" and r["chunk_tokens"] is None]
+    assert [r["setting"] for r in mine] == [f"transform preset=4x sinks=4 layers=1 [{c.calibration.hash[:8]}]"
+                                            for c in codecs]
+    for row, codec in zip(mine, codecs, strict=True):  # each row's bytes are its own profile's
+        assert row["profile"] == {"hash": codec.calibration.hash}
+        assert row["ratio"] == kv.fp16_bytes / len(codec.encode(kv))
 
 
 def test_cross_source_table_refuses_rows_without_sources(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from kvpack import codecs
+from kvpack.bench.rows import profile_tag
 from kvpack.codecs.base import Codec
 
 #: Settings measured by default, as (codec name, parameters); those whose codec is not installed are skipped.
@@ -40,12 +41,6 @@ def label(row: dict[str, Any]) -> str:
     return f"{row['codec']}({params})" if params else row["codec"]
 
 
-def _profile_tag(row: dict[str, Any]) -> str:
-    """`` [hash]`` of the row's profile (rows of one setting under different profiles differ only there)."""
-    profile = row.get("profile")
-    return f" [{profile['hash'][:8]}]" if profile else ""
-
-
 def markdown(rows: list[dict[str, Any]], command: str, profiles: dict[str, int], plot_path: Path | None) -> str:
     """docs/results/codecs.md from the rows."""
     first = rows[0]
@@ -67,13 +62,14 @@ def markdown(rows: list[dict[str, Any]], command: str, profiles: dict[str, int],
         pk = "-" if r.get("passkey_accuracy") is None else \
             f"{r['passkey_accuracy']:.2f} ({r['passkey_accuracy_reference']:.2f})"
         lines.append(
-            f"| {label(r)}{_profile_tag(r)} | {r['ratio']:.2f} | {r['bits_per_element']:.2f} | "
+            f"| {label(r)}{profile_tag(r)} | {r['ratio']:.2f} | {r['bits_per_element']:.2f} | "
             f"{r['ppl_increase_pct']:+.2f} | "
             f"{fmt(r.get('ppl_increase_pct_code'), '+.2f')} | {fmt(r.get('ppl_increase_pct_prose'), '+.2f')} | "
             f"{r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1_agreement']:.3f} | {r['greedy_agreement']:.2f} | "
             f"{pk} | {r['encode_MBps']:.0f} | {r['decode_MBps']:.0f} |")
     facts = sorted({f"- `{p['hash'][:8]}`: quantizer rounding {p.get('rounding')}, {p.get('calibration_tokens')} "
-                    "calibration tokens" for r in rows if (p := r.get("profile"))})
+                    "calibration tokens" + (f", PCA groups {p['grouping']}" if p.get("grouping") else "")
+                    for r in rows if (p := r.get("profile"))})
     if facts:
         lines += ["", "Profiles (`[hash]` after a setting):", "", *facts]
     if profiles:

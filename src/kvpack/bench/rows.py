@@ -16,6 +16,13 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def profile_tag(row: dict[str, Any]) -> str:
+    """`` [hash]`` of a row's calibration profile (``row["profile"]["hash"]``; empty without one): rows of one
+    setting under different profiles differ only there."""
+    profile = row.get("profile")
+    return f" [{profile['hash'][:8]}]" if profile else ""
+
+
 def print_rows(rows: list[dict[str, Any]], title: str, console: Console | None = None) -> None:
     """Print the rows of :func:`kvpack.eval.evaluate` as one table: ratio, quality metrics and MB/s per codec."""
     table = Table(title=title)

@@ -35,8 +35,10 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
+from kvpack.bench.rows import profile_tag
 from kvpack.codecs import get
 from kvpack.codecs.base import Codec
+from kvpack.codecs.calibrated import CalibratedCodec
 from kvpack.codecs.raw import tensor_bytes
 from kvpack.codecs.transform.codec import projection_dtype
 from kvpack.cpu import model_name
@@ -124,6 +126,11 @@ def caches(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Document]
     return out
 
 
+def _profile(codec: Codec) -> dict[str, str] | None:
+    """A calibrated codec's profile as the rows name it (None for the others)."""
+    return {"hash": codec.calibration.hash} if isinstance(codec, CalibratedCodec) else None
+
+
 def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = (), json_path: Path | None = None,
         console: Console | None = None, repeats: int = 5, anchors: bool = True) -> list[dict[str, Any]]:
     """Measure every setting (:data:`SETTINGS`, then ``extra``) on ``entries``; print a table, optionally write
@@ -147,7 +154,8 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
             base["zipnn_exact"] &= a["zipnn_exact"]
             base["zstd3_decode_s"].append(cache.fp16_bytes / a["zstd3_decode_s"])
         for name, setting, codec in settings:
-            label = name + "".join(f" {k}={v}" for k, v in setting.items() if v is not None)
+            label = name + "".join(f" {k}={v}" for k, v in setting.items() if v is not None) + \
+                profile_tag({"profile": _profile(codec)})
             kv = _as_dtype(cache, setting.get("as"))
             with console.status(f"{label} on {doc.name} ..."):
                 data = codec.encode(kv)
@@ -159,7 +167,7 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
                          STORE_CHUNK: (_median_seconds(partial(_each, codec.encode, parts), repeats),
                                        _median_seconds(partial(_each, codec.decode, blobs), repeats))}
             row = acc.setdefault(label, {"codec": name, "params": codec.params(), "bytes": 0, "chunked_bytes": 0,
-                                         "err_k": [], "err_v": []})
+                                         "err_k": [], "err_v": [], "profile": _profile(codec)})
             row["bytes"] += len(data)
             row["chunked_bytes"] += sum(len(b) for b in blobs)
             for chunk, (t_enc, t_dec) in times.items():
@@ -173,7 +181,8 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
     rows: list[dict[str, Any]] = []
     for label, r in acc.items():
         for chunk, size in ((None, r["bytes"]), (STORE_CHUNK, r["chunked_bytes"])):
-            rows.append({"setting": label, "codec": r["codec"], "params": r["params"], "chunk_tokens": chunk,
+            rows.append({"setting": label, "codec": r["codec"], "params": r["params"], "profile": r["profile"],
+                         "chunk_tokens": chunk,
                          "ratio": fp16 / size, "bits_per_element": 16 * size / fp16,
                          "encode_mb_per_s": statistics.median(r[f"enc@{chunk}"]),
                          "decode_mb_per_s": statistics.median(r[f"dec@{chunk}"]),

@@ -123,7 +123,7 @@ def evaluate_document(model: Any, ref: Reference, codec: Codec) -> DocumentResul
 
 #: What a row says about the profile of a calibrated codec besides its hash (what ``kvpack calibrate --option`` can
 #: change), so that rows of one setting under different profiles can be told apart.
-PROFILE_FACTS = ("rounding", "calibration_tokens")
+PROFILE_FACTS = ("rounding", "calibration_tokens", "grouping")
 
 
 def summarize(codec: Codec, results: Sequence[DocumentResult], prefix: int, cont: int) -> dict[str, Any]:
