@@ -71,8 +71,12 @@ def test_kvtc_recipe_separate_bases() -> None:
 def test_feature_groups_partition() -> None:
     k, v = feature_groups(3, 32, "kv")
     assert sorted(np.concatenate([k, v]).tolist()) == list(range(192))
-    with pytest.raises(ValueError):
-        feature_groups(3, 32, "per-layer")
+    first, last = feature_groups(3, 32, "layers:2")  # runs of whole layers, K and V together, in feature order
+    assert first.tolist() == list(range(128)) and last.tolist() == list(range(128, 192))
+    assert [g.tolist() for g in feature_groups(3, 32, "layers:1")] == [list(range(192))]
+    for bad in ("per-layer", "layers:0", "layers:4", "layers:", "layers:-1", "layers:2x"):
+        with pytest.raises(ValueError, match="grouping"):
+            feature_groups(3, 32, bad)
 
 
 def test_weights_validated() -> None:

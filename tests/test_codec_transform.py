@@ -23,6 +23,10 @@ RATIOS = (2.0, 4.0, 8.0)
 #: Documented relative squared error bounds (||decoded - original||^2 / ||original||^2 over non-sink tokens) on the
 #: low-rank synthetic caches, per preset (see docs/transform.md).
 BOUNDS = {"2x": 1e-4, "4x": 1e-3, "8x": 1e-2}
+#: The same with one basis per layer (``grouping="layers:3"``): these caches share one subspace across layers, which
+#: a per-layer basis cannot exploit, so each layer's basis spends bits on the same directions (measured 0.011 at 4x,
+#: 0.19 at 8x; what that costs on a real model is measured in docs/transform.md).
+BOUNDS_PER_LAYER = {"2x": 1e-4, "4x": 2e-2, "8x": 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +34,11 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     caches = low_rank_caches()
     root = tmp_path_factory.mktemp("profiles")
     out = {}
-    for recipe in ("transform", "kvtc"):
-        prof = calibrate_from_caches(caches, caches[0].spec, recipe=recipe, ratios=RATIOS, default_ratio=4.0,
-                                     reference_tokens=256)
-        out[recipe] = prof.save(root / f"{recipe}.kvprof")
+    for name, recipe, grouping in (("transform", "transform", None), ("kvtc", "kvtc", None),
+                                   ("transform-layers", "transform", "layers:3")):
+        prof = calibrate_from_caches(caches, caches[0].spec, recipe=recipe, grouping=grouping, ratios=RATIOS,
+                                     default_ratio=4.0, reference_tokens=256)
+        out[name] = prof.save(root / f"{name}.kvprof")
     return out
 
 
@@ -51,20 +56,21 @@ def _rel_error(a: KVCache, b: KVCache, skip: int = 0) -> float:
 
 @pytest.mark.parametrize("projection", ["float32", "bfloat16"])
 @pytest.mark.parametrize("preset", sorted(BOUNDS))
-def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str, projection: str,
+@pytest.mark.parametrize("basis", ["transform", "transform-layers"])  # joint, and one basis per layer
+def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str, projection: str, basis: str,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PROJECTION_ENV, projection)  # the bound holds in either precision of the decode GEMM
     kv = _held_out()
-    codec = Transform(profile=str(profiles["transform"]), preset=preset)
+    codec = Transform(profile=str(profiles[basis]), preset=preset)
     data = codec.encode(kv)
     with pytest.raises(CodecError, match="profile=PATH"):
         kvpack.decode(data)
-    out = kvpack.decode(data, profile=str(profiles["transform"]))
+    out = kvpack.decode(data, profile=str(profiles[basis]))
     assert out.equal(codec.decode(data))
     assert out.num_tokens == kv.num_tokens and torch.equal(out.positions, kv.positions)
     assert all(torch.equal(a[:, :4], b[:, :4]) for a, b in zip(out.keys + out.values, kv.keys + kv.values,
                                                                strict=True))
-    assert _rel_error(out, kv, skip=4) < BOUNDS[preset]
+    assert _rel_error(out, kv, skip=4) < (BOUNDS if basis == "transform" else BOUNDS_PER_LAYER)[preset]
     assert kv.fp16_bytes / len(data) > 0.5 * float(preset[:-1])
 
 

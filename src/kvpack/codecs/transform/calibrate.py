@@ -248,7 +248,8 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         spec: their model spec (the profile is bound to its fingerprint).
         recipe: ``"transform"`` (entropy-coded levels among the options, exact sinks, joint K+V basis by default) or
             ``"kvtc"`` (the paper's recipe: int2/int4/fp8 with group scales, DEFLATE, fp8 sinks, separate K and V).
-        grouping: ``"joint"`` or ``"kv"`` (default by recipe).
+        grouping: ``"joint"``, ``"kv"`` or ``"layers:G"`` (:func:`~kvpack.codecs.transform.features.feature_groups`;
+            default by recipe).
         weights: float ``[D]`` per-feature error weights (see :func:`sensitivity`); uniform if ``None``.
         ratios: nominal compression ratios of the presets (named ``"{ratio:g}x"``).
         default_ratio: the preset used when a codec names none.
@@ -439,7 +440,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
               texts: Sequence[str] | None = None, *, tokens: int = 1536, cont: int = 256, recipe: str = "transform",
               weighting: str = "fisher", ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
               sinks: int = 4, fisher_docs: int = 2, measure_kl: bool = True, rounding: float = 0.5,
-              max_tokens: int = 6144, log: Log | None = None) -> Profile:
+              max_tokens: int = 6144, grouping: str | None = None, log: Log | None = None) -> Profile:
     """Calibrate a profile with the model (``kvpack calibrate``): what :func:`calibrate_from_caches` does, plus
     Fisher weights and per-preset KL measured on the last calibration document (held out from the basis).
 
@@ -450,7 +451,8 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         weighting: ``"fisher"`` (sensitivity-weighted distortion) or ``"uniform"`` (plain MSE, as in KVTC).
         fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
             for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
-        rounding, max_tokens: as in :func:`calibrate_from_caches` (dead zone; calibration tokens kept).
+        rounding, max_tokens, grouping: as in :func:`calibrate_from_caches` (dead zone; calibration tokens kept;
+            PCA groups).
     """
     from kvpack.codecs.transform import KVTC, Transform
     from kvpack.eval.corpora import documents
@@ -478,7 +480,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         weights = (f / f.mean() + 1e-3).sqrt().numpy()
     profile = calibrate_from_caches(caches, spec, recipe=recipe, weights=weights, sinks=sinks, ratios=ratios,
                                     default_ratio=default_ratio, reference_tokens=tokens, rounding=rounding,
-                                    max_tokens=max_tokens, log=say)
+                                    max_tokens=max_tokens, grouping=grouping, log=say)
     if not measure_kl:
         return profile
     cont_ids, reference = refs[-1]

@@ -12,7 +12,9 @@ from kvpack.spec import ModelSpec
 
 
 def feature_groups(layers: int, width: int, grouping: str) -> list[np.ndarray]:
-    """Feature indices of each PCA group: ``joint`` (one basis over K and V) or ``kv`` (keys, then values).
+    """Feature indices of each PCA group: ``joint`` (one basis over K and V), ``kv`` (keys, then values) or
+    ``layers:G`` (``G`` runs of consecutive layers, each one basis over its layers' K and V: a block-diagonal basis
+    whose projection costs ``1/G`` of the joint one's multiply-adds per component).
 
     Feature order: for each layer, its keys ``[width = kv_heads * head_dim]`` (pre-RoPE) then its values.
     """
@@ -21,7 +23,10 @@ def feature_groups(layers: int, width: int, grouping: str) -> list[np.ndarray]:
         return [index.reshape(-1)]
     if grouping == "kv":
         return [index[:, 0].reshape(-1), index[:, 1].reshape(-1)]
-    raise ValueError(f"grouping must be 'joint' or 'kv', got {grouping!r}")
+    runs = grouping.removeprefix("layers:")
+    if runs != grouping and runs.isdigit() and 1 <= int(runs) <= layers:
+        return [part.reshape(-1) for part in np.array_split(index, int(runs))]
+    raise ValueError(f"grouping must be 'joint', 'kv' or 'layers:G' with 1 <= G <= {layers}, got {grouping!r}")
 
 
 def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
