@@ -294,6 +294,8 @@ def test_the_page_states_the_target_from_the_rows(tmp_path: Path) -> None:
     page = (tmp_path / "c.md").read_text()
     assert "**met**" in page and "**missed**" in page and "not re-run" in page and (tmp_path / "c.png").stat().st_size
     assert "Not run (the run was stopped before these arms): raw at memory:1GiB, alpha 0.8;" in page
+    main(["--render", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "n.md"), "--note", "the runs relate"])
+    assert "Note on the runs: the runs relate." in (tmp_path / "n.md").read_text()
 
 
 def test_runs_of_one_workload_merge_and_others_do_not() -> None:

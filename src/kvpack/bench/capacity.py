@@ -713,7 +713,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 
 def _arm(row: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(row.get(k) for k in ("setting", "label", "loader", "budget", "alpha"))
+    return (row.get("setting"), row.get("label"), row.get("loader", "load"), row.get("budget"), row.get("alpha"))
 
 
 def merge(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -777,10 +777,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--render", type=Path, nargs="+", default=None,
                         help="only render --markdown/--plot from these JSON documents (runs of one workload)")
     parser.add_argument("--compute-only", action="store_true", help="only compute the contexts into --workdir")
+    parser.add_argument("--note", default=None,
+                        help="with --render: how the runs relate (printed on the page instead of the first run's)")
     args = parser.parse_args(argv)
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
     if args.render is not None:
         merged = merge([json.loads(path.read_text()) for path in args.render])
+        if args.note:
+            merged = merged | {"note": args.note}
         if args.json:  # the runs joined in one document, which renders the same page on its own
             args.json.write_text(json.dumps(merged, indent=1))
         render(merged, args.markdown, args.plot, f"kvpack bench capacity {argv_text}")
