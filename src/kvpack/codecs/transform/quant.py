@@ -40,13 +40,17 @@ def low_bits() -> np.ndarray:
 
 
 def ec_quantize(z: np.ndarray, r: np.ndarray, rounding: float) -> np.ndarray:
-    """Uniform levels with a dead zone: int64 ``q = sign(z) floor(|z| r + rounding)`` (``rounding`` 0.5 = nearest)."""
+    """Uniform levels with a dead zone: int64 ``q = sign(z) floor(|z| r + rounding)`` (``rounding`` 0.5 = nearest).
+
+    The definition; the codec runs it fused with the bitstream in :mod:`kvpack.codecs.transform.levels`, whose tests
+    check it against this function value for value."""
     scaled = z * r
     return (np.sign(scaled) * np.floor(np.abs(scaled) + rounding)).astype(np.int64)
 
 
 def ec_dequantize(q: np.ndarray, r: np.ndarray, shrink: np.ndarray | float = 0.0) -> np.ndarray:
-    """float32 ``z`` of levels ``q`` (reconstruction pulled towards zero by ``shrink`` steps for ``q != 0``)."""
+    """float32 ``z`` of levels ``q`` (reconstruction pulled towards zero by ``shrink`` steps for ``q != 0``); the
+    definition the fused decoder (:mod:`kvpack.codecs.transform.levels`) is tested against."""
     qf = q.astype(np.float32)
     return ((qf - np.sign(qf) * np.float32(shrink)) / r).astype(np.float32)
 
