@@ -6,10 +6,10 @@ by rate class) quantizes ``z`` with step ``1 / r_i`` (:func:`~kvpack.codecs.tran
 the level to ``u``, sends ``u >> b_i`` as a symbol (``ESCAPE`` plus a LEB128 varint when it is off the table) and the
 low ``b_i`` bits raw, in one little-endian bit stream per ``b_i`` (components in order, ``tokens`` values each).
 Written as numpy expressions these steps are a dozen full-size int64 temporaries per chunk (5 M coefficients at 2K
-tokens): on a 2-core CPU their allocation and page faults cost twice the decode GEMM. These numba kernels (no
-library fuses a custom quantizer with its bitstream) do the same arithmetic, value for value, one component per
-iteration, and read or write the coefficients component-major (``[components, tokens]``), the layout the projection
-GEMM takes transposed without a copy.
+tokens), whose allocation and page faults took more time than the decode GEMM on a 2-core CPU (docs/transform.md,
+Speed). These numba kernels (no library fuses a custom quantizer with its bitstream) do the same arithmetic, value
+for value, one component per iteration; the decoder writes the coefficients component-major (``[components,
+tokens]``) and transposes them once, into the projection's input precision.
 """
 
 from __future__ import annotations
@@ -107,17 +107,14 @@ def quantize(zs: list[np.ndarray], group: np.ndarray, column: np.ndarray, classe
     symbols = np.empty((n, tokens), np.uint8)
     low = np.empty((n, tokens), np.uint8)
     counts = np.zeros(n, np.int64)
+    parts = [(z, rows, column[rows]) for g, z in enumerate(zs) if (rows := np.flatnonzero(group == g)).size]
     with threads_for(n * tokens):
-        for g, z in enumerate(zs):
-            rows = np.flatnonzero(group == g)
-            if rows.size:
-                _quantize(z, rows, column[rows], r, nbits, table, rounding, symbols, low, counts)
+        for z, rows, cols in parts:
+            _quantize(z, rows, cols, r, nbits, table, rounding, symbols, low, counts)
         start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         values = np.empty(int(start[-1]), np.int64)
-        for g, z in enumerate(zs):
-            rows = np.flatnonzero(group == g)
-            if rows.size:
-                _escaped(z, rows, column[rows], r, nbits, rounding, symbols, start, values)
+        for z, rows, cols in parts:
+            _escaped(z, rows, cols, r, nbits, rounding, symbols, start, values)
     lows = b"".join(pack_bits(low[nbits == nb].reshape(-1), int(nb)) for nb in np.unique(nbits) if nb)
     return symbols.reshape(-1), encode_varints(values).tobytes(), lows
 
