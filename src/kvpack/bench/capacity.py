@@ -713,7 +713,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 
 def _arm(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row.get("setting"), row.get("label"), row.get("loader", "load"), row.get("budget"), row.get("alpha"))
+    return row.get("setting"), row.get("loader", "load"), row.get("budget"), row.get("alpha")
 
 
 def merge(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
