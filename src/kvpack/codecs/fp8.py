@@ -54,7 +54,7 @@ def _row_ranges(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     absmax = np.zeros(tiles * dim, np.float32)
     neg = np.zeros(tiles * dim, np.int64)
     for tile in prange(tiles):
-        top = np.zeros(dim, np.float32)  # per-tile accumulators: the channel loop vectorizes (~7x faster)
+        top = np.zeros(dim, np.float32)  # per-tile accumulators, so the channel loop vectorizes
         count = np.zeros(dim, np.int64)
         for t in range(tokens):
             row = x[tile, t]
