@@ -18,9 +18,9 @@ words. Otherwise ``w[0] | w[1] << 16`` is the initial decoder state and the deco
 order, one word whenever its state drops below ``L``; after the last symbol the state is ``L`` again and every word
 is consumed. The encoder runs each lane backwards from state ``L`` and writes its words back to front.
 
-CPU schedule: lanes are split into contiguous blocks balanced by symbol count, one ``prange`` iteration per block;
-within a block a thread codes four lanes in lockstep so their independent dependency chains overlap (interleaving
-in Giesen's sense, done in registers rather than in the format). The coders read compiled tables
+CPU schedule (:func:`_schedule`): lanes are split into contiguous blocks balanced by symbol count, one ``prange``
+iteration per block; within a block a thread codes four lanes in lockstep, longest lanes first, so their independent
+dependency chains overlap (interleaving in Giesen's sense, done in registers rather than in the format). The coders read compiled tables
 (:class:`kvpack.entropy.models.Model`: encoder entries and the decoder's slot -> symbol lookup); give them a model
 built once where the tables are fixed (a profile's), or raw tables, which they compile per call.
 """
@@ -109,39 +109,43 @@ def _enc_run(symbols, lo, hi, tab, x, p, scratch, bad):  # type: ignore[no-untyp
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _encode_block(symbols, lane_starts, lane_table, etab, lo, hi, scratch, first, bad):  # type: ignore[no-untyped-def]
-    """Encode lanes ``lo..hi``; lane ``i`` writes back to front ending at ``lane_starts[i+1] + 2 * (i + 1)``."""
-    i = lo
-    while i < hi:
-        if i + _GROUP <= hi:
-            s0 = lane_starts[i]
-            s1 = lane_starts[i + 1]
-            s2 = lane_starts[i + 2]
-            s3 = lane_starts[i + 3]
-            s4 = lane_starts[i + 4]
-            m = min(s1 - s0, s2 - s1, s3 - s2, s4 - s3)
+def _encode_block(symbols, lane_starts, lane_table, etab, order, lo, hi, scratch, first, bad):  # type: ignore[no-untyped-def]
+    """Encode lanes ``order[lo:hi]``; lane ``i`` writes back to front ending at ``lane_starts[i+1] + 2 * (i + 1)``."""
+    j = lo
+    while j < hi:
+        if j + _GROUP <= hi:
+            l0 = order[j]
+            l1 = order[j + 1]
+            l2 = order[j + 2]
+            l3 = order[j + 3]
+            e0 = lane_starts[l0 + 1]
+            e1 = lane_starts[l1 + 1]
+            e2 = lane_starts[l2 + 1]
+            e3 = lane_starts[l3 + 1]
+            m = min(e0 - lane_starts[l0], e1 - lane_starts[l1], e2 - lane_starts[l2], e3 - lane_starts[l3])
             if m > 0:
-                t0 = etab[lane_table[i]]
-                t1 = etab[lane_table[i + 1]]
-                t2 = etab[lane_table[i + 2]]
-                t3 = etab[lane_table[i + 3]]
-                p0 = s1 + 2 * (i + 1)
-                p1 = s2 + 2 * (i + 2)
-                p2 = s3 + 2 * (i + 3)
-                p3 = s4 + 2 * (i + 4)
+                t0 = etab[lane_table[l0]]
+                t1 = etab[lane_table[l1]]
+                t2 = etab[lane_table[l2]]
+                t3 = etab[lane_table[l3]]
+                p0 = e0 + 2 * (l0 + 1)
+                p1 = e1 + 2 * (l1 + 1)
+                p2 = e2 + 2 * (l2 + 1)
+                p3 = e3 + 2 * (l3 + 1)
                 x0 = x1 = x2 = x3 = _L
                 b0 = b1 = b2 = b3 = False
                 for k in range(1, m + 1):
-                    x0, p0, b0 = _enc_step(x0, _U(t0[symbols[s1 - k]]), scratch, p0, b0)
-                    x1, p1, b1 = _enc_step(x1, _U(t1[symbols[s2 - k]]), scratch, p1, b1)
-                    x2, p2, b2 = _enc_step(x2, _U(t2[symbols[s3 - k]]), scratch, p2, b2)
-                    x3, p3, b3 = _enc_step(x3, _U(t3[symbols[s4 - k]]), scratch, p3, b3)
-                first[i], bad[i] = _enc_run(symbols, s0, s1 - m, t0, x0, p0, scratch, b0)
-                first[i + 1], bad[i + 1] = _enc_run(symbols, s1, s2 - m, t1, x1, p1, scratch, b1)
-                first[i + 2], bad[i + 2] = _enc_run(symbols, s2, s3 - m, t2, x2, p2, scratch, b2)
-                first[i + 3], bad[i + 3] = _enc_run(symbols, s3, s4 - m, t3, x3, p3, scratch, b3)
-                i += _GROUP
+                    x0, p0, b0 = _enc_step(x0, _U(t0[symbols[e0 - k]]), scratch, p0, b0)
+                    x1, p1, b1 = _enc_step(x1, _U(t1[symbols[e1 - k]]), scratch, p1, b1)
+                    x2, p2, b2 = _enc_step(x2, _U(t2[symbols[e2 - k]]), scratch, p2, b2)
+                    x3, p3, b3 = _enc_step(x3, _U(t3[symbols[e3 - k]]), scratch, p3, b3)
+                first[l0], bad[l0] = _enc_run(symbols, lane_starts[l0], e0 - m, t0, x0, p0, scratch, b0)
+                first[l1], bad[l1] = _enc_run(symbols, lane_starts[l1], e1 - m, t1, x1, p1, scratch, b1)
+                first[l2], bad[l2] = _enc_run(symbols, lane_starts[l2], e2 - m, t2, x2, p2, scratch, b2)
+                first[l3], bad[l3] = _enc_run(symbols, lane_starts[l3], e3 - m, t3, x3, p3, scratch, b3)
+                j += _GROUP
                 continue
+        i = order[j]
         end = lane_starts[i + 1] + 2 * (i + 1)
         if lane_starts[i + 1] == lane_starts[i]:
             first[i] = end
@@ -149,17 +153,17 @@ def _encode_block(symbols, lane_starts, lane_table, etab, lo, hi, scratch, first
             first[i], bad[i] = _enc_run(
                 symbols, lane_starts[i], lane_starts[i + 1], etab[lane_table[i]], _L, end, scratch, False
             )
-        i += 1
+        j += 1
 
 
 @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
-def _encode_kernel(symbols, lane_starts, lane_table, etab, blocks):  # type: ignore[no-untyped-def]
+def _encode_kernel(symbols, lane_starts, lane_table, etab, blocks, order):  # type: ignore[no-untyped-def]
     n_lanes = lane_starts.shape[0] - 1
     scratch = np.empty(symbols.shape[0] + 2 * n_lanes, np.uint16)
     first = np.empty(n_lanes, np.int64)
     bad = np.zeros(n_lanes, np.bool_)
     for b in prange(blocks.shape[0] - 1):
-        _encode_block(symbols, lane_starts, lane_table, etab, blocks[b], blocks[b + 1], scratch, first, bad)
+        _encode_block(symbols, lane_starts, lane_table, etab, order, blocks[b], blocks[b + 1], scratch, first, bad)
     word_offsets = np.zeros(n_lanes + 1, np.int64)
     for i in range(n_lanes):
         word_offsets[i + 1] = word_offsets[i] + lane_starts[i + 1] + 2 * (i + 1) - first[i]
@@ -214,69 +218,74 @@ def _row(slots, lookup, own, r, t):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, lo, hi, out,  # type: ignore[no-untyped-def]
+def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, order, lo, hi, out,  # type: ignore[no-untyped-def]
                   bad):
-    """Decode lanes ``lo..hi``. With ``shift == 0`` the exact slot -> symbol rows are built here, per position in the
-    group of four, only when a lane's table differs from the previous lane's at that position (rows just written are
-    in cache; few tables); otherwise the rows are the model's precompiled coarse ``lookup`` (many tables)."""
+    """Decode lanes ``order[lo:hi]``, four at a time. With ``shift == 0`` the exact slot -> symbol rows are built
+    here, per position in the group of four, only when a lane's table differs from the previous lane's at that
+    position (rows just written are in cache; few tables); otherwise the rows are the model's precompiled coarse
+    ``lookup`` (many tables)."""
     own = shift == 0
     if own:
         shift = _ROW_SHIFT
     slots = np.empty((_GROUP, (PROB_SCALE >> _ROW_SHIFT) if own else 0), np.uint8)
     cached = np.full(_GROUP, -1, np.int64)
-    i = lo
-    while i < hi:
-        g = min(_GROUP, hi - i)
+    j = lo
+    while j < hi:
+        g = min(_GROUP, hi - j)
         for r in range(g if own else 0):
-            t = lane_table[i + r]
+            t = lane_table[order[j + r]]
             if cached[r] != t:
                 fill_lookup(etab[t], _ROW_SHIFT, slots[r])
                 cached[r] = t
         m = 0
         if g == _GROUP:
+            l0 = order[j]
+            l1 = order[j + 1]
+            l2 = order[j + 2]
+            l3 = order[j + 3]
             m = min(
-                lane_starts[i + 1] - lane_starts[i],
-                lane_starts[i + 2] - lane_starts[i + 1],
-                lane_starts[i + 3] - lane_starts[i + 2],
-                lane_starts[i + 4] - lane_starts[i + 3],
+                lane_starts[l0 + 1] - lane_starts[l0],
+                lane_starts[l1 + 1] - lane_starts[l1],
+                lane_starts[l2 + 1] - lane_starts[l2],
+                lane_starts[l3 + 1] - lane_starts[l3],
             )
         if m > 0:
-            a0 = lane_starts[i]
-            a1 = lane_starts[i + 1]
-            a2 = lane_starts[i + 2]
-            a3 = lane_starts[i + 3]
-            e0 = word_offsets[i + 1]
-            e1 = word_offsets[i + 2]
-            e2 = word_offsets[i + 3]
-            e3 = word_offsets[i + 4]
-            t0 = etab[lane_table[i]]
-            t1 = etab[lane_table[i + 1]]
-            t2 = etab[lane_table[i + 2]]
-            t3 = etab[lane_table[i + 3]]
-            z0 = x0 = _dec_init(words, word_offsets[i])
-            z1 = x1 = _dec_init(words, e0)
-            z2 = x2 = _dec_init(words, e1)
-            z3 = x3 = _dec_init(words, e2)
-            p0 = word_offsets[i] + 2
-            p1 = e0 + 2
-            p2 = e1 + 2
-            p3 = e2 + 2
-            d0 = _row(slots, lookup, own, 0, lane_table[i])
-            d1 = _row(slots, lookup, own, 1, lane_table[i + 1])
-            d2 = _row(slots, lookup, own, 2, lane_table[i + 2])
-            d3 = _row(slots, lookup, own, 3, lane_table[i + 3])
+            a0 = lane_starts[l0]
+            a1 = lane_starts[l1]
+            a2 = lane_starts[l2]
+            a3 = lane_starts[l3]
+            e0 = word_offsets[l0 + 1]
+            e1 = word_offsets[l1 + 1]
+            e2 = word_offsets[l2 + 1]
+            e3 = word_offsets[l3 + 1]
+            t0 = etab[lane_table[l0]]
+            t1 = etab[lane_table[l1]]
+            t2 = etab[lane_table[l2]]
+            t3 = etab[lane_table[l3]]
+            z0 = x0 = _dec_init(words, word_offsets[l0])
+            z1 = x1 = _dec_init(words, word_offsets[l1])
+            z2 = x2 = _dec_init(words, word_offsets[l2])
+            z3 = x3 = _dec_init(words, word_offsets[l3])
+            p0 = word_offsets[l0] + 2
+            p1 = word_offsets[l1] + 2
+            p2 = word_offsets[l2] + 2
+            p3 = word_offsets[l3] + 2
+            d0 = _row(slots, lookup, own, 0, lane_table[l0])
+            d1 = _row(slots, lookup, own, 1, lane_table[l1])
+            d2 = _row(slots, lookup, own, 2, lane_table[l2])
+            d3 = _row(slots, lookup, own, 3, lane_table[l3])
             for k in range(m):
                 x0, p0 = _dec_step(x0, d0, shift, t0, words, p0, e0 - 1, out, a0 + k)
                 x1, p1 = _dec_step(x1, d1, shift, t1, words, p1, e1 - 1, out, a1 + k)
                 x2, p2 = _dec_step(x2, d2, shift, t2, words, p2, e2 - 1, out, a2 + k)
                 x3, p3 = _dec_step(x3, d3, shift, t3, words, p3, e3 - 1, out, a3 + k)
-            bad[i] = _dec_run(x0, p0, words, e0, d0, shift, t0, out, a0 + m, a1, z0)
-            bad[i + 1] = _dec_run(x1, p1, words, e1, d1, shift, t1, out, a1 + m, a2, z1)
-            bad[i + 2] = _dec_run(x2, p2, words, e2, d2, shift, t2, out, a2 + m, a3, z2)
-            bad[i + 3] = _dec_run(x3, p3, words, e3, d3, shift, t3, out, a3 + m, lane_starts[i + 4], z3)
+            bad[l0] = _dec_run(x0, p0, words, e0, d0, shift, t0, out, a0 + m, lane_starts[l0 + 1], z0)
+            bad[l1] = _dec_run(x1, p1, words, e1, d1, shift, t1, out, a1 + m, lane_starts[l1 + 1], z1)
+            bad[l2] = _dec_run(x2, p2, words, e2, d2, shift, t2, out, a2 + m, lane_starts[l2 + 1], z2)
+            bad[l3] = _dec_run(x3, p3, words, e3, d3, shift, t3, out, a3 + m, lane_starts[l3 + 1], z3)
         else:
             for r in range(g):
-                lane = i + r
+                lane = order[j + r]
                 if lane_starts[lane + 1] > lane_starts[lane]:
                     p = word_offsets[lane]
                     x = _dec_init(words, p)
@@ -293,17 +302,17 @@ def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, sh
                         lane_starts[lane + 1],
                         x,
                     )
-        i += g
+        j += g
 
 
 @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
-def _decode_kernel(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, blocks):  # type: ignore[no-untyped-def]
+def _decode_kernel(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, blocks, order):  # type: ignore[no-untyped-def]
     n_lanes = lane_starts.shape[0] - 1
     out = np.empty(lane_starts[n_lanes], np.uint8)
     bad = np.zeros(n_lanes, np.bool_)
     for b in prange(blocks.shape[0] - 1):
-        _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, blocks[b], blocks[b + 1], out,
-                      bad)
+        _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, order, blocks[b],
+                      blocks[b + 1], out, bad)
     return out, bad
 
 
@@ -336,15 +345,25 @@ def _threads(threads: int | None) -> Iterator[int]:
         numba.set_num_threads(previous)
 
 
-def _blocks(lane_starts: np.ndarray, n_threads: int) -> np.ndarray:
-    """Lane boundaries of up to ``4 * n_threads`` contiguous blocks with about equal symbol counts: int64."""
+def _schedule(lane_starts: np.ndarray, n_threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The coders' work split: ``(blocks, order)``, int64.
+
+    ``blocks``: lane boundaries of up to ``4 * n_threads`` contiguous blocks with about equal symbol counts.
+    ``order``: the lanes of each block (a permutation of ``blocks[b]:blocks[b + 1]`` in place), longest first
+    (stable). A thread codes four consecutive lanes of ``order`` in lockstep up to the shortest one's length and
+    finishes the rest of each alone, one dependency chain at a time; lanes of equal length side by side keep that
+    rest small. In storage order a class's last, short lane broke the groups: in 256-token chunks, where a class
+    holds one or two lanes, a large share of the symbols was coded alone. The order changes no output byte.
+    """
     n_lanes = lane_starts.size - 1
     n_blocks = max(1, min(-(-n_lanes // _GROUP), 4 * n_threads))
     targets = np.arange(n_blocks + 1, dtype=np.int64) * int(lane_starts[-1]) // n_blocks
     blocks = np.searchsorted(lane_starts, targets, side="left").astype(np.int64)
     blocks[0] = 0
     blocks[-1] = n_lanes
-    return blocks
+    block_of = np.repeat(np.arange(n_blocks, dtype=np.int64), np.diff(blocks))
+    order = np.lexsort((-np.diff(lane_starts), block_of)).astype(np.int64)
+    return blocks, order
 
 
 def _as_int64(name: str, a: npt.ArrayLike, size: int | None, error: type[Exception]) -> np.ndarray:
@@ -412,7 +431,7 @@ def encode_lanes(
     _check_lane_tables(table_of, etab.shape[0], ValueError)
     with _threads(threads) as n_threads:
         words, word_offsets, bad = _encode_kernel(sym, starts, table_of.astype(np.int32), etab,
-                                                  _blocks(starts, n_threads))
+                                                  *_schedule(starts, n_threads))
     if bad.any():
         lane = int(np.flatnonzero(bad)[0])
         raise ValueError(f"lane {lane} holds a symbol with frequency 0 in its table {int(table_of[lane])}")
@@ -460,7 +479,7 @@ def decode_lanes(
             model.etab,
             model.slots if not own else np.zeros((0, 0), np.uint8),
             0 if own else model.shift,
-            _blocks(starts, n_threads),
+            *_schedule(starts, n_threads),
         )
     if bad.any():
         raise FormatError(f"rANS lane {int(np.flatnonzero(bad)[0])} is corrupted (its words do not decode exactly)")
