@@ -238,7 +238,7 @@ def test_speed_keeps_settings_under_different_profiles_apart(tmp_path: Path) -> 
     kv = low_rank_caches(n=1, tokens=300, seed=9)[0]
     rows = speed.run([(Document(name="d", kind="code", text=""), kv)], codecs, repeats=1, anchors=False)
     mine = [r for r in rows if r["codec"] == "transform" and r["chunk_tokens"] is None]
-    assert [r["setting"] for r in mine] == [f"transform preset=4x sinks=4 layers=1 [{c.calibration.hash[:8]}]"
+    assert [r["setting"] for r in mine] == [f"transform preset=4x sinks=1 layers=1 [{c.calibration.hash[:8]}]"
                                             for c in codecs]
     for row, codec in zip(mine, codecs, strict=True):  # each row's bytes are its own profile's
         assert row["profile"] == {"hash": codec.calibration.hash}

@@ -334,6 +334,9 @@ def codec_for(container: Container, codec: Codec | None = None, profile: str | N
             codec = cls(**info["params"], **({"profile": profile} if info.get("profile") else {}))
         except (TypeError, ValueError) as exc:
             raise FormatError(f"codec parameters in the header are invalid: {exc}") from None
+        if codec.params() != info["params"]:  # an encoder records resolved parameters (e.g. transform's sinks)
+            raise FormatError(f"codec parameters in the header {info['params']} are not the ones an encoder writes "
+                              f"({codec.params()})")
     elif info["name"] != codec.name or info["version"] != codec.version or info["params"] != codec.params():
         raise CodecError(f"container was written by {info['name']} {info['params']}, not by the codec given")
     return codec

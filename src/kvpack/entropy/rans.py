@@ -20,9 +20,10 @@ is consumed. The encoder runs each lane backwards from state ``L`` and writes it
 
 CPU schedule (:func:`_schedule`): lanes are split into contiguous blocks balanced by symbol count, one ``prange``
 iteration per block; within a block a thread codes four lanes in lockstep, longest lanes first, so their independent
-dependency chains overlap (interleaving in Giesen's sense, done in registers rather than in the format). The coders read compiled tables
-(:class:`kvpack.entropy.models.Model`: encoder entries and the decoder's slot -> symbol lookup); give them a model
-built once where the tables are fixed (a profile's), or raw tables, which they compile per call.
+dependency chains overlap (interleaving in Giesen's sense, done in registers rather than in the format). The
+coders read compiled tables (:class:`kvpack.entropy.models.Model`: encoder entries and the decoder's slot -> symbol
+lookup); give them a model built once where the tables are fixed (a profile's), or raw tables, which they compile
+per call.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def decode(codec: Codec, meta: Mapping[str, Any], container: Container, spec: Mo
     st = codec.state()
     preset, n_layers, coded = str(meta["preset"]), int(meta["layers"]), int(meta["coded"])
     _, positions, _ = _tokens_info(container.header, container)
-    sink = positions < codec.sinks
+    sink = positions < codec.sink_tokens
     if int((~sink).sum()) != coded:
         raise FormatError(f"payload codes {coded} tokens but {int((~sink).sum())} are not sinks")
     alloc = st.presets[preset]

@@ -40,6 +40,10 @@ from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
 
 DEFAULT_RATIOS = (10.0, 12.0, 16.0, 20.0, 24.0, 28.0, 32.0, 40.0, 48.0, 56.0, 64.0, 80.0, 96.0)
+#: Sink tokens (positions stored apart, exact or fp8) by recipe. ``transform``: 1, the token that draws the attention
+#: (StreamingLLM's sink; coding it costs +127% perplexity) -- tokens 1-3 code like any other, so keeping 4 exact spent
+#: 7-19% of the ratio for nothing (docs/transform.md, "Sink tokens"). ``kvtc``: 4, as the paper keeps.
+DEFAULT_SINKS = {"transform": 1, "kvtc": 4}
 #: Container bytes per chunk besides the payload (header JSON, section table), counted in every preset's budget.
 HEADER_BYTES = 2600
 #: Bit-grid steps of the allocation DP (at the largest budget).
@@ -237,7 +241,7 @@ def _allocate(bits: np.ndarray, err: np.ndarray, budgets: Sequence[float]) -> li
 
 
 def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe: str = "transform",
-                          grouping: str | None = None, weights: np.ndarray | None = None, sinks: int = 4,
+                          grouping: str | None = None, weights: np.ndarray | None = None, sinks: int | None = None,
                           ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
                           rounding: float = 0.5, max_tokens: int = 6144, reference_tokens: int = 1536,
                           log: Log | None = None) -> Profile:
@@ -245,6 +249,8 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
 
     Args:
         caches: calibration caches (never evaluation documents); tokens at positions ``< sinks`` are left out.
+        sinks: tokens stored apart from the transform, recorded in the profile as the codec's default
+            (:data:`DEFAULT_SINKS` by recipe).
         spec: their model spec (the profile is bound to its fingerprint).
         recipe: ``"transform"`` (entropy-coded levels among the options, exact sinks, joint K+V basis by default) or
             ``"kvtc"`` (the paper's recipe: int2/int4/fp8 with group scales, DEFLATE, fp8 sinks, separate K and V).
@@ -260,6 +266,7 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
     if recipe not in ("transform", "kvtc"):
         raise ValueError(f"recipe must be 'transform' or 'kvtc', got {recipe!r}")
     grouping = grouping or ("joint" if recipe == "transform" else "kv")
+    sinks = DEFAULT_SINKS[recipe] if sinks is None else sinks
     say = log or (lambda _msg: None)
     fit_x, held_x = _split(caches, sinks, max_tokens)
     dims = fit_x.shape[1]
@@ -395,7 +402,7 @@ def _doc_ids(tokenizer: Any, texts: Sequence[str], tokens: int, cont: int) -> li
     return out
 
 
-def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: int, sinks: int = 4
+def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: int, sinks: int
                        ) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
     """Prefill ``ids[:tokens]``; run the rest as a continuation and differentiate its log-likelihood w.r.t. the cache.
 
@@ -439,7 +446,7 @@ def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: i
 def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] | None = None, n_docs: int = 6,
               texts: Sequence[str] | None = None, *, tokens: int = 1536, cont: int = 256, recipe: str = "transform",
               weighting: str = "fisher", ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
-              sinks: int = 4, fisher_docs: int = 2, measure_kl: bool = True, rounding: float = 0.5,
+              sinks: int | None = None, fisher_docs: int = 2, measure_kl: bool = True, rounding: float = 0.5,
               max_tokens: int = 6144, grouping: str | None = None, log: Log | None = None) -> Profile:
     """Calibrate a profile with the model (``kvpack calibrate``): what :func:`calibrate_from_caches` does, plus
     Fisher weights and per-preset KL measured on the last calibration document (held out from the basis).
@@ -460,6 +467,9 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
 
     if weighting not in ("fisher", "uniform"):
         raise ValueError(f"weighting must be 'fisher' or 'uniform', got {weighting!r}")
+    if recipe not in DEFAULT_SINKS:
+        raise ValueError(f"recipe must be 'transform' or 'kvtc', got {recipe!r}")
+    sinks = DEFAULT_SINKS[recipe] if sinks is None else sinks
     say = log or (lambda _msg: None)
     if texts is None:
         texts = [d.text for d in (docs if docs is not None else documents(n_docs, "calibration"))]

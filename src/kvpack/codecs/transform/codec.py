@@ -47,7 +47,7 @@ from kvpack.codecs.calibrated import CalibratedCodec, Log
 from kvpack.codecs.raw import tensor_bytes
 from kvpack.codecs.transform import levels
 from kvpack.codecs.transform.features import features, unfeatures
-from kvpack.codecs.transform.profile import Allocation, Projection, TransformProfile, profile_from
+from kvpack.codecs.transform.profile import MAX_SINKS, Allocation, Projection, TransformProfile, profile_from
 from kvpack.codecs.transform.quant import (
     INT_BITS,
     N_RATES,
@@ -109,7 +109,8 @@ class Transform(CalibratedCodec[TransformProfile]):
     one of ``preset`` (a name stored in the profile), ``target_ratio`` (the highest-quality preset whose calibration
     ratio is at least this) and ``max_kl`` (the highest-ratio preset whose KL measured at calibration is at most
     this); the profile's default preset otherwise. ``sinks``: tokens at positions below it are stored apart (exact
-    bf16, or fp8 under the kvtc recipe). ``layers``: progressive layers (1 = not progressive).
+    bf16, or fp8 under the kvtc recipe); default (``None``): as many as the profile was calibrated with, which the
+    codec then records (``params()`` names the number). ``layers``: progressive layers (1 = not progressive).
     """
 
     name = "transform"
@@ -118,7 +119,7 @@ class Transform(CalibratedCodec[TransformProfile]):
     preset: str | None = None
     target_ratio: float | None = None
     max_kl: float | None = None
-    sinks: int = 4
+    sinks: int | None = None
     layers: int = 1
 
     def __post_init__(self) -> None:
@@ -130,11 +131,13 @@ class Transform(CalibratedCodec[TransformProfile]):
             raise ValueError(f"max_kl must be a positive number, got {self.max_kl!r}")
         if self.preset is not None and not isinstance(self.preset, str):
             raise ValueError("preset must be a string")
-        if not isinstance(self.sinks, int) or not 0 <= self.sinks <= 4096:
-            raise ValueError(f"sinks must be an int in [0, 4096], got {self.sinks!r}")
+        if self.sinks is not None and (not isinstance(self.sinks, int) or not 0 <= self.sinks <= MAX_SINKS):
+            raise ValueError(f"sinks must be an int in [0, {MAX_SINKS}] or None (the profile's), got {self.sinks!r}")
         if not isinstance(self.layers, int) or not 1 <= self.layers <= 8:
             raise ValueError(f"layers must be an int in [1, 8], got {self.layers!r}")
         super().__post_init__()
+        if self.sinks is None:
+            object.__setattr__(self, "sinks", self.state().sinks)  # frozen: resolved once, before any use
 
     # -------------------------------------------------------------------------------------------- profile
 
@@ -161,6 +164,11 @@ class Transform(CalibratedCodec[TransformProfile]):
     def state(self) -> TransformProfile:
         """The compiled profile."""
         return self.compiled
+
+    @property
+    def sink_tokens(self) -> int:
+        """Tokens at positions below this are stored apart (``sinks``, resolved from the profile)."""
+        return self.state().sinks if self.sinks is None else self.sinks
 
     def allocation(self) -> Allocation:
         """The preset this codec's rate control picks."""
@@ -207,7 +215,7 @@ class Transform(CalibratedCodec[TransformProfile]):
             raise CodecError(f"profile {self.profile} was calibrated on another model "
                              f"({st.profile.model_fingerprint[:12]}, cache is {kv.spec.fingerprint[:12]})")
         alloc = self.allocation()
-        sink = kv.positions < self.sinks
+        sink = kv.positions < self.sink_tokens
         coded = ~sink
         sections = {"sinks": self._encode_sinks(kv, sink, st.sink_format)}
         x = features(kv, coded)
@@ -282,7 +290,7 @@ class Transform(CalibratedCodec[TransformProfile]):
         st = self.state()
         preset, n_layers, coded = str(meta["preset"]), int(meta["layers"]), int(meta["coded"])
         _, positions, _ = _tokens_info(container.header, container)
-        sink = positions < self.sinks
+        sink = positions < self.sink_tokens
         if int((~sink).sum()) != coded:
             raise FormatError(f"payload codes {coded} tokens but {int((~sink).sum())} are not sinks")
         alloc = st.presets[str(preset)]

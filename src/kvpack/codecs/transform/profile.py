@@ -28,6 +28,9 @@ from kvpack.entropy.models import Model
 from kvpack.errors import CodecError, FormatError
 from kvpack.profile import Profile
 
+#: Most sink tokens a profile or codec may keep apart.
+MAX_SINKS = 4096
+
 
 @dataclass(frozen=True)
 class Allocation:
@@ -79,6 +82,7 @@ class TransformProfile:
     recipe: str
     rounding: float
     sink_format: str
+    sinks: int  # the sink tokens the profile was calibrated with: the codec's default
 
     subs: dict[tuple[str, int], Projection] = field(default_factory=dict)
 
@@ -157,6 +161,9 @@ def profile_from(profile: Profile) -> TransformProfile:
     try:
         grouping, recipe = str(meta["grouping"]), str(meta["recipe"])
         rounding, sink_format = float(meta["rounding"]), str(meta["sink_format"])
+        sinks = meta["sinks"]
+        if not isinstance(sinks, int) or not 0 <= sinks <= MAX_SINKS:
+            raise FormatError(f"profile sinks must be an int in [0, {MAX_SINKS}], got {sinks!r}")
         groups = feature_groups(int(meta["layers"]), int(meta["width"]), grouping)
         means, weights, bases, sigmas = [], [], [], []
         for g, idx in enumerate(groups):
@@ -193,4 +200,4 @@ def profile_from(profile: Profile) -> TransformProfile:
     if sink_format not in ("exact", "fp8") or recipe not in ("transform", "kvtc") or not 0 < rounding <= 0.5:
         raise FormatError("profile has an unknown recipe, sink format or rounding")
     return TransformProfile(profile, groups, means, weights, bases, sigmas, freqs, shrink, presets, recipe, rounding,
-                            sink_format)
+                            sink_format, sinks)
