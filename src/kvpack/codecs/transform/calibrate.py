@@ -41,8 +41,8 @@ from kvpack.spec import ModelSpec
 
 DEFAULT_RATIOS = (10.0, 12.0, 16.0, 20.0, 24.0, 28.0, 32.0, 40.0, 48.0, 56.0, 64.0, 80.0, 96.0)
 #: Sink tokens (positions stored apart, exact or fp8) by recipe. ``transform``: 1, the token that draws the attention
-#: (StreamingLLM's sink; coding it costs +127% perplexity) -- tokens 1-3 code like any other, so keeping 4 exact spent
-#: 7-19% of the ratio for nothing (docs/transform.md, "Sink tokens"). ``kvtc``: 4, as the paper keeps.
+#: (StreamingLLM's sink; coding it costs +127% perplexity) -- tokens 1-3 code like any other, and keeping them exact
+#: made chunks 6-16% larger at equal KL (docs/transform.md, "Sink tokens"). ``kvtc``: 4, as the paper keeps.
 DEFAULT_SINKS = {"transform": 1, "kvtc": 4}
 #: Container bytes per chunk besides the payload (header JSON, section table), counted in every preset's budget.
 HEADER_BYTES = 2600
