@@ -240,6 +240,13 @@ def _allocate(bits: np.ndarray, err: np.ndarray, budgets: Sequence[float]) -> li
 # ------------------------------------------------------------------------------------------------ calibration
 
 
+def _recipe_sinks(recipe: str, sinks: int | None) -> int:
+    """``sinks``, or the recipe's default (:data:`DEFAULT_SINKS`); ``ValueError`` for an unknown recipe."""
+    if recipe not in DEFAULT_SINKS:
+        raise ValueError(f"recipe must be 'transform' or 'kvtc', got {recipe!r}")
+    return DEFAULT_SINKS[recipe] if sinks is None else sinks
+
+
 def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe: str = "transform",
                           grouping: str | None = None, weights: np.ndarray | None = None, sinks: int | None = None,
                           ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
@@ -263,10 +270,8 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         max_tokens: at most this many calibration tokens (evenly subsampled) enter the statistics.
         reference_tokens: chunk length at which sinks and header are counted in the budgets.
     """
-    if recipe not in ("transform", "kvtc"):
-        raise ValueError(f"recipe must be 'transform' or 'kvtc', got {recipe!r}")
+    sinks = _recipe_sinks(recipe, sinks)
     grouping = grouping or ("joint" if recipe == "transform" else "kv")
-    sinks = DEFAULT_SINKS[recipe] if sinks is None else sinks
     say = log or (lambda _msg: None)
     fit_x, held_x = _split(caches, sinks, max_tokens)
     dims = fit_x.shape[1]
@@ -467,9 +472,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
 
     if weighting not in ("fisher", "uniform"):
         raise ValueError(f"weighting must be 'fisher' or 'uniform', got {weighting!r}")
-    if recipe not in DEFAULT_SINKS:
-        raise ValueError(f"recipe must be 'transform' or 'kvtc', got {recipe!r}")
-    sinks = DEFAULT_SINKS[recipe] if sinks is None else sinks
+    sinks = _recipe_sinks(recipe, sinks)
     say = log or (lambda _msg: None)
     if texts is None:
         texts = [d.text for d in (docs if docs is not None else documents(n_docs, "calibration"))]

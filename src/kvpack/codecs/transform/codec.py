@@ -36,7 +36,7 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -167,8 +167,8 @@ class Transform(CalibratedCodec[TransformProfile]):
 
     @property
     def sink_tokens(self) -> int:
-        """Tokens at positions below this are stored apart (``sinks``, resolved from the profile)."""
-        return self.state().sinks if self.sinks is None else self.sinks
+        """Tokens at positions below this are stored apart: ``sinks``, which ``__post_init__`` resolved to an int."""
+        return cast(int, self.sinks)
 
     def allocation(self) -> Allocation:
         """The preset this codec's rate control picks."""
