@@ -162,37 +162,47 @@ def test_cross_source_protocol(tiny_model: tuple[Any, Any, ModelSpec], monkeypat
                                      "-o", str(profile)])
     assert result.exit_code == 0, result.output
     assert "calibration documents from pydoc,stdlib: stdlib/" in result.output
+    notes = tmp_path / "notes.md"
+    notes.write_text(Path(__file__).with_name("conftest.py").read_text().replace("#", ""))
     runs = []
     for sources in ("stdlib,pydoc", "site-packages,metadata", None):
         out = tmp_path / f"{sources}.json"
-        where = ["--sources", sources] if sources else ["--text", str(Path(__file__))]
-        command = ["bench", "codecs", "--no-defaults"] if sources else ["eval", "--codec", "cachegen"]
-        setting = ["--setting", f"cachegen:profile={profile}"] if sources else ["-p", f"profile={profile}"]
-        result = runner.invoke(cli.app, [*command, *setting, *where, "--docs", "2", "--prefix", "48", "--cont", "16",
-                                         "--json", str(out)])
+        where = ["--sources", sources] if sources else ["--text", str(Path(__file__)), "--text", str(notes)]
+        result = runner.invoke(cli.app, ["bench", "codecs", "--no-defaults", "--setting",
+                                         f"cachegen:profile={profile}", "--setting", "fp8", *where, "--docs", "2",
+                                         "--prefix", "48", "--cont", "16", "--json", str(out)])
         assert result.exit_code == 0, result.output
         runs.append(out)
-    in_source = json.loads(runs[0].read_text())["rows"][0]
+    in_source, in_fp8 = json.loads(runs[0].read_text())["rows"]
     cross = json.loads(runs[1].read_text())["rows"][0]
-    own = json.loads(runs[2].read_text())
+    own, own_fp8 = json.loads(runs[2].read_text())["rows"]
     assert in_source["calibration_sources"] == cross["calibration_sources"] == ["stdlib", "pydoc"]
     assert (in_source["protocol"], cross["protocol"], own["protocol"]) == ("in-source", "cross-source", "own files")
     assert cross["sources"] == ["site-packages", "metadata"] and cross["kinds"] == ["code", "prose"]
     assert [(d["kind"], d["source"]) for d in cross["per_document"]] == [("code", "site-packages"),
                                                                         ("prose", "metadata")]
     assert set(cross["ppl_increase_pct_by_source"]) == {"site-packages", "metadata"}
-    assert own["sources"] == ["file"] and own["per_document"][0]["kind"] == "file"
+    assert own["sources"] == ["file"] and [d["kind"] for d in own["per_document"]] == ["code", "prose"]
+    assert in_fp8["profile"] is None and in_fp8["protocol"] is None
 
     page = tmp_path / "cross.md"
     summary = tmp_path / "cross.json"
     result = runner.invoke(cli.app, ["bench", "cross-source", *map(str, runs), "--markdown", str(page),
                                      "--json", str(summary)])
     assert result.exit_code == 0, result.output
-    (entry,) = json.loads(summary.read_text())
+    tables = json.loads(summary.read_text())
+    (entry,) = tables["settings"]
     assert entry["setting"].startswith("cachegen")
     assert entry["cross-source"]["runs"] == ["stdlib+pydoc -> site-packages+metadata"]
     assert entry["cross-source"]["ratio"] == cross["ratio"]
     assert entry["cross-source"]["ppl_increase_pct_prose"] == cross["ppl_increase_pct_prose"]
-    assert entry["in-source"]["documents"] == 2 and entry["own files"]["ppl_increase_pct_code"] is None
+    assert entry["in-source"]["documents"] == 2
+    assert entry["own files"]["ppl_increase_pct_code"] == own["ppl_increase_pct_code"] is not None
+    assert entry["own files"]["ppl_increase_pct_prose"] == own["ppl_increase_pct_prose"] is not None
+    # fp8 learnt nothing from any source: one entry per evaluated source set, none under a protocol
+    assert [(e["setting"], e["evaluated on"]) for e in tables["unprofiled"]] == [
+        ("fp8(classes=2)", "stdlib+pydoc"), ("fp8(classes=2)", "site-packages+metadata"), ("fp8(classes=2)", "file")]
+    assert tables["unprofiled"][2]["ratio"] == own_fp8["ratio"]
     text = page.read_text()
-    assert "| stdlib+pydoc -> site-packages+metadata | cross-source |" in text and "own files Δppl %" in text
+    assert "| stdlib+pydoc -> site-packages+metadata | cross-source |" in text and "own files prose %" in text
+    assert "| fp8(classes=2) | site-packages+metadata |" in text

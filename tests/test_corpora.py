@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kvpack.eval import corpora
-from kvpack.eval.corpora import SOURCES, Document, documents, parse_sources, source_documents
+from kvpack.eval.corpora import SOURCES, Document, documents, parse_sources, source_documents, text_documents
 
 PREFIX = {"stdlib": "stdlib/", "site-packages": "site-packages/", "pydoc": "topics/", "metadata": "metadata/"}
 
@@ -115,6 +115,15 @@ def test_sources_and_tags_are_validated() -> None:
     with pytest.raises(ValueError, match="unknown corpus source"):
         source_documents("file")
     assert Document(name="x", kind="file", text="").source == "file"
+
+
+def test_own_files_are_code_or_prose_by_suffix(tmp_path: Path) -> None:
+    paths = [tmp_path / n for n in ("a.py", "B.MD", "c.txt", "d.json", "Makefile")]
+    for p in paths:
+        p.write_text("x")
+    docs = text_documents(paths)
+    assert [d.kind for d in docs] == ["code", "prose", "prose", "file", "file"]
+    assert {d.source for d in docs} == {"file"} and [d.name for d in docs] == [str(p) for p in paths]
 
 
 def test_selection_rules_on_a_made_up_site_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,6 +39,8 @@ JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results 
 SourcesOpt = Annotated[str | None, typer.Option(
     help="Corpus sources of the built-in documents, comma-separated: stdlib, site-packages (code), pydoc, metadata "
          "(prose); default stdlib,pydoc (docs/codecs.md: the cross-source protocol).")]
+TextOpt = Annotated[list[Path] | None, typer.Option(
+    help="Evaluate on these text files instead of built-in documents (repeatable): the own-files setting.")]
 
 
 
@@ -182,7 +184,7 @@ def eval_command(
     codec: CodecOpt = "raw",
     param: ParamOpt = None,
     docs: Annotated[int, typer.Option(help="Number of built-in eval documents (half code, half prose).")] = 6,
-    text: Annotated[list[Path] | None, typer.Option(help="Evaluate on these text files instead (repeatable).")] = None,
+    text: TextOpt = None,
     sources: SourcesOpt = None,
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
     cont: Annotated[int, typer.Option(help="Continuation tokens scored on the decoded cache.")] = 512,
@@ -323,6 +325,7 @@ def bench_codecs(
         help="Extra setting NAME:k=v,k=v (repeatable), e.g. transform:profile=P,preset=32x.")] = None,
     defaults: Annotated[bool, typer.Option(help="Include the default settings (raw, zstd, lossless, ...).")] = True,
     docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
+    text: TextOpt = None,
     sources: SourcesOpt = None,
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
     cont: Annotated[int, typer.Option(help="Continuation tokens scored.")] = 512,
@@ -340,7 +343,7 @@ def bench_codecs(
     try:
         extra = [parse_setting(s) for s in setting or []]
         chosen = bench.settings(extra) if defaults else extra
-        documents_used = corpus(docs, "eval", sources)
+        documents_used = corpus(docs, "eval", sources, text)
         lm, tokenizer, spec = load_model(model)
         rows = evaluate(lm, tokenizer, spec, chosen, documents_used, prefix=prefix, cont=cont,
                         passkey_tokens=passkey, passkey_trials=trials)
@@ -369,7 +372,8 @@ def bench_cross_source(
         _fail(exc)
     crosssource.print_summary(rows, console)
     if json_path:
-        json_path.write_text(json.dumps(crosssource.summary(rows), indent=2))
+        json_path.write_text(json.dumps({"settings": crosssource.summary(rows),
+                                         "unprofiled": crosssource.unprofiled(rows)}, indent=2))
         console.print(f"wrote {json_path}")
     if markdown:
         markdown.write_text(crosssource.markdown(rows, _command_line()))

@@ -62,11 +62,11 @@ def _run(row: dict[str, Any]) -> str:
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per setting with rows of a known protocol: ``{"setting", PROTOCOL: cell or None, ...}``, settings
-    in the order they first appear."""
+    """One entry per setting of a calibrated codec with rows of a known protocol: ``{"setting", PROTOCOL: cell or
+    None, ...}``, settings in the order they first appear."""
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
-        if row.get("protocol") in PROTOCOLS:
+        if row.get("profile") and row.get("protocol") in PROTOCOLS:
             out.setdefault(label(row), {"setting": label(row), **dict.fromkeys(PROTOCOLS)})
     for name, entry in out.items():
         for p in PROTOCOLS:
@@ -75,11 +75,22 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def unprofiled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Settings of codecs without a profile (nothing was learnt from any source, so no protocol applies), one entry
+    per setting and evaluated source set: ``{"setting", "evaluated on", **cell}``, in the order they first appear."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if not row.get("profile"):
+            groups.setdefault((label(row), "+".join(row["sources"])), []).append(row)
+    return [{"setting": name, "evaluated on": where, **_cell(chosen)} for (name, where), chosen in groups.items()]
 
-#: Summary columns per protocol: (heading, key of the cell); own files have no code/prose tag.
-CELLS = {p: (("ratio", "ratio"), ("code %", "ppl_increase_pct_code"), ("prose %", "ppl_increase_pct_prose"))
-         for p in PROTOCOLS[:2]} | {"own files": (("ratio", "ratio"), ("Δppl %", "ppl_increase_pct"))}
+
+#: Summary columns per protocol: (heading, key of the cell); own files that are neither code nor prose by their
+#: suffix count in the own-files Δppl only.
+_KINDS = (("ratio", "ratio"), ("code %", "ppl_increase_pct_code"), ("prose %", "ppl_increase_pct_prose"))
+CELLS = {p: _KINDS for p in PROTOCOLS[:2]} | {"own files": (*_KINDS, ("Δppl %", "ppl_increase_pct"))}
 SUMMARY_COLUMNS = ["setting"] + [f"{p} {heading}" for p, cells in CELLS.items() for heading, _ in cells]
+UNPROFILED_COLUMNS = ["setting", "evaluated on", "ratio", "code %", "prose %", "Δppl %"]
 
 
 def _summary_cells(entry: dict[str, Any]) -> list[str]:
@@ -88,6 +99,11 @@ def _summary_cells(entry: dict[str, Any]) -> list[str]:
         cell = entry[p] or {}
         cells += [fmt(cell.get(key), ".2f" if key == "ratio" else "+.2f") for _, key in keys]
     return cells
+
+
+def _unprofiled_cells(entry: dict[str, Any]) -> list[str]:
+    return [entry["setting"], entry["evaluated on"], f"{entry['ratio']:.2f}",
+            *(fmt(entry[k], "+.2f") for k in ("ppl_increase_pct_code", "ppl_increase_pct_prose", "ppl_increase_pct"))]
 
 
 RUN_COLUMNS = ["setting", "calibrated on -> evaluated on", "protocol", "ratio", "Δppl %", "code %", "prose %",
@@ -109,9 +125,12 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     page = ["# Cross-source evaluation", "", f"Produced by `{command}`.", "",
             "Per setting: ratio (fp16 bytes / stored bytes over every run of the protocol) and mean continuation-"
             "perplexity increase over code and prose documents. In-source: the profile was calibrated on the "
-            "sources evaluated (other documents of them); cross-source: on none of them; own files: `kvpack eval "
-            "--text`.", ""]
+            "sources evaluated (other documents of them); cross-source: on none of them; own files: a user's files "
+            "(`kvpack bench codecs --text` or `kvpack eval --text`; code or prose by suffix).", ""]
     page += table(SUMMARY_COLUMNS, [_summary_cells(e) for e in summary(rows)])
+    if other := unprofiled(rows):
+        page += ["", "Codecs without a profile (every source is unseen by them), per evaluated source set:", "",
+                 *table(UNPROFILED_COLUMNS, [_unprofiled_cells(e) for e in other])]
     page += ["", "Every run:", "", *table(RUN_COLUMNS, [_run_cells(r) for r in rows])]
     return "\n".join(page) + "\n"
 

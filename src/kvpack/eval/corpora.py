@@ -250,7 +250,21 @@ def documents(n: int, split: Split = "eval", sources: Sequence[str] = DEFAULT_SO
     return chosen
 
 
+#: File name suffixes of a user's text (``--text``) taken as code and as prose, so that own-files rows report the
+#: two kinds apart as the corpora do; any other file is of kind ``file``.
+CODE_SUFFIXES = frozenset({".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts",
+                           ".sh", ".rb", ".swift", ".kt", ".scala", ".cu"})
+PROSE_SUFFIXES = frozenset({".md", ".rst", ".txt", ".tex", ".adoc", ".org"})
+
+
+def file_kind(path: Path) -> str:
+    """``code``, ``prose`` or ``file`` for a user's text file, by its suffix (case-insensitive)."""
+    suffix = Path(path).suffix.lower()
+    return "code" if suffix in CODE_SUFFIXES else "prose" if suffix in PROSE_SUFFIXES else "file"
+
+
 def text_documents(paths: list[Path]) -> list[Document]:
-    """User-given text files as documents (``kvpack eval --text FILE``)."""
-    return [Document(name=str(p), kind="file", text=Path(p).read_text(encoding="utf-8", errors="replace"))
+    """User-given text files as documents (``kvpack eval --text FILE``), of source ``file`` and kind
+    :func:`file_kind`."""
+    return [Document(name=str(p), kind=file_kind(p), text=Path(p).read_text(encoding="utf-8", errors="replace"))
             for p in paths]
