@@ -271,3 +271,38 @@ def test_lossless_context_sees_a_context_that_pays_and_projects_today_exactly(tm
     assert today["actual"] < 8 * written / kv.data.numel()  # the sections, without container headers
     assert json.loads((tmp_path / "c.json").read_text())[0]["context"] == "today"
     assert "| 256 | prev symbol |" in lossless_context.markdown(rows, "kvpack bench lossless-context")
+
+
+def test_transform_context_charges_today_as_coded_and_sees_a_context_that_pays(tmp_path: Path) -> None:
+    from kvpack.bench import transform_context
+    from kvpack.codecs.transform import Transform
+    from kvpack.codecs.transform.calibrate import calibrate_from_caches
+    from kvpack.eval.corpora import Document
+    from kvpack.format import read_container
+    from test_calibrate import low_rank_caches
+
+    caches = low_rank_caches()
+    prof = calibrate_from_caches(caches, caches[0].spec, ratios=(2.0, 4.0), default_ratio=4.0, reference_tokens=256)
+    codec = Transform(profile=str(prof.save(tmp_path / "p.kvprof")), preset="4x")
+    # every odd token repeats the one before it (pre-RoPE: a pair shares its position), so the previous token's
+    # level predicts the next one's in the held-out fold too; scaled down, the levels fall within the contexts' 0-3
+    pairs = torch.arange(300, dtype=torch.int64) // 2
+    docs = [low_rank_caches(n=1, tokens=300, seed=s, positions=pairs)[0] for s in (11, 12, 13, 14)]
+    for kv in docs:
+        kv.data.mul_(0.1)
+    rows = transform_context.run(codec, [(Document(name=f"d{i}", kind="code", text=""), kv)
+                                         for i, kv in enumerate(docs)], chunks=(128,),
+                                 json_path=tmp_path / "c.json")
+    by = {r["model"]: r for r in rows}
+    today = by["today"]
+    coded = sum(len(read_container(codec.encode(part)).section("e0")) for kv in docs for part in kv.chunks(128))
+    assert today["saving"] == 0 and today["projected_ratio"] == today["ratio_today"]
+    # the ideal cost under the profile's tables is what the rANS section holds, up to lane states and flushes
+    assert 0.98 * coded < today["bits_per_symbol"] * today["symbols"] / 8 < 1.02 * coded
+    assert by["prev 4"]["saving"] > 0.1 and by["prev 4"]["projected_ratio"] > today["ratio_today"]
+    assert by["per-chunk tables"]["table_bits_per_symbol"] > 0
+    assert today["symbols"] == sum(codec.level_symbols(p).symbols.size for kv in docs for p in kv.chunks(128))
+    assert json.loads((tmp_path / "c.json").read_text())[0]["model"] == "today"
+    assert "| 128 | prev 4 x neighbour 4 | 20 |" in transform_context.markdown(rows, "kvpack bench transform-context")
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        transform_context.run(codec, [(Document(name="d", kind="code", text=""), docs[0])])

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 try:
     import typer
@@ -426,6 +426,32 @@ def bench_lossless_context(
         _fail(exc)
     if markdown:
         markdown.write_text(lossless_context.markdown(rows, _command_line()))
+
+
+@bench_app.command("transform-context")
+def bench_transform_context(
+    param: ParamOpt = None,
+    docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
+    sources: SourcesOpt = None,
+    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is measured.")] = 1536,
+    model: ModelOpt = DEFAULT_MODEL,
+    json_path: JsonOpt = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
+) -> None:
+    """Would context-conditioned entropy tables raise `transform`? Its level symbols' cost under richer models,
+    at 256-token and whole-document chunks (-p profile=P -p preset=32x)."""
+    from kvpack.bench import speed, transform_context
+    from kvpack.codecs.transform import Transform
+
+    try:
+        codec = cast(Transform, make_codec("transform", param))
+        lm, tokenizer, spec = load_model(model)
+        entries = speed.caches(lm, tokenizer, spec, corpus(docs, "eval", sources), prefix)
+        rows = transform_context.run(codec, entries, json_path=json_path, console=console)
+    except (KvpackError, ValueError) as exc:
+        _fail(exc)
+    if markdown:
+        markdown.write_text(transform_context.markdown(rows, _command_line()))
 
 
 @bench_app.command("gpu")

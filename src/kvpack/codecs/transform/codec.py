@@ -210,23 +210,40 @@ class Transform(CalibratedCodec[TransformProfile]):
     # -------------------------------------------------------------------------------------------- encode
 
     def encode_payload(self, kv: KVCache) -> Payload:
+        st, alloc, projections, zs = self._coefficients(kv)
+        sections = {"sinks": self._encode_sinks(kv, kv.positions < self.sink_tokens, st.sink_format)}
+        layers = self._layer_blocks(st, alloc, self.layers)
+        for k, blocks in enumerate(layers):
+            lay = self._layout(st, alloc, blocks)
+            sections.update(self._encode_layer(st, k, lay, _columns(projections, lay), zs))
+        meta = {"preset": alloc.name, "layers": len(layers), "coded": int(zs[0].shape[0])}
+        return Payload(meta=meta, sections=sections)
+
+    def _coefficients(self, kv: KVCache) -> tuple[TransformProfile, Allocation, list[Projection], list[np.ndarray]]:
+        """The compiled profile, the chosen allocation, its projection per PCA group and the normalized coefficients
+        ``z [T, U_g]`` of ``kv``'s ``T`` coded (non-sink) tokens per group."""
         st = self.state()
         if kv.spec.fingerprint != st.profile.model_fingerprint:
             raise CodecError(f"profile {self.profile} was calibrated on another model "
                              f"({st.profile.model_fingerprint[:12]}, cache is {kv.spec.fingerprint[:12]})")
         alloc = self.allocation()
-        sink = kv.positions < self.sink_tokens
-        coded = ~sink
-        sections = {"sinks": self._encode_sinks(kv, sink, st.sink_format)}
-        x = features(kv, coded)
+        x = features(kv, kv.positions >= self.sink_tokens)
         projections = [st.projection(alloc, g) for g in range(len(st.groups))]
-        zs = [self._project(p, x) for p in projections]
-        layers = self._layer_blocks(st, alloc, self.layers)
-        for k, blocks in enumerate(layers):
-            lay = self._layout(st, alloc, blocks)
-            sections.update(self._encode_layer(st, k, lay, _columns(projections, lay), zs))
-        meta = {"preset": alloc.name, "layers": len(layers), "coded": int(x.shape[0])}
-        return Payload(meta=meta, sections=sections)
+        return st, alloc, projections, [self._project(p, x) for p in projections]
+
+    def level_symbols(self, kv: KVCache) -> CodedLevels:
+        """The rANS symbols a chunk of ``kv`` codes (all progressive layers together), for analysis
+        (`kvpack bench transform-context`); encoding does not call it."""
+        st, alloc, projections, zs = self._coefficients(kv)
+        lay = self._layout(st, alloc, self._layer_blocks(st, alloc, 1)[0])
+        n, tokens = lay.ec_class.size, zs[0].shape[0]
+        if not n or not tokens:
+            symbols = np.zeros((n, tokens), np.uint8)
+        else:
+            flat, _, _ = levels.quantize(zs, lay.ec_group, _columns(projections, lay).ec, lay.ec_class, st.freqs,
+                                         st.rounding)
+            symbols = flat.reshape(n, tokens)
+        return CodedLevels(classes=lay.ec_class, groups=lay.ec_group, components=lay.ec_comp, symbols=symbols)
 
     @staticmethod
     def _project(p: Projection, x: torch.Tensor) -> np.ndarray:
@@ -443,6 +460,19 @@ class Transform(CalibratedCodec[TransformProfile]):
         if "sinks" not in sections:
             raise FormatError("prefix does not reach the sink section; read more bytes")
         return self._decode_container(_Partial(header=header, sections=sections), spec, token_ids, out)
+
+
+@dataclass(frozen=True)
+class CodedLevels:
+    """The entropy-coded levels of one chunk, lane order (:meth:`Transform.level_symbols`): component ``i`` is
+    principal component ``components[i]`` of PCA group ``groups[i]`` at rate class ``classes[i]`` (int64 ``[n]``
+    each; classes non-decreasing), and ``symbols[i]`` (uint8 ``[n, T]``, one per coded token) are its rANS symbols
+    (``ESCAPE`` where the value went to the escape section)."""
+
+    classes: np.ndarray
+    groups: np.ndarray
+    components: np.ndarray
+    symbols: np.ndarray
 
 
 @dataclass(frozen=True)
