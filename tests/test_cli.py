@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import PROSE
-from kvpack import cli
+from kvpack import cli, codecs
 from kvpack.spec import ModelSpec
 from test_families import tiny
 
@@ -158,10 +158,15 @@ def test_cross_source_protocol(tiny_model: tuple[Any, Any, ModelSpec], monkeypat
     monkeypatch.setattr(cli, "load_model", lambda name: tiny_model)
     monkeypatch.setattr(kvpack.eval, "reference", functools.partial(reference, greedy_tokens=2))  # not checked
     profile = tmp_path / "a.kvprof"
+    record = tmp_path / "a.calibration.json"
     result = runner.invoke(cli.app, ["calibrate", "--codec", "cachegen", "--docs", "2", "--sources", "pydoc,stdlib",
-                                     "-o", str(profile)])
+                                     "-o", str(profile), "--json", str(record)])
     assert result.exit_code == 0, result.output
     assert "calibration documents from pydoc,stdlib: stdlib/" in result.output
+    made = json.loads(record.read_text())
+    assert made["kind"] == "calibration" and made["profile_bytes"] == profile.stat().st_size
+    assert made["calibration_sources"] == ["stdlib", "pydoc"] and len(made["documents"]) == 2
+    assert made["seconds"] > 0 and made["profile_hash"] == codecs.get("cachegen", profile=str(profile)).profile_hash()
     notes = tmp_path / "notes.md"
     notes.write_text(Path(__file__).with_name("conftest.py").read_text().replace("#", ""))
     runs = []
@@ -187,10 +192,11 @@ def test_cross_source_protocol(tiny_model: tuple[Any, Any, ModelSpec], monkeypat
 
     page = tmp_path / "cross.md"
     summary = tmp_path / "cross.json"
-    result = runner.invoke(cli.app, ["bench", "cross-source", *map(str, runs), "--markdown", str(page),
+    result = runner.invoke(cli.app, ["bench", "cross-source", *map(str, runs), str(record), "--markdown", str(page),
                                      "--json", str(summary)])
     assert result.exit_code == 0, result.output
     tables = json.loads(summary.read_text())
+    assert tables["profiles"] == [made]
     (entry,) = tables["settings"]
     assert entry["setting"].startswith("cachegen")
     assert entry["cross-source"]["runs"] == ["stdlib+pydoc -> site-packages+metadata"]
@@ -204,5 +210,7 @@ def test_cross_source_protocol(tiny_model: tuple[Any, Any, ModelSpec], monkeypat
         ("fp8(classes=2)", "stdlib+pydoc"), ("fp8(classes=2)", "site-packages+metadata"), ("fp8(classes=2)", "file")]
     assert tables["unprofiled"][2]["ratio"] == own_fp8["ratio"]
     text = page.read_text()
-    assert "| stdlib+pydoc -> site-packages+metadata | cross-source |" in text and "own files prose %" in text
+    assert "own files prose %" in text and "| enc MB/s | dec MB/s |" in text
     assert "| fp8(classes=2) | site-packages+metadata |" in text
+    assert f"| {made['profile_hash'][:8]} | cachegen | stdlib+pydoc | 2 |" in text  # the profiles table
+    assert f"| {made['profile_hash'][:8]} | stdlib+pydoc -> site-packages+metadata | cross-source |" in text

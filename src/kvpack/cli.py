@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -245,6 +246,9 @@ def calibrate(
         "--for-vllm", help="Bind the profile to the model vLLM serves from --model (the local checkpoint directory) "
                            "in this dtype (float32, bfloat16, float16), for kvpack's vLLM connector (docs/vllm.md).")]
     = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Also write a record of this calibration (profile hash and size, documents, seconds, machine) "
+                       "as JSON here; `kvpack bench cross-source` lists such records beside the settings.")] = None,
 ) -> None:
     """Build a codec's per-model calibration profile (PCA basis and bit allocations, or CacheGen's symbol tables)."""
     cls = codecs.codec_class(codec) if codec in codecs.available() else None
@@ -287,9 +291,20 @@ def calibrate(
         from kvpack.eval.corpora import source_order
 
         profile = replace(profile, meta={**profile.meta, "calibration_sources": source_order(d.source for d in chosen)})
+    seconds = time.perf_counter() - t0
     path = profile.save(output)
     console.print(f"{codec} profile {profile.hash} ({profile.nbytes / 1e6:.2f} MB) written to {path} in "
-                  f"{time.perf_counter() - t0:.0f} s")
+                  f"{seconds:.0f} s")
+    if json_path is not None:
+        from kvpack.cpu import model_name
+
+        record = {"kind": "calibration", "codec": codec, "profile_hash": profile.hash, "profile_bytes": profile.nbytes,
+                  "seconds": seconds, "calibration_sources": profile.meta.get("calibration_sources"),
+                  "documents": None if isinstance(chosen, int) else [d.name for d in chosen], "n_documents": docs,
+                  "options": options, "machine": model_name(), "load": os.getloadavg()[0],
+                  "command": _command_line()}
+        json_path.write_text(json.dumps(record, indent=2))
+        console.print(f"wrote {json_path}")
     for preset in profile.meta.get("presets", []):
         kl = "" if preset.get("kl") is None else f", KL {preset['kl']:.4f} on a held-out calibration document"
         console.print(f"  preset {preset['name']}{kl}")
@@ -357,7 +372,8 @@ def bench_codecs(
 
 @bench_app.command("cross-source")
 def bench_cross_source(
-    runs: Annotated[list[Path], typer.Argument(help="JSON of `kvpack bench codecs` or `kvpack eval` runs.",
+    runs: Annotated[list[Path], typer.Argument(help="JSON of `kvpack bench codecs` or `kvpack eval` runs, and of "
+                                                    "`kvpack calibrate --json` records.",
                                                exists=True, dir_okay=False)],
     json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
@@ -367,16 +383,17 @@ def bench_cross_source(
     from kvpack.bench import crosssource
 
     try:
-        rows = crosssource.load(runs)
+        rows, calibrations = crosssource.load(runs)
     except (KeyError, ValueError) as exc:
         _fail(exc)
     crosssource.print_summary(rows, console)
     if json_path:
         json_path.write_text(json.dumps({"settings": crosssource.summary(rows),
-                                         "unprofiled": crosssource.unprofiled(rows)}, indent=2))
+                                         "unprofiled": crosssource.unprofiled(rows), "profiles": calibrations},
+                                        indent=2))
         console.print(f"wrote {json_path}")
     if markdown:
-        markdown.write_text(crosssource.markdown(rows, _command_line()))
+        markdown.write_text(crosssource.markdown(rows, _command_line(), calibrations))
         console.print(f"wrote {markdown}")
 
 

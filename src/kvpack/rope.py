@@ -114,6 +114,20 @@ def _cos_sin(positions: torch.Tensor, rope: RopeSpec, head_dim: int) -> tuple[to
     return both.cos() * attention, both.sin() * attention
 
 
+def rotation(positions: torch.Tensor, rope: RopeSpec, head_dim: int, inverse: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(cos, sin) [tokens, rotary_dim]`` that :func:`rotate` (or, ``inverse``, :func:`unrotate`) applies at
+    ``positions`` as ``keys * cos + rotate_half(keys) * sin``: one rounding for the product with ``cos``, then one
+    fused multiply-add for the ``sin`` term (what torch's ``mul_`` and ``addcmul_`` do; a fused CPU kernel,
+    :mod:`kvpack.codecs.transform.features`, reproduces it bit for bit from these tables)."""
+    cos, sin = _cos_sin(positions, rope, head_dim)
+    if not inverse:
+        return cos, sin
+    _, attention = inverse_frequencies(rope, head_dim)
+    scale = attention * attention
+    return cos / scale, -sin / scale
+
+
 def _turn(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``keys * cos + rotate_half(keys) * sin`` on the rotary channels, others unchanged: a new float32 tensor."""
     dim = cos.shape[-1]
@@ -136,8 +150,7 @@ def _check(keys: torch.Tensor, positions: torch.Tensor, head_dim: int) -> None:
 def rotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, head_dim: int) -> torch.Tensor:
     """Apply RoPE: pre-RoPE ``keys [..., tokens, head_dim]`` at ``positions [tokens]`` -> post-RoPE (float32)."""
     _check(keys, positions, head_dim)
-    cos, sin = _cos_sin(positions, rope, head_dim)
-    return _turn(keys, cos, sin)
+    return _turn(keys, *rotation(positions, rope, head_dim))
 
 
 def unrotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -147,10 +160,7 @@ def unrotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, head_d
     factor multiplies cos and sin, i.e. scales the key).
     """
     _check(keys, positions, head_dim)
-    cos, sin = _cos_sin(positions, rope, head_dim)
-    _, attention = inverse_frequencies(rope, head_dim)
-    scale = attention * attention
-    return _turn(keys, cos / scale, -sin / scale)
+    return _turn(keys, *rotation(positions, rope, head_dim, inverse=True))
 
 
 def rerotate(keys: torch.Tensor, from_positions: torch.Tensor, to_positions: torch.Tensor, rope: RopeSpec,

@@ -13,6 +13,7 @@ continuation-perplexity increase over documents, code and prose apart.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +26,23 @@ from kvpack.bench.rows import fmt
 PROTOCOLS = ("in-source", "cross-source", "own files")
 
 
-def load(paths: list[Path]) -> list[dict[str, Any]]:
-    """The rows of each JSON file: ``{"rows": [...]}`` (bench codecs), a list of rows or one row (eval)."""
+def load(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(rows, calibrations)`` of the JSON files: evaluation rows (``{"rows": [...]}`` of bench codecs, a list of
+    rows or one row of eval) and calibration records (``kvpack calibrate --json``: ``"kind": "calibration"``)."""
     rows: list[dict[str, Any]] = []
+    calibrations: list[dict[str, Any]] = []
     for path in paths:
         data = json.loads(Path(path).read_text())
+        if isinstance(data, dict) and data.get("kind") == "calibration":
+            calibrations.append(data)
+            continue
         if isinstance(data, dict):
             data = data.get("rows", [data])
         rows += data
     for row in rows:
         if "sources" not in row:
             raise ValueError(f"a row of {row.get('codec')} has no sources: it predates the cross-source protocol")
-    return rows
+    return rows, calibrations
 
 
 def _mean(values: list[float]) -> float | None:
@@ -106,18 +112,31 @@ def _unprofiled_cells(entry: dict[str, Any]) -> list[str]:
             *(fmt(entry[k], "+.2f") for k in ("ppl_increase_pct_code", "ppl_increase_pct_prose", "ppl_increase_pct"))]
 
 
-RUN_COLUMNS = ["setting", "calibrated on -> evaluated on", "protocol", "ratio", "Δppl %", "code %", "prose %",
-               "KL mean"]
+RUN_COLUMNS = ["setting", "profile", "calibrated on -> evaluated on", "protocol", "ratio", "Δppl %", "code %",
+               "prose %", "KL mean", "enc MB/s", "dec MB/s"]
 
 
 def _run_cells(row: dict[str, Any]) -> list[str]:
-    return [label(row), _run(row), row.get("protocol") or "-", f"{row['ratio']:.2f}",
-            f"{row['ppl_increase_pct']:+.2f}", fmt(row.get("ppl_increase_pct_code"), "+.2f"),
-            fmt(row.get("ppl_increase_pct_prose"), "+.2f"), f"{row['kl_mean']:.4f}"]
+    profile = (row.get("profile") or {}).get("hash")
+    return [label(row), profile[:8] if profile else "-", _run(row), row.get("protocol") or "-",
+            f"{row['ratio']:.2f}", f"{row['ppl_increase_pct']:+.2f}", fmt(row.get("ppl_increase_pct_code"), "+.2f"),
+            fmt(row.get("ppl_increase_pct_prose"), "+.2f"), f"{row['kl_mean']:.4f}", f"{row['encode_MBps']:.0f}",
+            f"{row['decode_MBps']:.0f}"]
 
 
-def markdown(rows: list[dict[str, Any]], command: str) -> str:
-    """The results page: the summary per setting, then every row."""
+PROFILE_COLUMNS = ["profile", "codec", "calibrated on", "documents", "MB", "calibration s", "machine (load)"]
+
+
+def _profile_cells(record: dict[str, Any]) -> list[str]:
+    return [record["profile_hash"][:8], record["codec"], "+".join(record.get("calibration_sources") or []) or "-",
+            str(len(record["documents"]) if record.get("documents") else record.get("n_documents")),
+            f"{record['profile_bytes'] / 1e6:.1f}", f"{record['seconds']:.0f}",
+            f"{record['machine']} ({record['load']:.1f})"]
+
+
+def markdown(rows: list[dict[str, Any]], command: str, calibrations: Sequence[dict[str, Any]] = ()) -> str:
+    """The results page: the summary per setting, codecs without a profile, the profiles (size and calibration
+    time, from ``kvpack calibrate --json`` records), then every row (with its encode and decode MB/s)."""
     def table(columns: list[str], lines: list[list[str]]) -> list[str]:
         return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
                 *("| " + " | ".join(cells) + " |" for cells in lines)]
@@ -131,7 +150,11 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     if other := unprofiled(rows):
         page += ["", "Codecs without a profile (every source is unseen by them), per evaluated source set:", "",
                  *table(UNPROFILED_COLUMNS, [_unprofiled_cells(e) for e in other])]
-    page += ["", "Every run:", "", *table(RUN_COLUMNS, [_run_cells(r) for r in rows])]
+    if calibrations:
+        page += ["", "Profiles (`kvpack calibrate --json`):", "",
+                 *table(PROFILE_COLUMNS, [_profile_cells(c) for c in calibrations])]
+    page += ["", "Every run (MB/s of fp16 KV per second, encode and decode of every document; the machine's load "
+             "during the runs moves them):", "", *table(RUN_COLUMNS, [_run_cells(r) for r in rows])]
     return "\n".join(page) + "\n"
 
 

@@ -18,7 +18,7 @@ import torch
 from kvpack import entropy
 from kvpack.codecs.base import Codec, _tokens_info
 from kvpack.codecs.transform.codec import Transform, _inflate, _Layout
-from kvpack.codecs.transform.features import unfeatures
+from kvpack.codecs.transform.features import place
 from kvpack.codecs.transform.profile import TransformProfile
 from kvpack.codecs.transform.quant import ESCAPE, fixed_bytes, fixed_decode, low_bits, rates, unpack_bits
 from kvpack.entropy.rans_triton import decode_stream
@@ -112,12 +112,11 @@ def decode(codec: Codec, meta: Mapping[str, Any], container: Container, spec: Mo
             x.copy_(y)
         else:
             x[:, p.columns.to(device)] = y
-    keys_c, values_c = unfeatures(x, positions[~sink], spec)
-    keys_s, values_s = codec._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
     data = torch.empty(spec.buffer_shape(num_tokens), dtype=spec.torch_dtype, device=device) if out is None else out
+    place(x, positions[~sink], spec, data, (~sink).nonzero().squeeze(1))
+    keys_s, values_s = codec._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
     mask = sink.to(device)
     for layer in range(spec.num_layers):
-        for kind, c, s in ((0, keys_c, keys_s), (1, values_c, values_s)):
-            data[layer, kind][:, ~mask] = c[layer].to(spec.torch_dtype)
+        for kind, s in ((0, keys_s), (1, values_s)):
             data[layer, kind][:, mask] = s[layer].to(device)
     return data

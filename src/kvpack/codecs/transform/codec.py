@@ -46,7 +46,7 @@ from kvpack.codecs.base import Payload, _tokens_info, register
 from kvpack.codecs.calibrated import CalibratedCodec, Log
 from kvpack.codecs.raw import tensor_bytes
 from kvpack.codecs.transform import levels
-from kvpack.codecs.transform.features import features, unfeatures
+from kvpack.codecs.transform.features import features, place
 from kvpack.codecs.transform.profile import MAX_SINKS, Allocation, Projection, TransformProfile, profile_from
 from kvpack.codecs.transform.quant import (
     INT_BITS,
@@ -331,17 +331,12 @@ class Transform(CalibratedCodec[TransformProfile]):
                 torch.addmm(bias, z, decode, out=x)
             else:
                 x[:, p.columns] = torch.addmm(bias, z, decode)
-        keys_c, values_c = unfeatures(x, positions[~sink], spec)
-        keys_s, values_s = self._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
         data = torch.empty(spec.buffer_shape(num_tokens), dtype=spec.torch_dtype) if out is None else out
-        if not bool(sink.any()):
-            data[:, 0].copy_(keys_c)
-            data[:, 1].copy_(values_c)
-            return data
-        coded_at, sinks_at = (~sink).nonzero().squeeze(1), sink.nonzero().squeeze(1)
-        for kind, c, s in ((0, keys_c, keys_s), (1, values_c, values_s)):  # all layers at once: [L, H, T, D]
-            data[:, kind].index_copy_(2, coded_at, c.to(spec.torch_dtype))
-            data[:, kind].index_copy_(2, sinks_at, torch.stack(s))
+        place(x, positions[~sink], spec, data, (~sink).nonzero().squeeze(1))
+        if bool(sink.any()):
+            keys_s, values_s = self._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
+            for kind, s in ((0, keys_s), (1, values_s)):  # all layers at once: [L, H, T, D]
+                data[:, kind].index_copy_(2, sink.nonzero().squeeze(1), torch.stack(s))
         return data
 
     def _decode_layer(self, st: TransformProfile, lay: _Layout, cols: _Columns, data: list[memoryview],
