@@ -207,7 +207,7 @@ def test_cross_source_protocol(tiny_model: tuple[Any, Any, ModelSpec], monkeypat
     assert entry["own files"]["ppl_increase_pct_prose"] == own["ppl_increase_pct_prose"] is not None
     # fp8 learnt nothing from any source: one entry per evaluated source set, none under a protocol
     assert [(e["setting"], e["evaluated on"]) for e in tables["unprofiled"]] == [
-        ("fp8(classes=2)", "stdlib+pydoc"), ("fp8(classes=2)", "site-packages+metadata"), ("fp8(classes=2)", "file")]
+        ("fp8(classes=2)", where) for where in ("stdlib+pydoc", "site-packages+metadata", "own files")]
     assert tables["unprofiled"][2]["ratio"] == own_fp8["ratio"]
     text = page.read_text()
     assert "own files prose %" in text and "| enc MB/s | dec MB/s |" in text

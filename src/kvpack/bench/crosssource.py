@@ -87,7 +87,8 @@ def unprofiled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         if not row.get("profile"):
-            groups.setdefault((label(row), "+".join(row["sources"])), []).append(row)
+            where = "own files" if row.get("protocol") == "own files" else "+".join(row["sources"])
+            groups.setdefault((label(row), where), []).append(row)
     return [{"setting": name, "evaluated on": where, **_cell(chosen)} for (name, where), chosen in groups.items()]
 
 
