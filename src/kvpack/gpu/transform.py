@@ -112,9 +112,9 @@ def decode(codec: Codec, meta: Mapping[str, Any], container: Container, spec: Mo
             x.copy_(y)
         else:
             x[:, p.columns.to(device)] = y
+    keys_s, values_s = codec._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
     data = torch.empty(spec.buffer_shape(num_tokens), dtype=spec.torch_dtype, device=device) if out is None else out
     place(x, positions[~sink], spec, data, (~sink).nonzero().squeeze(1))
-    keys_s, values_s = codec._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
     mask = sink.to(device)
     for layer in range(spec.num_layers):
         for kind, s in ((0, keys_s), (1, values_s)):

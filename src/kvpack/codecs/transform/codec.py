@@ -331,10 +331,10 @@ class Transform(CalibratedCodec[TransformProfile]):
                 torch.addmm(bias, z, decode, out=x)
             else:
                 x[:, p.columns] = torch.addmm(bias, z, decode)
+        keys_s, values_s = self._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
         data = torch.empty(spec.buffer_shape(num_tokens), dtype=spec.torch_dtype) if out is None else out
         place(x, positions[~sink], spec, data, (~sink).nonzero().squeeze(1))
         if bool(sink.any()):
-            keys_s, values_s = self._decode_sinks(container.section("sinks"), spec, int(sink.sum()), st.sink_format)
             for kind, s in ((0, keys_s), (1, values_s)):  # all layers at once: [L, H, T, D]
                 data[:, kind].index_copy_(2, sink.nonzero().squeeze(1), torch.stack(s))
         return data

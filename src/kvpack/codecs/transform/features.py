@@ -55,7 +55,7 @@ def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         with threads_for(out.numel()):
             _gather(_bits(kv.data), 16 if kv.data.dtype == torch.bfloat16 else 0, src,
                     *_tables(spec, pos, inverse=True), out.numpy())
-        return out.reshape(pos.numel(), -1)
+        return out.reshape(pos.numel(), spec.elements_per_token)
     keys, values = kv.data[:, 0], kv.data[:, 1]  # [L, H, T, D]
     if rows is not None:
         keys, values = keys[:, :, rows], values[:, :, rows]
@@ -65,7 +65,7 @@ def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
     both = out.permute(1, 2, 3, 0, 4)  # [L, 2, H, T, D], written in place: no stacked copy to permute
     both[:, 0] = pre
     both[:, 1] = values
-    return out.reshape(pos.numel(), 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim)
+    return out.reshape(pos.numel(), spec.elements_per_token)
 
 
 def unfeatures(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
