@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,27 @@ def test_allocation_dp_is_optimal() -> None:
                if sum(bits[b, o] for b, o in enumerate(c)) <= budget * (1 - 1e-3))
     assert sum(bits[b, o] for b, o in enumerate(pick)) <= budget
     assert sum(err[b, o] for b, o in enumerate(pick)) <= best[0] + 1e-9
+
+
+def test_sink_format_is_a_calibration_choice(tmp_path: Path) -> None:
+    """``sink_format="fp8"`` makes a transform profile store its sinks in fp8: the budgets count those bytes, the
+    chunks hold them, and the sinks come back within e4m3's precision; any other name is refused."""
+    from kvpack.codecs.transform import Transform
+    from kvpack.format import read_container
+
+    caches = low_rank_caches()
+    made = {fmt: calibrate_from_caches(caches, caches[0].spec, ratios=(4.0,), default_ratio=4.0, reference_tokens=256,
+                                       sinks=2, sink_format=fmt) for fmt in ("exact", "fp8")}
+    assert [profile_from(p).sink_format for p in made.values()] == ["exact", "fp8"]
+    kv = low_rank_caches(n=1, tokens=256, seed=5)[0]
+    sections = {}
+    for fmt, prof in made.items():
+        codec = Transform(profile=str(prof.save(tmp_path / f"{fmt}.kvprof")), preset="4x")
+        blob = codec.encode(kv)
+        sections[fmt] = len(read_container(blob).section("sinks"))
+        sinks = codec.decode(blob)[:2].data.float()
+        assert torch.allclose(sinks, kv[:2].data.float(), rtol=0.07, atol=1e-3 * float(kv.data.abs().max()))
+    dims = kv.spec.elements_per_token
+    assert sections == {"exact": 2 * dims * 2, "fp8": 2 * dims + 4 * 2 * kv.spec.num_layers}
+    with pytest.raises(ValueError, match="sink_format"):
+        calibrate_from_caches(caches, caches[0].spec, ratios=(4.0,), default_ratio=4.0, sink_format="int4")

@@ -251,7 +251,7 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
                           grouping: str | None = None, weights: np.ndarray | None = None, sinks: int | None = None,
                           ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
                           rounding: float = 0.5, max_tokens: int = 6144, reference_tokens: int = 1536,
-                          log: Log | None = None) -> Profile:
+                          sink_format: str | None = None, log: Log | None = None) -> Profile:
     """A transform profile from KV caches of calibration text (no model needed).
 
     Args:
@@ -269,8 +269,13 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         rounding: entropy-coded quantizer rounding offset (0.5 = nearest level, smaller = dead zone).
         max_tokens: at most this many calibration tokens (evenly subsampled) enter the statistics.
         reference_tokens: chunk length at which sinks and header are counted in the budgets.
+        sink_format: how the codec stores sink tokens, ``"exact"`` (bf16 bits) or ``"fp8"`` (e4m3, an fp32 scale per
+            layer and K/V); default by recipe (``transform`` exact, ``kvtc`` fp8, as the paper).
     """
     sinks = _recipe_sinks(recipe, sinks)
+    sink_format = sink_format or ("exact" if recipe == "transform" else "fp8")
+    if sink_format not in ("exact", "fp8"):
+        raise ValueError(f"sink_format must be 'exact' or 'fp8', got {sink_format!r}")
     grouping = grouping or ("joint" if recipe == "transform" else "kv")
     say = log or (lambda _msg: None)
     fit_x, held_x = _split(caches, sinks, max_tokens)
@@ -320,7 +325,7 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         err_parts.append(e)
     bits, err = np.concatenate(bits_parts), np.concatenate(err_parts)
     total_var = float(sum(float((s.astype(np.float64) ** 2).sum()) for _, _, s, _ in fits)) + max(residual, 0.0)
-    sink_bytes = sinks * dims * 2 if recipe == "transform" else sinks * dims + 4 * (dims // width)
+    sink_bytes = sinks * dims * 2 if sink_format == "exact" else sinks * dims + 4 * (dims // width)
     coded_tokens = reference_tokens - sinks
     budgets = [(16 * dims * reference_tokens / ratio - 8 * (sink_bytes + HEADER_BYTES)) / coded_tokens
                for ratio in ratios]
@@ -358,7 +363,7 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         arrays_out[f"weight{g}"] = w[groups[g]].numpy().astype(np.float32)
         arrays_out[f"basis{g}"] = basis[:used].numpy().astype(np.float16)
     meta = {"recipe": recipe, "grouping": grouping, "layers": spec.num_layers, "width": width, "rounding": rounding,
-            "sink_format": "exact" if recipe == "transform" else "fp8", "presets": presets,
+            "sink_format": sink_format, "presets": presets,
             "default_preset": min(presets, key=lambda p: abs(p["nominal_ratio"] - default_ratio))["name"],
             "calibration_tokens": int(fit_x.shape[0]), "held_out_tokens": int(held_x.shape[0]),
             "reference_tokens": reference_tokens, "sinks": sinks,
@@ -452,7 +457,8 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
               texts: Sequence[str] | None = None, *, tokens: int = 1536, cont: int = 256, recipe: str = "transform",
               weighting: str = "fisher", ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
               sinks: int | None = None, fisher_docs: int = 2, measure_kl: bool = True, rounding: float = 0.5,
-              max_tokens: int = 6144, grouping: str | None = None, log: Log | None = None) -> Profile:
+              max_tokens: int = 6144, grouping: str | None = None, sink_format: str | None = None,
+              log: Log | None = None) -> Profile:
     """Calibrate a profile with the model (``kvpack calibrate``): what :func:`calibrate_from_caches` does, plus
     Fisher weights and per-preset KL measured on the last calibration document (held out from the basis).
 
@@ -463,8 +469,8 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         weighting: ``"fisher"`` (sensitivity-weighted distortion) or ``"uniform"`` (plain MSE, as in KVTC).
         fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
             for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
-        rounding, max_tokens, grouping: as in :func:`calibrate_from_caches` (dead zone; calibration tokens kept;
-            PCA groups).
+        rounding, max_tokens, grouping, sink_format: as in :func:`calibrate_from_caches` (dead zone; calibration
+            tokens kept; PCA groups; how sink tokens are stored).
     """
     from kvpack.codecs.transform import KVTC, Transform
     from kvpack.eval.corpora import documents
@@ -493,7 +499,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         weights = (f / f.mean() + 1e-3).sqrt().numpy()
     profile = calibrate_from_caches(caches, spec, recipe=recipe, weights=weights, sinks=sinks, ratios=ratios,
                                     default_ratio=default_ratio, reference_tokens=tokens, rounding=rounding,
-                                    max_tokens=max_tokens, grouping=grouping, log=say)
+                                    max_tokens=max_tokens, grouping=grouping, sink_format=sink_format, log=say)
     if not measure_kl:
         return profile
     cont_ids, reference = refs[-1]
