@@ -35,7 +35,6 @@ it costs raw. bf16 caches only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
+from kvpack.bench.rows import show_and_save
 from kvpack.codecs.clusters import RowCounts, assign_classes
 from kvpack.codecs.lossless import LosslessCodec, encode_bits, split_bits
 from kvpack.entropy import PROB_SCALE, pack_tables, quantize_freqs
@@ -189,15 +188,8 @@ def run(entries: Sequence[tuple[Document, KVCache]], chunks: Sequence[int | None
         with console.status(f"measuring at {chunk or 'whole-document'} chunks ..."):
             rows += [{**r, "documents": [doc.name for doc, _ in entries]}
                      for r in measure([kv for _, kv in entries], chunk)]
-    table = Table(title="lossless symbol under richer contexts (bits per element)")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "context" else "right")
-    for r in rows:
-        table.add_row(*_cells(r))
-    console.print(table)
-    if json_path is not None:
-        json_path.write_text(json.dumps(rows, indent=2))
-        console.print(f"wrote {json_path}")
+    show_and_save(rows, "lossless symbol under richer contexts (bits per element)", COLUMNS, _cells, console,
+                  json_path, left="context")
     return rows
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -38,3 +41,19 @@ def print_rows(rows: list[dict[str, Any]], title: str, console: Console | None =
                       fmt(r["kl_p99"], ".3f"), fmt(r["top1_agreement"], ".3f"), fmt(r["greedy_agreement"], ".2f"),
                       pk, fmt(r["encode_MBps"], ".0f"), fmt(r["decode_MBps"], ".0f"))
     (console or Console()).print(table)
+
+
+def show_and_save(rows: list[dict[str, Any]], title: str, columns: Sequence[str],
+                  cells: Callable[[dict[str, Any]], list[str]], console: Console, json_path: Path | None,
+                  left: str) -> None:
+    """Print ``rows`` as one table (``cells(row)`` under ``columns``; column ``left`` left-aligned, the others
+    right) and write them as JSON to ``json_path`` when given (the measurement benchmarks' common ending)."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column == left else "right")
+    for r in rows:
+        table.add_row(*cells(r))
+    console.print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=2))
+        console.print(f"wrote {json_path}")

@@ -26,16 +26,15 @@ frequencies: 25-250 KB, no bytes in a chunk). ``projected ratio`` is the fp16 by
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from kvpack.bench.lossless_context import static_bits
+from kvpack.bench.rows import show_and_save
 from kvpack.codecs.transform import Transform
 from kvpack.eval.corpora import Document
 from kvpack.kv import KVCache
@@ -133,15 +132,8 @@ def run(codec: Transform, entries: Sequence[tuple[Document, KVCache]], chunks: S
             rows += [{**r, "codec": codec.name, "params": codec.params(), "profile": codec.calibration.hash,
                       "document_names": [doc.name for doc, _ in entries]}
                      for r in measure(codec, [kv for _, kv in entries], chunk)]
-    table = Table(title=f"{codec.name} level symbols under richer entropy models")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for r in rows:
-        table.add_row(*_cells(r))
-    console.print(table)
-    if json_path is not None:
-        json_path.write_text(json.dumps(rows, indent=2))
-        console.print(f"wrote {json_path}")
+    show_and_save(rows, f"{codec.name} level symbols under richer entropy models", COLUMNS, _cells, console,
+                  json_path, left="model")
     return rows
 
 
