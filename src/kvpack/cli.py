@@ -300,7 +300,8 @@ def calibrate(
 
         record = {"kind": "calibration", "codec": codec, "profile_hash": profile.hash, "profile_bytes": profile.nbytes,
                   "seconds": seconds, "calibration_sources": profile.meta.get("calibration_sources"),
-                  "documents": None if isinstance(chosen, int) else [d.name for d in chosen], "n_documents": docs,
+                  "documents": None if isinstance(chosen, int) else [d.name for d in chosen],
+                  "n_documents": len(texts) if texts is not None else docs,
                   "options": options, "machine": model_name(), "load": os.getloadavg()[0],
                   "command": _command_line()}
         json_path.write_text(json.dumps(record, indent=2))

@@ -91,10 +91,12 @@ def measure(codec: Transform, caches: Sequence[KVCache], chunk: int | None) -> l
             if not lv.symbols.size:
                 continue
             n_symbols += lv.symbols.size
-            for name, ctx in contexts(lv.symbols, lv.groups, lv.components).items():
-                acc[name] += _counts(lv.symbols, lv.classes, ctx, CONTEXTS[name], n_classes)
-            counts = _counts(lv.symbols, lv.classes, np.zeros_like(lv.symbols, np.int64), 1, n_classes)[:, 0]
-            code, tables = static_bits(counts[counts.sum(axis=1) > 0])
+            chunk_counts = {name: _counts(lv.symbols, lv.classes, ctx, CONTEXTS[name], n_classes)
+                            for name, ctx in contexts(lv.symbols, lv.groups, lv.components).items()}
+            for name, counts in chunk_counts.items():
+                acc[name] += counts
+            mine = chunk_counts["today"][:, 0]  # this chunk's counts per class: what per-chunk tables fit
+            code, tables = static_bits(mine[mine.sum(axis=1) > 0])
             own[0] += code
             own[1] += tables
         per_doc.append(acc)

@@ -4,7 +4,8 @@ KV heads, ``x [D]`` with ``D = 2 * layers * kv_heads * head_dim``, and the PCA g
 :func:`features` (cache -> vectors, un-rotating keys) and :func:`place` (vectors -> a cache buffer, rotating keys)
 run, for bf16 and float32 caches on the CPU, as fused numba kernels: one pass per (layer, K/V, head) that gathers a
 token's channels, applies RoPE, changes the layout and (for :func:`place`) rounds to the cache's dtype, where the
-torch expressions (kept for the other dtypes and for CUDA tensors) make five full passes, two of them strided copies.
+torch expressions (kept for the other dtypes and for CUDA tensors) pass over the keys once each for a strided copy to
+float32, the product with ``cos``, the two half-width ``sin`` terms, the cast and the index copy into the cache.
 The kernels compute the same float32 arithmetic as :func:`kvpack.rope.rotate` (the product with ``cos`` rounded once,
 then one fused multiply-add for the ``sin`` term: what torch's ``mul_`` and ``addcmul_`` compute; LLVM's ``fma``
 here) and round to bf16 to nearest even, so their results equal the torch path's bit for bit (tested; NaN payloads
