@@ -55,8 +55,8 @@ def test_profile_presets_and_trim() -> None:
     # the basis is trimmed to the components some preset uses
     used = max(int(np.flatnonzero(a.block_type != TYPE_DROP).max()) + 1 for a in st.presets.values())
     assert st.bases[0].shape[0] <= used * 64 and st.bases[0].shape[1] == caches[0].spec.elements_per_token
-    gram = st.bases[0] @ st.bases[0].T
-    torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=2e-3, rtol=0)
+    gram = st.bases[0] @ st.bases[0].T  # orthonormal up to the int8 rows' rounding (half a step of max / 127 per run)
+    torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=6e-3, rtol=0)
 
 
 def test_kvtc_recipe_separate_bases() -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kvpack
 from kvpack import codecs, cpu
@@ -14,6 +17,7 @@ from kvpack.codecs import CalibratedCodec, get
 from kvpack.codecs.transform import KVTC, Transform
 from kvpack.codecs.transform.calibrate import calibrate_from_caches
 from kvpack.codecs.transform.codec import PROJECTION_ENV, projection_dtype
+from kvpack.codecs.transform.profile import BASIS_BLOCK, load_basis, profile_from, store_basis
 from kvpack.errors import CodecError, FormatError, ProfileError, ProfileMismatchError
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
@@ -34,10 +38,11 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     caches = low_rank_caches()
     root = tmp_path_factory.mktemp("profiles")
     out = {}
-    for name, recipe, grouping in (("transform", "transform", None), ("kvtc", "kvtc", None),
-                                   ("transform-layers", "transform", "layers:3")):
+    for name, recipe, grouping, fmt in (("transform", "transform", None, "fp16"), ("kvtc", "kvtc", None, "fp16"),
+                                        ("transform-layers", "transform", "layers:3", "fp16"),
+                                        ("transform-int8", "transform", None, "int8")):
         prof = calibrate_from_caches(caches, caches[0].spec, recipe=recipe, grouping=grouping, ratios=RATIOS,
-                                     default_ratio=4.0, reference_tokens=256)
+                                     default_ratio=4.0, reference_tokens=256, basis_format=fmt)
         out[name] = prof.save(root / f"{name}.kvprof")
     return out
 
@@ -56,7 +61,8 @@ def _rel_error(a: KVCache, b: KVCache, skip: int = 0) -> float:
 
 @pytest.mark.parametrize("projection", ["float32", "bfloat16"])
 @pytest.mark.parametrize("preset", sorted(BOUNDS))
-@pytest.mark.parametrize("basis", ["transform", "transform-layers"])  # joint, and one basis per layer
+# joint, one basis per layer, and the joint basis stored in int8 (its error, 5.6e-5 at 2x, fits the same bounds)
+@pytest.mark.parametrize("basis", ["transform", "transform-layers", "transform-int8"])
 def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str, projection: str, basis: str,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PROJECTION_ENV, projection)  # the bound holds in either precision of the decode GEMM
@@ -71,7 +77,7 @@ def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str, pro
     assert out.num_tokens == kv.num_tokens and torch.equal(out.positions, kv.positions)
     assert all(torch.equal(a[:, :1], b[:, :1]) for a, b in zip(out.keys + out.values, kv.keys + kv.values,
                                                                strict=True))
-    assert _rel_error(out, kv, skip=1) < (BOUNDS if basis == "transform" else BOUNDS_PER_LAYER)[preset]
+    assert _rel_error(out, kv, skip=1) < (BOUNDS_PER_LAYER if basis == "transform-layers" else BOUNDS)[preset]
     assert kv.fp16_bytes / len(data) > 0.5 * float(preset[:-1])
 
 
@@ -255,3 +261,36 @@ def test_real_model_quality(smollm: tuple[Any, Any, Any], tmp_path: Path) -> Non
     assert result.ppl_increase_pct < 15.0
     assert float(result.kl.mean()) < 0.14
     assert _rel_error(codec.decode(codec.encode(ref.kv)), ref.kv, skip=4) < 0.2
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 4), dims=st.integers(1, 100), seed=st.integers(0, 2**16), outlier=st.floats(1.0, 1e3))
+def test_int8_basis_error_is_half_a_step(rows: int, dims: int, seed: int, outlier: float) -> None:
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((rows, dims)).astype(np.float32)
+    basis[:, rng.integers(0, dims)] *= outlier  # an outlier feature: only its own run of features loses precision
+    stored = store_basis(0, basis, "int8")
+    assert stored["basis0"].dtype == np.int8 and stored["basis_scale0"].shape == (rows, -(-dims // BASIS_BLOCK))
+    got = load_basis(stored, 0)
+    step = np.repeat(stored["basis_scale0"], BASIS_BLOCK, axis=1)[:, :dims]
+    assert np.all(np.abs(got - basis) <= step * (0.5 + 1e-6))
+    np.testing.assert_array_equal(load_basis(store_basis(0, basis, "fp16"), 0), basis.astype(np.float16))
+
+
+def test_int8_profile_is_smaller_and_validated(profiles: dict[str, Path]) -> None:
+    full, small = Profile.load(profiles["transform"]), Profile.load(profiles["transform-int8"])
+    assert small.nbytes < full.nbytes and small.meta == full.meta
+    scale = small.arrays["basis_scale0"]
+    for bad in ({"basis_scale0": -scale}, {"basis_scale0": scale[:, :-1]}, {"basis_scale0": scale * np.nan},
+                {"basis_scale0": scale.astype(np.float64)}, {"basis0": small.arrays["basis0"].astype(np.int16)}):
+        arrays = {**small.arrays, **bad}
+        with pytest.raises(FormatError, match="basis"):
+            profile_from(Profile(codec=small.codec, model_fingerprint=small.model_fingerprint, meta=small.meta,
+                                 arrays=arrays))
+    arrays = {k: v for k, v in small.arrays.items() if k != "basis_scale0"}
+    with pytest.raises(FormatError, match="basis"):
+        profile_from(Profile(codec=small.codec, model_fingerprint=small.model_fingerprint, meta=small.meta,
+                             arrays=arrays))
+    with pytest.raises(ValueError, match="basis_format"):
+        calibrate_from_caches(low_rank_caches(), low_rank_caches()[0].spec, ratios=RATIOS, reference_tokens=256,
+                              basis_format="int4")

@@ -34,6 +34,7 @@ from numba import njit, prange
 from kvpack.codecs.calibrated import Log
 from kvpack.codecs.transform import quant
 from kvpack.codecs.transform.features import feature_groups, features
+from kvpack.codecs.transform.profile import BASIS_FORMATS, store_basis
 from kvpack.entropy.tables import quantize_freqs
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
@@ -251,7 +252,8 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
                           grouping: str | None = None, weights: np.ndarray | None = None, sinks: int | None = None,
                           ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
                           rounding: float = 0.5, max_tokens: int = 6144, reference_tokens: int = 1536,
-                          sink_format: str | None = None, log: Log | None = None) -> Profile:
+                          sink_format: str | None = None, basis_format: str | None = None,
+                          log: Log | None = None) -> Profile:
     """A transform profile from KV caches of calibration text (no model needed).
 
     Args:
@@ -271,7 +273,15 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         reference_tokens: chunk length at which sinks and header are counted in the budgets.
         sink_format: how the codec stores sink tokens, ``"exact"`` (bf16 bits) or ``"fp8"`` (e4m3, an fp32 scale per
             layer and K/V); default by recipe (``transform`` exact, ``kvtc`` fp8, as the paper).
+        basis_format: how the profile stores the basis rows: ``"int8"`` with a scale per 32 features (56% of the
+            fp16 size at the same quality from the 32x preset up: docs/transform.md, "Basis precision"; see
+            :func:`~kvpack.codecs.transform.profile.store_basis`) or ``"fp16"`` (the only format before; 12% less
+            KL at the 10x preset in-source); default by recipe (``transform`` int8, ``kvtc`` fp16: not measured
+            with int8).
     """
+    basis_format = basis_format or ("int8" if recipe == "transform" else "fp16")
+    if basis_format not in BASIS_FORMATS:
+        raise ValueError(f"basis_format must be one of {BASIS_FORMATS}, got {basis_format!r}")
     sinks = _recipe_sinks(recipe, sinks)
     sink_format = sink_format or ("exact" if recipe == "transform" else "fp8")
     if sink_format not in ("exact", "fp8"):
@@ -361,7 +371,7 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         used = len(arrays_out[f"sigma{g}"])
         arrays_out[f"mean{g}"] = mean.numpy().astype(np.float32)
         arrays_out[f"weight{g}"] = w[groups[g]].numpy().astype(np.float32)
-        arrays_out[f"basis{g}"] = basis[:used].numpy().astype(np.float16)
+        arrays_out.update(store_basis(g, basis[:used].numpy(), basis_format))
     meta = {"recipe": recipe, "grouping": grouping, "layers": spec.num_layers, "width": width, "rounding": rounding,
             "sink_format": sink_format, "presets": presets,
             "default_preset": min(presets, key=lambda p: abs(p["nominal_ratio"] - default_ratio))["name"],
@@ -458,7 +468,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
               weighting: str = "fisher", ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
               sinks: int | None = None, fisher_docs: int = 2, measure_kl: bool = True, rounding: float = 0.5,
               max_tokens: int = 6144, grouping: str | None = None, sink_format: str | None = None,
-              log: Log | None = None) -> Profile:
+              basis_format: str | None = None, log: Log | None = None) -> Profile:
     """Calibrate a profile with the model (``kvpack calibrate``): what :func:`calibrate_from_caches` does, plus
     Fisher weights and per-preset KL measured on the last calibration document (held out from the basis).
 
@@ -469,8 +479,8 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         weighting: ``"fisher"`` (sensitivity-weighted distortion) or ``"uniform"`` (plain MSE, as in KVTC).
         fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
             for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
-        rounding, max_tokens, grouping, sink_format: as in :func:`calibrate_from_caches` (dead zone; calibration
-            tokens kept; PCA groups; how sink tokens are stored).
+        rounding, max_tokens, grouping, sink_format, basis_format: as in :func:`calibrate_from_caches` (dead zone;
+            calibration tokens kept; PCA groups; how sink tokens and the basis are stored).
     """
     from kvpack.codecs.transform import KVTC, Transform
     from kvpack.eval.corpora import documents
@@ -499,7 +509,8 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         weights = (f / f.mean() + 1e-3).sqrt().numpy()
     profile = calibrate_from_caches(caches, spec, recipe=recipe, weights=weights, sinks=sinks, ratios=ratios,
                                     default_ratio=default_ratio, reference_tokens=tokens, rounding=rounding,
-                                    max_tokens=max_tokens, grouping=grouping, sink_format=sink_format, log=say)
+                                    max_tokens=max_tokens, grouping=grouping, sink_format=sink_format,
+                                    basis_format=basis_format, log=say)
     if not measure_kl:
         return profile
     cont_ids, reference = refs[-1]

@@ -30,6 +30,10 @@ from kvpack.profile import Profile
 
 #: Most sink tokens a profile or codec may keep apart.
 MAX_SINKS = 4096
+#: How a profile may store its basis rows (:func:`store_basis`).
+BASIS_FORMATS = ("fp16", "int8")
+#: Features per int8 basis scale.
+BASIS_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class TransformProfile:
     groups: list[np.ndarray]  # feature indices per PCA group
     means: list[torch.Tensor]  # float32 [D_g]
     weights: list[torch.Tensor]  # float32 [D_g]
-    bases: list[torch.Tensor]  # float32 [C_g, D_g], rows orthonormal
+    bases: list[torch.Tensor]  # float32 [C_g, D_g], rows orthonormal (to the stored precision)
     sigmas: list[np.ndarray]  # float32 [C_g]
     freqs: np.ndarray  # uint32 [N_RATES, ALPHABET]
     shrink: np.ndarray  # float32 [N_RATES]: reconstruction offset per class
@@ -154,6 +158,43 @@ class TransformProfile:
         return self.presets[default]
 
 
+def store_basis(g: int, basis: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
+    """Profile arrays of group ``g``'s basis rows ``basis [C, D]`` (float32): ``basis{g}`` in fp16, or in int8 with
+    ``basis_scale{g}``, a float32 scale per row and run of :data:`BASIS_BLOCK` features (``[C, ceil(D / 32)]``:
+    ``max |x| / 127`` of the run; an element is ``int8 * scale``), 56% of the fp16 size.
+
+    One scale per whole row does not work: KV features include outlier channels whose basis entries are tens of
+    times the row's RMS, so a row scale rounds the other entries to a few levels. With runs of
+    32 features the measured quality is that of the fp16 basis from the 32x preset up (docs/transform.md, "Basis
+    precision")."""
+    if fmt == "fp16":
+        return {f"basis{g}": basis.astype(np.float16)}
+    rows, dims = basis.shape
+    runs = -(-dims // BASIS_BLOCK)
+    padded = np.zeros((rows, runs * BASIS_BLOCK), np.float32)
+    padded[:, :dims] = basis
+    blocks = padded.reshape(rows, runs, BASIS_BLOCK)
+    top = np.abs(blocks).max(axis=2)
+    scale = np.where(top > 0, top / 127, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scale[:, :, None]), -127, 127).astype(np.int8)
+    return {f"basis{g}": codes.reshape(rows, runs * BASIS_BLOCK)[:, :dims], f"basis_scale{g}": scale}
+
+
+def load_basis(arrays: dict[str, np.ndarray], g: int) -> np.ndarray:
+    """Group ``g``'s basis rows as float32 ``[C, D]`` from :func:`store_basis`'s arrays (fp16, or int8 with a finite
+    positive scale per row and run of features); :class:`FormatError` otherwise."""
+    basis = arrays[f"basis{g}"]
+    if basis.dtype == np.float16:
+        return basis.astype(np.float32)
+    scale = arrays.get(f"basis_scale{g}")
+    if basis.dtype != np.int8 or basis.ndim != 2 or scale is None or scale.dtype != np.float32 \
+            or scale.shape != (basis.shape[0], -(-basis.shape[1] // BASIS_BLOCK)) \
+            or not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise FormatError(f"profile group {g} basis must be fp16, or int8 with a positive float32 scale per row and "
+                          f"run of {BASIS_BLOCK} features")
+    return (basis.astype(np.float32) * np.repeat(scale, BASIS_BLOCK, axis=1)[:, :basis.shape[1]]).astype(np.float32)
+
+
 def profile_from(profile: Profile) -> TransformProfile:
     """Validate a profile written by :mod:`kvpack.codecs.transform.calibrate`; :class:`FormatError` on anything
     inconsistent."""
@@ -168,7 +209,7 @@ def profile_from(profile: Profile) -> TransformProfile:
         means, weights, bases, sigmas = [], [], [], []
         for g, idx in enumerate(groups):
             mean, weight = arrays[f"mean{g}"].astype(np.float32), arrays[f"weight{g}"].astype(np.float32)
-            basis, sigma = arrays[f"basis{g}"].astype(np.float32), arrays[f"sigma{g}"].astype(np.float32)
+            basis, sigma = load_basis(arrays, g), arrays[f"sigma{g}"].astype(np.float32)
             if mean.shape != (len(idx),) or weight.shape != (len(idx),) or basis.ndim != 2 \
                     or basis.shape[1] != len(idx) or sigma.shape != (basis.shape[0],) or not np.all(sigma > 0):
                 raise FormatError(f"profile group {g} arrays have inconsistent shapes")
