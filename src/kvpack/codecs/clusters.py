@@ -148,8 +148,8 @@ def _best_classes(start, size, symbol, count, logp, rows, bound, active, best): 
     the groups with ``active[g]``; returns False if some row's best class does not win by ``bound`` times the scores'
     magnitudes (then only the dense matmul's rounding decides).
 
-    Classes are scored two at a time (``n_classes`` is even), each sum in a register over the row's nonzero counts:
-    twice as fast as a score array updated per count."""
+    Classes are scored two at a time (``n_classes`` is even), each sum in a register over the row's nonzero counts
+    (on fp8's 256-token chunks 1.5x faster than a score array updated per count)."""
     n_groups, n_classes, _ = logp.shape
     sure = np.ones(n_groups, np.bool_)
     for g in prange(n_groups):
