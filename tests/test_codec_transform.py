@@ -281,16 +281,20 @@ def test_int8_profile_is_smaller_and_validated(profiles: dict[str, Path]) -> Non
     full, small = Profile.load(profiles["transform"]), Profile.load(profiles["transform-int8"])
     assert small.nbytes < full.nbytes and small.meta == full.meta
     scale = small.arrays["basis_scale0"]
+    huge = np.full_like(scale, np.finfo(np.float32).max)  # finite scales whose products overflow
     for bad in ({"basis_scale0": -scale}, {"basis_scale0": scale[:, :-1]}, {"basis_scale0": scale * np.nan},
-                {"basis_scale0": scale.astype(np.float64)}, {"basis0": small.arrays["basis0"].astype(np.int16)}):
+                {"basis_scale0": scale.astype(np.float64)}, {"basis0": small.arrays["basis0"].astype(np.int16)},
+                {"basis_scale0": huge}, {"basis0": full.arrays["basis0"]}):
         arrays = {**small.arrays, **bad}
         with pytest.raises(FormatError, match="basis"):
             profile_from(Profile(codec=small.codec, model_fingerprint=small.model_fingerprint, meta=small.meta,
                                  arrays=arrays))
-    arrays = {k: v for k, v in small.arrays.items() if k != "basis_scale0"}
-    with pytest.raises(FormatError, match="basis"):
-        profile_from(Profile(codec=small.codec, model_fingerprint=small.model_fingerprint, meta=small.meta,
-                             arrays=arrays))
+    for prof, arrays in ((small, {k: v for k, v in small.arrays.items() if k != "basis_scale0"}),
+                         (full, {**full.arrays, "basis0": np.where(np.arange(full.arrays["basis0"].shape[1]) == 3,
+                                                                   np.float16(np.inf), full.arrays["basis0"])})):
+        with pytest.raises(FormatError, match="basis"):
+            profile_from(Profile(codec=prof.codec, model_fingerprint=prof.model_fingerprint, meta=prof.meta,
+                                 arrays=arrays))
     with pytest.raises(ValueError, match="basis_format"):
         calibrate_from_caches(low_rank_caches(), low_rank_caches()[0].spec, ratios=RATIOS, reference_tokens=256,
                               basis_format="int4")

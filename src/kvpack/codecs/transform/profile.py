@@ -184,15 +184,19 @@ def load_basis(arrays: dict[str, np.ndarray], g: int) -> np.ndarray:
     """Group ``g``'s basis rows as float32 ``[C, D]`` from :func:`store_basis`'s arrays (fp16, or int8 with a finite
     positive scale per row and run of features); :class:`FormatError` otherwise."""
     basis = arrays[f"basis{g}"]
-    if basis.dtype == np.float16:
-        return basis.astype(np.float32)
     scale = arrays.get(f"basis_scale{g}")
-    if basis.dtype != np.int8 or basis.ndim != 2 or scale is None or scale.dtype != np.float32 \
-            or scale.shape != (basis.shape[0], -(-basis.shape[1] // BASIS_BLOCK)) \
-            or not (np.isfinite(scale).all() and (scale > 0).all()):
+    if basis.dtype == np.float16 and scale is None:
+        rows = basis.astype(np.float32)
+    elif basis.dtype == np.int8 and basis.ndim == 2 and scale is not None and scale.dtype == np.float32 \
+            and scale.shape == (basis.shape[0], -(-basis.shape[1] // BASIS_BLOCK)) and (scale > 0).all():
+        with np.errstate(over="ignore", invalid="ignore"):
+            rows = basis.astype(np.float32) * np.repeat(scale, BASIS_BLOCK, axis=1)[:, :basis.shape[1]]
+    else:
         raise FormatError(f"profile group {g} basis must be fp16, or int8 with a positive float32 scale per row and "
                           f"run of {BASIS_BLOCK} features")
-    return (basis.astype(np.float32) * np.repeat(scale, BASIS_BLOCK, axis=1)[:, :basis.shape[1]]).astype(np.float32)
+    if not np.isfinite(rows).all():
+        raise FormatError(f"profile group {g} basis has non-finite values")
+    return rows
 
 
 def profile_from(profile: Profile) -> TransformProfile:
