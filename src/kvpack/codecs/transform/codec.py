@@ -26,7 +26,8 @@ Decoding is one GEMM per PCA group, ``z [tokens, U] @ decode [U, D_g]`` (60 MFLO
 preset), in the precision :func:`projection_dtype` picks for this CPU: bfloat16 inputs with float32 accumulation
 where the CPU multiplies bf16 natively (several times faster there than float32), float32 elsewhere. The bf16
 inputs add a relative error of about 2^-9 per term, below both the coefficients' quantization error and the bf16
-rounding of the decoded cache; encoding is always float32, so the bytes never depend on the machine.
+rounding of the decoded cache; encoding is always float32, so the bytes do not depend on whether the CPU multiplies
+bf16 natively (float32 GEMM kernels may still differ between CPUs in the last bit of a sum).
 """
 
 from __future__ import annotations
