@@ -142,15 +142,46 @@ def _scatter(start, size, symbol, count, out):  # type: ignore[no-untyped-def]
             out[r, symbol[i]] = count[i]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _sums2(l0, l1, symbol, count, lo, hi):  # type: ignore[no-untyped-def]
+    """Scores of one row (nonzero counts ``lo .. hi``) under two classes' log-probabilities, as a 4-tuple."""
+    a0 = 0.0
+    a1 = 0.0
+    for i in range(lo, hi):
+        h = np.float64(count[i])
+        a0 += h * l0[symbol[i]]
+        a1 += h * l1[symbol[i]]
+    return a0, a1, 0.0, 0.0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sums4(l0, l1, l2, l3, symbol, count, lo, hi):  # type: ignore[no-untyped-def]
+    """The same under four classes: one pass over the counts (with 4+ classes, 1.4x faster than two passes)."""
+    a0 = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    a3 = 0.0
+    for i in range(lo, hi):
+        h = np.float64(count[i])
+        s = symbol[i]
+        a0 += h * l0[s]
+        a1 += h * l1[s]
+        a2 += h * l2[s]
+        a3 += h * l3[s]
+    return a0, a1, a2, a3
+
+
 @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
 def _best_classes(start, size, symbol, count, logp, rows, bound, active, best):  # type: ignore[no-untyped-def]
     """``best[r]`` = the class maximising row ``r``'s score ``sum count * logp[g, class, symbol]`` for the rows of
     the groups with ``active[g]``; returns False if some row's best class does not win by ``bound`` times the scores'
     magnitudes (then only the dense matmul's rounding decides).
 
-    Classes are scored two at a time (``n_classes`` is even), each sum in a register over the row's nonzero counts
-    (on fp8's 256-token chunks 1.5x faster than a score array updated per count)."""
+    Classes are scored four (or two) at a time, each sum in a register over the row's nonzero counts: on real
+    256-token chunks 2x faster for fp8's two classes and 1.3x for lossless's four than a score array updated per
+    count (interleaved timing of both in one process)."""
     n_groups, n_classes, _ = logp.shape
+    step = min(n_classes, 4)
     sure = np.ones(n_groups, np.bool_)
     for g in prange(n_groups):
         if not active[g]:
@@ -160,20 +191,16 @@ def _best_classes(start, size, symbol, count, logp, rows, bound, active, best): 
             b = 0
             top = -np.inf
             second = -np.inf  # the best score among the other classes
-            for c in range(0, n_classes, 2):
-                l0 = logp[g, c]
-                l1 = logp[g, c + 1]
-                a0 = 0.0
-                a1 = 0.0
-                for i in range(lo, hi):
-                    h = np.float64(count[i])
-                    a0 += h * l0[symbol[i]]
-                    a1 += h * l1[symbol[i]]
-                for k, a in ((c, a0), (c + 1, a1)):
-                    if a > top:
-                        b, top, second = k, a, top
-                    elif a > second:
-                        second = a
+            for c in range(0, n_classes, step):
+                if step == 4:
+                    sums = _sums4(logp[g, c], logp[g, c + 1], logp[g, c + 2], logp[g, c + 3], symbol, count, lo, hi)
+                else:
+                    sums = _sums2(logp[g, c], logp[g, c + 1], symbol, count, lo, hi)
+                for k in range(step):
+                    if sums[k] > top:
+                        b, top, second = c + k, sums[k], top
+                    elif sums[k] > second:
+                        second = sums[k]
             best[r] = b
             # every score is <= 0 (log-probabilities), so the closest rival is the largest other score
             if top - second <= bound * (abs(top) + abs(second)):
