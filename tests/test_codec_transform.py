@@ -61,7 +61,7 @@ def _rel_error(a: KVCache, b: KVCache, skip: int = 0) -> float:
 
 @pytest.mark.parametrize("projection", ["float32", "bfloat16"])
 @pytest.mark.parametrize("preset", sorted(BOUNDS))
-# joint, one basis per layer, and the joint basis stored in int8 (its error, 5.6e-5 at 2x, fits the same bounds)
+# joint, one basis per layer, and the joint basis stored in int8 (its rounding fits within the same bounds)
 @pytest.mark.parametrize("basis", ["transform", "transform-layers", "transform-int8"])
 def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str, projection: str, basis: str,
                                      monkeypatch: pytest.MonkeyPatch) -> None:

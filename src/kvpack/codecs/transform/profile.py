@@ -164,20 +164,26 @@ def store_basis(g: int, basis: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
     ``max |x| / 127`` of the run; an element is ``int8 * scale``), 56% of the fp16 size.
 
     One scale per whole row does not work: KV features include outlier channels whose basis entries are tens of
-    times the row's RMS, so a row scale rounds the other entries to a few levels. With runs of
-    32 features the measured quality is that of the fp16 basis from the 32x preset up (docs/transform.md, "Basis
-    precision")."""
+    times the row's RMS, so a row scale rounds the other entries to a few levels. With runs of 32 features the
+    measured quality is that of the fp16 basis from the 32x preset up (docs/transform.md, "Basis precision")."""
     if fmt == "fp16":
         return {f"basis{g}": basis.astype(np.float16)}
-    rows, dims = basis.shape
-    runs = -(-dims // BASIS_BLOCK)
-    padded = np.zeros((rows, runs * BASIS_BLOCK), np.float32)
-    padded[:, :dims] = basis
-    blocks = padded.reshape(rows, runs, BASIS_BLOCK)
+    blocks = _runs(basis)
     top = np.abs(blocks).max(axis=2)
     scale = np.where(top > 0, top / 127, 1.0).astype(np.float32)
     codes = np.clip(np.rint(blocks / scale[:, :, None]), -127, 127).astype(np.int8)
-    return {f"basis{g}": codes.reshape(rows, runs * BASIS_BLOCK)[:, :dims], f"basis_scale{g}": scale}
+    return {f"basis{g}": codes.reshape(basis.shape[0], codes.shape[1] * BASIS_BLOCK)[:, :basis.shape[1]],
+            f"basis_scale{g}": scale}
+
+
+def _runs(a: np.ndarray) -> np.ndarray:
+    """``a [C, D]`` as float32 runs ``[C, ceil(D / BASIS_BLOCK), BASIS_BLOCK]``, zero-padded at the end (a fresh
+    array)."""
+    rows, dims = a.shape
+    runs = -(-dims // BASIS_BLOCK)
+    out = np.zeros((rows, runs, BASIS_BLOCK), np.float32)
+    out.reshape(rows, runs * BASIS_BLOCK)[:, :dims] = a
+    return out
 
 
 def load_basis(arrays: dict[str, np.ndarray], g: int) -> np.ndarray:
@@ -189,8 +195,10 @@ def load_basis(arrays: dict[str, np.ndarray], g: int) -> np.ndarray:
         rows = basis.astype(np.float32)
     elif basis.dtype == np.int8 and basis.ndim == 2 and scale is not None and scale.dtype == np.float32 \
             and scale.shape == (basis.shape[0], -(-basis.shape[1] // BASIS_BLOCK)) and (scale > 0).all():
+        runs = _runs(basis)  # the only float32 copy: scaled in place, a view of it when D is a multiple of 32
         with np.errstate(over="ignore", invalid="ignore"):
-            rows = basis.astype(np.float32) * np.repeat(scale, BASIS_BLOCK, axis=1)[:, :basis.shape[1]]
+            runs *= scale[:, :, None]
+        rows = np.ascontiguousarray(runs.reshape(basis.shape[0], runs.shape[1] * BASIS_BLOCK)[:, :basis.shape[1]])
     else:
         raise FormatError(f"profile group {g} basis must be fp16, or int8 with a positive float32 scale per row and "
                           f"run of {BASIS_BLOCK} features")
