@@ -140,16 +140,47 @@ def test_a_recompute_plan_reads_nothing_and_gives_the_plain_output() -> None:
         loader_.estimates.update(loader_.names.fetch, 1000.0)  # the link: 1 kB/s
         loader_.estimates.update(loader_.names.chunk_prefill, 0.05)  # the front: 50 ms a chunk
         loader_.estimates.update(loader_.names.decode, 1e9)  # (stored sizes are known from the writes)
+        first = len(store.get(cc.keys.keys(ids)[0]) or b"")
         read = store.stats().bytes_read
         result = cc.generate(ids, max_new_tokens=3, do_sample=False)
         stats = result.stats
         assert stats.plan is not None and stats.plan.recompute and stats.chunk_levels == ["recomputed"] * chunks
-        assert stats.tokens_hit == 0 and stats.chunks_hit == chunks
+        assert stats.tokens_hit == 0 and stats.chunks_hit == chunks and stats.bytes_read == 0
         assert stats.chunks_written == len(ids) // CHUNK - chunks  # only what was not stored
-        assert store.stats().bytes_read == read  # the stored chunks stay unread, and are not written again
+        cc.flush()
+        # the request read nothing; after it, the writer re-measured loading on the first chunk (and only that)
+        assert store.stats().bytes_read == read + first
+        assert loader_.estimates.get(loader_.names.fetch) != 1000.0  # the link's estimate was measured again
         plain = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
                                max_new_tokens=3, do_sample=False)
     assert torch.equal(result.sequences, plain)
+
+
+def test_recompute_plans_are_followed_by_probes_ever_further_apart() -> None:
+    model = tiny("llama")
+    load = loader(model, ModelSpec.from_model(model), MemoryStore(), codecs.get("raw"))
+    due = [n for n in range(1, 300) if load.recomputed()]
+    assert due == [1, 3, 7, 15, 31, 63, 127, 191, 255]  # gaps 1, 2, 4, ... up to MAX_PROBE_GAP = 64
+    spec, store, the_codec, _, ids, keys = stored(model, "raw")
+    load = loader(model, spec, store, the_codec)
+    assert [load.recomputed() for _ in range(3)] == [True, False, True]
+    load.load(ids, keys, len(keys))  # a load measures: the next recompute plan is probed at once
+    assert load.recomputed()
+
+
+def test_a_level_s_first_decode_is_not_a_sample_and_a_probe_warms_up_first() -> None:
+    model = tiny("llama")
+    spec, store, the_codec, _, ids, keys = stored(model, "raw")
+    load = loader(model, spec, store, the_codec)
+    load.load(ids, keys[:1], 1)  # one chunk: the level's first decode pays one-time setup, so no estimate
+    assert load.estimates.get(load.names.decode) is None and load.estimates.get(load.names.fetch)
+    load.load(ids, keys[:1], 1)
+    assert load.estimates.get(load.names.decode)
+    cold = loader(model, spec, store, the_codec)
+    assert cold.probe(ids, keys) == 1 and cold.estimates.get(cold.names.decode)  # decoded twice, timed once
+    assert cold.probe(ids, keys, stored=[[False] * len(keys)]) == 0  # chunk 0 not stored: nothing to measure
+    store._write(keys[0], b"garbage")  # damaged behind the store's back: read, not measured
+    assert loader(model, spec, store, the_codec).probe(ids, keys) == 0
 
 
 @pytest.mark.parametrize("codec", ["raw", "lossless"])

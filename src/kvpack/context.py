@@ -137,6 +137,7 @@ class ContextCache:
         stats.prefill_s = stats.ttft_s - stats.load_s
         self.prefixes.loader.observe_prefill(len(ids) - (kv.num_tokens if kv is not None else 0), stats.prefill_s)
         stats.chunks_written = self._write_back(cache, ids[:exact], stats)  # never K/V computed out of context
+        self._probe_after(ids, stats)
         return Generation(sequences=out, stats=stats)
 
     def prefill(self, text: str | torch.Tensor | Sequence[int] | Prompt) -> RequestStats:
@@ -156,6 +157,7 @@ class ContextCache:
         stats.prefill_s = time.perf_counter() - start - stats.load_s
         self.prefixes.loader.observe_prefill(full - stats.tokens_hit, stats.prefill_s)
         stats.chunks_written = self._write_back(cache, ids, stats)
+        self._probe_after(ids, stats)
         return stats
 
     def flush(self) -> None:
@@ -187,6 +189,13 @@ class ContextCache:
         future = self._writer.submit(fn, *args)
         with self._lock:
             self._pending = [f for f in self._pending if not f.done()] + [future]
+
+    def _probe_after(self, ids: torch.Tensor, stats: RequestStats) -> None:
+        """After a request that recomputed a stored prefix, re-measure loading it on the writer thread when the
+        loader says it is time (:meth:`~kvpack.loader.Loader.recomputed`): without it, one slow load could keep
+        every later request recomputing."""
+        if stats.plan is not None and stats.plan.recompute and self.prefixes.loader.recomputed():
+            self._submit(self.prefixes.probe, ids)
 
     def _write_back(self, cache: Any, ids: torch.Tensor, stats: RequestStats) -> int:
         """Queue for storing: the prompt's full chunks after the stored prefix, and the ones that failed to load."""

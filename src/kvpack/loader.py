@@ -347,6 +347,8 @@ class LoadReport:
 REPLAN_FACTOR = 1.5
 #: Bytes read first from a progressive entry whose level size is not estimated yet (the header and more).
 HEADER_PROBE_BYTES = 16384
+#: Longest run of followed ``recompute`` plans between two re-measurements of loading (:meth:`Loader.recomputed`).
+MAX_PROBE_GAP = 64
 
 
 class Loader:
@@ -371,6 +373,10 @@ class Loader:
         self.level_names = [self._names(level) for level in self.levels]
         self.names = self.level_names[0]
         self.tail_name = f"tail_s/{spec.fingerprint[:16]}"
+        self._lock = threading.Lock()
+        self._decoded: set[int] = set()  # levels decoded at least once by this loader
+        self._probe_gap = 1  # recompute plans to follow before the next probe ...
+        self._since_probe = 0  # ... and those followed since the last probe or load
 
     def _names(self, level: Level) -> EstimateNames:
         part = "" if level.layers is None else f"/{level.layers}"
@@ -467,7 +473,42 @@ class Loader:
             if level.source == source and level.layers is None:
                 self.estimates.update(names.chunk_bytes, nbytes)
 
+    def recomputed(self) -> bool:
+        """Record that a ``recompute`` plan was followed; whether loading should be measured again now
+        (:meth:`probe`).
+
+        Estimates only change when a load measures them, so a recompute plan would repeat forever once one slow
+        sample (a busy machine, a cold disk) made loading look slower than it is. Probes come after the 1st, then
+        every 2nd, 4th, ... recompute plan, at most :data:`MAX_PROBE_GAP` apart (a load starts the count again):
+        quick to correct a bad sample, rare while recomputing really is sooner.
+        """
+        with self._lock:
+            self._since_probe += 1
+            if self._since_probe < self._probe_gap:
+                return False
+            self._since_probe, self._probe_gap = 0, min(2 * self._probe_gap, MAX_PROBE_GAP)
+            return True
+
     # -------------------------------------------------------------------------------------------------- loading
+    def probe(self, ids: torch.Tensor, keys: list[str] | list[list[str]], stored: list[list[bool]] | None = None
+              ) -> int:
+        """Fetch and decode chunk 0 of ``ids`` at the best level, timed as a load times it, into a scratch buffer:
+        the fetch and decode estimates that a ``recompute`` plan leaves alone (:meth:`recomputed`) are measured
+        again. Meant for a background thread after the request (ContextCache's writer), so no request waits for it.
+        ``keys`` and ``stored`` as for :meth:`load`. Returns 1 if the chunk was measured, 0 if it is not stored at
+        that level or could not be read (a load will compute it)."""
+        per_codec = [keys] if not keys or isinstance(keys[0], str) else keys
+        source = self.levels[0].source
+        if not per_codec[source] or (stored is not None and not stored[source][0]):
+            return 0
+        blob, _ = self._fetch(0, per_codec[source][0])  # type: ignore[arg-type]
+        kv = KVCache.empty(self.spec, self.chunk_tokens)
+        with self._lock:
+            runs = 1 if 0 in self._decoded else 2  # a level's first decode is not a sample (:meth:`_decode`)
+        measured = blob is not None and all(self._decode(0, blob, ids, kv, 0, LoadReport()) for _ in range(runs))
+        self.estimates.save()
+        return int(measured)
+
     def load(self, ids: torch.Tensor, keys: list[str] | list[list[str]], chunks: int, *,
              stored: list[list[bool]] | None = None, ttft_slo: float | None = None, tail_tokens: int = 0,
              on_chunk: Callable[[str, int], None] | None = None, plan: Plan | None = None
@@ -485,6 +526,8 @@ class Loader:
         assert len(per_codec) == len(self.codecs), "one key list per codec"
         if plan is not None and plan.recompute:
             raise ValueError("a recompute plan loads nothing: prefill the prompt instead of calling load")
+        with self._lock:  # this load measures: probes after recompute plans start from the shortest gap again
+            self._since_probe, self._probe_gap = 0, 1
         report = LoadReport(plan=plan or self.plan(chunks, ttft_slo, tail_tokens))
         assert report.plan is not None
         report.chunk_levels = ["computed"] * chunks
@@ -633,6 +676,13 @@ class Loader:
         return head[:need] if len(head) >= need else None
 
     def _decode(self, level: int, blob: bytes, ids: torch.Tensor, kv: KVCache, i: int, report: LoadReport) -> bool:
+        """Decode ``blob`` (chunk ``i`` at ``level``) into its slice of ``kv``; False if it cannot be (a warning).
+
+        Every decode but a level's first in this loader is a sample of the level's decode rate. The first pays
+        one-time setup: a calibrated codec reads its profile, numba loads the compiled kernels from its cache, and
+        torch starts its threads. Counted, that made a one-chunk load look many times slower than the next one, and
+        a recompute plan followed from it.
+        """
         c = self.chunk_tokens
         lv = self.levels[level]
         t0 = time.perf_counter()
@@ -644,14 +694,19 @@ class Loader:
                 assert isinstance(lv.codec, Progressive)
                 part = lv.codec.decode_prefix(blob, spec=self.spec, token_ids=token_ids, out=out)
         except KvpackError as exc:
-            warnings.warn(f"kvpack: chunk {i} could not be decoded ({exc}); computing it instead", stacklevel=2)
+            warnings.warn(f"kvpack: chunk {i} could not be decoded ({exc}); a load computes it instead",
+                          stacklevel=2)
             return False
         seconds = time.perf_counter() - t0
         report.decode_s += seconds
         if int(part.positions[0]) != i * c:  # stored for other positions: not this prefix
             return False
-        self.estimates.update(self.level_names[level].decode, 2 * part.num_tokens * self.spec.elements_per_token
-                              / seconds)
+        with self._lock:
+            warm = level in self._decoded
+            self._decoded.add(level)
+        if warm:
+            self.estimates.update(self.level_names[level].decode, 2 * part.num_tokens * self.spec.elements_per_token
+                                  / seconds)
         return True
 
 

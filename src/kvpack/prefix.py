@@ -141,6 +141,12 @@ class PrefixStore:
             setattr(stats, f.name, getattr(report, f.name))
         return kv
 
+    def probe(self, ids: torch.Tensor) -> int:
+        """Measure loading the first stored chunk of ``ids`` again (:meth:`Loader.probe`), after a request that
+        followed a ``recompute`` plan; 1 if measured, else 0."""
+        keys, stored, chunks = self._stored(ids)
+        return self.loader.probe(ids, keys, stored) if chunks else 0
+
     def chunk_span(self, ids: torch.Tensor, tokens_hit: int) -> tuple[int, int]:
         """The token range ``[tokens_hit, full)`` of ``ids`` whose full chunks are not stored yet."""
         full = len(ids) // self.chunk_tokens * self.chunk_tokens
