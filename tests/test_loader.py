@@ -116,6 +116,8 @@ def test_plan_to_recompute_when_one_prefill_is_sooner_than_any_load() -> None:
     unknown = Loader(model, spec, MemoryStore(), codecs.get("raw"), CHUNK, LoaderConfig(estimates_path=""))
     unknown.estimates.update(unknown.names.prefill, CHUNK / 0.01)
     assert not unknown.plan(4, allow_recompute=True).recompute  # no load measured yet: load, and measure
+    first = unknown.plan(4)  # a new store, with this model's prefill known: still load only (no front racing it)
+    assert not first.compute_front and first.levels == (load.levels[0].name,) * 4
     assert not load.plan(4, ttft_slo=0.03, allow_recompute=True).recompute  # too slow for the target
     est.update(load.names.fetch, fp16 * 1e6)  # a fast link: loading is sooner
     assert not load.plan(4, allow_recompute=True).recompute

@@ -253,11 +253,10 @@ def choose(n: int, costs: Sequence[Cost | None], compute_s: float | None, budget
     """
     fronts = range(n + 1) if front and compute_s is not None else range(1)
     if budget is None:
-        best = min(fronts, key=lambda k: (predict(k, [0] * (n - k), costs, compute_s) or float("inf"), -k))
-        seconds = predict(best, [0] * (n - best), costs, compute_s)
-        if seconds is None:  # nothing measured yet: load everything, and measure
+        if costs[0] is None:  # loading not measured yet (a new store or codec): load everything, and measure
             return Choice(0, (0,) * n, None, None)
-        return Choice(best, (0,) * (n - best), seconds, None)
+        best = min(fronts, key=lambda k: (predict(k, [0] * (n - k), costs, compute_s) or float("inf"), -k))
+        return Choice(best, (0,) * (n - best), predict(best, [0] * (n - best), costs, compute_s), None)
     usable = [j for j, c in enumerate(costs) if c is not None]
     if not usable:
         return Choice(0, (0,) * n, None, None)
