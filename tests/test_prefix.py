@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import pytest
 import torch
 
 import kvpack
 from kvpack.inference import forward, new_cache
+from kvpack.loader import LoaderConfig
 from kvpack.store import MemoryStore
 from test_families import BASE, EXACT, prompt, tiny
 
@@ -91,3 +94,25 @@ def test_concurrent_requests_equal_sequential_runs() -> None:
     assert [hit for _, hit in sequential] == [24] * 6 + [0, 0]
     for (seq, hit), (con, con_hit) in zip(sequential, concurrent, strict=True):
         assert torch.equal(seq, con) and con_hit == hit
+
+
+def test_warm_up_codes_one_chunk_per_codec_and_touches_no_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny("llama")
+    store = MemoryStore()
+    calls: list[str] = []
+    for label, cls in (("Lossless", kvpack.Lossless), ("Kivi", kvpack.Kivi)):
+        for method in ("encode", "decode"):
+            original = getattr(cls, method)
+
+            def spy(self: Any, *args: Any, _original: Any = original, _name: str = f"{label}.{method}",
+                    **kwargs: Any) -> Any:
+                calls.append(_name)
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(cls, method, spy)
+    with kvpack.ContextCache(model, None, store=store, codec=kvpack.Lossless(), levels=[kvpack.Kivi(bits=4)],
+                             chunk_tokens=CHUNK, loader=LoaderConfig(estimates_path="")) as cc:
+        assert cc.warm_up() > 0
+    assert sorted(calls) == ["Kivi.decode", "Kivi.encode", "Lossless.decode", "Lossless.encode"]
+    stats = store.stats()
+    assert stats.puts == stats.hits == stats.misses == stats.bytes_read == 0
