@@ -15,7 +15,7 @@ from kvpack.context import ContextCache
 from kvpack.inference import forward, new_cache
 from kvpack.keys import KeySpace
 from kvpack.kv import KVCache
-from kvpack.loader import Estimates, Loader, LoaderConfig, Plan
+from kvpack.loader import MAX_ESTIMATES, Estimates, Loader, LoaderConfig, Plan
 from kvpack.spec import ModelSpec
 from kvpack.store import MemoryStore
 from test_families import prompt, tiny
@@ -246,6 +246,15 @@ def test_estimates_survive_a_restart_and_bad_files_are_ignored(tmp_path: Path) -
     assert path.exists() and first.estimates.get(first.names.decode)
     again = Loader(model, spec, store, the_codec, CHUNK, LoaderConfig(estimates_path=str(path)))
     assert again.estimates.get(again.names.decode) == first.estimates.get(first.names.decode)
+    many = Estimates(path, alpha=0.5)
+    for i in range(MAX_ESTIMATES + 10):  # e.g. a new temporary store per run: only the most recent are kept
+        many.update(f"fetch_Bps/store{i}", 1.0 + i)
+    many.update("fetch_Bps/store10", 1.0)  # the oldest kept, updated again: now the most recent
+    many.update("fetch_Bps/new", 1.0)  # so this one pushes out store11 instead
+    many.save()
+    kept = Estimates(path, alpha=0.5)
+    assert len(kept._values) == MAX_ESTIMATES and kept.get("fetch_Bps/store10") == 6.0 and kept.get("fetch_Bps/new")
+    assert kept.get("fetch_Bps/store9") is None and kept.get("fetch_Bps/store11") is None
     path.write_text("{not json")
     with pytest.warns(Warning, match="unreadable"):
         fresh = Loader(model, spec, store, the_codec, CHUNK, LoaderConfig(estimates_path=str(path)))

@@ -62,6 +62,9 @@ from kvpack.store import Store
 from kvpack.store.disk import default_cache_dir
 
 ESTIMATES_FILE = "estimates.json"
+#: Most estimates kept in the file (the most recently updated): a store's fetch rate is named after the store, and
+#: every new temporary directory or URL would otherwise add one for good.
+MAX_ESTIMATES = 512
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,8 @@ class Estimates:
     """Running (EWMA) estimates by name, e.g. ``fetch_Bps/<store>``; persisted as a flat JSON object.
 
     Thread-safe. A missing, unreadable or malformed file starts from no estimates (with a warning when malformed):
-    estimates only steer speed, never correctness.
+    estimates only steer speed, never correctness. The :data:`MAX_ESTIMATES` most recently updated are kept, in that
+    order, in memory and in the file.
     """
 
     def __init__(self, path: Path | None, alpha: float) -> None:
@@ -107,7 +111,8 @@ class Estimates:
             return {}
         try:
             data = json.loads(path.read_text())
-            return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float) and v > 0}
+            values = {str(k): float(v) for k, v in data.items() if isinstance(v, int | float) and v > 0}
+            return dict(list(values.items())[-MAX_ESTIMATES:])
         except (OSError, ValueError, AttributeError) as exc:
             warnings.warn(f"kvpack: ignoring unreadable loader estimates {path} ({exc})", stacklevel=3)
             return {}
@@ -121,15 +126,17 @@ class Estimates:
         if not sample > 0 or sample == float("inf"):
             return
         with self._lock:
-            old = self._values.get(name)
+            old = self._values.pop(name, None)  # re-inserted last: the dict's order is the order of last update
             self._values[name] = sample if old is None else (1 - self.alpha) * old + self.alpha * sample
+            if len(self._values) > MAX_ESTIMATES:  # one name added at most: drop the least recently updated
+                del self._values[next(iter(self._values))]
 
     def save(self) -> None:
         """Write the estimates atomically (temporary file + rename); an unwritable directory is only a warning."""
         if self.path is None:
             return
         with self._lock:
-            text = json.dumps(self._values, sort_keys=True, indent=1)
+            text = json.dumps(self._values, indent=1)  # in update order, which _read keeps
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
