@@ -172,6 +172,17 @@ def test_decode_into_a_slice_of_a_larger_cache(profiles: dict[str, str], name: s
 
 
 @pytest.mark.parametrize("name", available())
+def test_warm_up_runs_on_the_codec_s_model(profiles: dict[str, str], name: str) -> None:
+    """``warm_up`` codes synthetic tokens of any spec the codec accepts (calibrated codecs: their profile's), and
+    the codec's output does not change after it."""
+    kv = sample_cache(name, 20)
+    codec = _codec(name, profiles)
+    before = codec.encode(kv)
+    codec.warm_up(kv.spec, 16)
+    assert codec.encode(kv) == before
+
+
+@pytest.mark.parametrize("name", available())
 def test_codec_id_survives_the_header(profiles: dict[str, str], name: str) -> None:
     """The codec ``kvpack.decode`` rebuilds from a header has the encoder's identity (hence its chunk keys)."""
     codec = _codec(name, profiles)

@@ -164,8 +164,8 @@ class ContextCache:
         """Pay the codecs' one-time setup now, not in the first request that stores or loads (a calibrated codec
         prepares its projections, numba loads its compiled kernels, torch starts its threads: otherwise a
         process's first decode is much slower than the next). Optional: call it once at startup. Encodes and
-        decodes one synthetic chunk per codec (:meth:`PrefixStore.warm_up`), nothing stored; returns the seconds
-        it took."""
+        decodes synthetic chunks with every codec (:meth:`~kvpack.codecs.base.Codec.warm_up`), nothing stored;
+        returns the seconds it took."""
         start = time.perf_counter()
         self.prefixes.warm_up()
         return time.perf_counter() - start

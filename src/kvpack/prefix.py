@@ -142,17 +142,10 @@ class PrefixStore:
         return kv
 
     def warm_up(self) -> None:
-        """Encode and decode one synthetic chunk with every codec, laid out as a request's write and load lay it out
-        (a chunk of a longer buffer, decoded into a slice of one), and touch nothing in the store: the codecs'
-        one-time setup (a calibrated codec preparing its projections, numba loading its compiled kernels, torch
-        starting its threads) is paid here instead of by the first request that stores or loads a chunk."""
-        c = self.chunk_tokens
-        noise = torch.randn(self.spec.buffer_shape(2 * c), generator=torch.Generator().manual_seed(0)) / 2
-        chunk = KVCache(spec=self.spec, data=noise.to(self.spec.torch_dtype),
-                        positions=torch.arange(2 * c, dtype=torch.int64))[c:]
-        out = KVCache.empty(self.spec, 2 * c)[c:]
+        """Every codec's one-time setup, paid now (:meth:`Codec.warm_up` with a chunk's tokens); the store is not
+        touched."""
         for codec in self.codecs:
-            codec.decode(codec.encode(chunk), self.spec, out=out)
+            codec.warm_up(self.spec, self.chunk_tokens)
 
     def probe(self, ids: torch.Tensor) -> int:
         """Measure loading the first stored chunk of ``ids`` again (:meth:`Loader.probe`), after a request that

@@ -115,6 +115,18 @@ class Codec(ABC):
             raise CodecError(f"codec {self.name} used reserved section names {sorted(clash)}")
         return write_container(header, {**sections, **payload.sections})
 
+    def warm_up(self, spec: ModelSpec, tokens: int) -> None:
+        """Pay this codec's one-time setup now instead of in the first request that encodes or decodes (a calibrated
+        codec preparing its projections, numba loading its compiled kernels, torch starting its threads): encode and
+        decode ``tokens`` synthetic tokens of ``spec``, once in buffers of their own and once as a chunk of a longer
+        buffer decoded into a slice of one (numba compiles its kernels per array layout)."""
+        noise = torch.randn(spec.buffer_shape(2 * tokens), generator=torch.Generator().manual_seed(0)) / 2
+        whole = KVCache(spec=spec, data=noise.to(spec.torch_dtype), positions=torch.arange(2 * tokens))
+        self.decode(self.encode(whole[tokens:]), spec, out=KVCache.empty(spec, 2 * tokens)[tokens:])
+        alone = KVCache.empty(spec, tokens, start_position=tokens)
+        alone.data.copy_(whole.data[:, :, :, tokens:])
+        self.decode(self.encode(alone), spec)
+
     def decode(self, data: bytes | memoryview, spec: ModelSpec | None = None,
                token_ids: torch.Tensor | Sequence[int] | None = None, out: KVCache | None = None,
                device: torch.device | str | None = None) -> KVCache:

@@ -28,6 +28,7 @@ import atexit
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,8 +257,10 @@ class KvpackConnector(KVConnectorBase_V1):
         self.layout = PageLayout(CPU_ISA_LAYOUTS[isa], self.spec.num_kv_heads, self.spec.head_dim, block_size)
         for pages in self.layers:
             self.layout.check(pages)
-        logger.info("kvpack: %d layers of %s pages %s (%s kernels)", len(self.layers), self.layout.name,
-                    list(first.shape), isa)
+        start = time.perf_counter()
+        self.codec.warm_up(self.spec, self.config.chunk_tokens)  # not in the first request that loads or saves
+        logger.info("kvpack: %d layers of %s pages %s (%s kernels); codec warmed up in %.2f s", len(self.layers),
+                    self.layout.name, list(first.shape), isa, time.perf_counter() - start)
 
     def _metadata(self) -> KvpackConnectorMetadata | None:
         meta = self._connector_metadata
