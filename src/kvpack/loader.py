@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -503,17 +503,23 @@ class Loader:
         again. Meant for a background thread after the request (ContextCache's writer), so no request waits for it.
         ``keys`` and ``stored`` as for :meth:`load`. Returns 1 if the chunk was measured, 0 if it is not stored at
         that level or could not be read (a load will compute it)."""
-        per_codec = [keys] if not keys or isinstance(keys[0], str) else keys
+        per_codec = self._per_codec(keys)
         source = self.levels[0].source
         if not per_codec[source] or (stored is not None and not stored[source][0]):
             return 0
-        blob, _ = self._fetch(0, per_codec[source][0])  # type: ignore[arg-type]
+        blob, _ = self._fetch(0, per_codec[source][0])
         kv = KVCache.empty(self.spec, self.chunk_tokens)
         with self._lock:
             runs = 1 if 0 in self._decoded else 2  # a level's first decode is not a sample (:meth:`_decode`)
         measured = blob is not None and all(self._decode(0, blob, ids, kv, 0, LoadReport()) for _ in range(runs))
         self.estimates.save()
         return int(measured)
+
+    def _per_codec(self, keys: list[str] | list[list[str]]) -> list[list[str]]:
+        """``keys`` as one key list per codec (a single codec may pass its list alone)."""
+        per_codec = cast(list[list[str]], [keys] if not keys or isinstance(keys[0], str) else keys)
+        assert len(per_codec) == len(self.codecs), "one key list per codec"
+        return per_codec
 
     def load(self, ids: torch.Tensor, keys: list[str] | list[list[str]], chunks: int, *,
              stored: list[list[bool]] | None = None, ttft_slo: float | None = None, tail_tokens: int = 0,
@@ -528,8 +534,7 @@ class Loader:
         :meth:`plan` made for this load (default: planned here; a ``recompute`` plan is for the caller to follow).
         """
         c = self.chunk_tokens
-        per_codec = [keys] if not keys or isinstance(keys[0], str) else keys
-        assert len(per_codec) == len(self.codecs), "one key list per codec"
+        per_codec = self._per_codec(keys)
         if plan is not None and plan.recompute:
             raise ValueError("a recompute plan loads nothing: prefill the prompt instead of calling load")
         with self._lock:  # this load measures: probes after recompute plans start from the shortest gap again
@@ -539,7 +544,7 @@ class Loader:
         report.chunk_levels = ["computed"] * chunks
         kv = KVCache.empty(self.spec, chunks * c)
         kv.token_ids = ids[: chunks * c].clone()
-        state = _Request(self, per_codec, stored, report, ttft_slo, tail_tokens)  # type: ignore[arg-type]
+        state = _Request(self, per_codec, stored, report, ttft_slo, tail_tokens)
         claim = _Claims(chunks)
         loaded: set[int] = set()
         errors: list[BaseException] = []
@@ -686,8 +691,8 @@ class Loader:
 
         Every decode but a level's first in this loader is a sample of the level's decode rate. The first pays
         one-time setup: a calibrated codec reads its profile, numba loads the compiled kernels from its cache, and
-        torch starts its threads. Counted, that made a one-chunk load look many times slower than the next one, and
-        a recompute plan followed from it.
+        torch starts its threads. Counted, it made a process's first load look slower than it is (with one chunk,
+        it was the whole estimate), and recompute plans followed from it.
         """
         c = self.chunk_tokens
         lv = self.levels[level]
