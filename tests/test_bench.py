@@ -243,6 +243,9 @@ def test_speed_keeps_settings_under_different_profiles_apart(tmp_path: Path) -> 
     for row, codec in zip(mine, codecs, strict=True):  # each row's bytes are its own profile's
         assert row["profile"] == {"hash": codec.calibration.hash}
         assert row["ratio"] == kv.fp16_bytes / len(codec.encode(kv))
+        assert row["encode_gemm"] == str(codec.encode_dtype()).removeprefix("torch.")  # the precision it encoded in
+    assert f"transform preset=4x sinks=1 layers=1 encode GEMM in {mine[0]['encode_gemm']}" in \
+        speed.markdown(rows, "kvpack bench speed")
 
 
 def test_cross_source_table_refuses_rows_without_sources(tmp_path: Path) -> None:

@@ -20,9 +20,9 @@ from kvpack.rope import rotate
 
 
 def low_rank_caches(n: int = 3, tokens: int = 200, rank: int = 12, seed: int = 0,
-                    positions: torch.Tensor | None = None) -> list[KVCache]:
-    """Caches whose pre-RoPE K/V vectors live near a ``rank``-dim subspace shared by all (like real KV); keys are
-    rotated for ``positions`` (default ``0 .. tokens-1``)."""
+                    positions: torch.Tensor | None = None, noise: float = 0.01) -> list[KVCache]:
+    """Caches whose pre-RoPE K/V vectors live near a ``rank``-dim subspace shared by all (like real KV), plus white
+    noise of standard deviation ``noise``; keys are rotated for ``positions`` (default ``0 .. tokens-1``)."""
     spec = make_spec(layers=3, heads=2, head_dim=16)
     dims = spec.elements_per_token
     gen = torch.Generator().manual_seed(0)  # the same subspace for every call: "one model"
@@ -30,7 +30,7 @@ def low_rank_caches(n: int = 3, tokens: int = 200, rank: int = 12, seed: int = 0
     out = []
     for i in range(n):
         g = torch.Generator().manual_seed(seed + 100 + i)
-        x = torch.randn(tokens, rank, generator=g) @ mix * 3 + 0.01 * torch.randn(tokens, dims, generator=g)
+        x = torch.randn(tokens, rank, generator=g) @ mix * 3 + noise * torch.randn(tokens, dims, generator=g)
         per = x.reshape(tokens, spec.num_layers, 2, spec.num_kv_heads, spec.head_dim).permute(1, 2, 3, 0, 4)
         pos = torch.arange(tokens, dtype=torch.int64) if positions is None else positions
         keys = [rotate(per[layer, 0], pos, spec.rope, spec.head_dim).to(spec.torch_dtype)

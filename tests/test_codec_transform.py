@@ -16,7 +16,7 @@ from kvpack import codecs, cpu
 from kvpack.codecs import CalibratedCodec, get
 from kvpack.codecs.transform import KVTC, Transform
 from kvpack.codecs.transform.calibrate import calibrate_from_caches
-from kvpack.codecs.transform.codec import PROJECTION_ENV, projection_dtype
+from kvpack.codecs.transform.codec import BF16_ENCODE_NOISE, BF16_ENCODE_SHARE, PROJECTION_ENV, projection_dtype
 from kvpack.codecs.transform.profile import BASIS_BLOCK, load_basis, profile_from, store_basis
 from kvpack.errors import CodecError, FormatError, ProfileError, ProfileMismatchError
 from kvpack.kv import KVCache
@@ -65,7 +65,7 @@ def _rel_error(a: KVCache, b: KVCache, skip: int = 0) -> float:
 @pytest.mark.parametrize("basis", ["transform", "transform-layers", "transform-int8"])
 def test_round_trip_bounds_and_sinks(profiles: dict[str, Path], preset: str, projection: str, basis: str,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(PROJECTION_ENV, projection)  # the bound holds in either precision of the decode GEMM
+    monkeypatch.setenv(PROJECTION_ENV, projection)  # the bound holds in either precision of the projections
     kv = _held_out()
     codec = Transform(profile=str(profiles[basis]), preset=preset)
     assert codec.sinks == 1  # the profile's, calibrate_from_caches' default for the transform recipe
@@ -103,6 +103,65 @@ def test_both_precisions_decode_the_same_bytes_alike(profiles: dict[str, Path],
     exact = codec.decode(data)
     monkeypatch.setenv(PROJECTION_ENV, "bfloat16")
     assert _rel_error(codec.decode(data), exact) < 2e-5  # bf16 inputs: ~2^-9 relative per term
+
+
+@pytest.fixture(scope="module")
+def noisy_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A profile of caches with a noise floor (every component has a sizeable variance, as in real caches), where
+    bfloat16 encoding is cheap; the low-rank caches of :func:`profiles` have components bf16 would scramble."""
+    caches = low_rank_caches(noise=1.0)
+    prof = calibrate_from_caches(caches, caches[0].spec, ratios=RATIOS, default_ratio=4.0, reference_tokens=256)
+    return prof.save(tmp_path_factory.mktemp("noisy") / "transform.kvprof")
+
+
+def _encode_both(codec: Transform, kv: KVCache, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[bytes, Any]]:
+    out = {}
+    for precision in ("float32", "bfloat16"):
+        monkeypatch.setenv(PROJECTION_ENV, precision)
+        out[precision] = (codec.encode(kv), codec.level_symbols(kv).symbols)
+    monkeypatch.setenv(PROJECTION_ENV, "float32")  # one decode precision: only the encodes differ
+    return out
+
+
+def test_bf16_encodes_only_presets_it_does_not_disturb(profiles: dict[str, Path], noisy_profile: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    cases = [(profiles["transform"], preset, 0.01) for preset in BOUNDS] + \
+        [(noisy_profile, preset, 1.0) for preset in BOUNDS]
+    chosen = []
+    for path, preset, noise in cases:
+        codec = Transform(profile=str(path), preset=preset)
+        kv = low_rank_caches(n=1, tokens=120, seed=7, noise=noise)[0]
+        (exact, _), (fast, _) = _encode_both(codec, kv, monkeypatch).values()
+        st = codec.state()
+        alloc = st.presets[preset]
+        cost = st.bf16_cost(alloc)
+        allowed = cost.relative_error <= BF16_ENCODE_SHARE * alloc.info["relative_error"] and \
+            cost.worst_noise <= BF16_ENCODE_NOISE
+        assert (fast != exact) == allowed, (path.name, preset, cost)
+        chosen.append(allowed)
+    # the near-lossless caches' tiny components keep float32; the noisy ones' coarser presets take bf16
+    assert chosen == [False, False, False, False, True, True]
+
+
+@pytest.mark.parametrize("preset", ["4x", "8x"])
+def test_bf16_encoding_costs_little(noisy_profile: Path, preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    codec = Transform(profile=str(noisy_profile), preset=preset)
+    kv = low_rank_caches(n=1, tokens=400, seed=7, noise=1.0)[0]
+    (exact, exact_symbols), (fast, fast_symbols) = _encode_both(codec, kv, monkeypatch).values()
+    assert 0 < float(np.mean(exact_symbols != fast_symbols)) < 0.05  # only coefficients next to a boundary moved
+    assert abs(len(fast) - len(exact)) <= 0.01 * len(exact)
+    skip = codec.sink_tokens
+    assert _rel_error(codec.decode(fast), kv, skip) < (1 + BF16_ENCODE_SHARE) * _rel_error(codec.decode(exact), kv,
+                                                                                              skip)
+
+
+def test_profile_relative_error_validated(profiles: dict[str, Path]) -> None:
+    prof = Profile.load(profiles["transform"])
+    for bad in ("0.1", -1.0, float("nan"), float("inf"), True):
+        meta = {**prof.meta, "presets": [{**p, "relative_error": bad} for p in prof.meta["presets"]]}
+        with pytest.raises(FormatError, match="relative_error"):
+            profile_from(Profile(codec=prof.codec, model_fingerprint=prof.model_fingerprint, meta=meta,
+                                 arrays=prof.arrays))
 
 
 def test_positions_explicit_and_offset(profiles: dict[str, Path]) -> None:

@@ -40,6 +40,7 @@ from kvpack.codecs import get
 from kvpack.codecs.base import Codec
 from kvpack.codecs.calibrated import CalibratedCodec
 from kvpack.codecs.raw import tensor_bytes
+from kvpack.codecs.transform import Transform
 from kvpack.codecs.transform.codec import projection_dtype
 from kvpack.cpu import model_name
 from kvpack.eval import progress_bar
@@ -167,7 +168,9 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
                          STORE_CHUNK: (_median_seconds(partial(_each, codec.encode, parts), repeats),
                                        _median_seconds(partial(_each, codec.decode, blobs), repeats))}
             row = acc.setdefault(label, {"codec": name, "params": codec.params(), "bytes": 0, "chunked_bytes": 0,
-                                         "err_k": [], "err_v": [], "profile": _profile(codec)})
+                                         "err_k": [], "err_v": [], "profile": _profile(codec), "encode_gemm": (
+                                             str(codec.encode_dtype()).removeprefix("torch.")
+                                             if isinstance(codec, Transform) else None)})
             row["bytes"] += len(data)
             row["chunked_bytes"] += sum(len(b) for b in blobs)
             for chunk, (t_enc, t_dec) in times.items():
@@ -182,6 +185,7 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
     for label, r in acc.items():
         for chunk, size in ((None, r["bytes"]), (STORE_CHUNK, r["chunked_bytes"])):
             rows.append({"setting": label, "codec": r["codec"], "params": r["params"], "profile": r["profile"],
+                         "encode_gemm": r["encode_gemm"],
                          "chunk_tokens": chunk,
                          "ratio": fp16 / size, "bits_per_element": 16 * size / fp16,
                          "encode_mb_per_s": statistics.median(r[f"enc@{chunk}"]),
@@ -220,6 +224,8 @@ def _cells(r: dict[str, Any]) -> list[str]:
 def _title(rows: list[dict[str, Any]]) -> str:
     m = rows[0]
     gemm = f", transform/kvtc decode GEMM in {m['transform_gemm']}" if "transform_gemm" in m else ""
+    encodes = {r["setting"].split(" [")[0]: r["encode_gemm"] for r in rows if r.get("encode_gemm")}
+    gemm += "".join(f", {setting} encode GEMM in {dtype}" for setting, dtype in encodes.items())
     return (f"codecs on {len(m['documents'])} real eval caches: {m['cpu']}, {m['cores']} cores, {m['threads']} numba "
             f"threads ({m['threading_layer']}), load {m['load_1min']:.1f}{gemm}")
 

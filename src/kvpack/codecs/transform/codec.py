@@ -22,12 +22,14 @@ Bitstream (``meta`` + sections, per progressive layer ``k``; a layer is a set of
 
 A prefix of the bytes that holds complete layers decodes at lower quality (:meth:`Transform.decode_prefix`).
 
-Decoding is one GEMM per PCA group, ``z [tokens, U] @ decode [U, D_g]`` (60 MFLOP per token for SmolLM2's 32x
-preset), in the precision :func:`projection_dtype` picks for this CPU: bfloat16 inputs with float32 accumulation
-where the CPU multiplies bf16 natively (several times faster there than float32), float32 elsewhere. The bf16
-inputs add a relative error of about 2^-9 per term, below both the coefficients' quantization error and the bf16
-rounding of the decoded cache; encoding is always float32, so the bytes do not depend on whether the CPU multiplies
-bf16 natively (float32 GEMM kernels may still differ between CPUs in the last bit of a sum).
+Encoding and decoding are one GEMM per PCA group each, ``x [tokens, D_g] @ encode [D_g, U]`` and ``z [tokens, U] @
+decode [U, D_g]`` (60 MFLOP per token each for SmolLM2's 32x preset), in the precision :func:`projection_dtype` picks
+for this CPU: bfloat16 inputs with float32 accumulation where the CPU multiplies bf16 natively (several times faster
+there than float32), float32 elsewhere. The bf16 inputs and product add a relative error of about 2^-9 per term,
+below both the coefficients' quantization error and the bf16 rounding of the decoded cache. Encoded in bf16, a
+coefficient that lies that close to a quantization boundary takes the neighbouring level, so the bytes depend on
+the precision (as float32 GEMM kernels of different CPUs already may, in the last bit of a sum); any precision
+decodes them.
 """
 
 from __future__ import annotations
@@ -72,12 +74,17 @@ if TYPE_CHECKING:
 
 #: Environment variable that overrides :func:`projection_dtype`: ``float32``, ``bfloat16`` or ``auto`` (default).
 PROJECTION_ENV = "KVPACK_TRANSFORM_GEMM"
+#: Encoding multiplies in bfloat16 only where its error bound adds at most this share to the preset's calibrated error
+BF16_ENCODE_SHARE = 0.02
+#: ... and moves no entropy-coded coefficient by more than this variance in squared quantization steps (half a step).
+BF16_ENCODE_NOISE = 0.25
 
 
 def projection_dtype() -> torch.dtype:
-    """The precision of the decode projection on this machine: bfloat16 where the CPU multiplies bf16 natively
+    """The precision of the projections on this machine: bfloat16 where the CPU multiplies bf16 natively
     (:func:`kvpack.cpu.native_bf16_matmul`), else float32; ``$KVPACK_TRANSFORM_GEMM`` (``float32``, ``bfloat16``,
-    ``auto``) overrides it, e.g. for decoded caches identical across machines."""
+    ``auto``) overrides it, e.g. for the same bytes and decoded caches on every machine (up to the last bit of
+    float32 sums)."""
     choice = os.environ.get(PROJECTION_ENV, "auto")
     if choice == "auto":
         return torch.bfloat16 if cpu.native_bf16_matmul() else torch.float32
@@ -228,7 +235,7 @@ class Transform(CalibratedCodec[TransformProfile]):
             raise CodecError(f"profile {self.profile} was calibrated on another model "
                              f"({st.profile.model_fingerprint[:12]}, cache is {kv.spec.fingerprint[:12]})")
         alloc = self.allocation()
-        x = features(kv, kv.positions >= self.sink_tokens)
+        x = features(kv, kv.positions >= self.sink_tokens).to(self.encode_dtype())
         projections = [st.projection(alloc, g) for g in range(len(st.groups))]
         return st, alloc, projections, [self._project(p, x) for p in projections]
 
@@ -246,10 +253,29 @@ class Transform(CalibratedCodec[TransformProfile]):
             symbols = flat.reshape(n, tokens)
         return CodedLevels(classes=lay.ec_class, groups=lay.ec_group, components=lay.ec_comp, symbols=symbols)
 
+    def encode_dtype(self) -> torch.dtype:
+        """The precision this codec's encode projection multiplies in on this machine: :func:`projection_dtype`,
+        but float32 for a preset whose quantization bf16 would disturb
+        (:meth:`TransformProfile.bf16_cost`): one whose error it could raise by more than :data:`BF16_ENCODE_SHARE`
+        (the fine steps of low ratios), or with a coefficient it could move by more than :data:`BF16_ENCODE_NOISE`
+        squared steps (components of tiny variance, whose symbols it would scramble at a cost in bytes)."""
+        dtype = projection_dtype()
+        if dtype == torch.float32:
+            return dtype
+        alloc = self.allocation()
+        cost = self.state().bf16_cost(alloc)
+        budget = BF16_ENCODE_SHARE * alloc.info.get("relative_error", 0.0)  # validated by profile_from
+        return dtype if cost.relative_error <= budget and cost.worst_noise <= BF16_ENCODE_NOISE else torch.float32
+
     @staticmethod
     def _project(p: Projection, x: torch.Tensor) -> np.ndarray:
-        """Normalized coefficients ``z [T, U_g]`` of the components a preset codes in PCA group ``g``."""
-        return torch.addmm(-p.encode_bias, x if p.columns is None else x[:, p.columns], p.encode).numpy()
+        """float32 normalized coefficients ``z [T, U_g]`` of the components a preset codes in PCA group ``g``, from
+        features ``x [T, D]`` multiplied in ``x``'s precision (float32, or bfloat16 with float32 accumulation and a
+        bfloat16 product; the bias is subtracted in float32)."""
+        xg = x if p.columns is None else x[:, p.columns]
+        if x.dtype == torch.float32:
+            return torch.addmm(-p.encode_bias, xg, p.encode).numpy()
+        return torch.mm(xg, p.encode_as(x.dtype)).float().sub_(p.encode_bias).numpy()
 
     def _encode_layer(self, st: TransformProfile, k: int, lay: _Layout, cols: _Columns,
                       zs: list[np.ndarray]) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kvpack import entropy
+from kvpack.codecs.transform import quant
 from kvpack.codecs.transform.features import feature_groups
 from kvpack.codecs.transform.quant import (
     ALPHABET,
@@ -47,6 +48,14 @@ class Allocation:
     info: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Bf16Cost:
+    """What multiplying a preset's encode projection in bfloat16 may cost (:meth:`TransformProfile.bf16_cost`)."""
+
+    relative_error: float  # added squared error over the total variance, as ``Allocation.info["relative_error"]``
+    worst_noise: float  # the largest noise variance of an entropy-coded coefficient, in squared quantization steps
+
+
 @dataclass(frozen=True, eq=False)
 class Projection:
     """Group ``g``'s PCA restricted to the ``U`` used components, with centring, weights and ``sigma`` folded in:
@@ -59,15 +68,23 @@ class Projection:
     encode_bias: torch.Tensor  # [U]
     decode: torch.Tensor  # [U, D_g]
     decode_bias: torch.Tensor  # [D_g]
-    casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    casts: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def encode_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """``encode`` in ``dtype`` (cast once per dtype)."""
+        return self._cast("encode", dtype)
 
     def decode_as(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(decode, decode_bias)`` in ``dtype`` (cast once per dtype)."""
-        if dtype == torch.float32:
-            return self.decode, self.decode_bias
-        if dtype not in self.casts:
-            self.casts[dtype] = (self.decode.to(dtype), self.decode_bias.to(dtype))
-        return self.casts[dtype]
+        return self._cast("decode", dtype), self._cast("decode_bias", dtype)
+
+    def _cast(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        tensor: torch.Tensor = getattr(self, name)
+        if tensor.dtype == dtype:
+            return tensor
+        if (name, dtype) not in self.casts:
+            self.casts[name, dtype] = tensor.to(dtype)
+        return self.casts[name, dtype]
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +106,7 @@ class TransformProfile:
     sinks: int  # the sink tokens the profile was calibrated with: the codec's default
 
     subs: dict[tuple[str, int], Projection] = field(default_factory=dict)
+    bf16_costs: dict[str, Bf16Cost] = field(default_factory=dict)
 
     @property
     def hash(self) -> str:
@@ -116,6 +134,42 @@ class TransformProfile:
                 encode=(basis * w / sigma).T.float().contiguous(), encode_bias=((mean * w) @ basis.T / sigma[:, 0])
                 .float(), decode=(basis * sigma / w).float().contiguous(), decode_bias=self.means[g])
         return self.subs[key]
+
+    def bf16_cost(self, alloc: Allocation) -> Bf16Cost:
+        """What computing ``alloc``'s coefficients in bfloat16 instead of float32 may cost (cached per preset).
+
+        In the weighted feature space (``x_w = x * w``, power ``P_j = E[x_wj^2]``, :attr:`feature_power`), the
+        coefficient ``z_i = x @ e_i - beta_i`` with ``e_ji = w_j b_ij / sigma_i``. Rounding to bf16 (8 significant
+        bits, to nearest) gives each input ``x_j``, each ``e_ji`` and the product ``y_i = x @ e_i`` an independent
+        relative error of variance at most ``rho = 2^-14 / 12``, so ``z_i`` gains a noise of variance at most ``n_i =
+        rho (2 sum_j P_j b_ij^2 / sigma_i^2 + 1 + beta_i^2)`` (``E[y_i^2] = 1 + beta_i^2``: ``z`` has unit variance in
+        calibration), and the decoded vector ``sigma_i^2 n_i``. Summed over the coded components and divided by the
+        total variance, that is :attr:`Bf16Cost.relative_error`; ``n_i`` over the squared step ``1 / r_i^2`` of an
+        entropy-coded component is its :attr:`Bf16Cost.worst_noise` candidate. Dropped components add nothing."""
+        if alloc.name not in self.bf16_costs:
+            rho, added, worst = 2.0**-14 / 12, 0.0, 0.0
+            first = np.cumsum([0] + [-(-len(s) // BLOCK) for s in self.sigmas])  # first block of each group
+            for g, (basis, sigmas, power) in enumerate(zip(self.bases, self.sigmas, self.feature_power, strict=True)):
+                p = self.projection(alloc, g)
+                sigma2 = torch.from_numpy(sigmas[p.used]).double() ** 2
+                noise = rho * (2 * torch.mv(basis[torch.from_numpy(p.used)].square(), power.float()).double() / sigma2
+                               + 1 + p.encode_bias.double() ** 2)  # n_i [U]
+                added += float(sigma2 @ noise)
+                blocks = first[g] + p.used // BLOCK
+                ec = alloc.block_type[blocks] == TYPE_EC
+                if ec.any():
+                    steps2 = 1 / quant.rates()[alloc.block_param[blocks[ec]]] ** 2
+                    worst = max(worst, float((noise.numpy()[ec] / steps2).max()))
+            total = sum(float((s.astype(np.float64) ** 2).sum()) for s in self.sigmas)
+            self.bf16_costs[alloc.name] = Bf16Cost(relative_error=added / total, worst_noise=worst)
+        return self.bf16_costs[alloc.name]
+
+    @functools.cached_property
+    def feature_power(self) -> list[torch.Tensor]:
+        """float64 ``[D_g]`` per group: the weighted features' power ``E[x_wj^2] = (mean_j w_j)^2 + sum_c sigma_c^2
+        b_cj^2`` under the calibration's statistics."""
+        return [(m.double() * w.double()) ** 2 + torch.mv(b.square().t(), torch.from_numpy(s) ** 2).double()
+                for m, w, b, s in zip(self.means, self.weights, self.bases, self.sigmas, strict=True)]
 
     @property
     def block_group(self) -> np.ndarray:
@@ -247,6 +301,9 @@ def profile_from(profile: Profile) -> TransformProfile:
             fixed = (kinds >= TYPE_INT2) & (kinds <= TYPE_INT8)
             if np.any(ec & ((params < 0) | (params >= N_RATES))) or np.any(fixed & ~np.isin(params, GROUPS)):
                 raise FormatError(f"preset {name!r} has invalid block parameters")
+            error = info.get("relative_error", 0.0)  # missing: encoding stays float32 (Transform.encode_dtype)
+            if isinstance(error, bool) or not isinstance(error, int | float) or not 0 <= error < float("inf"):
+                raise FormatError(f"preset {name!r} has an invalid relative_error {error!r}")
             presets[name] = Allocation(name, kinds.astype(np.uint8), params, rank, dict(info))
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"not a valid transform profile: {exc}") from None
