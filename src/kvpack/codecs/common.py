@@ -89,22 +89,53 @@ def unpack_classes(data: bytes | memoryview, n_rows: int, n_classes: int) -> np.
     return (planes << np.arange(bits - 1, -1, -1, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
 
 
-def _row_order(classes: np.ndarray, n_groups: int, n_classes: int) -> np.ndarray:
-    """Rows (flat index) sorted stably by ``(group, class)``: int64 ``[n_groups * rows]``."""
-    rows = classes.size // max(n_groups, 1)
-    key = np.repeat(np.arange(n_groups, dtype=np.int64), rows) * n_classes + classes.reshape(-1)
-    return np.argsort(key, kind="stable")
+def row_layout(classes: np.ndarray, n_groups: int, n_classes: int, tokens: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The stream layout (module docstring) of the rows of ``n_groups`` groups with class ids ``classes`` (uint8
+    ``[n_groups * rows]``, each ``< n_classes``: :func:`unpack_classes` and :func:`assign_classes` ensure it) and
+    ``tokens`` symbols each.
 
-
-def _lanes(sorted_keys: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lane starts (int64 ``[n_lanes + 1]``, in symbols) and tables (int32) for rows sorted by table key."""
-    n_rows = sorted_keys.size
+    Returns:
+        ``(order, row_offset, lane_starts, lane_table)``: the rows (flat index) sorted stably by ``(group, class)``,
+        int64 ``[n_rows]``; where row ``r`` starts in the sorted symbols, int64 ``[n_rows]``; the lane starts in
+        symbols, int64 ``[n_lanes + 1]``; the lane tables ``group * n_classes + class``, int32 ``[n_lanes]``.
+    """
     per_lane = max(1, -(-LANE_SYMBOLS // max(tokens, 1)))
-    run_start = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]) if n_rows else np.zeros(0, np.int64)
-    position = np.arange(n_rows) - np.repeat(run_start, np.diff(np.r_[run_start, n_rows]))
-    first = np.flatnonzero(position % per_lane == 0)
-    starts = np.r_[first, n_rows].astype(np.int64) * tokens
-    return starts, sorted_keys[first].astype(np.int32)
+    flat = np.ascontiguousarray(classes.reshape(-1), dtype=np.uint8)
+    return _row_layout(flat, max(n_groups, 1), n_classes, tokens, per_lane)
+
+
+@njit(nogil=True, cache=True)
+def _row_layout(classes, n_groups, n_classes, tokens, per_lane):  # type: ignore[no-untyped-def]
+    """:func:`row_layout` in one pass per group: a counting sort by class (stable), lanes of ``per_lane`` rows cut
+    from each run of one class. One compiled pass instead of a dozen numpy calls (a stable argsort, run detection,
+    a scatter), which cost a tenth of a 256-token fp8 decode."""
+    n_rows = classes.size
+    rows = n_rows // n_groups
+    order = np.empty(n_rows, np.int64)
+    row_offset = np.empty(n_rows, np.int64)
+    lane_first = np.empty(n_rows + 1, np.int64)
+    lane_table = np.empty(n_rows, np.int32)
+    count = np.empty(n_classes, np.int64)
+    n_lanes = 0
+    for g in range(n_groups):
+        count[:] = 0
+        for r in range(g * rows, (g + 1) * rows):
+            count[classes[r]] += 1
+        at = g * rows  # sorted position of the group's first row; then of each class's next row
+        for c in range(n_classes):
+            for i in range(0, count[c], per_lane):
+                lane_first[n_lanes] = at + i
+                lane_table[n_lanes] = g * n_classes + c
+                n_lanes += 1
+            at, count[c] = at + count[c], at
+        for r in range(g * rows, (g + 1) * rows):
+            p = count[classes[r]]
+            count[classes[r]] = p + 1
+            order[p] = r
+            row_offset[r] = p * tokens
+    lane_first[n_lanes] = n_rows
+    return order, row_offset, lane_first[: n_lanes + 1] * tokens, lane_table[:n_lanes].copy()
 
 
 def encode_rows(symbols: np.ndarray, alphabet: int, n_classes: int) -> tuple[bytes, bytes]:
@@ -122,10 +153,8 @@ def encode_rows(symbols: np.ndarray, alphabet: int, n_classes: int) -> tuple[byt
     flat = symbols.reshape(n_groups * rows, tokens)
     hist = RowCounts.of(symbols, alphabet)
     classes = assign_classes(hist, n_classes)
-    key = (np.arange(n_groups, dtype=np.int64)[:, None] * n_classes + classes).reshape(-1)
     counts = hist.class_counts(classes, n_classes, np.int64).reshape(-1, alphabet)
-    order = _row_order(classes, n_groups, n_classes)
-    starts, lane_table = _lanes(key[order], tokens)
+    order, _, starts, lane_table = row_layout(classes, n_groups, n_classes, tokens)
     blob = pack(flat[order].reshape(-1), starts, lane_table, quantize_freqs(counts))
     return blob, pack_classes(classes, n_classes)
 
@@ -162,14 +191,10 @@ def rows_stream(blob: bytes | memoryview, classes: bytes | memoryview, shape: tu
     total = n_rows * tokens
     cls = unpack_classes(classes, n_rows, n_classes)
     stream = parse(blob, max_symbols=total, tables=(n_groups * n_classes, alphabet))
-    order = _row_order(cls, n_groups, n_classes)
-    key = (np.repeat(np.arange(n_groups, dtype=np.int64), rows) * n_classes + cls)[order]
-    starts, lane_table = _lanes(key, tokens)
+    _, row_offset, starts, lane_table = row_layout(cls, n_groups, n_classes, tokens)
     if not (np.array_equal(stream.lane_starts, starts) and np.array_equal(stream.lane_table, lane_table)):
         raise FormatError(f"symbol stream's lanes do not match the {n_rows} rows of {tokens} symbols and their "
                           "classes: the stream is corrupted")
-    row_offset = np.empty(n_rows, np.int64)
-    row_offset[order] = np.arange(n_rows, dtype=np.int64) * tokens
     return stream, row_offset
 
 
