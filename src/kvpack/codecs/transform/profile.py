@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from kvpack import entropy
-from kvpack.codecs.transform import quant
 from kvpack.codecs.transform.features import feature_groups
 from kvpack.codecs.transform.quant import (
     ALPHABET,
@@ -24,6 +23,7 @@ from kvpack.codecs.transform.quant import (
     TYPE_INT2,
     TYPE_INT8,
     TYPES,
+    rates,
 )
 from kvpack.entropy.models import Model
 from kvpack.errors import CodecError, FormatError
@@ -158,7 +158,7 @@ class TransformProfile:
                 blocks = first[g] + p.used // BLOCK
                 ec = alloc.block_type[blocks] == TYPE_EC
                 if ec.any():
-                    steps2 = 1 / quant.rates()[alloc.block_param[blocks[ec]]] ** 2
+                    steps2 = 1 / rates()[alloc.block_param[blocks[ec]]] ** 2
                     worst = max(worst, float((noise.numpy()[ec] / steps2).max()))
             total = sum(float((s.astype(np.float64) ** 2).sum()) for s in self.sigmas)
             self.bf16_costs[alloc.name] = Bf16Cost(relative_error=added / total, worst_noise=worst)
