@@ -25,6 +25,7 @@ import torch
 from kvpack import cpu
 from kvpack.codecs.base import Codec
 from kvpack.codecs.calibrated import CalibratedCodec
+from kvpack.codecs.transform.codec import projection_dtype
 from kvpack.eval.corpora import Document, protocol, source_order
 from kvpack.inference import forward, greedy, prefill
 from kvpack.kv import KVCache
@@ -68,8 +69,10 @@ class DocumentResult:
 
 
 def machine() -> str:
-    """CPU model and core count for result tables."""
-    return f"{cpu.model_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    """CPU model, core count and the precision of the transform codecs' projections (:func:`projection_dtype`:
+    ``transform`` and ``kvtc`` results depend on it) for result tables."""
+    gemm = str(projection_dtype()).removeprefix("torch.")
+    return f"{cpu.model_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, transform GEMM {gemm}"
 
 
 def tokenize(tokenizer: Any, doc: Document, prefix: int, cont: int) -> tuple[torch.Tensor, torch.Tensor]:
