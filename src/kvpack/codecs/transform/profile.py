@@ -138,7 +138,7 @@ class TransformProfile:
     def bf16_cost(self, alloc: Allocation) -> Bf16Cost:
         """What computing ``alloc``'s coefficients in bfloat16 instead of float32 may cost (cached per preset).
 
-        In the weighted feature space (``x_w = x * w``, power ``P_j = E[x_wj^2]``, :attr:`feature_power`), the
+        In the weighted feature space (``x_w = x * w``, power ``P_j = E[x_wj^2]``, :attr:`component_power`), the
         coefficient ``z_i = x @ e_i - beta_i`` with ``e_ji = w_j b_ij / sigma_i``. Rounding to bf16 (8 significant
         bits, to nearest) gives each input ``x_j``, each ``e_ji`` and the product ``y_i = x @ e_i`` an independent
         relative error of variance at most ``rho = 2^-14 / 12``, so ``z_i`` gains a noise of variance at most ``n_i =
@@ -149,11 +149,10 @@ class TransformProfile:
         if alloc.name not in self.bf16_costs:
             rho, added, worst = 2.0**-14 / 12, 0.0, 0.0
             first = np.cumsum([0] + [-(-len(s) // BLOCK) for s in self.sigmas])  # first block of each group
-            for g, (basis, sigmas, power) in enumerate(zip(self.bases, self.sigmas, self.feature_power, strict=True)):
+            for g, (sigmas, power) in enumerate(zip(self.sigmas, self.component_power, strict=True)):
                 p = self.projection(alloc, g)
                 sigma2 = torch.from_numpy(sigmas[p.used]).double() ** 2
-                noise = rho * (2 * torch.mv(basis[torch.from_numpy(p.used)].square(), power.float()).double() / sigma2
-                               + 1 + p.encode_bias.double() ** 2)  # n_i [U]
+                noise = rho * (2 * power[p.used] / sigma2 + 1 + p.encode_bias.double() ** 2)  # n_i [U]
                 added += float(sigma2 @ noise)
                 blocks = first[g] + p.used // BLOCK
                 ec = alloc.block_type[blocks] == TYPE_EC
@@ -165,11 +164,16 @@ class TransformProfile:
         return self.bf16_costs[alloc.name]
 
     @functools.cached_property
-    def feature_power(self) -> list[torch.Tensor]:
-        """float64 ``[D_g]`` per group: the weighted features' power ``E[x_wj^2] = (mean_j w_j)^2 + sum_c sigma_c^2
-        b_cj^2`` under the calibration's statistics."""
-        return [(m.double() * w.double()) ** 2 + torch.mv(b.square().t(), torch.from_numpy(s) ** 2).double()
-                for m, w, b, s in zip(self.means, self.weights, self.bases, self.sigmas, strict=True)]
+    def component_power(self) -> list[torch.Tensor]:
+        """float64 ``[C_g]`` per group: ``sum_j P_j b_ij^2`` of every component ``i``, where ``P_j = E[x_wj^2] =
+        (mean_j w_j)^2 + sum_c sigma_c^2 b_cj^2`` is the weighted features' power under the calibration's statistics
+        (:meth:`bf16_cost`; once per profile, not per preset)."""
+        out = []
+        for m, w, b, s in zip(self.means, self.weights, self.bases, self.sigmas, strict=True):
+            squares = b.square()  # [C_g, D_g]
+            feature = (m.double() * w.double()) ** 2 + torch.mv(squares.t(), torch.from_numpy(s) ** 2).double()
+            out.append(torch.mv(squares, feature.float()).double())
+        return out
 
     @property
     def block_group(self) -> np.ndarray:
