@@ -95,6 +95,16 @@ def test_sections_that_do_not_match_the_symbols_are_refused() -> None:
             levels.dequantize(bad_symbols, 50, bad_esc.copy(), bad_low.copy(), classes, shrink, target, out)
 
 
+def test_an_output_that_does_not_fit_is_refused_before_any_write() -> None:
+    zs, group, column, classes, freqs = _case(4, 6, 20, 1)
+    symbols, escapes, lows = levels.quantize(zs, group, column, classes, freqs, 0.5)
+    esc, low, shrink = np.frombuffer(escapes, np.uint8), np.frombuffer(lows, np.uint8), np.zeros(N_RATES, np.float32)
+    for shape, target in (((20, 6), np.arange(6)), ((6, 20), np.arange(1, 7)), ((6, 20), np.arange(-1, 5)),
+                          ((8, 20), np.arange(5))):
+        with pytest.raises(ValueError, match="do not fit"):
+            levels.dequantize(symbols, 20, esc, low, classes, shrink, target, np.zeros(shape, np.float32))
+
+
 def test_fp8_blocks_decode_every_byte_as_torch_does() -> None:
     every = np.arange(256, dtype=np.uint8).reshape(16, 16)
     expected = torch.from_numpy(every.copy()).view(torch.float8_e4m3fn).float().numpy() / FP8_GAIN

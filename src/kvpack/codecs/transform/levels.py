@@ -130,6 +130,8 @@ def dequantize(symbols: np.ndarray, tokens: int, escapes: np.ndarray, lows: np.n
     n = classes.size
     if symbols.size != n * tokens:
         raise FormatError(f"{symbols.size} entropy-coded symbols, expected {n * tokens}")
+    if out.shape[1] != tokens or target.size != n or (n and not 0 <= target.min() <= target.max() < out.shape[0]):
+        raise ValueError(f"out {out.shape} and target rows do not fit {n} components of {tokens} tokens")
     nbits = low_bits()[classes]
     counts = np.empty(n, np.int64)
     with threads_for(n * tokens):
