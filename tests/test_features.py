@@ -69,6 +69,13 @@ def test_fused_kernels_equal_the_torch_expressions(case: str, dtype: str, monkey
         assert torch.equal(_bits(a), _bits(b))
     assert fused[0].abs().sum() > 0
     assert torch.equal(fused[0][:, :, :, slots].float(), fused[1][:, :, :, 5 + slots].float())
+    for wider in fused[1::2]:  # writing into a token slice of a longer cache touches only the slice
+        assert not wider[:, :, :, :5].any() and not wider[:, :, :, 5 + tokens :].any()
+    longer = torch.zeros(spec.buffer_shape(tokens + 9), dtype=spec.torch_dtype)
+    longer[:, :, :, 5 : 5 + tokens] = data
+    sliced = KVCache(spec=spec, data=longer[:, :, :, 5 : 5 + tokens], positions=positions)
+    monkeypatch.undo()
+    assert torch.equal(_bits(F.features(sliced, rows)), _bits(x))  # and reading from one
 
 
 def test_place_rounds_to_bf16_like_torch_at_the_edges() -> None:

@@ -54,7 +54,7 @@ def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         src = np.arange(kv.num_tokens, dtype=np.int64) if rows is None else rows.nonzero().squeeze(1).numpy()
         out = torch.empty(pos.numel(), spec.num_layers, 2, spec.num_kv_heads, spec.head_dim)
         with threads_for(out.numel()):
-            _gather(_bits(kv.data), 16 if kv.data.dtype == torch.bfloat16 else 0, src,
+            _gather(*_span(kv.data), 16 if kv.data.dtype == torch.bfloat16 else 0, src,
                     *_tables(spec, pos, inverse=True), out.numpy())
         return out.reshape(pos.numel(), spec.elements_per_token)
     keys, values = kv.data[:, 0], kv.data[:, 1]  # [L, H, T, D]
@@ -89,7 +89,7 @@ def place(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec, data: torch
         shape = (x.shape[0], spec.num_layers, 2, spec.num_kv_heads, spec.head_dim)
         with threads_for(x.numel()):
             _scatter(_bits(x).reshape(shape), 16 if x.dtype == torch.bfloat16 else 0,
-                     *_tables(spec, positions, inverse=False), slots.numpy(), _bits(data),
+                     *_tables(spec, positions, inverse=False), slots.numpy(), *_span(data),
                      data.dtype == torch.bfloat16)
         return
     keys, values = unfeatures(x, positions, spec)
@@ -98,14 +98,31 @@ def place(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec, data: torch
 
 
 def _fused(data: torch.Tensor) -> bool:
-    """Whether the fused kernels serve a cache tensor (any strides): bf16 or float32, on the CPU."""
-    return data.device.type == "cpu" and data.dtype in (torch.bfloat16, torch.float32)
+    """Whether the fused kernels serve a cache tensor ``[L, 2, H, N, D]``: bf16 or float32, on the CPU, each head's
+    tokens contiguous (the outer strides are free: a chunk's slice of a longer cache qualifies)."""
+    return data.device.type == "cpu" and data.dtype in (torch.bfloat16, torch.float32) and data.stride(-1) == 1 \
+        and data.stride(-2) == data.shape[-1]
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
     """The bits of a bf16 (uint16) or float32 (uint32) CPU tensor as a numpy array (a view, same strides)."""
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else \
         t.view(torch.int32).numpy().view(np.uint32)
+
+
+def _span(data: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """A cache buffer ``[layers, 2, kv_heads, N, head_dim]`` (:func:`_fused`) for the kernels: the bits of the
+    memory from its first element to its last as one contiguous 1-D array, its strides ``[5]`` in elements, and
+    ``N``.
+
+    A token slice of a longer cache (what the loader decodes into, and what a chunk encodes from) is not contiguous,
+    and numba compiles its kernels for such an array without the contiguous channel loops (a 256-token chunk
+    scattered in 1.5x the time into a slice as into a buffer of its own). Each head's tokens are one contiguous
+    run of the span, which the kernels view as ``[N, head_dim]``, whatever the outer strides."""
+    bits = _bits(data)
+    step = np.array(bits.strides, np.int64) // bits.itemsize
+    size = 1 + int(((np.array(bits.shape) - 1) * step).sum()) if bits.size else 0
+    return np.lib.stride_tricks.as_strided(bits, shape=(size,), strides=(bits.itemsize,)), step, bits.shape[3]
 
 
 def _tables(spec: ModelSpec, positions: torch.Tensor, inverse: bool
@@ -154,17 +171,20 @@ def _turn_row(k, cos, sin, rdim, row):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _gather(data, shift, src, cos, sin, rdim, group, out):  # type: ignore[no-untyped-def]
-    """``out[t, l, kind, h] =`` token ``src[t]`` of ``data [L, 2, H, N, D]`` (bits, widened by ``<< shift``) as
-    float32, keys un-rotated with the tables of layer ``l``."""
-    layers, _, heads, _, dim = data.shape
+def _gather(data, step, n, shift, src, cos, sin, rdim, group, out):  # type: ignore[no-untyped-def]
+    """``out[t, l, kind, h] =`` token ``src[t]`` of the cache ``[L, 2, H, n, D]`` whose bits span ``data`` with
+    strides ``step`` (:func:`_span`), widened by ``<< shift``, as float32, keys un-rotated with the tables of layer
+    ``l``."""
+    _, layers, _, heads, dim = out.shape
     for item in prange(layers * 2 * heads):
         layer, kind, head = item // (2 * heads), (item // heads) % 2, item % heads
         g = group[layer]
         wide = np.empty(dim, np.uint32)
         k = wide.view(np.float32)
+        base = layer * step[0] + kind * step[1] + head * step[2]
+        rows = data[base : base + n * dim].reshape(n, dim)  # this (layer, K/V, head): contiguous tokens
         for t in range(src.size):
-            line = data[layer, kind, head, src[t]]
+            line = rows[src[t]]
             for c in range(dim):
                 wide[c] = np.uint32(line[c]) << shift
             if kind == 0:
@@ -174,9 +194,10 @@ def _gather(data, shift, src, cos, sin, rdim, group, out):  # type: ignore[no-un
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _scatter(x, shift, cos, sin, rdim, group, slots, data, to_bf16):  # type: ignore[no-untyped-def]
-    """Token ``t`` of vectors ``x [T, L, 2, H, D]`` (bits, widened by ``<< shift``) into slot ``slots[t]`` of
-    ``data [L, 2, H, N, D]`` (bf16 bits rounded to nearest even if ``to_bf16``, else float32 bits), keys rotated."""
+def _scatter(x, shift, cos, sin, rdim, group, slots, data, step, n, to_bf16):  # type: ignore[no-untyped-def]
+    """Token ``t`` of vectors ``x [T, L, 2, H, D]`` (bits, widened by ``<< shift``) into slot ``slots[t]`` of the
+    cache ``[L, 2, H, n, D]`` whose bits span ``data`` with strides ``step`` (:func:`_span`; bf16 bits rounded to
+    nearest even if ``to_bf16``, else float32 bits), keys rotated."""
     tokens, layers, _, heads, dim = x.shape
     for item in prange(layers * 2 * heads):
         layer, kind, head = item // (2 * heads), (item // heads) % 2, item % heads
@@ -185,6 +206,8 @@ def _scatter(x, shift, cos, sin, rdim, group, slots, data, to_bf16):  # type: ig
         k = wide.view(np.float32)
         turned = np.empty(dim, np.float32)
         bits = turned.view(np.uint32)
+        base = layer * step[0] + kind * step[1] + head * step[2]
+        rows = data[base : base + n * dim].reshape(n, dim)  # this (layer, K/V, head): contiguous tokens
         for t in range(tokens):
             line = x[t, layer, kind, head]
             for c in range(dim):
@@ -193,7 +216,7 @@ def _scatter(x, shift, cos, sin, rdim, group, slots, data, to_bf16):  # type: ig
                 _turn_row(k, cos[g, t], sin[g, t], rdim[g], turned)
             else:
                 turned[:] = k
-            dst = data[layer, kind, head, slots[t]]
+            dst = rows[slots[t]]
             for c in range(dim):
                 u = bits[c]
                 if not to_bf16:
