@@ -101,15 +101,20 @@ def test_round_trip_of_gapped_positions(profiles: dict[str, str], name: str) -> 
 
 @pytest.mark.parametrize("name", available())
 def test_determinism(profiles: dict[str, str], name: str) -> None:
-    """Same cache, same bytes (two encodes, one of them of a copy), below and above the size where the kernels go
-    parallel; and the same bytes decode to the same tensors."""
+    """Same cache, same bytes (two encodes, one of them of a copy, one of the same tokens as a slice of a longer
+    cache, as chunks are encoded), below and above the size where the kernels go parallel; and the same bytes decode
+    to the same tensors."""
     codec = _codec(name, profiles)
     per_token = sample_cache(name, 1, **WIDE).spec.elements_per_token
     for tokens in (20, -(-PARALLEL_MIN_ELEMENTS // per_token) + 64):
         kv = sample_cache(name, tokens, **WIDE)
         copy = KVCache(spec=kv.spec, data=kv.data.clone(), positions=kv.positions.clone(), token_ids=kv.token_ids)
+        longer = torch.zeros(kv.spec.buffer_shape(tokens + 7), dtype=kv.data.dtype)
+        longer[:, :, :, 3 : 3 + tokens] = kv.data
+        sliced = KVCache(spec=kv.spec, data=longer[:, :, :, 3 : 3 + tokens], positions=kv.positions,
+                         token_ids=kv.token_ids)
         data = codec.encode(kv)
-        assert data == codec.encode(copy)
+        assert data == codec.encode(copy) == codec.encode(sliced)
         assert _decode(data, name, profiles).equal(_decode(data, name, profiles))
 
 

@@ -57,6 +57,27 @@ def threads_for(elements: int) -> Iterator[None]:
         numba.set_num_threads(previous)
 
 
+def tile_span(tiles: np.ndarray) -> tuple[np.ndarray, int]:
+    """``tiles [n, rows, cols]`` for numba kernels that read or write each tile as a contiguous ``[rows, cols]``
+    block: the memory from the first tile's first element to the last tile's last as one contiguous 1-D array, and
+    the tile stride in elements. A view (writes reach ``tiles``) when each tile is contiguous, whatever the stride
+    between tiles; a contiguous copy otherwise.
+
+    A token slice of a longer cache (what a chunk encodes from, what the loader decodes into) has contiguous tiles
+    further apart than a tile's size. numba compiles its kernels for such an array as non-contiguous, and loses the
+    vector moves of their inner loops: a 256-token chunk took 1.5x the time to scatter into a slice as into a buffer
+    of its own (docs/transform.md, Speed). A tile sliced out of the span is a contiguous array to numba."""
+    n, rows, cols = tiles.shape
+    item = tiles.itemsize
+    strides = tiles.strides
+    if tiles.size and ((cols > 1 and strides[2] != item) or (rows > 1 and strides[1] != cols * item)
+                       or (n > 1 and (strides[0] < rows * cols * item or strides[0] % item))):
+        tiles = np.ascontiguousarray(tiles)
+    stride = tiles.strides[0] // item if n > 1 else rows * cols
+    size = (n - 1) * stride + rows * cols if tiles.size else 0
+    return np.lib.stride_tricks.as_strided(tiles, shape=(size,), strides=(item,)), stride
+
+
 def check_classes(n_classes: int) -> None:
     """Validate a codec's ``classes`` parameter (``ValueError`` with the allowed values)."""
     if n_classes not in CLASS_CHOICES:

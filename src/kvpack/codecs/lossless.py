@@ -42,7 +42,15 @@ import torch
 from numba import njit, prange
 
 from kvpack.codecs.base import Codec, Payload, register
-from kvpack.codecs.common import check_classes, encode_rows, out_buffer, rows_sizes, rows_stream, threads_for
+from kvpack.codecs.common import (
+    check_classes,
+    encode_rows,
+    out_buffer,
+    rows_sizes,
+    rows_stream,
+    threads_for,
+    tile_span,
+)
 from kvpack.codecs.validate import Size, exact
 from kvpack.entropy.rans import LaneStream, decode_lanes
 from kvpack.entropy.tables import decode_varints, encode_varints
@@ -58,30 +66,30 @@ ESCAPE = 255
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _row_stats(bits: np.ndarray, exp_bits: int, man_bits: int, max_rel: int, low_mask: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Per row of ``bits [tiles, tokens, dim]``: largest exponent and majority-sign flag; escapes per tile; the OR of
-    every element's bits under ``low_mask``."""
-    tiles, tokens, dim = bits.shape
+def _row_stats(span: np.ndarray, stride: int, tiles: int, tokens: int, dim: int, exp_bits: int, man_bits: int,
+               max_rel: int, low_mask: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Per row of bits ``[tiles, tokens, dim]`` (the tiles of ``span`` at ``stride``: :func:`tile_span`): largest
+    exponent and majority-sign flag; escapes per tile; the OR of every element's bits under ``low_mask``."""
     base = np.zeros(tiles * dim, np.uint8)
     flip = np.zeros(tiles * dim, np.uint8)
     n_esc = np.zeros(tiles, np.int64)
     low = np.zeros(tiles, np.int64)
     emask = (1 << exp_bits) - 1
     for tile in prange(tiles):
+        bits = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
         top = np.zeros(dim, np.int64)
         neg = np.zeros(dim, np.int64)
         ors = np.zeros(dim, np.int64)
         for t in range(tokens):
             for c in range(dim):
-                v = np.int64(bits[tile, t, c])
+                v = np.int64(bits[t, c])
                 top[c] = max(top[c], (v >> man_bits) & emask)
                 neg[c] += v >> (exp_bits + man_bits)
                 ors[c] |= v
         esc = 0
         for t in range(tokens):
             for c in range(dim):
-                esc += top[c] - ((np.int64(bits[tile, t, c]) >> man_bits) & emask) >= max_rel
+                esc += top[c] - ((np.int64(bits[t, c]) >> man_bits) & emask) >= max_rel
         n_esc[tile] = esc
         for c in range(dim):
             base[tile * dim + c] = top[c]
@@ -124,10 +132,11 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
     emask = (1 << exp_bits) - 1
 
     @njit(nogil=True, cache=True, parallel=True)
-    def split(bits, base, flip, esc_start):  # type: ignore[no-untyped-def]
+    def split(span, stride, tokens, dim, base, flip, esc_start):  # type: ignore[no-untyped-def]
         """Symbols ``[rows, tokens]``, escapes ``[n]`` and the mantissa section: the shift byte, then the raw low
-        bits ``[tiles, tokens * row_bytes]``."""
-        tiles, tokens, dim = bits.shape
+        bits ``[tiles, tokens * row_bytes]``, of the bits ``[tiles, tokens, dim]`` that are the tiles of ``span``
+        at ``stride`` (:func:`tile_span`)."""
+        tiles = base.size // dim
         row_bytes = dim * whole + (dim + 7) // 8 * part
         symbols = np.empty((tiles * dim, tokens), np.uint8)
         escapes = np.empty(esc_start[-1], np.uint16)
@@ -138,7 +147,7 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
             r0 = tile * dim
             ep = esc_start[tile]
             m = raw[tile]
-            x = bits[tile]
+            x = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
             for t in range(tokens):
                 p = t * row_bytes
                 q = p + dim * whole
@@ -243,13 +252,14 @@ def split_bits(bits: np.ndarray, dtype: str) -> BitSplit:
     """Split bits ``[groups, heads, tokens, dim]`` of ``dtype`` (as :func:`encode_bits`) before entropy coding."""
     exp_bits, man_bits, k = FIELDS[dtype]
     groups, heads, tokens, dim = bits.shape
-    tiles = bits.reshape(groups * heads, tokens, dim)
-    base, flip, n_esc, low_bits = _row_stats(tiles, exp_bits, man_bits, 255 >> (k + 1), (1 << (man_bits - k)) - 1)
+    span, stride = tile_span(bits.reshape(groups * heads, tokens, dim))  # a chunk of a longer cache: no copy
+    base, flip, n_esc, low_bits = _row_stats(span, stride, groups * heads, tokens, dim, exp_bits, man_bits,
+                                             255 >> (k + 1), (1 << (man_bits - k)) - 1)
     zeros = (low_bits & -low_bits).bit_length() - 1 if low_bits else man_bits - k
     shift = zeros // 8 * 8  # whole zero bytes only: at most 3 kernel variants per dtype to compile
     esc_start = np.zeros(n_esc.size + 1, np.int64)
     np.cumsum(n_esc, out=esc_start[1:])
-    symbols, escapes, mantissa = _kernels(dtype, shift)[0](tiles, base, flip, esc_start)
+    symbols, escapes, mantissa = _kernels(dtype, shift)[0](span, stride, tokens, dim, base, flip, esc_start)
     return BitSplit(base, flip, n_esc, shift, symbols.reshape(groups, heads * dim, tokens), escapes, mantissa)
 
 
@@ -381,8 +391,8 @@ class LosslessCodec(Codec):
     def encode_payload(self, kv: KVCache) -> Payload:
         wide = kv.spec.dtype == "float32"
         spec = kv.spec
-        tiles = int_view(kv.tiles()).numpy().view(np.uint32 if wide else np.uint16)
-        bits = tiles.reshape(2 * spec.num_layers, spec.num_kv_heads, kv.num_tokens, spec.head_dim)
+        data = int_view(kv.data).numpy().view(np.uint32 if wide else np.uint16)  # any strides: split_bits reads them
+        bits = data.reshape(2 * spec.num_layers, spec.num_kv_heads, kv.num_tokens, spec.head_dim)
         with threads_for(bits.size):
             sections = encode_bits(bits, kv.spec.dtype, self.classes)
         return Payload(meta={"dtype": kv.spec.dtype}, sections=sections)

@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from kvpack import rope
-from kvpack.codecs.common import threads_for
+from kvpack.codecs.common import threads_for, tile_span
 from kvpack.kv import KVCache
 from kvpack.spec import ModelSpec
 
@@ -99,9 +99,15 @@ def place(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec, data: torch
 
 def _fused(data: torch.Tensor) -> bool:
     """Whether the fused kernels serve a cache tensor ``[L, 2, H, N, D]``: bf16 or float32, on the CPU, each head's
-    tokens contiguous (the outer strides are free: a chunk's slice of a longer cache qualifies)."""
-    return data.device.type == "cpu" and data.dtype in (torch.bfloat16, torch.float32) and data.stride(-1) == 1 \
-        and data.stride(-2) == data.shape[-1]
+    tokens contiguous and the heads evenly spaced (a chunk's slice of a longer cache qualifies: :func:`_span`)."""
+    if data.device.type != "cpu" or data.dtype not in (torch.bfloat16, torch.float32) or data.stride(-1) != 1 \
+            or data.stride(-2) != data.shape[-1]:
+        return False
+    try:
+        data.view(-1, *data.shape[-2:])
+    except RuntimeError:
+        return False
+    return True
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -110,19 +116,12 @@ def _bits(t: torch.Tensor) -> np.ndarray:
         t.view(torch.int32).numpy().view(np.uint32)
 
 
-def _span(data: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
-    """A cache buffer ``[layers, 2, kv_heads, N, head_dim]`` (:func:`_fused`) for the kernels: the bits of the
-    memory from its first element to its last as one contiguous 1-D array, its strides ``[5]`` in elements, and
-    ``N``.
-
-    A token slice of a longer cache (what the loader decodes into, and what a chunk encodes from) is not contiguous,
-    and numba compiles its kernels for such an array without the contiguous channel loops (a 256-token chunk
-    scattered in 1.5x the time into a slice as into a buffer of its own). Each head's tokens are one contiguous
-    run of the span, which the kernels view as ``[N, head_dim]``, whatever the outer strides."""
-    bits = _bits(data)
-    step = np.array(bits.strides, np.int64) // bits.itemsize
-    size = 1 + int(((np.array(bits.shape) - 1) * step).sum()) if bits.size else 0
-    return np.lib.stride_tricks.as_strided(bits, shape=(size,), strides=(bits.itemsize,)), step, bits.shape[3]
+def _span(data: torch.Tensor) -> tuple[np.ndarray, int, int]:
+    """A cache buffer ``[layers, 2, kv_heads, N, head_dim]`` (:func:`_fused`) for the kernels: its heads' bits as
+    tiles ``[N, head_dim]`` (:func:`~kvpack.codecs.common.tile_span`: the span and the tile stride, a view, so the
+    kernels' writes reach ``data``) and ``N``."""
+    flat, stride = tile_span(_bits(data.view(-1, *data.shape[-2:])))  # view: raises rather than copy
+    return flat, stride, data.shape[-2]
 
 
 def _tables(spec: ModelSpec, positions: torch.Tensor, inverse: bool
@@ -171,18 +170,17 @@ def _turn_row(k, cos, sin, rdim, row):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _gather(data, step, n, shift, src, cos, sin, rdim, group, out):  # type: ignore[no-untyped-def]
-    """``out[t, l, kind, h] =`` token ``src[t]`` of the cache ``[L, 2, H, n, D]`` whose bits span ``data`` with
-    strides ``step`` (:func:`_span`), widened by ``<< shift``, as float32, keys un-rotated with the tables of layer
-    ``l``."""
+def _gather(data, stride, n, shift, src, cos, sin, rdim, group, out):  # type: ignore[no-untyped-def]
+    """``out[t, l, kind, h] =`` token ``src[t]`` of the cache ``[L, 2, H, n, D]`` whose heads' bits are the tiles of
+    ``data`` at ``stride`` (:func:`_span`), widened by ``<< shift``, as float32, keys un-rotated with the tables of
+    layer ``l``."""
     _, layers, _, heads, dim = out.shape
     for item in prange(layers * 2 * heads):
         layer, kind, head = item // (2 * heads), (item // heads) % 2, item % heads
         g = group[layer]
         wide = np.empty(dim, np.uint32)
         k = wide.view(np.float32)
-        base = layer * step[0] + kind * step[1] + head * step[2]
-        rows = data[base : base + n * dim].reshape(n, dim)  # this (layer, K/V, head): contiguous tokens
+        rows = data[item * stride : item * stride + n * dim].reshape(n, dim)  # this head's tokens
         for t in range(src.size):
             line = rows[src[t]]
             for c in range(dim):
@@ -194,10 +192,10 @@ def _gather(data, step, n, shift, src, cos, sin, rdim, group, out):  # type: ign
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _scatter(x, shift, cos, sin, rdim, group, slots, data, step, n, to_bf16):  # type: ignore[no-untyped-def]
+def _scatter(x, shift, cos, sin, rdim, group, slots, data, stride, n, to_bf16):  # type: ignore[no-untyped-def]
     """Token ``t`` of vectors ``x [T, L, 2, H, D]`` (bits, widened by ``<< shift``) into slot ``slots[t]`` of the
-    cache ``[L, 2, H, n, D]`` whose bits span ``data`` with strides ``step`` (:func:`_span`; bf16 bits rounded to
-    nearest even if ``to_bf16``, else float32 bits), keys rotated."""
+    cache ``[L, 2, H, n, D]`` whose heads' bits are the tiles of ``data`` at ``stride`` (:func:`_span`; bf16 bits
+    rounded to nearest even if ``to_bf16``, else float32 bits), keys rotated."""
     tokens, layers, _, heads, dim = x.shape
     for item in prange(layers * 2 * heads):
         layer, kind, head = item // (2 * heads), (item // heads) % 2, item % heads
@@ -206,8 +204,7 @@ def _scatter(x, shift, cos, sin, rdim, group, slots, data, step, n, to_bf16):  #
         k = wide.view(np.float32)
         turned = np.empty(dim, np.float32)
         bits = turned.view(np.uint32)
-        base = layer * step[0] + kind * step[1] + head * step[2]
-        rows = data[base : base + n * dim].reshape(n, dim)  # this (layer, K/V, head): contiguous tokens
+        rows = data[item * stride : item * stride + n * dim].reshape(n, dim)  # this head's tokens
         for t in range(tokens):
             line = x[t, layer, kind, head]
             for c in range(dim):
