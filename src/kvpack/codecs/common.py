@@ -282,22 +282,23 @@ def stacked_float32(kv: KVCache) -> np.ndarray:
     spec = kv.spec
     shape = (2 * spec.num_layers * spec.num_kv_heads, kv.num_tokens, spec.head_dim)
     if kv.spec.dtype == "bfloat16":  # one pass from the (maybe strided: a chunk of a longer cache) buffer
-        return _widen_bf16(kv.data.view(torch.int16).numpy().view(np.uint16).reshape(shape))
+        return _widen_bf16(*tile_span(kv.data.view(torch.int16).numpy().view(np.uint16).reshape(shape)), shape)
     if kv.spec.dtype == "float16":
         return kv.data.numpy().reshape(shape).astype(np.float32)
     return kv.tiles().numpy()
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _widen_bf16(halves: np.ndarray) -> np.ndarray:
-    """float32 ``[tiles, tokens, dim]`` of bfloat16 bits ``halves`` (uint16, any strides): the bits shifted up."""
-    tiles, tokens, dim = halves.shape
-    out = np.empty((tiles, tokens, dim), np.uint32)
+def _widen_bf16(span: np.ndarray, stride: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """float32 ``shape = [tiles, tokens, dim]`` of bfloat16 bits (uint16, the tiles of ``span`` at ``stride``:
+    :func:`tile_span`): the bits shifted up."""
+    tiles, tokens, dim = shape
+    out = np.empty((tiles, tokens * dim), np.uint32)
     for tile in prange(tiles):
-        for t in range(tokens):
-            for c in range(dim):
-                out[tile, t, c] = np.uint32(halves[tile, t, c]) << 16
-    return out.view(np.float32)
+        halves = span[tile * stride : tile * stride + tokens * dim]
+        for i in range(tokens * dim):
+            out[tile, i] = np.uint32(halves[i]) << 16
+    return out.reshape(tiles, tokens, dim).view(np.float32)
 
 
 def out_buffer(shape: tuple[int, ...], dtype: str) -> tuple[torch.Tensor, np.ndarray]:
