@@ -236,16 +236,19 @@ def test_speed_keeps_settings_under_different_profiles_apart(tmp_path: Path) -> 
                                      reference_tokens=256)
         codecs.append(Transform(profile=str(prof.save(tmp_path / f"{grouping}.kvprof")), preset="4x"))
     kv = low_rank_caches(n=1, tokens=300, seed=9)[0]
-    rows = speed.run([(Document(name="d", kind="code", text=""), kv)], codecs, repeats=1, anchors=False)
-    mine = [r for r in rows if r["codec"] == "transform" and r["chunk_tokens"] is None]
+    rows = speed.run([(Document(name="d", kind="code", text=""), kv)], codecs, repeats=1, anchors=False,
+                     defaults=False)
+    assert {r["codec"] for r in rows} == {"transform"}  # no default settings
+    mine = [r for r in rows if r["chunk_tokens"] is None]
     assert [r["setting"] for r in mine] == [f"transform preset=4x sinks=1 layers=1 [{c.calibration.hash[:8]}]"
                                             for c in codecs]
     for row, codec in zip(mine, codecs, strict=True):  # each row's bytes are its own profile's
         assert row["profile"] == {"hash": codec.calibration.hash}
         assert row["ratio"] == kv.fp16_bytes / len(codec.encode(kv))
         assert row["encode_gemm"] == str(codec.encode_dtype()).removeprefix("torch.")  # the precision it encoded in
-    assert f"transform preset=4x sinks=1 layers=1 encode GEMM in {mine[0]['encode_gemm']}" in \
-        speed.markdown(rows, "kvpack bench speed")
+        assert row["components"] == codec.allocation().info["components"] > 0  # the decode GEMM's inner dimension
+        assert f"{row['setting']} encode GEMM in {row['encode_gemm']} ({row['components']} components)" in \
+            speed.markdown(rows, "kvpack bench speed")
 
 
 def test_cross_source_table_refuses_rows_without_sources(tmp_path: Path) -> None:

@@ -406,6 +406,7 @@ def bench_speed(
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 5,
     anchors: Annotated[bool, typer.Option(help="Also measure zstd -3/-19 and ZipNN on the same bytes.")] = True,
+    defaults: Annotated[bool, typer.Option(help="Include the default settings (lossless, fp8, kivi).")] = True,
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
@@ -417,7 +418,7 @@ def bench_speed(
         extra = [parse_setting(s) for s in setting or []]
         lm, tokenizer, spec = load_model(model)
         entries = speed.caches(lm, tokenizer, spec, corpus(docs, "eval", None), prefix)
-        rows = speed.run(entries, extra, json_path, console, repeats=repeats, anchors=anchors)
+        rows = speed.run(entries, extra, json_path, console, repeats=repeats, anchors=anchors, defaults=defaults)
     except (KvpackError, ValueError) as exc:
         _fail(exc)
     if markdown:

@@ -133,12 +133,13 @@ def _profile(codec: Codec) -> dict[str, str] | None:
 
 
 def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = (), json_path: Path | None = None,
-        console: Console | None = None, repeats: int = 5, anchors: bool = True) -> list[dict[str, Any]]:
-    """Measure every setting (:data:`SETTINGS`, then ``extra``) on ``entries``; print a table, optionally write
-    JSON rows."""
+        console: Console | None = None, repeats: int = 5, anchors: bool = True, defaults: bool = True
+        ) -> list[dict[str, Any]]:
+    """Measure every setting (:data:`SETTINGS` unless not ``defaults``, then ``extra``) on ``entries``; print a
+    table, optionally write JSON rows."""
     console = console or Console()
     settings = [(name, setting, get(name, **{k: v for k, v in setting.items() if k != "as"}))
-                for name, setting in SETTINGS] + [(c.name, c.params(), c) for c in extra]
+                for name, setting in (SETTINGS if defaults else ())] + [(c.name, c.params(), c) for c in extra]
     machine = {"cpu": model_name(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
                "threads": numba.get_num_threads(), "threading_layer": None,
                "transform_gemm": str(projection_dtype()).removeprefix("torch.")}
@@ -170,6 +171,8 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
             row = acc.setdefault(label, {"codec": name, "params": codec.params(), "bytes": 0, "chunked_bytes": 0,
                                          "err_k": [], "err_v": [], "profile": _profile(codec), "encode_gemm": (
                                              str(codec.encode_dtype()).removeprefix("torch.")
+                                             if isinstance(codec, Transform) else None), "components": (
+                                             codec.allocation().info.get("components")
                                              if isinstance(codec, Transform) else None)})
             row["bytes"] += len(data)
             row["chunked_bytes"] += sum(len(b) for b in blobs)
@@ -185,7 +188,7 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
     for label, r in acc.items():
         for chunk, size in ((None, r["bytes"]), (STORE_CHUNK, r["chunked_bytes"])):
             rows.append({"setting": label, "codec": r["codec"], "params": r["params"], "profile": r["profile"],
-                         "encode_gemm": r["encode_gemm"],
+                         "encode_gemm": r["encode_gemm"], "components": r["components"],
                          "chunk_tokens": chunk,
                          "ratio": fp16 / size, "bits_per_element": 16 * size / fp16,
                          "encode_mb_per_s": statistics.median(r[f"enc@{chunk}"]),
@@ -224,8 +227,9 @@ def _cells(r: dict[str, Any]) -> list[str]:
 def _title(rows: list[dict[str, Any]]) -> str:
     m = rows[0]
     gemm = f", transform/kvtc decode GEMM in {m['transform_gemm']}" if "transform_gemm" in m else ""
-    encodes = {r["setting"].split(" [")[0]: r["encode_gemm"] for r in rows if r.get("encode_gemm")}
-    gemm += "".join(f", {setting} encode GEMM in {dtype}" for setting, dtype in encodes.items())
+    encodes = {r["setting"]: (r["encode_gemm"], r.get("components")) for r in rows if r.get("encode_gemm")}
+    gemm += "".join(f", {setting} encode GEMM in {dtype}" + (f" ({n} components)" if n else "")
+                    for setting, (dtype, n) in encodes.items())
     return (f"codecs on {len(m['documents'])} real eval caches: {m['cpu']}, {m['cores']} cores, {m['threads']} numba "
             f"threads ({m['threading_layer']}), load {m['load_1min']:.1f}{gemm}")
 
