@@ -120,3 +120,25 @@ def test_sink_format_is_a_calibration_choice(tmp_path: Path) -> None:
     assert sections == {"exact": 2 * dims * 2, "fp8": 2 * dims + 4 * 2 * kv.spec.num_layers}
     with pytest.raises(ValueError, match="sink_format"):
         calibrate_from_caches(caches, caches[0].spec, ratios=(4.0,), default_ratio=4.0, sink_format="int4")
+
+
+def test_a_price_per_component_codes_fewer_at_the_same_bits() -> None:
+    """``component_cost`` drops blocks that buy less error than their price; each preset records its component
+    count (the decode GEMM's inner dimension), and the budgets still hold."""
+    caches = low_rank_caches()
+    made = {cost: profile_from(calibrate_from_caches(caches, caches[0].spec, ratios=(4.0, 8.0, 16.0),
+                                                     default_ratio=8.0, reference_tokens=256, component_cost=cost))
+            for cost in (0.0, 1e-4)}
+    for name, free in made[0.0].presets.items():
+        priced = made[1e-4].presets[name]
+        for st, alloc in ((made[0.0], free), (made[1e-4], priced)):
+            coded = np.flatnonzero(alloc.block_type != TYPE_DROP)
+            assert alloc.info["components"] == sum(st.block_span(int(b))[2] for b in coded)
+        assert priced.info["components"] <= free.info["components"]
+        assert priced.info["ratio"] >= 0.98 * priced.info["nominal_ratio"]
+        assert free.info["relative_error"] <= priced.info["relative_error"] <= free.info["relative_error"] + 1e-3
+    assert sum(a.info["components"] for a in made[1e-4].presets.values()) < \
+        sum(a.info["components"] for a in made[0.0].presets.values())  # the noise blocks the low rank leaves out
+    for bad in (-1e-6, 1.0, float("nan"), "1e-6"):
+        with pytest.raises(ValueError, match="component_cost"):
+            calibrate_from_caches(caches, caches[0].spec, ratios=(4.0,), component_cost=bad)  # type: ignore[arg-type]

@@ -17,6 +17,9 @@ Steps (KVTC, arXiv 2511.01815, section 3, with the changes measured in docs/tran
    (one per rate class) are pooled from the same data and stored in the profile.
 5. Dynamic programming over blocks (a multiple-choice knapsack on a bit grid) gives the minimum-error allocation for
    every budget at once; one preset per nominal ratio, its budget net of sinks and header at ``reference_tokens``.
+   With ``component_cost``, every coded component also costs that share of the total variance (a Lagrangian price
+   on the decode GEMM's multiply-adds, which grow with the coded components), so blocks that buy less error than
+   their price are dropped and their bits go to the others.
 6. The basis is trimmed to the components some preset uses; with the model, :func:`calibrate` measures each preset's
    KL on held-out calibration text (for ``max_kl=`` rate control).
 """
@@ -253,7 +256,7 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
                           ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
                           rounding: float = 0.5, max_tokens: int = 6144, reference_tokens: int = 1536,
                           sink_format: str | None = None, basis_format: str | None = None,
-                          log: Log | None = None) -> Profile:
+                          component_cost: float = 0.0, log: Log | None = None) -> Profile:
     """A transform profile from KV caches of calibration text (no model needed).
 
     Args:
@@ -278,7 +281,13 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
             :func:`~kvpack.codecs.transform.profile.store_basis`) or ``"fp16"`` (the only format before; 12% less
             KL at the 10x preset in-source); default by recipe (``transform`` int8, ``kvtc`` fp16: not measured
             with int8).
+        component_cost: the share of the total variance each coded component must remove besides its bits to be
+            kept (0: error under the bit budget only). Decoding multiplies ``[T, U] @ [U, D]`` for ``U`` coded
+            components, the larger part of a transform decode, so a price per component trades a little error at
+            equal bits for a smaller ``U`` (docs/transform.md, "Pricing components").
     """
+    if not (isinstance(component_cost, int | float) and 0 <= component_cost < 1):
+        raise ValueError(f"component_cost must be a number in [0, 1), got {component_cost!r}")
     basis_format = basis_format or ("int8" if recipe == "transform" else "fp16")
     if basis_format not in BASIS_FORMATS:
         raise ValueError(f"basis_format must be one of {BASIS_FORMATS}, got {basis_format!r}")
@@ -335,13 +344,16 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         err_parts.append(e)
     bits, err = np.concatenate(bits_parts), np.concatenate(err_parts)
     total_var = float(sum(float((s.astype(np.float64) ** 2).sum()) for _, _, s, _ in fits)) + max(residual, 0.0)
+    sizes = np.concatenate([np.diff(np.minimum(np.arange(0, len(s) + quant.BLOCK, quant.BLOCK), len(s)))
+                            for _, _, s, _ in fits])  # components per block
     sink_bytes = sinks * dims * 2 if sink_format == "exact" else sinks * dims + 4 * (dims // width)
     coded_tokens = reference_tokens - sinks
     budgets = [(16 * dims * reference_tokens / ratio - 8 * (sink_bytes + HEADER_BYTES)) / coded_tokens
                for ratio in ratios]
     if min(budgets) <= 0:
         raise ValueError("a ratio leaves no bits after sinks and header; lower it or raise reference_tokens")
-    picks = _allocate(bits, err, budgets)
+    coded = np.array([kind != quant.TYPE_DROP for kind, _ in options])
+    picks = _allocate(bits, err + component_cost * total_var * np.outer(sizes, coded), budgets)
     say("allocation done")
     presets: list[dict[str, Any]] = []
     arrays: dict[str, np.ndarray] = {}
@@ -359,6 +371,7 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
         info: dict[str, Any] = {
             "name": name, "nominal_ratio": ratio, "ratio": 2 * dims * reference_tokens / stored,
             "bits_per_token": per_token, "relative_error": (float(chosen_err.sum()) + residual) / total_var,
+            "components": int(sizes[kinds != quant.TYPE_DROP].sum()),
             "kl": None,
             "types": {quant.TYPES[t]: int((kinds == t).sum()) for t in range(len(quant.TYPES)) if (kinds == t).any()},
         }
@@ -468,7 +481,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
               weighting: str = "fisher", ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
               sinks: int | None = None, fisher_docs: int = 2, measure_kl: bool = True, rounding: float = 0.5,
               max_tokens: int = 6144, grouping: str | None = None, sink_format: str | None = None,
-              basis_format: str | None = None, log: Log | None = None) -> Profile:
+              basis_format: str | None = None, component_cost: float = 0.0, log: Log | None = None) -> Profile:
     """Calibrate a profile with the model (``kvpack calibrate``): what :func:`calibrate_from_caches` does, plus
     Fisher weights and per-preset KL measured on the last calibration document (held out from the basis).
 
@@ -479,8 +492,9 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         weighting: ``"fisher"`` (sensitivity-weighted distortion) or ``"uniform"`` (plain MSE, as in KVTC).
         fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
             for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
-        rounding, max_tokens, grouping, sink_format, basis_format: as in :func:`calibrate_from_caches` (dead zone;
-            calibration tokens kept; PCA groups; how sink tokens and the basis are stored).
+        rounding, max_tokens, grouping, sink_format, basis_format, component_cost: as in
+            :func:`calibrate_from_caches` (dead zone; calibration tokens kept; PCA groups; how sink tokens and the
+            basis are stored; price of a coded component).
     """
     from kvpack.codecs.transform import KVTC, Transform
     from kvpack.eval.corpora import documents
@@ -510,7 +524,7 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
     profile = calibrate_from_caches(caches, spec, recipe=recipe, weights=weights, sinks=sinks, ratios=ratios,
                                     default_ratio=default_ratio, reference_tokens=tokens, rounding=rounding,
                                     max_tokens=max_tokens, grouping=grouping, sink_format=sink_format,
-                                    basis_format=basis_format, log=say)
+                                    basis_format=basis_format, component_cost=component_cost, log=say)
     if not measure_kl:
         return profile
     cont_ids, reference = refs[-1]
