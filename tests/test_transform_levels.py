@@ -114,3 +114,17 @@ def test_fp8_blocks_decode_every_byte_as_torch_does() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fp8_dequantize(every)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(0, 70), tokens=st.integers(0, 100), seed=st.integers(0, 2**31))
+def test_transposed_is_torch_s_transposing_cast(rows: int, tokens: int, seed: int) -> None:
+    z = (np.random.default_rng(seed).standard_normal((rows, tokens)) * 1e3).astype(np.float32)
+    bits = z.view(np.uint32)
+    bits[:, ::3] = (bits[:, ::3] & ~np.uint32(0xFFFF)) | np.uint32(0x8000)  # exact bf16 ties: to nearest even
+    for dtype in (torch.float32, torch.bfloat16):
+        got = levels.transposed(z, dtype)
+        want = torch.from_numpy(z).t().to(dtype, memory_format=torch.contiguous_format)
+        assert got.dtype == dtype and got.shape == (tokens, rows) and got.is_contiguous()
+        assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))

@@ -100,6 +100,8 @@ class _Layout:
     ec_comp: np.ndarray  # int64 [n_ec]: component index within its group
     ec_class: np.ndarray  # int64 [n_ec]: rate class, non-decreasing
     fixed: list[tuple[int, int, int, int, int]]  # (group, start, count, type, group size) per fixed-width block
+    classes: np.ndarray  # int32 [k]: the distinct rate classes (one rANS lane each)
+    counts: np.ndarray  # int64 [k]: components per class
 
 
 class _Partial(Container):
@@ -213,17 +215,30 @@ class Transform(CalibratedCodec[TransformProfile]):
                 fixed.append((g, start, n, kind, param if kind != TYPE_FP8 else 0))
         cls = _cat(classes)
         order = np.argsort(cls, kind="stable")
-        return _Layout(_cat(groups)[order], _cat(comps)[order], cls[order], fixed)
+        distinct, counts = np.unique(cls, return_counts=True)
+        return _Layout(_cat(groups)[order], _cat(comps)[order], cls[order], fixed, distinct.astype(np.int32),
+                       counts.astype(np.int64))
+
+    def _plans(self, st: TransformProfile, alloc: Allocation, layers: int) -> list[tuple[_Layout, _Columns, _Columns]]:
+        """Per progressive layer of ``alloc`` split in ``layers``: its layout, its columns in the groups' ``z [T,
+        U_g]`` (encode) and in the stacked ``[U, T]`` (decode); computed once per profile, preset and layer count
+        (they were a few hundred small numpy calls per chunk)."""
+        key = (alloc.name, layers)
+        if key not in st.plans:
+            projections = [st.projection(alloc, g) for g in range(len(st.groups))]
+            offsets = np.cumsum([0] + [p.used.size for p in projections])
+            st.plans[key] = [(lay, _columns(projections, lay), _columns(projections, lay, offsets))
+                             for lay in (self._layout(st, alloc, b) for b in self._layer_blocks(st, alloc, layers))]
+        return cast(list[tuple[_Layout, _Columns, _Columns]], st.plans[key])
 
     # -------------------------------------------------------------------------------------------- encode
 
     def encode_payload(self, kv: KVCache) -> Payload:
-        st, alloc, projections, zs = self._coefficients(kv)
+        st, alloc, _, zs = self._coefficients(kv)
         sections = {"sinks": self._encode_sinks(kv, kv.positions < self.sink_tokens, st.sink_format)}
-        layers = self._layer_blocks(st, alloc, self.layers)
-        for k, blocks in enumerate(layers):
-            lay = self._layout(st, alloc, blocks)
-            sections.update(self._encode_layer(st, k, lay, _columns(projections, lay), zs))
+        layers = self._plans(st, alloc, self.layers)
+        for k, (lay, cols, _) in enumerate(layers):
+            sections.update(self._encode_layer(st, k, lay, cols, zs))
         meta = {"preset": alloc.name, "layers": len(layers), "coded": int(zs[0].shape[0])}
         return Payload(meta=meta, sections=sections)
 
@@ -242,14 +257,13 @@ class Transform(CalibratedCodec[TransformProfile]):
     def level_symbols(self, kv: KVCache) -> CodedLevels:
         """The rANS symbols a chunk of ``kv`` codes (all progressive layers together), for analysis
         (`kvpack bench transform-context`); encoding does not call it."""
-        st, alloc, projections, zs = self._coefficients(kv)
-        lay = self._layout(st, alloc, self._layer_blocks(st, alloc, 1)[0])
+        st, alloc, _, zs = self._coefficients(kv)
+        lay, cols, _ = self._plans(st, alloc, 1)[0]
         n, tokens = lay.ec_class.size, zs[0].shape[0]
         if not n or not tokens:
             symbols = np.zeros((n, tokens), np.uint8)
         else:
-            flat, _, _ = levels.quantize(zs, lay.ec_group, _columns(projections, lay).ec, lay.ec_class, st.freqs,
-                                         st.rounding)
+            flat, _, _ = levels.quantize(zs, lay.ec_group, cols.ec, lay.ec_class, st.freqs, st.rounding)
             symbols = flat.reshape(n, tokens)
         return CodedLevels(classes=lay.ec_class, groups=lay.ec_group, components=lay.ec_comp, symbols=symbols)
 
@@ -283,9 +297,8 @@ class Transform(CalibratedCodec[TransformProfile]):
         tokens = zs[0].shape[0]
         if lay.ec_comp.size and tokens:
             symbols, escapes, lows = levels.quantize(zs, lay.ec_group, cols.ec, lay.ec_class, st.freqs, st.rounding)
-            classes, counts = np.unique(lay.ec_class, return_counts=True)
-            starts = np.concatenate([[0], np.cumsum(counts * tokens)]).astype(np.int64)
-            blob = entropy.pack(symbols, starts, classes.astype(np.int32), st.model, include_tables=False)
+            starts = np.concatenate([[0], np.cumsum(lay.counts * tokens)]).astype(np.int64)
+            blob = entropy.pack(symbols, starts, lay.classes, st.model, include_tables=False)
         fixed = b"".join(fixed_encode(zs[g][:, c : c + n], kind, gs)
                          for (g, _, n, kind, gs), c in zip(lay.fixed, cols.fixed, strict=True))
         if st.recipe == "kvtc":
@@ -341,18 +354,16 @@ class Transform(CalibratedCodec[TransformProfile]):
         projections = [st.projection(alloc, g) for g in range(len(st.groups))]
         offsets = np.cumsum([0] + [p.used.size for p in projections])
         zt = np.zeros((int(offsets[-1]), coded), np.float32)  # [U, T]: every group's used components
-        for k, blocks in enumerate(self._layer_blocks(st, alloc, n_layers)):
+        for k, (lay, _, cols) in enumerate(self._plans(st, alloc, n_layers)):
             names = [f"{p}{k}" for p in "exbi"]
             if isinstance(container, _Partial) and not all(n in container.sections for n in names):
                 break
-            lay = self._layout(st, alloc, blocks)
-            self._decode_layer(st, lay, _columns(projections, lay, offsets), [container.section(n) for n in names],
-                               zt)
+            self._decode_layer(st, lay, cols, [container.section(n) for n in names], zt)
         dtype = projection_dtype()
         x = torch.empty(coded, sum(len(g) for g in st.groups), dtype=dtype)  # the GEMM's output precision
         for g, p in enumerate(projections):
             # [T, U_g] row-major: the GEMM is faster (and rounds as before) than on the transposed view
-            z = torch.from_numpy(zt[offsets[g] : offsets[g + 1]]).t().to(dtype, memory_format=torch.contiguous_format)
+            z = levels.transposed(zt[offsets[g] : offsets[g + 1]], dtype)
             decode, bias = p.decode_as(dtype)
             if p.columns is None:
                 torch.addmm(bias, z, decode, out=x)
@@ -374,8 +385,7 @@ class Transform(CalibratedCodec[TransformProfile]):
         n_ec = lay.ec_comp.size
         if n_ec and tokens:
             symbols, starts = entropy.unpack(blob, max_symbols=n_ec * tokens, freqs=st.model)
-            _, counts = np.unique(lay.ec_class, return_counts=True)
-            if not np.array_equal(starts, np.concatenate([[0], np.cumsum(counts * tokens)])):
+            if not np.array_equal(starts, np.concatenate([[0], np.cumsum(lay.counts * tokens)])):
                 raise FormatError("entropy-coded lanes do not match the preset's layout")
             levels.dequantize(symbols, tokens, escapes, lows, lay.ec_class, st.shrink, cols.ec, zt)
         elif len(blob) or escapes.size or lows.size:

@@ -107,6 +107,7 @@ class TransformProfile:
 
     subs: dict[tuple[str, int], Projection] = field(default_factory=dict)
     bf16_costs: dict[str, Bf16Cost] = field(default_factory=dict)
+    plans: dict[tuple[str, int], list[Any]] = field(default_factory=dict)  # the codec's layer layouts per preset
 
     @property
     def hash(self) -> str:
