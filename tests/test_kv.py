@@ -143,3 +143,25 @@ def test_real_model_spec(smollm) -> None:  # type: ignore[no-untyped-def]
     assert spec.rope.type == "default" and spec.rope.theta == 1e5
     assert ModelSpec.from_model(model, tokenizer).fingerprint == spec.fingerprint
     assert ModelSpec.from_model(model, None).fingerprint != spec.fingerprint
+
+
+def test_a_large_empty_cache_is_an_ordinary_writable_buffer() -> None:
+    """KVCache.empty maps large host buffers with huge pages (kv._buffer): same shape, dtype and layout as
+    torch.empty, writable, and alive as long as any view of it."""
+    import gc
+
+    from kvpack import kv as kv_module
+
+    spec = make_spec(layers=4, heads=2, head_dim=64, dtype="bfloat16")
+    tokens = kv_module.HUGE_PAGE_BUFFER_BYTES // spec.elements_per_token // 2 + 1
+    big, small = KVCache.empty(spec, tokens), KVCache.empty(spec, 8)
+    for cache, n in ((big, tokens), (small, 8)):
+        assert cache.data.shape == spec.buffer_shape(n) and cache.data.dtype == torch.bfloat16
+        assert cache.data.is_contiguous() and cache.data.device.type == "cpu"
+    big.data.fill_(2.5)
+    view = big[tokens - 3 :]
+    del big
+    gc.collect()
+    assert bool((view.data == 2.5).all())
+    view.data[:, :, :, 0] = -1.0  # still writable
+    assert float(view.data[:, :, :, 0].float().mean()) == -1.0

@@ -19,6 +19,8 @@ tested per family) while recording the history for the next write-back.
 from __future__ import annotations
 
 import hashlib
+import math
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +104,7 @@ class KVCache:
     def empty(cls, spec: ModelSpec, num_tokens: int, start_position: int = 0,
               device: torch.device | str | None = None) -> KVCache:
         """An uninitialised cache of ``num_tokens`` contiguous positions from ``start_position`` (to decode into)."""
-        data = torch.empty(spec.buffer_shape(num_tokens), dtype=spec.torch_dtype, device=device)
+        data = _buffer(spec.buffer_shape(num_tokens), spec.torch_dtype, device)
         return cls(spec=spec, data=data,
                    positions=torch.arange(start_position, start_position + num_tokens, dtype=torch.int64))
 
@@ -257,3 +259,25 @@ class KVCache:
         transformers concatenates new tokens into fresh tensors: this buffer is never written to.
         """
         return hf_cache(self.data, self.spec.sliding_windows, keep_history)
+
+
+#: Host buffers from this size up are mapped with transparent huge pages where the OS offers them (:func:`_buffer`).
+HUGE_PAGE_BUFFER_BYTES = 8 << 20
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    """``torch.empty(shape)``; on a Linux host, a large one is an anonymous mapping advised to use transparent huge
+    pages.
+
+    A load writes every byte of a fresh buffer once, and first-touching 4 KiB pages is a page fault each: filling a
+    47 MB buffer (2,048 tokens of SmolLM2's bf16 KV) took 10.6 ms against 2.9 ms for the same buffer again, and 4.7 ms
+    with huge pages (one-off measurement on the 2-core Xeon). Where the kernel does not honour the advice (THP
+    ``never``), it is an ordinary mapping."""
+    numel = math.prod(shape)
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    if (device is not None and torch.device(device).type != "cpu") or size < HUGE_PAGE_BUFFER_BYTES \
+            or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype, device=device)
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape)  # the tensor keeps the mapping alive
