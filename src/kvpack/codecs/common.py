@@ -65,8 +65,9 @@ def tile_span(tiles: np.ndarray) -> tuple[np.ndarray, int]:
 
     A token slice of a longer cache (what a chunk encodes from, what the loader decodes into) has contiguous tiles
     further apart than a tile's size. numba compiles its kernels for such an array as non-contiguous, and loses the
-    vector moves of their inner loops: a 256-token chunk took 1.5x the time to scatter into a slice as into a buffer
-    of its own (docs/transform.md, Speed). A tile sliced out of the span is a contiguous array to numba."""
+    vector moves of their inner loops: scattering a 256-token chunk of SmolLM2 into a slice took 2.0-2.1 ms against
+    1.2-1.4 ms into a buffer of its own (in-process A/B on the 2-core Xeon). A tile sliced out of the span is a
+    contiguous array to numba."""
     n, rows, cols = tiles.shape
     item = tiles.itemsize
     strides = tiles.strides
