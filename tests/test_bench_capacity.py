@@ -321,3 +321,16 @@ def test_runs_of_one_workload_merge_and_others_do_not() -> None:
         merge([base, base | {"compute": {"prefill_s": [1.0, 2.5]}}])
     with pytest.raises(ValueError):
         merge([base, base | {"config": base["config"] | {"requests": 5}}])
+
+
+def test_rows_name_the_profile_of_a_calibrated_codec(tmp_path: Path) -> None:
+    from kvpack.bench.capacity import label
+    from kvpack.codecs import get
+    from kvpack.codecs.transform.calibrate import calibrate_from_caches
+    from test_calibrate import low_rank_caches
+
+    caches = low_rank_caches()
+    prof = calibrate_from_caches(caches, caches[0].spec, ratios=(4.0,), default_ratio=4.0, reference_tokens=256)
+    codec = get("transform", profile=str(prof.save(tmp_path / "p.kvprof")), preset="4x")
+    assert label(codec) == f"transform preset=4x [{prof.hash[:8]}]"
+    assert label(get("raw")) == "raw" and label(get("kivi", bits=4)) == "kivi bits=4"

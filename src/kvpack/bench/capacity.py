@@ -59,7 +59,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from kvpack.bench.rows import fmt
+from kvpack.bench.rows import fmt, profile_tag
+from kvpack.codecs.calibrated import CalibratedCodec
 from kvpack.store import DiskStore, MemoryStore, Store, TieredStore
 
 QUESTION = "\n\nQuestion: what is the text above about? Answer:"
@@ -489,8 +490,11 @@ def validate(model: Any, tokenizer: Any, spec: Any, compute_model: Any, codecs_:
 
 # ------------------------------------------------------------------------------------------------------ the run
 def label(codec: Any) -> str:
+    """A row's codec as the page names it: name, bits or preset, and the calibration profile (settings of one codec
+    under two profiles differ only there)."""
+    profile = {"hash": codec.calibration.hash} if isinstance(codec, CalibratedCodec) else None
     return codec.name + "".join(f" {k}={v}" for k, v in codec.params().items()
-                                if v is not None and k in ("bits", "preset"))
+                                if v is not None and k in ("bits", "preset")) + profile_tag({"profile": profile})
 
 
 def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[Budget], alphas: Sequence[float],
