@@ -128,3 +128,5 @@ def test_transposed_is_torch_s_transposing_cast(rows: int, tokens: int, seed: in
         assert got.dtype == dtype and got.shape == (tokens, rows) and got.is_contiguous()
         assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                            want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        levels.transposed(z, torch.float16)

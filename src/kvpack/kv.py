@@ -274,7 +274,7 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | s
     with huge pages (one-off measurement on the 2-core Xeon). Where the kernel does not honour the advice (THP
     ``never``), it is an ordinary mapping."""
     numel = math.prod(shape)
-    size = numel * torch.empty((), dtype=dtype).element_size()
+    size = numel * dtype.itemsize
     if (device is not None and torch.device(device).type != "cpu") or size < HUGE_PAGE_BUFFER_BYTES \
             or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype, device=device)

@@ -53,8 +53,7 @@ def _decode_layer(st: TransformProfile, lay: _Layout, data: list[memoryview], zs
     n_ec = lay.ec_comp.size
     if n_ec and tokens:
         stream = entropy.parse(blob, max_symbols=n_ec * tokens, freqs=st.model)
-        _, counts = np.unique(lay.ec_class, return_counts=True)
-        if not np.array_equal(stream.lane_starts, np.concatenate([[0], np.cumsum(counts * tokens)])):
+        if not np.array_equal(stream.lane_starts, np.concatenate([[0], np.cumsum(lay.counts * tokens)])):
             raise FormatError("entropy-coded lanes do not match the preset's layout")
         high = decode_stream(stream, device).to(torch.int64).view(n_ec, tokens)
         esc = high == ESCAPE
@@ -100,9 +99,9 @@ def decode(codec: Codec, meta: Mapping[str, Any], container: Container, spec: Mo
         raise FormatError(f"payload codes {coded} tokens but {int((~sink).sum())} are not sinks")
     alloc = st.presets[preset]
     zs = [torch.zeros((coded, len(s)), dtype=torch.float32, device=device) for s in st.sigmas]
-    for k, blocks in enumerate(codec._layer_blocks(st, alloc, n_layers)):
+    for k, (lay, _, _) in enumerate(codec._plans(st, alloc, n_layers)):
         sections = [container.section(f"{p}{k}") for p in "exbi"]
-        _decode_layer(st, codec._layout(st, alloc, blocks), sections, zs, coded, device)
+        _decode_layer(st, lay, sections, zs, coded, device)
     x = torch.empty(coded, sum(len(g) for g in st.groups), device=device)
     for g in range(len(st.groups)):
         p = st.projection(alloc, g)

@@ -172,18 +172,19 @@ def _transpose(bits: np.ndarray, out: np.ndarray, to_bf16: bool) -> None:  # pra
 
 
 def transposed(z: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """``z [U, T]`` (float32, C-contiguous: the coefficients as :func:`dequantize` writes them) as the projection's
-    input ``[T, U]`` in ``dtype`` (float32 or bfloat16, rounded as torch's cast rounds finite values), row-major.
+    """``z [U, T]`` (float32: the coefficients as :func:`dequantize` writes them) as the projection's input ``[T, U]``
+    in ``dtype`` (float32 or bfloat16, the precisions of :func:`~kvpack.codecs.transform.codec.projection_dtype`;
+    rounded as torch's cast rounds finite values), row-major.
 
     torch's transposing cast took 0.6-1 ms of a 256-token chunk's 15 ms decode at 32x (one-off profile); this
     blocked pass takes a fraction of it."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the projection multiplies in float32 or bfloat16, not {dtype}")
     rows, tokens = z.shape
-    if dtype not in (torch.float32, torch.bfloat16) or not z.flags.c_contiguous or z.dtype != np.float32:
-        return torch.from_numpy(z).t().to(dtype, memory_format=torch.contiguous_format)
     out = torch.empty(tokens, rows, dtype=dtype)
     if z.size:
         wide = out.view(torch.int32).numpy().view(np.uint32) if dtype == torch.float32 else \
             out.view(torch.int16).numpy().view(np.uint16)
         with threads_for(z.size):
-            _transpose(z.view(np.uint32), wide, dtype == torch.bfloat16)
+            _transpose(np.ascontiguousarray(z, np.float32).view(np.uint32), wide, dtype == torch.bfloat16)
     return out
