@@ -433,6 +433,14 @@ def test_pack_tables_roundtrip(n_tables: int, alphabet: int, seed: int) -> None:
     data = pack_tables(freqs)
     np.testing.assert_array_equal(unpack_tables(data, n_tables, alphabet), freqs)
     assert len(data) <= n_tables * (4 + 3 * alphabet)
+    # compiled straight from the bytes (no second validation): what from_freqs builds, entries as documented
+    model, ref = Model.unpack(data, n_tables, alphabet), Model.from_freqs(freqs)
+    cum = np.cumsum(freqs, axis=1) - freqs
+    np.testing.assert_array_equal(model.etab[:, :alphabet], freqs | (cum << 16))
+    assert not model.etab[:, alphabet:].any()
+    for a, b in ((model.etab, ref.etab), (model.freqs, ref.freqs), (model.usable, freqs.sum(axis=1) > 0)):
+        np.testing.assert_array_equal(a, b)
+    assert model.shift == ref.shift
 
 
 def test_unpack_tables_rejects_bad_bytes() -> None:

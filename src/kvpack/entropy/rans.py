@@ -47,7 +47,6 @@ from kvpack.entropy.tables import (
     encode_varints,
     pack_tables,
     read_varint,
-    unpack_tables,
     validate_freqs,
 )
 from kvpack.errors import FormatError
@@ -517,7 +516,8 @@ def check_lanes(words: npt.ArrayLike, word_offsets: npt.ArrayLike, lane_starts: 
 @dataclass(frozen=True)
 class LaneStream:
     """A parsed blob: everything :func:`decode_lanes` (or a GPU decoder) needs. Shapes as in :func:`decode_lanes`;
-    ``freqs``: the validated tables read from the blob, or the :class:`Model` the caller gave :func:`parse`."""
+    ``freqs``: the tables read from the blob, compiled (a :class:`Model`), or the tables (or model) the caller gave
+    :func:`parse`, validated."""
 
     words: np.ndarray
     word_offsets: np.ndarray
@@ -631,7 +631,7 @@ def parse(data: bytes | bytearray | memoryview, *, max_symbols: int, freqs: npt.
         size, pos = read_varint(raw, pos, raw.size)
         if pos < 0 or pos + size > raw.size:
             raise FormatError("rANS blob tables are truncated")
-        f: np.ndarray | Model = unpack_tables(memoryview(data)[pos : pos + size], n_tables, alphabet)
+        f: np.ndarray | Model = Model.unpack(memoryview(data)[pos : pos + size], n_tables, alphabet)
         pos += size
     else:
         if freqs is None:
