@@ -120,10 +120,22 @@ def _put(o, t, c, top, block, j, m, p, escapes, ep, end, low, shift, whole, part
     return ep, ok
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _top(sym: int, base: int, flip: int, exp_bits: int, k: int) -> int:
+    """The top bits (sign, exponent, top ``k`` mantissa bits) that a symbol other than ``ESCAPE`` stands for in a row
+    with largest exponent ``base`` and majority sign ``flip``; -1 if invalid (its exponent would be negative)."""
+    e = base - (sym >> (k + 1))
+    sign = ((sym >> k) & 1) ^ flip
+    return (sign << (exp_bits + k)) | (e << k) | (sym & ((1 << k) - 1)) if e >= 0 else -1
+
+
 @functools.cache
-def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
+def _kernels(dtype: str, shift: int, short: bool = False) -> tuple[Any, Any]:
     """The split and merge kernels for one float layout whose lowest ``shift`` bits are all zero, compiled (on first
-    use) with the field widths as constants."""
+    use) with the field widths as constants. ``short``: a merge for rows of fewer than ``ESCAPE`` symbols (kivi's key
+    group parameters: 8 per row in a 256-token chunk), which computes each symbol's top bits where it needs them
+    instead of a table of 255 per channel that it would mostly not use (a constant, so that the table kernel
+    compiles as if the other path did not exist: a runtime branch in its inner loop cost lossless 35%)."""
     exp_bits, man_bits, k = FIELDS[dtype]
     low = man_bits - k  # the top bits start here; raw bits ``shift .. low``: ``whole`` bytes, then ``part`` bits
     whole, part = (low - shift) // 8, (low - shift) % 8
@@ -185,14 +197,12 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
             r0 = tile * dim
             offs = row_offset[r0 : r0 + dim]
             # symbol -> top bits (sign, exponent, top mantissa bits) per channel; -1: invalid, -2: escape
-            lut = np.empty((dim, 256), np.int16)
-            for c in range(dim):
+            lut = np.empty((0 if short else dim, 256), np.int16)
+            for c in range(0 if short else dim):
                 b = np.int64(base[r0 + c])
                 f = np.int64(flip[r0 + c])
                 for sym in range(ESCAPE):
-                    e = b - (sym >> (k + 1))
-                    sign = ((sym >> k) & 1) ^ f
-                    lut[c, sym] = (sign << (exp_bits + k)) | (e << k) | (sym & ((1 << k) - 1)) if e >= 0 else -1
+                    lut[c, sym] = _top(sym, b, f, exp_bits, k)
                 lut[c, ESCAPE] = -2
             ep = esc_start[tile]
             end = esc_start[tile + 1]
@@ -207,7 +217,15 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
                     for w in range(part):
                         block |= np.int64(m[q + w]) << (8 * w)
                     q += part
-                    if c0 < full:
+                    if short:
+                        for j in range(min(8, dim - c0)):
+                            sym = np.int64(symbols[offs[c0 + j] + t])
+                            top = -2 if sym == ESCAPE else _top(sym, np.int64(base[r0 + c0 + j]),
+                                                                np.int64(flip[r0 + c0 + j]), exp_bits, k)
+                            ep, ok = _put(o, t, c0 + j, top, block, j, m, p, escapes, ep, end,
+                                          low, shift, whole, part, pmask)
+                            good &= ok
+                    elif c0 < full:
                         for j in range(8):
                             top = np.int64(lut[c0 + j, symbols[offs[c0 + j] + t]])
                             ep, ok = _put(o, t, c0 + j, top, block, j, m, p, escapes, ep, end,
@@ -331,7 +349,7 @@ def decode_bits(sections: Mapping[str, memoryview], out: np.ndarray, dtype: str,
     p = read_bits(sections, out.shape, dtype, classes)
     s = p.stream
     symbols = decode_lanes(s.words, s.word_offsets, s.lane_starts, s.lane_table, s.freqs)
-    merge = _kernels(dtype, p.shift)[1]
+    merge = _kernels(dtype, p.shift, tokens < ESCAPE)[1]
     if not merge(out.reshape(groups * heads, tokens, dim), symbols, p.row_offset, p.base, p.flip, p.escapes,
                  p.esc_start, p.raw):
         raise FormatError("lossless symbols do not match their exponents or escapes: the stream is corrupted")
