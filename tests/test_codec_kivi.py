@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 import kvpack
 from conftest import make_kv
-from kvpack.codecs import get
+from kvpack.codecs import get, kivi
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import read_container
 from kvpack.kv import KVCache
@@ -53,7 +54,7 @@ def check_bound(kv: KVCache, **params: Any) -> tuple[KVCache, bytes, int, int]:
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dtype=st.sampled_from(["bfloat16", "float16", "float32"]), bits=st.sampled_from([2, 3, 4]),
-       group=st.sampled_from([1, 3, 8, 32]), tokens=st.integers(0, 70), head_dim=st.sampled_from([1, 5, 8, 12]),
+       group=st.sampled_from([1, 3, 8, 32, 100]), tokens=st.integers(0, 150), head_dim=st.sampled_from([1, 5, 8, 12]),
        sink=st.integers(0, 6), residual=st.integers(0, 10), start=st.sampled_from([0, 2, 100]),
        scale=st.floats(-10, 6), classes=st.sampled_from([1, 4]), seed=st.integers(0, 1000))
 def test_error_bound_on_random_kv(dtype: str, bits: int, group: int, tokens: int, head_dim: int, sink: int,
@@ -117,3 +118,19 @@ def test_real_kv_bound_and_ratio(smollm: Any) -> None:
     for bits, least in ((2, 4.0), (4, 2.5)):
         _, data, n_sink, _ = check_bound(kv, bits=bits)
         assert n_sink == 4 and kv.fp16_bytes / len(data) > least
+
+
+def test_group_parameters_widen_every_float16_exactly() -> None:
+    """The decoder's compiled float16 -> float32 widening of the stored minima and steps equals numpy's cast for all
+    65,536 bit patterns (subnormals and -0 included), in both layouts, and flags any infinity or NaN."""
+    bits = np.arange(1 << 16, dtype=np.uint16).reshape(1, 2, 2, 128, 128)
+    ref = bits.view(np.float16).astype(np.float32)
+    finite = np.isfinite(ref)
+    for keys in (False, True):
+        want = ref.transpose(0, 1, 2, 4, 3) if keys else ref
+        ok = finite.transpose(0, 1, 2, 4, 3) if keys else finite
+        minima, steps, all_finite = kivi._widen_params(bits, keys)
+        assert not all_finite
+        for got, j in ((minima, 0), (steps, 1)):
+            np.testing.assert_array_equal(got.view(np.uint32)[ok[:, j]], want[:, j].view(np.uint32)[ok[:, j]])
+        assert kivi._widen_params(np.where(finite, bits, 0).astype(np.uint16), keys)[2]

@@ -59,6 +59,8 @@ from kvpack.spec import ModelSpec
 BITS = (2, 3, 4)
 #: Class tables per group when the group minima and steps are coded losslessly (2: best on SmolLM2, 256-1536 tokens).
 PARAM_CLASSES = 2
+#: Tokens the decoder transposes at a time (64 channels x 64 tokens: 4 KiB of symbols, in L1).
+BLOCK = 64
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -125,39 +127,47 @@ def _decoder(kind: int) -> Any:
     """The reconstruction kernel for output kind ``kind`` (``common.OUT_KINDS``), with the kind as a constant."""
 
     @njit(nogil=True, cache=True, parallel=True)
-    def reconstruct(out, heads, first, count, group, levels, symbols, row_offset,  # type: ignore[no-untyped-def]
+    def reconstruct(out, heads, first, count, group, symbols, row_offset,  # type: ignore[no-untyped-def]
                     kmin, kstep, vmin, vstep):
         """Quantized tokens ``first .. first + count`` of ``out [tiles, tokens, dim]``: ``m + q * s`` in float32,
-        rounded to the cache dtype, through a table of the ``levels`` values of each group."""
+        rounded to the cache dtype.
+
+        Per block of up to :data:`BLOCK` tokens (inside one key group) the block's symbols are first transposed to
+        ``[token, channel]``, so that every later loop runs over contiguous channels and vectorizes: the float32
+        values of a token, then their rounding to the cache dtype. (A table of each group's ``2**bits`` values
+        costs half a table entry per element and a gather per lookup: 1.7 ms of a 7.7 ms 256-token decode.)"""
         tiles, _, dim = out.shape
         for tile in prange(tiles):
             layer, is_value, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
             offs = row_offset[tile * dim : (tile + 1) * dim]
-            value = np.empty(levels, np.float32)
+            q = np.empty((BLOCK, dim), np.uint8)
+            m = np.empty(dim, np.float32)
+            s = np.empty(dim, np.float32)
+            value = np.empty(dim, np.float32)
             bits = value.view(np.uint32)
-            lut = np.empty((dim, levels), out.dtype)
             o = out[tile]
-            if is_value:
-                for i in range(count):
-                    for c0 in range(0, dim, group):
-                        m, s = vmin[layer, h, i, c0 // group], vstep[layer, h, i, c0 // group]
-                        for q in range(levels):
-                            value[q] = m + np.float32(q) * s
-                        for q in range(levels):
-                            lut[0, q] = float_bits(np.int64(bits[q]), kind)
-                        for c in range(c0, min(c0 + group, dim)):
-                            o[first + i, c] = lut[0, symbols[offs[c] + i]]
-            else:
-                for i0 in range(0, count, group):
+            for g0 in range(0, count, group):
+                if not is_value:
+                    m[:] = kmin[layer, h, :, g0 // group]
+                    s[:] = kstep[layer, h, :, g0 // group]
+                for i0 in range(g0, min(g0 + group, count), BLOCK):
+                    n = min(BLOCK, g0 + group - i0, count - i0)
                     for c in range(dim):
-                        m, s = kmin[layer, h, c, i0 // group], kstep[layer, h, c, i0 // group]
-                        for q in range(levels):
-                            value[q] = m + np.float32(q) * s
-                        for q in range(levels):
-                            lut[c, q] = float_bits(np.int64(bits[q]), kind)
-                    for i in range(i0, min(i0 + group, count)):
+                        row = symbols[offs[c] + i0 : offs[c] + i0 + n]
+                        for i in range(n):
+                            q[i, c] = row[i]
+                    for i in range(n):
+                        if is_value:
+                            for c0 in range(0, dim, group):
+                                mv, sv = vmin[layer, h, i0 + i, c0 // group], vstep[layer, h, i0 + i, c0 // group]
+                                for c in range(c0, min(c0 + group, dim)):
+                                    value[c] = mv + np.float32(q[i, c]) * sv
+                        else:
+                            for c in range(dim):
+                                value[c] = m[c] + np.float32(q[i, c]) * s[c]
+                        dst = o[first + i0 + i]
                         for c in range(dim):
-                            o[first + i, c] = lut[c, symbols[offs[c] + i]]
+                            dst[c] = float_bits(np.int64(bits[c]), kind)
 
     return reconstruct
 
@@ -181,12 +191,37 @@ def read_params(container: Container, prefix: str, shape: tuple[int, int, int, i
     layers, heads, a, b = shape
     bits = np.empty((2 * layers, heads, b, a) if keys else (2 * layers, heads, a, b), np.uint16)
     decode_bits({name: container.section(f"{prefix}.{name}") for name in SECTIONS}, bits, "float16", PARAM_CLASSES)
-    both = bits.view(np.float16).astype(np.float32).reshape(layers, 2, *bits.shape[1:])
-    if keys:
-        both = both.transpose(0, 1, 2, 4, 3)
-    if not np.isfinite(both).all():
+    minima, steps, finite = _widen_params(bits.reshape(layers, 2, *bits.shape[1:]), keys)
+    if not finite:
         raise FormatError("kivi group minima and steps must be finite")
-    return np.ascontiguousarray(both[:, 0]), np.ascontiguousarray(both[:, 1])
+    return minima, steps
+
+
+@njit(nogil=True, cache=True)
+def _widen_params(bits: np.ndarray, keys: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """float32 minima and steps ``[L, H, a, b]`` of float16 bits ``[L, 2, H, a, b]`` (keys: ``[L, 2, H, b, a]``,
+    transposed here), and whether all are finite. One compiled pass in place of numpy's cast, transpose, finiteness
+    check and copies (0.3 ms of a 7.7 ms 256-token decode)."""
+    layers, _, heads, rows, cols = bits.shape
+    a, b = (cols, rows) if keys else (rows, cols)
+    out = np.empty((2, layers, heads, a, b), np.uint32)
+    floats = out.view(np.float32)
+    finite = True
+    for layer in range(layers):
+        for j in range(2):
+            for h in range(heads):
+                for r in range(rows):
+                    for c in range(cols):
+                        v = np.int64(bits[layer, j, h, r, c])
+                        e, m = (v >> 10) & 0x1F, v & 0x3FF
+                        finite &= e != 0x1F
+                        at = (j, layer, h, c, r) if keys else (j, layer, h, r, c)
+                        # float16 -> float32 exactly: rebias a normal exponent; a subnormal is m * 2**-24
+                        out[at] = (v & 0x8000) << 16 | (e + 112) << 23 | m << 13
+                        if e == 0:
+                            sub = np.float32(m) * np.float32(2.0**-24)
+                            floats[at] = -sub if v & 0x8000 else sub
+    return floats[0], floats[1], finite
 
 
 def _fp16_toward(v: np.ndarray, direction: float) -> np.ndarray:
@@ -334,6 +369,5 @@ class KiviCodec(Codec):
             kept = kept.reshape(2 * layers * heads, n_exact, dim)
             tiles[:, :n_sink] = kept[:, :n_sink]
             tiles[:, num_tokens - n_res :] = kept[:, n_sink:]
-            _DECODERS[spec.dtype](tiles, heads, n_sink, count, group, 1 << self.bits, symbols, row_offset, k_m, k_s,
-                                  v_m, v_s)
+            _DECODERS[spec.dtype](tiles, heads, n_sink, count, group, symbols, row_offset, k_m, k_s, v_m, v_s)
             return data.view(spec.buffer_shape(num_tokens))
