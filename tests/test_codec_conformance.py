@@ -176,6 +176,29 @@ def test_decode_into_a_slice_of_a_larger_cache(profiles: dict[str, str], name: s
         _decode(data, name, profiles, out=whole[:23])
 
 
+IN_PLACE = {"fp8", "kivi", "lossless", "transform"}
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE & set(available())))
+def test_decoders_write_the_slice_in_place(profiles: dict[str, str], name: str) -> None:
+    """These codecs decode straight into ``out=``'s memory (the loader's buffer) rather than into a tensor of their
+    own that the caller then copies; an ``out`` whose tiles are not contiguous is either written correctly (torch
+    paths) or left alone for the caller's copy (numba kernels), never written wrongly."""
+    kv = sample_cache(name, 24)
+    codec = _codec(name, profiles)
+    container = read_container(codec.encode(kv))
+    whole = KVCache.empty(kv.spec, 3 * 24)
+    args = (container.header["meta"], container, kv.spec, 24)
+    got = codec.decode_payload(*args, whole.data[:, :, :, 24:48])
+    assert got.data_ptr() == whole.data[:, :, :, 24:].data_ptr()
+    assert torch.equal(got, codec.decode_payload(*args, None))
+    wide = torch.zeros(*kv.spec.buffer_shape(24)[:-1], 2 * kv.spec.head_dim, dtype=kv.spec.torch_dtype)
+    strided = wide[..., ::2]  # channels two apart: no kernel writes this in place
+    copied = codec.decode_payload(*args, strided)
+    assert torch.equal(copied, got) and not wide[..., 1::2].any()
+    assert torch.equal(strided, got) if copied.data_ptr() == wide.data_ptr() else not wide.any()
+
+
 @pytest.mark.parametrize("name", available())
 def test_warm_up_runs_on_the_codec_s_model(profiles: dict[str, str], name: str) -> None:
     """``warm_up`` codes synthetic tokens of any spec the codec accepts (calibrated codecs: their profile's), and

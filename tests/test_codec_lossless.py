@@ -119,10 +119,11 @@ def test_short_and_long_row_merges_agree(dtype: str) -> None:
         results = []
         for short in (True, False):
             merge = lossless._kernels(dtype, p.shift, short)[1]
-            got = np.zeros((2, tokens, 12), np.uint32 if WIDTH[dtype] == 32 else np.uint16)
-            assert merge(got, symbols, p.row_offset, p.base, p.flip, p.escapes, p.esc_start, p.raw)
+            got = np.zeros(2 * tokens * 12, np.uint32 if WIDTH[dtype] == 32 else np.uint16)
+            args = (p.flip, p.escapes, p.esc_start, p.raw)
+            assert merge(got, tokens * 12, tokens, 12, symbols, p.row_offset, p.base, *args)
             results.append(got)
-            assert not merge(got.copy(), symbols, p.row_offset, low_base, p.flip, p.escapes, p.esc_start, p.raw)
+            assert not merge(got.copy(), tokens * 12, tokens, 12, symbols, p.row_offset, low_base, *args)
         np.testing.assert_array_equal(results[0], results[1])
 
 

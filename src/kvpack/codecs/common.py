@@ -302,11 +302,39 @@ def _widen_bf16(span: np.ndarray, stride: int, shape: tuple[int, int, int]) -> n
     return out.reshape(tiles, tokens, dim).view(np.float32)
 
 
-def out_buffer(shape: tuple[int, ...], dtype: str) -> tuple[torch.Tensor, np.ndarray]:
-    """An uninitialised tensor of ``shape`` in KV dtype ``dtype`` and the same memory as unsigned bits (numpy)."""
-    out = torch.empty(shape, dtype=DTYPES[dtype])
-    wide = out.element_size() == 4
-    return out, out.view(torch.int32 if wide else torch.int16).numpy().view(np.uint32 if wide else np.uint16)
+def out_buffer(shape: tuple[int, ...], dtype: str, out: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
+    """The tensor a CPU decoder fills, ``shape = [..., tokens, dim]`` in KV dtype ``dtype``, and its bits as tiles.
+
+    ``out`` itself when given (same element count and dtype) and each of its ``[tokens, dim]`` tiles is contiguous
+    (a token slice of a longer cache is): the decoder then writes the loader's buffer in place, instead of a tensor of
+    its own that the caller copies (6 MB per 256-token SmolLM2 chunk); a new uninitialised tensor otherwise.
+
+    Returns:
+        ``(tensor, tiles, span, stride)``: the tensor; its bits (uint16 / uint32) as a numpy view ``[n, tokens, dim]``
+        with the tensor's strides; and the same tiles as :func:`tile_span` gives them to kernels (a view).
+    """
+    if out is not None and out.device.type == "cpu" and out.dtype == DTYPES[dtype] and out.numel() == np.prod(shape):
+        viewed = _bit_tiles(out, shape)
+        if viewed is not None:
+            return (out, *viewed)
+    data = torch.empty(shape, dtype=DTYPES[dtype])
+    viewed = _bit_tiles(data, shape)
+    assert viewed is not None  # a new contiguous tensor always has contiguous tiles
+    return (data, *viewed)
+
+
+def _bit_tiles(data: torch.Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """``data``'s bits as tiles ``[n, tokens, dim]`` and their :func:`tile_span`, all views of ``data``; None if no
+    view expresses them (tiles that are not contiguous each, or dimensions that do not merge)."""
+    wide = data.element_size() == 4
+    try:
+        tiles = data.view(int(np.prod(shape[:-2])), *shape[-2:]).view(torch.int32 if wide else torch.int16).numpy()
+    except RuntimeError:
+        return None
+    tiles = tiles.view(np.uint32 if wide else np.uint16)
+    span, stride = tile_span(tiles)
+    return (tiles, span, stride) if not tiles.size or np.may_share_memory(span, tiles) else None
 
 
 __all__ = ["CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "check_classes", "decode_rows",

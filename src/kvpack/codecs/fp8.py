@@ -97,22 +97,23 @@ def _decoder(kind: int) -> Any:
     """The reconstruction kernel for output kind ``kind`` (``common.OUT_KINDS``), with the kind as a constant."""
 
     @njit(nogil=True, cache=True, parallel=True)
-    def reconstruct(out, symbols, row_offset, scales, flips, values):  # type: ignore[no-untyped-def]
-        """``out [tiles, tokens, dim]`` (bits of the cache dtype) from the coded rows."""
-        tiles, tokens, dim = out.shape
+    def reconstruct(span, stride, tokens, dim, symbols, row_offset, scales, flips, values):  # type: ignore[no-untyped-def]
+        """Bits of the cache dtype ``[tiles, tokens, dim]``, the tiles of ``span`` at ``stride``
+        (:func:`~kvpack.codecs.common.tile_span`), from the coded rows."""
+        tiles = scales.size // dim
         for tile in prange(tiles):
             r0 = tile * dim
             offs = row_offset[r0 : r0 + dim]
             prod = np.empty(256, np.float32)
             bits = prod.view(np.uint32)
-            lut = np.empty((dim, 256), out.dtype)
+            lut = np.empty((dim, 256), span.dtype)
             for c in range(dim):
                 flip = 0x80 if flips[r0 + c] else 0
                 for code in range(256):
                     prod[code] = values[code ^ flip] * scales[r0 + c]
                 for code in range(256):
                     lut[c, code] = float_bits(np.int64(bits[code]), kind)
-            o = out[tile]
+            o = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
             for t in range(tokens):
                 for c in range(dim):
                     o[t, c] = lut[c, symbols[offs[c] + t]]
@@ -205,11 +206,10 @@ class Fp8Codec(Codec):
                        out: torch.Tensor | None) -> torch.Tensor:
         with threads_for(num_tokens * spec.elements_per_token):
             groups, heads, dim = 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim
-            tiles, n_rows = groups * heads, groups * heads * dim
+            n_rows = groups * heads * dim
             scales, flips = read_rows(container.section("rows"), n_rows)
             symbols, row_offset = decode_rows(container.section("symbols"), container.section("classes"),
                                               (groups, heads * dim, num_tokens), 256, self.classes)
-            data, bits = out_buffer((groups, heads, num_tokens, dim), spec.dtype)
-            _DECODERS[spec.dtype](bits.reshape(tiles, num_tokens, dim), symbols, row_offset, scales, flips,
-                                  E4M3_VALUES)
+            data, _, span, stride = out_buffer((groups, heads, num_tokens, dim), spec.dtype, out)
+            _DECODERS[spec.dtype](span, stride, num_tokens, dim, symbols, row_offset, scales, flips, E4M3_VALUES)
             return data.view(spec.buffer_shape(num_tokens))

@@ -127,16 +127,17 @@ def _decoder(kind: int) -> Any:
     """The reconstruction kernel for output kind ``kind`` (``common.OUT_KINDS``), with the kind as a constant."""
 
     @njit(nogil=True, cache=True, parallel=True)
-    def reconstruct(out, heads, first, count, group, symbols, row_offset,  # type: ignore[no-untyped-def]
-                    kmin, kstep, vmin, vstep):
-        """Quantized tokens ``first .. first + count`` of ``out [tiles, tokens, dim]``: ``m + q * s`` in float32,
-        rounded to the cache dtype.
+    def reconstruct(span, stride, tokens, dim, heads, first, count, group, symbols,  # type: ignore[no-untyped-def]
+                    row_offset, kmin, kstep, vmin, vstep):
+        """Quantized tokens ``first .. first + count`` of the bits ``[tiles, tokens, dim]`` that are the tiles of
+        ``span`` at ``stride`` (:func:`~kvpack.codecs.common.tile_span`): ``m + q * s`` in float32, rounded to the
+        cache dtype.
 
         Per block of up to :data:`BLOCK` tokens (inside one key group) the block's symbols are first transposed to
         ``[token, channel]``, so that every later loop runs over contiguous channels and vectorizes: the float32
         values of a token, then their rounding to the cache dtype. (A table of each group's ``2**bits`` values
         costs half a table entry per element and a gather per lookup: 1.7 ms of a 7.7 ms 256-token decode.)"""
-        tiles, _, dim = out.shape
+        tiles = row_offset.size // dim
         for tile in prange(tiles):
             layer, is_value, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
             offs = row_offset[tile * dim : (tile + 1) * dim]
@@ -145,7 +146,7 @@ def _decoder(kind: int) -> Any:
             s = np.empty(dim, np.float32)
             value = np.empty(dim, np.float32)
             bits = value.view(np.uint32)
-            o = out[tile]
+            o = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
             for g0 in range(0, count, group):
                 if not is_value:
                     m[:] = kmin[layer, h, :, g0 // group]
@@ -362,12 +363,12 @@ class KiviCodec(Codec):
             count = num_tokens - n_sink - n_res
             symbols, row_offset = decode_rows(container.section("symbols"), container.section("classes"),
                                               (2 * layers, heads * dim, count), 1 << self.bits, self.classes)
-            data, bits = out_buffer((2 * layers, heads, num_tokens, dim), spec.dtype)
-            tiles = bits.reshape(2 * layers * heads, num_tokens, dim)
+            data, tiles, span, stride = out_buffer((2 * layers, heads, num_tokens, dim), spec.dtype, out)
             n_exact = n_sink + n_res
-            kept = np.frombuffer(container.section("exact"), bits.dtype.newbyteorder("<"))
+            kept = np.frombuffer(container.section("exact"), tiles.dtype.newbyteorder("<"))
             kept = kept.reshape(2 * layers * heads, n_exact, dim)
             tiles[:, :n_sink] = kept[:, :n_sink]
             tiles[:, num_tokens - n_res :] = kept[:, n_sink:]
-            _DECODERS[spec.dtype](tiles, heads, n_sink, count, group, symbols, row_offset, k_m, k_s, v_m, v_s)
+            _DECODERS[spec.dtype](span, stride, num_tokens, dim, heads, n_sink, count, group, symbols, row_offset,
+                                  k_m, k_s, v_m, v_s)
             return data.view(spec.buffer_shape(num_tokens))

@@ -186,10 +186,12 @@ def _kernels(dtype: str, shift: int, short: bool = False) -> tuple[Any, Any]:
         return symbols, escapes, mantissa
 
     @njit(nogil=True, cache=True, parallel=True)
-    def merge(out, symbols, row_offset, base, flip, escapes, esc_start, raw):  # type: ignore[no-untyped-def]
-        """Inverse of ``split`` into ``out [tiles, tokens, dim]``; False if the stream is inconsistent (a symbol
-        whose exponent would be negative, or a tile whose escape symbols do not match its escape count)."""
-        tiles, tokens, dim = out.shape
+    def merge(span, stride, tokens, dim, symbols, row_offset, base, flip, escapes, esc_start,  # type: ignore[no-untyped-def]
+              raw):
+        """Inverse of ``split`` into bits ``[tiles, tokens, dim]``, the tiles of ``span`` at ``stride``
+        (:func:`tile_span`); False if the stream is inconsistent (a symbol whose exponent would be negative, or a
+        tile whose escape symbols do not match its escape count)."""
+        tiles = base.size // dim
         row_bytes = dim * whole + (dim + 7) // 8 * part
         full = dim // 8 * 8  # blocks of 8 channels get a fixed trip count (unrolled: ~1.5x faster)
         bad = np.zeros(tiles, np.bool_)
@@ -208,7 +210,7 @@ def _kernels(dtype: str, shift: int, short: bool = False) -> tuple[Any, Any]:
             end = esc_start[tile + 1]
             good = True
             m = raw[tile]
-            o = out[tile]
+            o = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
             for t in range(tokens):
                 p = t * row_bytes
                 q = p + dim * whole
@@ -340,18 +342,23 @@ class BitSections:
 
 
 def decode_bits(sections: Mapping[str, memoryview], out: np.ndarray, dtype: str, classes: int) -> None:
-    """Inverse of :func:`encode_bits`: fill ``out [groups, heads, tokens, dim]`` (the bit patterns, uint16/uint32).
+    """Inverse of :func:`encode_bits`: fill ``out [groups, heads, tokens, dim]`` (the bit patterns, uint16/uint32;
+    each ``[tokens, dim]`` tile contiguous, the tiles at any stride: a token slice of a longer buffer qualifies).
 
     Raises:
         FormatError: a section whose size or content does not fit ``out``'s shape (never reads out of bounds).
+        ValueError: ``out``'s tiles are not each contiguous.
     """
     groups, heads, tokens, dim = out.shape
+    tiles = out.reshape(groups * heads, tokens, dim)
+    span, stride = tile_span(tiles)
+    if tiles.size and not (np.may_share_memory(tiles, out) and np.may_share_memory(span, tiles)):
+        raise ValueError("decode_bits writes each [tokens, dim] tile of out in place: they must be contiguous")
     p = read_bits(sections, out.shape, dtype, classes)
     s = p.stream
     symbols = decode_lanes(s.words, s.word_offsets, s.lane_starts, s.lane_table, s.freqs)
     merge = _kernels(dtype, p.shift, tokens < ESCAPE)[1]
-    if not merge(out.reshape(groups * heads, tokens, dim), symbols, p.row_offset, p.base, p.flip, p.escapes,
-                 p.esc_start, p.raw):
+    if not merge(span, stride, tokens, dim, symbols, p.row_offset, p.base, p.flip, p.escapes, p.esc_start, p.raw):
         raise FormatError("lossless symbols do not match their exponents or escapes: the stream is corrupted")
 
 
@@ -424,9 +431,11 @@ class LosslessCodec(Codec):
 
     def decode_payload(self, meta: Mapping[str, Any], container: Container, spec: ModelSpec, num_tokens: int,
                        out: torch.Tensor | None) -> torch.Tensor:
-        data, bits = out_buffer((2 * spec.num_layers, spec.num_kv_heads, num_tokens, spec.head_dim), spec.dtype)
-        with threads_for(bits.size):
-            decode_bits({name: container.section(name) for name in SECTIONS}, bits, spec.dtype, self.classes)
+        shape = (2 * spec.num_layers, spec.num_kv_heads, num_tokens, spec.head_dim)
+        data, tiles, _, _ = out_buffer(shape, spec.dtype, out)
+        with threads_for(tiles.size):
+            decode_bits({name: container.section(name) for name in SECTIONS}, tiles.reshape(shape), spec.dtype,
+                        self.classes)
         return data.view(spec.buffer_shape(num_tokens))
 
 
