@@ -31,6 +31,7 @@ from kvpack.bench.capacity import (
     parse_size,
     quality_of,
     replay,
+    requote,
     stored_bytes,
     summarize,
     target,
@@ -136,10 +137,18 @@ def test_quality_is_quoted_from_the_committed_results(tmp_path: Path) -> None:
     results.write_text(json.dumps({"rows": [{"codec_id": cid("a"), "ppl_increase_pct": 0.5, "kl_mean": 0.01},
                                             {"codec_id": cid("b")},
                                             {"codec_id": cid("t", "p1"), "ppl_increase_pct": 0.6}]}))
-    assert quality_of(cid("a"), results) == {"ppl_increase_pct": 0.5, "kl_mean": 0.01, "same_profile": True}
-    assert quality_of(cid("b"), results) is None and quality_of(cid("c"), results) is None
-    assert quality_of(cid("t", "p2"), results) == {"ppl_increase_pct": 0.6, "kl_mean": None, "same_profile": False}
-    assert quality_of(cid("a"), tmp_path / "missing.json") is None
+    assert quality_of(cid("a"), [results]) == {"ppl_increase_pct": 0.5, "kl_mean": 0.01, "same_profile": True}
+    assert quality_of(cid("b"), [results]) is None and quality_of(cid("c"), [results]) is None
+    assert quality_of(cid("t", "p2"), [results]) == {"ppl_increase_pct": 0.6, "kl_mean": None, "same_profile": False}
+    assert quality_of(cid("a"), [tmp_path / "missing.json"]) is None
+    # a later document that measured the exact profile wins over another profile's row in the first
+    lever = tmp_path / "lever.json"
+    lever.write_text(json.dumps({"rows": [{"codec_id": cid("t", "p2"), "ppl_increase_pct": 0.7, "kl_mean": 0.02}]}))
+    assert quality_of(cid("t", "p2"), [results, tmp_path / "missing.json", lever]) == \
+        {"ppl_increase_pct": 0.7, "kl_mean": 0.02, "same_profile": True}
+    doc = {"rows": [{"codec_id": cid("t", "p2"), "quality": None}], "config": {}}
+    assert requote(doc, [results, lever])["rows"][0]["quality"]["kl_mean"] == 0.02
+    assert requote(doc, [lever])["config"]["quality_sources"] == [str(lever)]
 
 
 # ------------------------------------------------------------------------------ the replay, on a tiny random model
@@ -296,6 +305,13 @@ def test_the_page_states_the_target_from_the_rows(tmp_path: Path) -> None:
     assert "Not run (the run was stopped before these arms): raw at memory:1GiB, alpha 0.8;" in page
     main(["--render", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "n.md"), "--note", "the runs relate"])
     assert "Note on the runs: the runs relate." in (tmp_path / "n.md").read_text()
+    assert "in docs/results/codecs.json (" in page
+    lever = tmp_path / "lever.json"
+    lever.write_text(json.dumps({"rows": [{"codec_id": "transform:preset=32x", "ppl_increase_pct": 0.9,
+                                           "kl_mean": 0.0097}]}))
+    main(["--render", str(tmp_path / "c.json"), "--markdown", str(tmp_path / "q.md"), "--quality", str(lever)])
+    requoted = (tmp_path / "q.md").read_text()
+    assert f"in {lever} (" in requoted and "+0.90% / 0.0097" in requoted and "not measured" in requoted
 
 
 def test_runs_of_one_workload_merge_and_others_do_not() -> None:

@@ -30,8 +30,8 @@ Protocol (a *replay*; every step on the store and codec path runs for real, mode
 
 Per arm: the fraction of requests that reused their whole context (``hit_rate``) and part of it
 (``partial_hit_rate``), the bytes the store holds at the end, mean and p95 TTFT, and mean load / charged compute /
-write seconds. Each codec's quality cost is quoted beside it from the committed ``docs/results/codecs.json``
-(:func:`quality_of`), not re-measured.
+write seconds. Each codec's quality cost is quoted beside it from the committed ``docs/results/codecs.json`` (or
+the ``kvpack bench codecs`` documents ``--quality`` names; :func:`quality_of`), not re-measured.
 
     kvpack bench capacity --contexts 200 --tokens 2048 --requests 1000 --alphas 0.8,1.2 \\
         --budgets memory:256MiB,memory:1GiB,memory:256MiB+disk:1GiB --json capacity.json
@@ -177,15 +177,17 @@ def contexts(tokenizer: Any, n: int, tokens: int) -> list[list[int]]:
     raise ValueError(f"the corpora hold only {len(out)} windows of {tokens} tokens, {n} asked")
 
 
-def quality_of(codec_id: str, results: Path) -> dict[str, Any] | None:
-    """The quality cost of codec setting ``codec_id`` in the committed codecs results: ``ppl_increase_pct``,
+def quality_of(codec_id: str, results: Sequence[Path]) -> dict[str, Any] | None:
+    """The quality cost of codec setting ``codec_id`` in committed ``kvpack bench codecs`` results (the rows of every
+    file of ``results``; a row of this exact setting and profile in any file comes first): ``ppl_increase_pct``,
     ``kl_mean`` and ``same_profile`` (``False`` when only a row of the same codec and parameters calibrated on
     another profile exists); ``None`` if it was not measured."""
-    try:
-        rows = json.loads(results.read_text())["rows"]
-        wanted = json.loads(codec_id)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    rows: list[dict[str, Any]] = []
+    for path in results:
+        try:
+            rows += json.loads(path.read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
 
     def setting(cid: str) -> Any:
         try:
@@ -195,10 +197,10 @@ def quality_of(codec_id: str, results: Path) -> dict[str, Any] | None:
             return None
 
     exact = [r for r in rows if r.get("codec_id") == codec_id]
-    similar = [r for r in rows if setting(str(r.get("codec_id"))) == setting(codec_id)] if isinstance(wanted, dict) \
-        else []
-    row = (exact or similar or [None])[0]
-    if row is None or row.get("ppl_increase_pct") is None:
+    wanted = setting(codec_id)
+    similar = [r for r in rows if wanted is not None and setting(str(r.get("codec_id"))) == wanted]
+    row = (exact or similar or [{}])[0]
+    if row.get("ppl_increase_pct") is None:
         return None
     return {"ppl_increase_pct": float(row["ppl_increase_pct"]),
             "kl_mean": None if row.get("kl_mean") is None else float(row["kl_mean"]), "same_profile": bool(exact)}
@@ -499,7 +501,8 @@ def label(codec: Any) -> str:
 
 def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[Budget], alphas: Sequence[float],
         n_contexts: int, tokens: int, n_requests: int, seed: int, workdir: Path, chunk_tokens: int = 256,
-        compute_dtype: str = "auto", check_repeats: int = 3, loader: str = "load", results: Path = CODECS_RESULTS,
+        compute_dtype: str = "auto", check_repeats: int = 3, loader: str = "load",
+        results: Sequence[Path] = (CODECS_RESULTS,),
         log: Callable[[str], None] = print, on_row: Callable[[dict[str, Any]], None] | None = None,
         compute_only: bool = False) -> dict[str, Any]:
     """Steps 1-3 of the module docstring; the JSON document (rows, check, compute, config).
@@ -536,7 +539,8 @@ def run(model: Any, tokenizer: Any, settings: Sequence[str], budgets: Sequence[B
                     "prefill_s": [p.compute_s(0) for p in prefilled], "question_s": [p.question_s for p in prefilled]},
         "config": {"contexts": n_contexts, "tokens": tokens, "requests": n_requests, "seed": seed,
                    "chunk_tokens": chunk_tokens, "question_tokens": len(question), "alphas": list(alphas),
-                   "budgets": [b.label for b in budgets], "settings": list(settings), "loaders": [loader]},
+                   "budgets": [b.label for b in budgets], "settings": list(settings), "loaders": [loader],
+                   "quality_sources": [source_name(p) for p in results]},
         "machine": machine()}
     if compute_only:
         return doc
@@ -603,6 +607,22 @@ def target(doc: dict[str, Any], budget: str, codec: str = "transform", baseline:
     return out
 
 
+def source_name(path: Path) -> str:
+    """``path`` as the pages name it: relative to the repository when inside it."""
+    root = CODECS_RESULTS.parents[2]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def requote(doc: dict[str, Any], results: Sequence[Path]) -> dict[str, Any]:
+    """``doc`` with every row's quality looked up again in ``results`` (e.g. a codec whose quality was measured after
+    the run, in another ``kvpack bench codecs`` document), and those files named as the quality's sources."""
+    return doc | {"rows": [r | {"quality": quality_of(r["codec_id"], results)} for r in doc["rows"]],
+                  "config": doc["config"] | {"quality_sources": [source_name(p) for p in results]}}
+
+
 def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: str | None = None) -> str:
     """The results page of a run's JSON document."""
     cfg, comp, check = doc["config"], doc["compute"], doc["check"]
@@ -657,7 +677,9 @@ def markdown(doc: dict[str, Any], command: str, render_command: str, plot_name: 
               "hit: the whole context reused; partial: part of it. TTFT mean and p95 in seconds; load = lookup + "
               "fetch + decode (measured), compute = prefill charged, write = encode (measured or charged) + put "
               "(measured), after the first token. ratio: bf16 bytes / stored bytes per context. Quality: Δppl % / KL "
-              "mean of the same setting in docs/results/codecs.json (not re-measured here).", "",
+              "mean of the same setting in "
+              + " or ".join(cfg.get("quality_sources", ["docs/results/codecs.json"]))
+              + " (`kvpack bench codecs`; not re-measured here).", "",
               "| codec | budget | alpha | hit | partial | TTFT mean | TTFT p95 | load | compute | write | "
               "stored MB | ratio | contexts fit | quality |", "|" + "---|" * 14]
     for r in doc["rows"]:
@@ -783,12 +805,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compute-only", action="store_true", help="only compute the contexts into --workdir")
     parser.add_argument("--note", default=None,
                         help="with --render: how the runs relate (printed on the page instead of the first run's)")
+    parser.add_argument("--quality", type=Path, nargs="+", default=None,
+                        help="`kvpack bench codecs` JSON documents to quote each codec's quality from (default: "
+                             "docs/results/codecs.json); with --render, the rows' quality is looked up again in them")
     args = parser.parse_args(argv)
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
     if args.render is not None:
         merged = merge([json.loads(path.read_text()) for path in args.render])
         if args.note:
             merged = merged | {"note": args.note}
+        if args.quality:
+            merged = requote(merged, args.quality)
         if args.json:  # the runs joined in one document, which renders the same page on its own
             args.json.write_text(json.dumps(merged, indent=1))
         render(merged, args.markdown, args.plot, f"kvpack bench capacity {argv_text}")
@@ -805,7 +832,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     doc = run(model, tokenizer, [s for s in args.settings.split(";") if s],
               [parse_budget(b) for b in args.budgets.split(",")], [float(a) for a in args.alphas.split(",")],
               args.contexts, args.tokens, args.requests, args.seed, args.workdir, args.chunk_tokens,
-              args.compute_dtype, args.check_repeats, args.loader, on_row=save, compute_only=args.compute_only)
+              args.compute_dtype, args.check_repeats, args.loader, results=args.quality or (CODECS_RESULTS,),
+              on_row=save, compute_only=args.compute_only)
     doc["command"] = command
     if args.compute_only:
         return
