@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -98,33 +99,35 @@ def test_random_bit_patterns_round_trip_exactly(dtype: str, layers: int, heads: 
 
 @pytest.mark.parametrize("dtype", sorted(WIDTH))
 def test_short_and_long_row_merges_agree(dtype: str) -> None:
-    """Rows of fewer than 255 symbols merge without a per-channel table, longer ones with it: both kernels give the
-    same bits on valid streams (the codec round-trips either way) and both refuse a symbol whose exponent would be
+    """Rows of fewer than 255 symbols merge without a per-channel table, longer ones with it (and, where the channels
+    are whole blocks of 8, first without escape bookkeeping, redoing a token that has one): both kernels give the same
+    bits on valid streams (the codec round-trips either way) and both refuse a symbol whose exponent would be
     negative."""
     rng = np.random.default_rng(7)
-    for tokens in (254, 255, 300):
-        n = 2 * tokens * 12
+    for tokens, dim in itertools.product((254, 255, 300), (12, 16)):
+        n = 2 * tokens * dim
         like = torch.from_numpy(rng.normal(0.0, 2.0, n).astype(np.float32)).to(kvpack.spec.DTYPES[dtype])
         bits = like.view(torch.int16 if WIDTH[dtype] == 16 else torch.int32).numpy().astype(np.int64)
         bits = np.where(rng.random(n) < 0.1, rng.choice(SPECIAL[dtype], n), bits) & ((1 << WIDTH[dtype]) - 1)
-        kv = from_bits(bits, dtype, 1, 1, tokens, 12)
+        kv = from_bits(bits, dtype, 1, 1, tokens, dim)
         out, data = roundtrip(kv, classes=2)
         assert kv.equal(out)
         container = read_container(data)
         sections = {name: container.section(name) for name in lossless.SECTIONS}
-        p = lossless.read_bits(sections, (2, 1, tokens, 12), dtype, 2)
+        p = lossless.read_bits(sections, (2, 1, tokens, dim), dtype, 2)
         symbols = decode_lanes(p.stream.words, p.stream.word_offsets, p.stream.lane_starts, p.stream.lane_table,
                                p.stream.freqs)
         low_base = np.zeros_like(p.base)  # every symbol with a nonzero relative exponent becomes invalid
         results = []
         for short in (True, False):
             merge = lossless._kernels(dtype, p.shift, short)[1]
-            got = np.zeros(2 * tokens * 12, np.uint32 if WIDTH[dtype] == 32 else np.uint16)
+            got = np.zeros(2 * tokens * dim, np.uint32 if WIDTH[dtype] == 32 else np.uint16)
             args = (p.flip, p.escapes, p.esc_start, p.raw)
-            assert merge(got, tokens * 12, tokens, 12, symbols, p.row_offset, p.base, *args)
+            assert merge(got, tokens * dim, tokens, dim, symbols, p.row_offset, p.base, *args)
             results.append(got)
-            assert not merge(got.copy(), tokens * 12, tokens, 12, symbols, p.row_offset, low_base, *args)
+            assert not merge(got.copy(), tokens * dim, tokens, dim, symbols, p.row_offset, low_base, *args)
         np.testing.assert_array_equal(results[0], results[1])
+        assert (p.esc_start[-1] > 0) and (symbols == lossless.ESCAPE).any()  # escapes inside long rows, too
 
 
 @pytest.mark.parametrize("dtype", sorted(WIDTH))

@@ -113,11 +113,18 @@ def _put(o, t, c, top, block, j, m, p, escapes, ep, end, low, shift, whole, part
         else:
             ok = False
         ep += 1
+    o[t, c] = (top << low) | (_rest(block, j, m, p, c, whole, part, pmask) << shift)
+    return ep, ok
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rest(block, j, m, p, c, whole, part, pmask):  # type: ignore[no-untyped-def]
+    """The raw mantissa bits of channel ``c`` (``j``-th of its block of 8, whose packed partial bits are ``block``)
+    of the token whose bytes start at ``m[p]``."""
     rest = ((block >> (part * j)) & pmask) << (8 * whole)
     for w in range(whole):
         rest |= np.int64(m[p + c * whole + w]) << (8 * w)
-    o[t, c] = (top << low) | (rest << shift)
-    return ep, ok
+    return rest
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -213,6 +220,22 @@ def _kernels(dtype: str, shift: int, short: bool = False) -> tuple[Any, Any]:
             o = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
             for t in range(tokens):
                 p = t * row_bytes
+                if not short and full == dim:
+                    # the row without escapes (nearly every row): no escape bookkeeping, no branch per element;
+                    # a row with an escape or an invalid symbol (a negative table entry) is redone below
+                    neg = 0
+                    q = p + dim * whole
+                    for c0 in range(0, dim, 8):
+                        block = 0
+                        for w in range(part):
+                            block |= np.int64(m[q + w]) << (8 * w)
+                        q += part
+                        for j in range(8):
+                            top = np.int64(lut[c0 + j, symbols[offs[c0 + j] + t]])
+                            neg |= top
+                            o[t, c0 + j] = (top << low) | (_rest(block, j, m, p, c0 + j, whole, part, pmask) << shift)
+                    if neg >= 0:
+                        continue
                 q = p + dim * whole
                 for c0 in range(0, dim, 8):
                     block = 0
