@@ -232,6 +232,9 @@ def rows_sizes(shape: tuple[int, int, int], alphabet: int, n_classes: int, prefi
 
 #: Output float layouts of :func:`float_bits`: the KV dtypes, each written as its bit pattern.
 OUT_KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
+#: Tokens a decoder transposes from symbol rows to ``[token, channel]`` at a time (64 channels x 64 tokens: 4 KiB of
+#: symbols, in L1), so that it computes and writes over contiguous channels (:mod:`kvpack.codecs.fp8`, ``kivi``).
+BLOCK_TOKENS = 64
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -337,6 +340,6 @@ def _bit_tiles(data: torch.Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray, 
     return (tiles, span, stride) if not tiles.size or np.may_share_memory(span, tiles) else None
 
 
-__all__ = ["CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "check_classes", "decode_rows",
+__all__ = ["BLOCK_TOKENS", "CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "check_classes", "decode_rows",
            "encode_rows", "f32_to_bf16_bits", "f32_to_f16_bits", "float_bits", "out_buffer", "pack_classes",
            "rows_sizes", "rows_stream", "stacked_float32", "threads_for", "unpack_classes"]

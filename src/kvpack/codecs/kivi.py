@@ -38,6 +38,7 @@ from numba import njit, prange
 
 from kvpack.codecs.base import Codec, Payload, register
 from kvpack.codecs.common import (
+    BLOCK_TOKENS,
     OUT_KINDS,
     check_classes,
     decode_rows,
@@ -59,8 +60,6 @@ from kvpack.spec import ModelSpec
 BITS = (2, 3, 4)
 #: Class tables per group when the group minima and steps are coded losslessly (2: best on SmolLM2, 256-1536 tokens).
 PARAM_CLASSES = 2
-#: Tokens the decoder transposes at a time (64 channels x 64 tokens: 4 KiB of symbols, in L1).
-BLOCK = 64
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -133,15 +132,16 @@ def _decoder(kind: int) -> Any:
         ``span`` at ``stride`` (:func:`~kvpack.codecs.common.tile_span`): ``m + q * s`` in float32, rounded to the
         cache dtype.
 
-        Per block of up to :data:`BLOCK` tokens (inside one key group) the block's symbols are first transposed to
-        ``[token, channel]``, so that every later loop runs over contiguous channels and vectorizes: the float32
-        values of a token, then their rounding to the cache dtype. (A table of each group's ``2**bits`` values
-        costs half a table entry per element and a gather per lookup: 1.7 ms of a 7.7 ms 256-token decode.)"""
+        Per block of up to :data:`~kvpack.codecs.common.BLOCK_TOKENS` tokens (inside one key group) the block's
+        symbols are first transposed to ``[token, channel]``, so that every later loop runs over contiguous channels
+        and vectorizes: the float32 values of a token, then their rounding to the cache dtype. (A table of each
+        group's ``2**bits`` values costs half a table entry per element and a gather per lookup: 1.7 ms of a 7.7 ms
+        256-token decode.)"""
         tiles = row_offset.size // dim
         for tile in prange(tiles):
             layer, is_value, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
             offs = row_offset[tile * dim : (tile + 1) * dim]
-            q = np.empty((BLOCK, dim), np.uint8)
+            q = np.empty((BLOCK_TOKENS, dim), np.uint8)
             m = np.empty(dim, np.float32)
             s = np.empty(dim, np.float32)
             value = np.empty(dim, np.float32)
@@ -151,8 +151,8 @@ def _decoder(kind: int) -> Any:
                 if not is_value:
                     m[:] = kmin[layer, h, :, g0 // group]
                     s[:] = kstep[layer, h, :, g0 // group]
-                for i0 in range(g0, min(g0 + group, count), BLOCK):
-                    n = min(BLOCK, g0 + group - i0, count - i0)
+                for i0 in range(g0, min(g0 + group, count), BLOCK_TOKENS):
+                    n = min(BLOCK_TOKENS, g0 + group - i0, count - i0)
                     for c in range(dim):
                         row = symbols[offs[c] + i0 : offs[c] + i0 + n]
                         for i in range(n):
