@@ -95,30 +95,53 @@ def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
                 if i % group == group - 1 or i == count - 1:
                     kmin[layer, h, :, i // group] = lo
                     kmax[layer, h, :, i // group] = hi
-            else:
-                for c in range(dim):
-                    v = np.float64(row[c])
-                    vmin[layer, h, i, c // group] = min(vmin[layer, h, i, c // group], v)
-                    vmax[layer, h, i, c // group] = max(vmax[layer, h, i, c // group], v)
+            else:  # a group's channels into scalars, then one store: in place on the 4-D arrays it was 2x slower
+                for c0 in range(0, dim, group):
+                    low, high = np.inf, -np.inf
+                    for c in range(c0, min(c0 + group, dim)):
+                        v = np.float64(row[c])
+                        low = min(low, v)
+                        high = max(high, v)
+                    vmin[layer, h, i, c0 // group] = low
+                    vmax[layer, h, i, c0 // group] = high
     return kmin, kmax, vmin, vmax
 
 
-@njit(nogil=True, cache=True, parallel=True)
+@njit(nogil=True, cache=True, parallel=True, error_model="numpy")
 def _quantize(x: np.ndarray, heads: int, first: int, count: int, group: int, levels: int, kmin: np.ndarray,
               kstep: np.ndarray, vmin: np.ndarray, vstep: np.ndarray) -> np.ndarray:
-    """Symbols ``[rows, count]`` (row = tile * D + channel): ``clip(round((x - m) / s), 0, levels - 1)``."""
+    """Symbols ``[rows, count]`` (row = tile * D + channel): ``clip(round((x - m) / s), 0, levels - 1)``.
+
+    A token's channels are quantized together, against their groups' minima and steps gathered once per token
+    (values) or per key group, into a ``[tokens, channels]`` block of up to
+    :data:`~kvpack.codecs.common.BLOCK_TOKENS` tokens that is then transposed into the rows (numpy's error model: no
+    zero-division check; the ``s > 0`` test keeps its meaning)."""
     tiles, _, dim = x.shape
     out = np.empty((tiles * dim, count), np.uint8)
     for tile in prange(tiles):
         layer, kind, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
-        for i in range(count):
+        q = np.empty((BLOCK_TOKENS, dim), np.uint8)
+        m = np.empty(dim)
+        s = np.empty(dim)
+        for i0 in range(0, count, BLOCK_TOKENS):
+            n = min(BLOCK_TOKENS, count - i0)
+            for i in range(n):
+                t = i0 + i
+                if kind == 0 and (i == 0 or t % group == 0):
+                    m[:] = kmin[layer, h, :, t // group]
+                    s[:] = kstep[layer, h, :, t // group]
+                elif kind == 1:
+                    for c in range(dim):
+                        m[c] = vmin[layer, h, t, c // group]
+                        s[c] = vstep[layer, h, t, c // group]
+                row = x[tile, first + t]
+                for c in range(dim):
+                    v = np.rint((np.float64(row[c]) - m[c]) / s[c]) if s[c] > 0 else 0.0
+                    q[i, c] = min(max(v, 0.0), levels - 1.0)
             for c in range(dim):
-                if kind == 0:
-                    m, s = kmin[layer, h, c, i // group], kstep[layer, h, c, i // group]
-                else:
-                    m, s = vmin[layer, h, i, c // group], vstep[layer, h, i, c // group]
-                q = np.rint((np.float64(x[tile, first + i, c]) - m) / s) if s > 0 else 0.0
-                out[tile * dim + c, i] = min(max(q, 0.0), levels - 1.0)
+                dst = out[tile * dim + c]
+                for i in range(n):
+                    dst[i0 + i] = q[i, c]
     return out
 
 
