@@ -97,6 +97,11 @@ def test_bad_parameters_and_unencodable_caches() -> None:
             get("kivi", **params)
     kv = make_kv(tokens=10)
     refuses(get("kivi"), kv, 0, (1, 4, 3), 1e6)
+    for bad in (float("nan"), float("-inf")):  # in an exact (sink) token, which is stored as it is
+        keys = [k.clone() for k in kv.keys]
+        keys[1][0, 2, 5] = bad
+        with pytest.raises(CodecError, match="NaN or infinite"):
+            get("kivi").encode(KVCache.from_layers(spec=kv.spec, keys=keys, values=kv.values, positions=kv.positions))
 
 
 def test_nan_steps_are_format_errors() -> None:

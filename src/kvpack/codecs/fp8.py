@@ -49,22 +49,29 @@ E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.fl
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _row_ranges(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row (tile, channel) of ``x [tiles, tokens, dim]``: largest magnitude and number of negative values."""
+def _row_ranges(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per row (tile, channel) of ``x [tiles, tokens, dim]``: largest magnitude and number of negative values; and
+    how many values are infinite or NaN (counted here rather than by ``np.isfinite``, a second pass over the 12 MB of
+    a 256-token chunk that cost 1.4 ms)."""
     tiles, tokens, dim = x.shape
     absmax = np.zeros(tiles * dim, np.float32)
     neg = np.zeros(tiles * dim, np.int64)
+    special = np.zeros(tiles, np.int64)
     for tile in prange(tiles):
         top = np.zeros(dim, np.float32)  # per-tile accumulators, so the channel loop vectorizes
         count = np.zeros(dim, np.int64)
+        odd = 0
         for t in range(tokens):
             row = x[tile, t]
+            bits = row.view(np.uint32)
             for c in range(dim):
                 top[c] = max(top[c], abs(row[c]))
                 count[c] += row[c] < 0
+                odd += (bits[c] & 0x7F800000) == 0x7F800000
         absmax[tile * dim : (tile + 1) * dim] = top
         neg[tile * dim : (tile + 1) * dim] = count
-    return absmax, neg
+        special[tile] = odd
+    return absmax, neg, special.sum()
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -192,9 +199,9 @@ class Fp8Codec(Codec):
     def encode_payload(self, kv: KVCache) -> Payload:
         with threads_for(kv.num_tokens * kv.spec.elements_per_token):
             x = stacked_float32(kv)
-            if not np.isfinite(x).all():
+            absmax, neg, special = _row_ranges(x)
+            if special:
                 raise CodecError("fp8 cannot encode a cache with NaN or infinite values; use the lossless codec")
-            absmax, neg = _row_ranges(x)
             scale16 = fp16_at_least(absmax / np.float32(FP8_MAX))
             if not np.isfinite(scale16).all():
                 raise CodecError(f"values up to {float(absmax.max()):.3g} need fp8 scales beyond float16's range")
