@@ -118,6 +118,15 @@ def _put(o, t, c, top, block, j, m, p, escapes, ep, end, low, shift, whole, part
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _partial(m, q, part):  # type: ignore[no-untyped-def]
+    """The packed partial raw bits of a block of 8 channels: the ``part`` bytes at ``m[q]``, little-endian."""
+    block = 0
+    for w in range(part):
+        block |= np.int64(m[q + w]) << (8 * w)
+    return block
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _rest(block, j, m, p, c, whole, part, pmask):  # type: ignore[no-untyped-def]
     """The raw mantissa bits of channel ``c`` (``j``-th of its block of 8, whose packed partial bits are ``block``)
     of the token whose bytes start at ``m[p]``."""
@@ -226,9 +235,7 @@ def _kernels(dtype: str, shift: int, short: bool = False) -> tuple[Any, Any]:
                     neg = 0
                     q = p + dim * whole
                     for c0 in range(0, dim, 8):
-                        block = 0
-                        for w in range(part):
-                            block |= np.int64(m[q + w]) << (8 * w)
+                        block = _partial(m, q, part)
                         q += part
                         for j in range(8):
                             top = np.int64(lut[c0 + j, symbols[offs[c0 + j] + t]])
@@ -238,9 +245,7 @@ def _kernels(dtype: str, shift: int, short: bool = False) -> tuple[Any, Any]:
                         continue
                 q = p + dim * whole
                 for c0 in range(0, dim, 8):
-                    block = 0
-                    for w in range(part):
-                        block |= np.int64(m[q + w]) << (8 * w)
+                    block = _partial(m, q, part)
                     q += part
                     if short:
                         for j in range(min(8, dim - c0)):
