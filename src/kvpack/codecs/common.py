@@ -18,6 +18,7 @@ sorted order plus the offset of every row in it, so a codec's reconstruction ker
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -317,29 +318,31 @@ def out_buffer(shape: tuple[int, ...], dtype: str, out: torch.Tensor | None = No
         ``(tensor, tiles, span, stride)``: the tensor; its bits (uint16 / uint32) as a numpy view ``[n, tokens, dim]``
         with the tensor's strides; and the same tiles as :func:`tile_span` gives them to kernels (a view).
     """
-    if out is not None and out.device.type == "cpu" and out.dtype == DTYPES[dtype] and out.numel() == np.prod(shape):
-        viewed = _bit_tiles(out, shape)
+    if out is not None and out.device.type == "cpu" and out.dtype == DTYPES[dtype] and out.shape[-2:] == shape[-2:] \
+            and out.numel() == np.prod(shape):
+        viewed = bit_tiles(out)
         if viewed is not None:
             return (out, *viewed)
     data = torch.empty(shape, dtype=DTYPES[dtype])
-    viewed = _bit_tiles(data, shape)
+    viewed = bit_tiles(data)
     assert viewed is not None  # a new contiguous tensor always has contiguous tiles
     return (data, *viewed)
 
 
-def _bit_tiles(data: torch.Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """``data``'s bits as tiles ``[n, tokens, dim]`` and their :func:`tile_span`, all views of ``data``; None if no
-    view expresses them (tiles that are not contiguous each, or dimensions that do not merge)."""
+def bit_tiles(data: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """A CPU tensor ``[..., tokens, dim]`` (2- or 4-byte elements) as numba kernels write it in place: its bits
+    (uint16 / uint32) as tiles ``[n, tokens, dim]`` and their :func:`tile_span`, all views of ``data``; None if no view
+    expresses them (tiles that are not contiguous each, or leading dimensions that do not merge)."""
     wide = data.element_size() == 4
     try:
-        tiles = data.view(int(np.prod(shape[:-2])), *shape[-2:]).view(torch.int32 if wide else torch.int16).numpy()
+        merged = data.view(math.prod(data.shape[:-2]), *data.shape[-2:])
     except RuntimeError:
         return None
-    tiles = tiles.view(np.uint32 if wide else np.uint16)
+    tiles = merged.view(torch.int32 if wide else torch.int16).numpy().view(np.uint32 if wide else np.uint16)
     span, stride = tile_span(tiles)
     return (tiles, span, stride) if not tiles.size or np.may_share_memory(span, tiles) else None
 
 
-__all__ = ["BLOCK_TOKENS", "CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "check_classes", "decode_rows",
+__all__ = ["BLOCK_TOKENS", "CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "bit_tiles", "check_classes", "decode_rows",
            "encode_rows", "f32_to_bf16_bits", "f32_to_f16_bits", "float_bits", "out_buffer", "pack_classes",
            "rows_sizes", "rows_stream", "stacked_float32", "threads_for", "unpack_classes"]

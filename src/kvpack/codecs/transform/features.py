@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from kvpack import rope
-from kvpack.codecs.common import threads_for, tile_span
+from kvpack.codecs.common import bit_tiles, threads_for
 from kvpack.kv import KVCache
 from kvpack.spec import ModelSpec
 
@@ -50,11 +50,12 @@ def features(kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
     features ordered ``(layer, K/V, head, channel)``."""
     spec = kv.spec
     pos = kv.positions if rows is None else kv.positions[rows]
-    if _fused(kv.data):
+    span = _span(kv.data)
+    if span is not None:
         src = np.arange(kv.num_tokens, dtype=np.int64) if rows is None else rows.nonzero().squeeze(1).numpy()
         out = torch.empty(pos.numel(), spec.num_layers, 2, spec.num_kv_heads, spec.head_dim)
         with threads_for(out.numel()):
-            _gather(*_span(kv.data), 16 if kv.data.dtype == torch.bfloat16 else 0, src,
+            _gather(*span, 16 if kv.data.dtype == torch.bfloat16 else 0, src,
                     *_tables(spec, pos, inverse=True), out.numpy())
         return out.reshape(pos.numel(), spec.elements_per_token)
     keys, values = kv.data[:, 0], kv.data[:, 1]  # [L, H, T, D]
@@ -85,29 +86,17 @@ def place(x: torch.Tensor, positions: torch.Tensor, spec: ModelSpec, data: torch
     """Write the tokens of vectors ``x [T, D]`` (float32 or bfloat16) at ``positions [T]`` into token slots ``slots
     [T]`` (int64) of the cache buffer ``data [layers, 2, kv_heads, N, head_dim]`` (the cache's dtype), keys
     rotated: what ``index_copy_`` of :func:`unfeatures`'s keys and values cast to ``data``'s dtype writes."""
-    if _fused(data) and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
+    span = _span(data)
+    if span is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
         shape = (x.shape[0], spec.num_layers, 2, spec.num_kv_heads, spec.head_dim)
         with threads_for(x.numel()):
             _scatter(_bits(x).reshape(shape), 16 if x.dtype == torch.bfloat16 else 0,
-                     *_tables(spec, positions, inverse=False), slots.numpy(), *_span(data),
+                     *_tables(spec, positions, inverse=False), slots.numpy(), *span,
                      data.dtype == torch.bfloat16)
         return
     keys, values = unfeatures(x, positions, spec)
     for kind, part in ((0, keys), (1, values)):  # all layers at once: [L, H, T, D]
         data[:, kind].index_copy_(2, slots.to(data.device), part.to(data.dtype))
-
-
-def _fused(data: torch.Tensor) -> bool:
-    """Whether the fused kernels serve a cache tensor ``[L, 2, H, N, D]``: bf16 or float32, on the CPU, each head's
-    tokens contiguous and the heads evenly spaced (a chunk's slice of a longer cache qualifies: :func:`_span`)."""
-    if data.device.type != "cpu" or data.dtype not in (torch.bfloat16, torch.float32) or data.stride(-1) != 1 \
-            or data.stride(-2) != data.shape[-1]:
-        return False
-    try:
-        data.view(-1, *data.shape[-2:])
-    except RuntimeError:
-        return False
-    return True
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -116,12 +105,15 @@ def _bits(t: torch.Tensor) -> np.ndarray:
         t.view(torch.int32).numpy().view(np.uint32)
 
 
-def _span(data: torch.Tensor) -> tuple[np.ndarray, int, int]:
-    """A cache buffer ``[layers, 2, kv_heads, N, head_dim]`` (:func:`_fused`) for the kernels: its heads' bits as
-    tiles ``[N, head_dim]`` (:func:`~kvpack.codecs.common.tile_span`: the span and the tile stride, a view, so the
-    kernels' writes reach ``data``) and ``N``."""
-    flat, stride = tile_span(_bits(data.view(-1, *data.shape[-2:])))  # view: raises rather than copy
-    return flat, stride, data.shape[-2]
+def _span(data: torch.Tensor) -> tuple[np.ndarray, int, int] | None:
+    """A cache buffer ``[layers, 2, kv_heads, N, head_dim]`` for the fused kernels: its heads' bits as tiles ``[N,
+    head_dim]`` (:func:`~kvpack.codecs.common.bit_tiles`: the span and the tile stride, views, so the kernels'
+    writes reach ``data``) and ``N``; None where they do not serve it (not bf16 or float32 on the CPU, or heads
+    whose tokens are not contiguous: torch's path). A chunk's slice of a longer cache qualifies."""
+    if data.device.type != "cpu" or data.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    viewed = bit_tiles(data)
+    return None if viewed is None else (viewed[1], viewed[2], data.shape[-2])
 
 
 def _tables(spec: ModelSpec, positions: torch.Tensor, inverse: bool
