@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit
+from numba import njit, prange
 
 from kvpack.errors import FormatError
 
@@ -128,6 +128,14 @@ def _gain(c: float, f: int) -> float:
     return 2.0 * c * y * (1.0 + y2 * (1.0 / 3.0 + y2 * (1.0 / 5.0 + y2 / 7.0)))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _rate(count: int, f: int, up_gain: np.ndarray, down_loss: np.ndarray, k: int) -> None:
+    """Marginal gain and loss of used symbol ``k`` (``count`` occurrences) at frequency ``f``."""
+    up_gain[k] = _gain(np.float64(count), f)
+    if f >= 2:
+        down_loss[k] = _gain(np.float64(count), f - 1)
+
+
 @njit(nogil=True, cache=True)
 def _quantize_row(c: np.ndarray, f: np.ndarray) -> None:
     """Quantize one row of counts ``c`` (int64[alphabet]) into ``f`` (uint32[alphabet], zeroed by the caller).
@@ -135,7 +143,9 @@ def _quantize_row(c: np.ndarray, f: np.ndarray) -> None:
     Minimizes the coded size ``sum_s c[s] * -log2(f[s] / PROB_SCALE)`` subject to ``f[s] >= 1`` where ``c[s] > 0``
     and ``sum f = PROB_SCALE``. The objective is separable and convex in ``f``, so unit moves (greedy on the
     marginal gain :func:`_gain`), from the rounded proportional share until no move from one symbol to
-    another pays, reach its optimum.
+    another pays, reach its optimum. The gains are kept per used symbol and recomputed only for the symbols a move
+    changes: scanning all 256 symbols and recomputing two gains each per move had cost 12 us per table (1.5 ms of a
+    256-token fp8 chunk's 120 tables).
     """
     a = c.shape[0]
     total = np.int64(0)
@@ -146,48 +156,51 @@ def _quantize_row(c: np.ndarray, f: np.ndarray) -> None:
             nonzero += 1
     if nonzero == 0:
         return
-    fs = np.zeros(a, np.int64)
+    used = np.empty(nonzero, np.int64)  # the symbols with a count, ascending (the scans' tie order)
+    fs = np.empty(nonzero, np.int64)
+    up_gain = np.empty(nonzero, np.float64)  # gain of one more unit for each used symbol
+    down_loss = np.empty(nonzero, np.float64)  # loss of one unit less (only read where fs >= 2)
     placed = np.int64(0)
+    k = 0
     for s in range(a):
         if c[s] > 0:
-            fs[s] = max(np.int64(1), (2 * c[s] * PROB_SCALE + total) // (2 * total))  # nearest
-            placed += fs[s]
+            used[k] = s
+            fs[k] = max(np.int64(1), (2 * c[s] * PROB_SCALE + total) // (2 * total))  # nearest
+            placed += fs[k]
+            k += 1
+    for k in range(nonzero):
+        _rate(c[used[k]], fs[k], up_gain, down_loss, k)
     for _ in range(2 * PROB_SCALE + a):  # each move improves the objective; the bound only guards rounding
         # best increment: largest gain; best decrement: smallest loss, over f >= 2 (ties: lowest symbol)
-        up = -1
+        up = 0
         down = -1
-        up_gain = 0.0
-        down_loss = 0.0
-        for s in range(a):
-            if c[s] == 0:
-                continue
-            g = _gain(np.float64(c[s]), fs[s])
-            if up < 0 or g > up_gain:
-                up = s
-                up_gain = g
-            if fs[s] >= 2:
-                loss = _gain(np.float64(c[s]), fs[s] - 1)
-                if down < 0 or loss < down_loss:
-                    down = s
-                    down_loss = loss
+        for k in range(nonzero):
+            if up_gain[k] > up_gain[up]:
+                up = k
+            if fs[k] >= 2 and (down < 0 or down_loss[k] < down_loss[down]):
+                down = k
         if placed < PROB_SCALE:
             fs[up] += 1
             placed += 1
+            _rate(c[used[up]], fs[up], up_gain, down_loss, up)
         elif placed > PROB_SCALE:
             fs[down] -= 1
             placed -= 1
-        elif down >= 0 and up != down and up_gain > down_loss:
+            _rate(c[used[down]], fs[down], up_gain, down_loss, down)
+        elif down >= 0 and up != down and up_gain[up] > down_loss[down]:
             fs[up] += 1
             fs[down] -= 1
+            _rate(c[used[up]], fs[up], up_gain, down_loss, up)
+            _rate(c[used[down]], fs[down], up_gain, down_loss, down)
         else:
             break
-    for s in range(a):
-        f[s] = fs[s]
+    for k in range(nonzero):
+        f[used[k]] = fs[k]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, parallel=True)
 def _quantize_rows(counts: np.ndarray, out: np.ndarray) -> None:
-    for t in range(counts.shape[0]):
+    for t in prange(counts.shape[0]):
         _quantize_row(counts[t], out[t])
 
 
