@@ -1,8 +1,8 @@
-"""Row classes (kvpack.codecs.clusters): the sparse k-means picks exactly the classes of its dense formulation.
+"""Row classes (kvpack.codecs.clusters): the compiled sparse k-means picks exactly the classes of its definition.
 
-The stored bytes of every entropy-coded codec depend on the classes, so the sparse histograms and scores must not
-change a single one: the reference here is the dense algorithm the codecs used before (a BLAS matmul scores every
-row), run on random rows, rows with ties (duplicates, equal tables) and tiny alphabets.
+The reference is the algorithm written densely in numpy (``assign_classes``' docstring): integer histograms, code
+lengths from the same ``code_lengths``, every row's costs by an exact int64 matmul, all groups one round at a time.
+Run on random rows, rows with ties (duplicates, equal tables) and tiny alphabets.
 """
 
 from __future__ import annotations
@@ -10,28 +10,37 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvpack.codecs.clusters import KMEANS_ROUNDS, RowCounts, assign_classes
+from kvpack.codecs.clusters import KMEANS_ROUNDS, RowCounts, assign_classes, code_lengths
 
 
-def _dense_classes(symbols: np.ndarray, alphabet: int, n_classes: int) -> np.ndarray:
-    """The dense formulation: float64 histograms ``[groups, rows, alphabet]``, scores by matmul."""
+def _histograms(symbols: np.ndarray, alphabet: int) -> np.ndarray:
+    """int64 ``[groups, rows, alphabet]``."""
     n_groups, rows, tokens = symbols.shape
-    if n_classes == 1 or rows == 0:
-        return np.zeros((n_groups, rows), np.uint8)
-    h = np.zeros((n_groups * rows, alphabet))
-    np.add.at(h, (np.repeat(np.arange(n_groups * rows), tokens), symbols.reshape(-1)), 1.0)
-    h = h.reshape(n_groups, rows, alphabet)
-    mean = (h @ np.arange(alphabet, dtype=np.float64)) / np.maximum(h.sum(axis=2), 1.0)
-    rank = np.argsort(np.argsort(mean, axis=1, kind="stable"), axis=1, kind="stable")
-    assign = (rank * n_classes // rows).astype(np.int64)
-    for _ in range(KMEANS_ROUNDS):
-        counts = np.einsum("grs,grc->gcs", h, np.eye(n_classes)[assign]) + 1.0 / alphabet
-        logp = np.log2(counts / counts.sum(axis=2, keepdims=True))
-        new = (h @ logp.transpose(0, 2, 1)).argmax(axis=2)
+    h = np.zeros((n_groups * rows, alphabet), np.int64)
+    np.add.at(h, (np.repeat(np.arange(n_groups * rows), tokens), symbols.reshape(-1)), 1)
+    return h.reshape(n_groups, rows, alphabet)
+
+
+def _reference(symbols: np.ndarray, alphabet: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The dense formulation: ``(classes, class sums)``."""
+    n_groups, rows, _ = symbols.shape
+    h = _histograms(symbols, alphabet)
+    weighted = symbols.astype(np.int64).sum(axis=2)
+    rank = np.argsort(np.argsort(weighted, axis=1, kind="stable"), axis=1, kind="stable")
+    assign = rank * n_classes // max(rows, 1)
+
+    def sums_of(assign: np.ndarray) -> np.ndarray:
+        return np.einsum("grs,grc->gcs", h, np.eye(n_classes, dtype=np.int64)[assign])
+
+    for _ in range(KMEANS_ROUNDS if n_classes > 1 else 0):
+        length = np.empty((n_groups, n_classes, alphabet), np.int64)
+        for g, sums in enumerate(sums_of(assign)):
+            code_lengths(sums, alphabet, length[g])
+        new = (h @ length.transpose(0, 2, 1)).argmin(axis=2)  # exact integers; ties to the lowest class
         if np.array_equal(new, assign):
             break
         assign = new
-    return assign.astype(np.uint8)
+    return assign.astype(np.uint8), sums_of(assign)
 
 
 def _rows(rng: np.random.Generator, groups: int, rows: int, tokens: int, alphabet: int, kind: str) -> np.ndarray:
@@ -50,29 +59,41 @@ def _rows(rng: np.random.Generator, groups: int, rows: int, tokens: int, alphabe
 @pytest.mark.parametrize("kind", ["skewed", "duplicates", "constant"])
 @pytest.mark.parametrize(("alphabet", "tokens"), [(256, 256), (256, 8), (16, 100), (4, 37), (2, 5), (1, 3)])
 @pytest.mark.parametrize("n_classes", [1, 2, 4, 16])
-def test_sparse_classes_equal_the_dense_ones(kind: str, alphabet: int, tokens: int, n_classes: int) -> None:
+def test_classes_equal_the_dense_definition(kind: str, alphabet: int, tokens: int, n_classes: int) -> None:
     rng = np.random.default_rng([alphabet, tokens, n_classes, len(kind)])
     symbols = _rows(rng, 5, 48, tokens, alphabet, kind)
-    got = assign_classes(RowCounts.of(symbols, alphabet), n_classes)
-    np.testing.assert_array_equal(got, _dense_classes(symbols, alphabet, n_classes))
+    classes, sums = assign_classes(RowCounts.of(symbols, alphabet), n_classes)
+    want_classes, want_sums = _reference(symbols, alphabet, n_classes)
+    np.testing.assert_array_equal(classes, want_classes)
+    np.testing.assert_array_equal(sums, want_sums)
 
 
-def test_row_counts_are_the_histograms() -> None:
+def test_code_lengths_are_the_smoothed_distributions() -> None:
+    sums = np.array([[0, 5, 1, 0], [3, 3, 3, 3]], np.int64)
+    got = np.empty((2, 4), np.int64)
+    code_lengths(sums, 4, got)
+    p = (sums + 0.25) / (sums.sum(axis=1, keepdims=True) + 1.0)
+    np.testing.assert_array_equal(got, np.rint(-np.log2(p) * 2.0**24).astype(np.int64))
+
+
+def test_row_counts_are_the_histograms_in_order_of_appearance() -> None:
     rng = np.random.default_rng(7)
     symbols = _rows(rng, 3, 10, 50, 64, "skewed")
     counts = RowCounts.of(symbols, 64)
-    dense = counts.dense()
     for g in range(3):
         for r in range(10):
-            np.testing.assert_array_equal(dense[g, r], np.bincount(symbols[g, r], minlength=64))
-    classes = rng.integers(0, 4, (3, 10))
-    sums = counts.class_counts(classes, 4, np.int64)
-    np.testing.assert_array_equal(sums, np.einsum("grs,grc->gcs", dense, np.eye(4)[classes]).astype(np.int64))
+            flat = g * 10 + r
+            span = slice(counts.start[flat], counts.start[flat] + counts.size[flat])
+            distinct, first = np.unique(symbols[g, r], return_index=True)
+            np.testing.assert_array_equal(counts.symbol[span], distinct[np.argsort(first)])
+            np.testing.assert_array_equal(counts.count[span], np.bincount(symbols[g, r])[counts.symbol[span]])
     np.testing.assert_array_equal(counts.weighted, symbols.reshape(30, 50).sum(axis=1, dtype=np.int64))
 
 
 def test_empty_shapes() -> None:
     for shape in ((0, 4, 5), (2, 0, 5), (2, 4, 0)):
         symbols = np.zeros(shape, np.uint8)
-        got = assign_classes(RowCounts.of(symbols, 8), 4)
-        np.testing.assert_array_equal(got, _dense_classes(symbols, 8, 4))
+        classes, sums = assign_classes(RowCounts.of(symbols, 8), 4)
+        want_classes, want_sums = _reference(symbols, 8, 4)
+        np.testing.assert_array_equal(classes, want_classes)
+        np.testing.assert_array_equal(sums, want_sums)

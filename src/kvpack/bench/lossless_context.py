@@ -66,7 +66,7 @@ def chunk_symbols(bits: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarra
     """
     groups, heads, tokens, dim = bits.shape
     symbols = split_bits(bits, "bfloat16").symbols  # [groups, heads * dim, tokens]
-    cls = assign_classes(RowCounts.of(symbols, ALPHABET), classes).astype(np.int64)
+    cls = assign_classes(RowCounts.of(symbols, ALPHABET), classes)[0].astype(np.int64)
     rows = symbols.astype(np.int64)
     table = np.arange(groups, dtype=np.int64)[:, None] * classes + cls
     return rows.reshape(groups, heads, dim, tokens), table.reshape(groups, heads, dim, 1)

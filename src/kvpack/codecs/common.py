@@ -175,8 +175,8 @@ def encode_rows(symbols: np.ndarray, alphabet: int, n_classes: int) -> tuple[byt
     n_groups, rows, tokens = symbols.shape
     flat = symbols.reshape(n_groups * rows, tokens)
     hist = RowCounts.of(symbols, alphabet)
-    classes = assign_classes(hist, n_classes)
-    counts = hist.class_counts(classes, n_classes, np.int64).reshape(-1, alphabet)
+    classes, sums = assign_classes(hist, n_classes)
+    counts = sums.reshape(-1, alphabet)
     order, _, starts, lane_table = row_layout(classes, n_groups, n_classes, tokens)
     blob = pack(flat[order].reshape(-1), starts, lane_table, quantize_freqs(counts))
     return blob, pack_classes(classes, n_classes)
