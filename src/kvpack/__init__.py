@@ -2,6 +2,7 @@
 
 # First, before torch loads the OpenMP runtime: numba's threads must not spin-wait (kvpack.entropy.workers).
 from kvpack.entropy import workers as _workers  # noqa: F401  # isort: skip
+from kvpack import allocator  # noqa: F401  # isort: skip  # malloc keeps chunks' memory mapped (its docstring)
 from kvpack import codecs, store
 from kvpack.codecs import (
     FP8,

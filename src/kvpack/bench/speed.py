@@ -35,6 +35,7 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
+from kvpack import allocator
 from kvpack.bench.rows import profile_tag
 from kvpack.codecs import get
 from kvpack.codecs.base import Codec
@@ -141,7 +142,7 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
     settings = [(name, setting, get(name, **{k: v for k, v in setting.items() if k != "as"}))
                 for name, setting in (SETTINGS if defaults else ())] + [(c.name, c.params(), c) for c in extra]
     machine = {"cpu": model_name(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
-               "threads": numba.get_num_threads(), "threading_layer": None,
+               "threads": numba.get_num_threads(), "threading_layer": None, "malloc_tuned": allocator.TUNED,
                "transform_gemm": str(projection_dtype()).removeprefix("torch.")}
     acc: dict[str, dict[str, Any]] = {}
     base: dict[str, Any] = {"raw": 0, "zstd3": 0, "zstd19": 0, "zipnn": 0, "zipnn_exact": True, "fp16": 0,
@@ -231,7 +232,14 @@ def _title(rows: list[dict[str, Any]]) -> str:
     gemm += "".join(f", {setting} encode GEMM in {dtype}" + (f" ({n} components)" if n else "")
                     for setting, (dtype, n) in encodes.items())
     return (f"codecs on {len(m['documents'])} real eval caches: {m['cpu']}, {m['cores']} cores, {m['threads']} numba "
-            f"threads ({m['threading_layer']}), load {m['load_1min']:.1f}{gemm}")
+            f"threads ({m['threading_layer']}), load {m['load_1min']:.1f}{_malloc(m)}{gemm}")
+
+
+def _malloc(m: dict[str, Any]) -> str:
+    """How malloc ran (:mod:`kvpack.allocator`); rows from before the setting existed say nothing."""
+    if "malloc_tuned" not in m:
+        return ""
+    return ", malloc tuned by kvpack" if m["malloc_tuned"] else ", glibc malloc defaults"
 
 
 def _print(console: Console, rows: list[dict[str, Any]]) -> None:
