@@ -28,7 +28,7 @@ from kvpack.entropy import (
     unpack,
     unpack_tables,
 )
-from kvpack.entropy.models import Model
+from kvpack.entropy.models import Model, reciprocals
 from kvpack.entropy.rans import STATE_LOWER
 from kvpack.errors import FormatError
 
@@ -173,7 +173,8 @@ def test_schedule_codes_equal_lanes_together_and_leaves_the_words_alone(threads:
     symbols, starts = laplace_lanes(rng, lens, 32, 3.0)
     freqs = counts_to_tables(symbols, starts, 32)
     lane_table = np.arange(len(lens), dtype=np.int32)
-    etab = Model.from_freqs(freqs).etab
+    model = Model.from_freqs(freqs)
+    etab = model.etab
     blocks, order = rans._schedule(starts, threads)
     n = np.diff(starts)
     for lo, hi in itertools.pairwise(blocks):
@@ -181,8 +182,8 @@ def test_schedule_codes_equal_lanes_together_and_leaves_the_words_alone(threads:
         assert np.all(np.diff(n[order[lo:hi]]) <= 0)
     assert not np.array_equal(order, np.arange(len(lens)))
     storage = np.arange(len(lens), dtype=np.int64)
-    words, offsets, bad = rans._encode_kernel(symbols, starts, lane_table, etab, blocks, order)
-    words_s, offsets_s, _ = rans._encode_kernel(symbols, starts, lane_table, etab, blocks, storage)
+    words, offsets, bad = rans._encode_kernel(symbols, starts, lane_table, etab, model.reciprocals, blocks, order)
+    words_s, offsets_s, _ = rans._encode_kernel(symbols, starts, lane_table, etab, model.reciprocals, blocks, storage)
     assert not bad.any()
     np.testing.assert_array_equal(words, words_s)
     np.testing.assert_array_equal(offsets, offsets_s)
@@ -424,6 +425,24 @@ def test_quantize_freqs_degenerate_rows() -> None:
         quantize_freqs(-np.ones((1, 4), np.int64))
 
 
+def test_encoder_multipliers_divide_exactly_for_every_frequency() -> None:
+    """``x // f`` as the encoder computes it, for every frequency 1 .. PROB_SCALE and states at and around the
+    multiples of ``f``, the renormalization bound ``f << 17`` and ``2**32 - 1``, plus random ones."""
+    f = np.arange(1, PROB_SCALE + 1, dtype=np.uint64)
+    rcp = reciprocals((f.astype(np.uint32))[None, :])[0]
+    assert rcp.dtype == np.uint64 and rcp.shape == f.shape
+    m, shift = rcp & np.uint64(0xFFFFFFFF), rcp >> np.uint64(32)
+    rng = np.random.default_rng(0)
+    top = np.uint64(2**32 - 1)
+    for _ in range(20):
+        x = rng.integers(0, 2**32, f.size, dtype=np.uint64)
+        for states in (x, x // f * f, x // f * f - np.uint64(1), (f << np.uint64(17)) - np.uint64(1),
+                       np.full(f.size, top)):
+            states = np.minimum(states, top)  # x // f * f - 1 wraps at 0
+            q = (((states * m) >> np.uint64(32)) + states) >> shift
+            np.testing.assert_array_equal(q, states // f)
+
+
 @FAST
 @given(st.integers(0, 12), st.integers(1, 256), st.integers(0, 2**32 - 1))
 def test_pack_tables_roundtrip(n_tables: int, alphabet: int, seed: int) -> None:
@@ -532,14 +551,3 @@ def test_sizes_agree_with_constriction() -> None:
             ideal += float(-np.log2(freqs[i, lane] / PROB_SCALE).sum())
         assert abs(ours - theirs) <= 48 * len(lens) + 1e-4 * ideal, (alphabet, ours, theirs, ideal)
         assert ideal <= ours <= ideal + 48 * len(lens) + 1e-4 * ideal
-
-
-def test_encoder_float_division_is_floor_division() -> None:
-    """The encoder computes ``x // f`` as a float64 division (``rans._enc_step``): exact for every state below
-    ``2**32`` and frequency up to ``PROB_SCALE``, including exact multiples and their neighbours."""
-    rng = np.random.default_rng(11)
-    f = rng.integers(1, PROB_SCALE + 1, 1 << 20, dtype=np.int64)
-    f[:PROB_SCALE] = np.arange(1, PROB_SCALE + 1)
-    q = rng.integers(0, (1 << 32) // f, dtype=np.int64)
-    for x in (q * f, q * f + f - 1, np.maximum(q * f - 1, 0), rng.integers(0, 1 << 32, f.size, dtype=np.int64)):
-        np.testing.assert_array_equal((x.astype(np.float64) / f.astype(np.float64)).astype(np.int64), x // f)
