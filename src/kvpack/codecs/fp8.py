@@ -37,6 +37,7 @@ from kvpack.codecs.common import (
     stacked_float32,
     threads_for,
 )
+from kvpack.codecs.half import fp16_toward
 from kvpack.codecs.validate import Size, exact
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import Container
@@ -152,15 +153,6 @@ def _decoder(kind: int) -> Any:
 _DECODERS = {name: _decoder(kind) for name, kind in OUT_KINDS.items()}
 
 
-def fp16_at_least(v: np.ndarray) -> np.ndarray:
-    """The smallest float16 values ``>= v`` (float32 input, finite): float16 array of the same shape."""
-    with np.errstate(over="ignore"):
-        h = v.astype(np.float16)
-    low = h.astype(np.float32) < v
-    h[low] = np.nextafter(h[low], np.float16(np.inf))
-    return h
-
-
 def read_rows(rows: memoryview, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``rows`` section (length checked by ``section_sizes``): float32 scales and uint8 flips ``[n_rows]``;
     :class:`FormatError` for a negative or non-finite scale."""
@@ -209,7 +201,7 @@ class Fp8Codec(Codec):
             absmax, neg, special = _row_ranges(x)
             if special:
                 raise CodecError("fp8 cannot encode a cache with NaN or infinite values; use the lossless codec")
-            scale16 = fp16_at_least(absmax / np.float32(FP8_MAX))
+            scale16 = fp16_toward(absmax / np.float32(FP8_MAX), up=True)
             if not np.isfinite(scale16).all():
                 raise CodecError(f"values up to {float(absmax.max()):.3g} need fp8 scales beyond float16's range")
             flips = (2 * neg > kv.num_tokens).astype(np.uint8)
