@@ -76,18 +76,20 @@ def test_code_lengths_are_the_smoothed_distributions() -> None:
     np.testing.assert_array_equal(got, np.rint(-np.log2(p) * 2.0**24).astype(np.int64))
 
 
-def test_row_counts_are_the_histograms_in_order_of_appearance() -> None:
-    rng = np.random.default_rng(7)
-    symbols = _rows(rng, 3, 10, 50, 64, "skewed")
-    counts = RowCounts.of(symbols, 64)
+@pytest.mark.parametrize(("alphabet", "tokens"), [(64, 50), (16, 50), (4, 7), (32, 3)])
+def test_row_counts_are_the_histograms(alphabet: int, tokens: int) -> None:
+    rng = np.random.default_rng(alphabet)
+    symbols = _rows(rng, 3, 10, tokens, alphabet, "skewed")
+    counts = RowCounts.of(symbols, alphabet)
     for g in range(3):
         for r in range(10):
             flat = g * 10 + r
             span = slice(counts.start[flat], counts.start[flat] + counts.size[flat])
-            distinct, first = np.unique(symbols[g, r], return_index=True)
-            np.testing.assert_array_equal(counts.symbol[span], distinct[np.argsort(first)])
-            np.testing.assert_array_equal(counts.count[span], np.bincount(symbols[g, r])[counts.symbol[span]])
-    np.testing.assert_array_equal(counts.weighted, symbols.reshape(30, 50).sum(axis=1, dtype=np.int64))
+            got = np.zeros(alphabet, np.int64)
+            got[counts.symbol[span]] = counts.count[span]
+            np.testing.assert_array_equal(got, np.bincount(symbols[g, r], minlength=alphabet))
+            assert np.all(counts.count[span] > 0) and len(set(counts.symbol[span])) == counts.size[flat]
+    np.testing.assert_array_equal(counts.weighted, symbols.reshape(30, tokens).sum(axis=1, dtype=np.int64))
 
 
 def test_empty_shapes() -> None:

@@ -29,6 +29,8 @@ KMEANS_ROUNDS = 8
 #: symbols costs at most ``n * 2**(LENGTH_BITS + 7)``, far below ``2**63``), and ``2**-24`` bits per symbol is
 #: finer than any difference between classes worth a move.
 LENGTH_BITS = 24
+#: Alphabets up to this size (kivi's symbols) are counted and scored densely: every row uses most of its symbols.
+DENSE_ALPHABET = 32
 _UNIT = float(1 << LENGTH_BITS)
 
 
@@ -37,8 +39,8 @@ class RowCounts:
     """Sparse symbol histograms of rows ``[n_groups, rows]`` (flat row ``r = group * rows + row``).
 
     Row ``r``'s nonzero counts are ``count[start[r] : start[r] + size[r]]`` of the symbols at the same positions of
-    ``symbol``, in the order the symbols first appear in the row; every row counts ``tokens`` symbols, and
-    ``weighted[r]`` is their sum.
+    ``symbol``, in no particular order (the k-means's costs are exact integers: no sum depends on it); every row
+    counts ``tokens`` symbols, and ``weighted[r]`` is their sum.
     ``start``: int64 ``[n]``; ``size``: int32 ``[n]``; ``symbol``: uint8 ``[capacity]``; ``count``: int32
     ``[capacity]`` (only the listed positions are set); ``weighted``: int64 ``[n]``.
     """
@@ -58,7 +60,10 @@ class RowCounts:
         """The histograms of the rows of uint8 ``symbols [n_groups, rows, tokens]`` (values ``< alphabet``)."""
         n_groups, rows, tokens = symbols.shape
         flat = np.ascontiguousarray(symbols).reshape(n_groups * rows, tokens)
-        start, size, symbol, count, weighted = _sparse_rows(flat, max(n_groups, 1), min(tokens, 256))
+        if alphabet <= DENSE_ALPHABET:
+            start, size, symbol, count, weighted = _small_rows(flat, max(n_groups, 1), alphabet)
+        else:
+            start, size, symbol, count, weighted = _sparse_rows(flat, max(n_groups, 1), min(tokens, 256))
         return cls(n_groups, rows, alphabet, tokens, start, size, symbol, count, weighted)
 
 
@@ -99,6 +104,46 @@ def _sparse_rows(flat, n_groups, width):  # type: ignore[no-untyped-def]
     return start, size, symbol, count, weighted
 
 
+@njit(nogil=True, cache=True, parallel=True)
+def _small_rows(flat, n_groups, alphabet):  # type: ignore[no-untyped-def]
+    """:func:`_sparse_rows` for an alphabet of at most :data:`DENSE_ALPHABET` symbols, listed in ascending order:
+    each row is counted into four histograms (token ``t`` into ``t % 4``), so that a run of one symbol (a 2-bit
+    kivi row has four) does not wait on its own counter; 1.7 -> 0.9 ms for a 256-token 2-bit chunk."""
+    n, tokens = flat.shape
+    rows = n // n_groups
+    width = min(tokens, alphabet)
+    start = np.empty(n, np.int64)
+    size = np.empty(n, np.int32)
+    symbol = np.empty(n * width, np.uint8)
+    count = np.empty(n * width, np.int32)
+    weighted = np.empty(n, np.int64)
+    for g in prange(n_groups):
+        hist = np.zeros((4, alphabet), np.int32)
+        pos = g * rows * width
+        for r in range(g * rows, (g + 1) * rows):
+            row = flat[r]
+            hist[:] = 0
+            for t in range(0, tokens - 3, 4):
+                hist[0, row[t]] += 1
+                hist[1, row[t + 1]] += 1
+                hist[2, row[t + 2]] += 1
+                hist[3, row[t + 3]] += 1
+            for t in range(tokens - tokens % 4, tokens):
+                hist[0, row[t]] += 1
+            start[r] = pos
+            w = 0
+            for s in range(alphabet):
+                c = hist[0, s] + hist[1, s] + hist[2, s] + hist[3, s]
+                if c:
+                    symbol[pos] = s
+                    count[pos] = c
+                    w += s * c
+                    pos += 1
+            size[r] = pos - start[r]
+            weighted[r] = w
+    return start, size, symbol, count, weighted
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _costs4(l0, l1, l2, l3, symbol, count, lo, hi):  # type: ignore[no-untyped-def]
     """Costs of one row (nonzero counts ``lo .. hi``) under four classes' code lengths ``l0 .. l3``, in one pass."""
@@ -134,7 +179,8 @@ def _kmeans(n_classes: int) -> Any:
     """The k-means kernel for ``n_classes`` classes, compiled with the count as a constant (with one class, run it
     for 0 rounds: it then only sums the rows' counts). Two classes compare one sum per row, over the differences
     of their code lengths (exact, as every cost is): 10.7 -> 8.1 ms per 256-token fp8 chunk on one thread against
-    two sums."""
+    two sums. Rows of a small alphabet (:data:`DENSE_ALPHABET`) are scored from dense histograms, whose dot products
+    vectorize: 1.9 -> 1.3 ms for a 256-token 4-bit kivi chunk (four classes of 16 symbols)."""
 
     @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
     def kmeans(start, size, symbol, count, weighted, rows, rounds, classes, sums):  # type: ignore[no-untyped-def]
@@ -153,6 +199,12 @@ def _kmeans(n_classes: int) -> Any:
                     total[assign[r], symbol[i]] += count[i]
             length = np.empty((n_classes, alphabet), np.int64)
             gap = np.empty(alphabet, np.int64)
+            small = alphabet <= DENSE_ALPHABET
+            dense = np.zeros((rows if small else 0, alphabet), np.int64)
+            if small:
+                for r in range(rows):
+                    for i in range(start[first + r], start[first + r] + size[first + r]):
+                        dense[r, symbol[i]] = count[i]
             for _ in range(rounds):
                 code_lengths(total, alphabet, length)
                 if n_classes == 2:
@@ -167,6 +219,16 @@ def _kmeans(n_classes: int) -> Any:
                         for i in range(lo, hi):
                             d += np.int64(count[i]) * gap[symbol[i]]
                         best = 1 if d < 0 else 0
+                    elif small:
+                        least = np.iinfo(np.int64).max
+                        h = dense[r]
+                        for c in range(n_classes):
+                            cost = 0
+                            lc = length[c]
+                            for k in range(alphabet):
+                                cost += h[k] * lc[k]
+                            if cost < least:
+                                best, least = c, cost
                     elif n_classes > 2:
                         least = np.iinfo(np.int64).max
                         for c in range(0, n_classes, 4):
