@@ -68,7 +68,8 @@ def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Minima and maxima (float64) of the key groups ``[L, H, D, gk]`` and value groups ``[L, H, count, gv]``, and
     how many values of the whole cache (exact tokens too) are infinite or NaN (counted here rather than by
-    ``np.isfinite``, a second pass over the 12 MB of a 256-token chunk).
+    ``np.isfinite``, a second pass over the 12 MB of a 256-token chunk; for the quantized tokens in the same pass as
+    their extremes).
 
     ``x [2L * H, tokens, D]`` (float32) with tiles ordered (layer, K/V, head); tokens ``first .. first + count``.
     """
@@ -87,13 +88,15 @@ def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
         lo = np.empty(dim)
         hi = np.empty(dim)
         odd = 0
-        for t in range(tokens):
-            bits = x[tile, t].view(np.uint32)
+        for t in range(tokens - count):  # the exact tokens here, the quantized ones in the loop below
+            bits = x[tile, t if t < first else t + count].view(np.uint32)
             for c in range(dim):
                 odd += (bits[c] & 0x7F800000) == 0x7F800000
-        special[tile] = odd
         for i in range(count):
             row = x[tile, first + i]
+            bits = row.view(np.uint32)
+            for c in range(dim):
+                odd += (bits[c] & 0x7F800000) == 0x7F800000
             if kind == 0:
                 if i % group == 0:
                     lo[:] = np.inf
@@ -114,6 +117,7 @@ def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
                         high = max(high, v)
                     vmin[layer, h, i, c0 // group] = low
                     vmax[layer, h, i, c0 // group] = high
+        special[tile] = odd
     return kmin, kmax, vmin, vmax, special.sum()
 
 
