@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvpack.codecs.clusters import KMEANS_ROUNDS, RowCounts, assign_classes, code_lengths
+from kvpack.codecs.clusters import KMEANS_ROUNDS, RowCounts, _stable_order, assign_classes, code_lengths
 
 
 def _histograms(symbols: np.ndarray, alphabet: int) -> np.ndarray:
@@ -99,3 +99,10 @@ def test_empty_shapes() -> None:
         want_classes, want_sums = _reference(symbols, 8, 4)
         np.testing.assert_array_equal(classes, want_classes)
         np.testing.assert_array_equal(sums, want_sums)
+
+
+@pytest.mark.parametrize("top", [1, 3, 256, 70_000, 1 << 40])
+@pytest.mark.parametrize("n", [0, 1, 5, 192, 1000])
+def test_stable_order_is_numpys_stable_argsort(n: int, top: int) -> None:
+    values = np.random.default_rng([n, top]).integers(0, top, n)
+    np.testing.assert_array_equal(_stable_order(values), np.argsort(values, kind="stable"))

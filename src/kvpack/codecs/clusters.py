@@ -174,6 +174,30 @@ def code_lengths(sums, alphabet, out):  # type: ignore[no-untyped-def]
                 if sums[c, s] else unseen
 
 
+@njit(nogil=True, cache=True)
+def _stable_order(values):  # type: ignore[no-untyped-def]
+    """``np.argsort(values, kind="stable")`` of nonnegative int64 ``values [n]``: an LSD radix sort on bytes, as many
+    passes as the largest value has bytes (numba's merge sort took 7 us for 192 values, 0.4 ms of a k-means)."""
+    n = values.size
+    order = np.arange(n)
+    spare = np.empty(n, np.int64)
+    top = values.max() if n else 0
+    shift = 0
+    while top >> shift:
+        count = np.zeros(257, np.int64)
+        for i in range(n):
+            count[((values[order[i]] >> shift) & 0xFF) + 1] += 1
+        for b in range(256):
+            count[b + 1] += count[b]
+        for i in range(n):
+            digit = (values[order[i]] >> shift) & 0xFF
+            spare[count[digit]] = order[i]
+            count[digit] += 1
+        order, spare = spare, order
+        shift += 8
+    return order
+
+
 @functools.cache
 def _kmeans(n_classes: int) -> Any:
     """The k-means kernel for ``n_classes`` classes, compiled with the count as a constant (with one class, run it
@@ -190,7 +214,7 @@ def _kmeans(n_classes: int) -> Any:
         for g in prange(n_groups):
             first = g * rows
             assign = np.empty(rows, np.int64)
-            rank = np.argsort(weighted[first : first + rows], kind="mergesort")
+            rank = _stable_order(weighted[first : first + rows])
             for i in range(rows):
                 assign[rank[i]] = i * n_classes // rows
             total = sums[g]
