@@ -58,26 +58,33 @@ def _entries(freqs):  # type: ignore[no-untyped-def]
     return etab, usable
 
 
+def _multipliers() -> np.ndarray:
+    """uint64 ``[PROB_SCALE + 1]``: ``m | l << 32`` for every frequency ``f >= 1`` (:func:`reciprocals`), 0 for 0."""
+    f = np.arange(1, PROB_SCALE + 1, dtype=np.uint64)
+    lg = np.ceil(np.log2(f)).astype(np.uint64)  # exact: log2 of an integer <= 2**15 is an integer or far from one
+    m = (np.uint64(1 << 32) * ((np.uint64(1) << lg) - f)) // f + np.uint64(1)  # below 2**47 before the division
+    return np.concatenate([np.zeros(1, np.uint64), m | (lg << np.uint64(32))])
+
+
+#: :func:`_multipliers`, computed once (256 KiB): a table's multipliers are then lookups, not divisions.
+_MULTIPLIERS = _multipliers()
+
+
 def reciprocals(etab: np.ndarray) -> np.ndarray:
     """The encoder's divisors of encoder table ``etab [n_tables, 256]`` as multipliers: uint64, ``m | l << 32`` per
     symbol of frequency ``f >= 1`` (0 where ``f == 0``), with ``l = ceil(log2 f)`` and ``m = floor(2**32 (2**l - f)
     / f) + 1 < 2**32``, so that ``x // f == ((x * m >> 32) + x) >> l`` for every ``0 <= x < 2**32`` (Granlund and
     Montgomery, "Division by invariant integers using multiplication", PLDI 1994, Theorem 4.2; checked for every
     ``f`` by the tests)."""
-    return _reciprocals(etab)
+    return _lookup(etab, _MULTIPLIERS)
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _reciprocals(etab):  # type: ignore[no-untyped-def]
-    out = np.zeros(etab.shape, np.uint64)
-    for t in prange(etab.shape[0]):
+@njit(nogil=True, cache=True)
+def _lookup(etab, table):  # type: ignore[no-untyped-def]
+    out = np.empty(etab.shape, np.uint64)
+    for t in range(etab.shape[0]):
         for s in range(etab.shape[1]):
-            f = np.int64(etab[t, s] & 0xFFFF)
-            if f:
-                lg = 0
-                while (1 << lg) < f:
-                    lg += 1
-                out[t, s] = (((1 << 32) * ((1 << lg) - f)) // f + 1) | (lg << 32)
+            out[t, s] = table[etab[t, s] & 0xFFFF]
     return out
 
 
