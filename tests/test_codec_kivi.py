@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import kvpack
 from conftest import make_kv
 from kvpack.codecs import get, kivi
+from kvpack.codecs.half import fp16_toward
 from kvpack.errors import CodecError, FormatError
 from kvpack.format import read_container
 from kvpack.kv import KVCache
@@ -139,3 +140,21 @@ def test_group_parameters_widen_every_float16_exactly() -> None:
         for got, j in ((minima, 0), (steps, 1)):
             np.testing.assert_array_equal(got.view(np.uint32)[ok[:, j]], want[:, j].view(np.uint32)[ok[:, j]])
         assert kivi._widen_params(np.where(finite, bits, 0).astype(np.uint16), keys)[2]
+
+
+def test_group_grid_is_float16_to_each_side() -> None:
+    """The minima are the float16 at or below the group minimum, the steps the float16 at or above the range over
+    the levels (numpy's cast plus one step, bit for bit), including groups near zero and float16's limits."""
+    rng = np.random.default_rng(12)
+    lo = np.concatenate([rng.standard_normal(4000) * 10.0 ** rng.integers(-8, 4, 4000), [0.0, -0.0, -65504.0, 1e-8]])
+    hi = lo + np.concatenate([rng.random(4000) * 10.0 ** rng.integers(-8, 3, 4000), [0.0, 1e-9, 100.0, 0.0]])
+    for levels in (3, 7, 15):
+        m16, s16, m64, s64, finite = kivi._grid(lo.reshape(4, -1), hi.reshape(4, -1), levels)
+        want_m = fp16_toward(lo, False)
+        want_s = fp16_toward((hi - want_m.astype(np.float64)) / levels, True)
+        assert finite
+        np.testing.assert_array_equal(m16.reshape(-1), want_m.view(np.uint16))
+        np.testing.assert_array_equal(s16.reshape(-1), want_s.view(np.uint16))
+        np.testing.assert_array_equal(m64.reshape(-1), want_m.astype(np.float64))
+        np.testing.assert_array_equal(s64.reshape(-1), want_s.astype(np.float64))
+    assert not kivi._grid(np.array([-1e6]), np.array([0.0]), 3)[4]
