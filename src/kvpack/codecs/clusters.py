@@ -67,17 +67,20 @@ class RowCounts:
         return cls(n_groups, rows, alphabet, tokens, start, size, symbol, count, weighted)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _row_arrays(n, width):  # type: ignore[no-untyped-def]
+    """The arrays of :class:`RowCounts` for ``n`` rows of up to ``width`` distinct symbols each (unfilled)."""
+    return (np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n * width, np.uint8), np.empty(n * width, np.int32),
+            np.empty(n, np.int64))
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def _sparse_rows(flat, n_groups, width):  # type: ignore[no-untyped-def]
     """Nonzero counts of every row of ``flat [n_groups * rows, tokens]``: group ``g``'s entries are written from
     ``g * rows * width`` on (``width >= `` any row's distinct symbols), so only ``nnz`` entries are touched."""
     n, tokens = flat.shape
     rows = n // n_groups
-    start = np.empty(n, np.int64)
-    size = np.empty(n, np.int32)
-    symbol = np.empty(n * width, np.uint8)
-    count = np.empty(n * width, np.int32)
-    weighted = np.empty(n, np.int64)
+    start, size, symbol, count, weighted = _row_arrays(n, width)
     for g in prange(n_groups):
         hist = np.zeros(256, np.int32)
         seen = np.empty(256, np.uint8)
@@ -112,11 +115,7 @@ def _small_rows(flat, n_groups, alphabet):  # type: ignore[no-untyped-def]
     n, tokens = flat.shape
     rows = n // n_groups
     width = min(tokens, alphabet)
-    start = np.empty(n, np.int64)
-    size = np.empty(n, np.int32)
-    symbol = np.empty(n * width, np.uint8)
-    count = np.empty(n * width, np.int32)
-    weighted = np.empty(n, np.int64)
+    start, size, symbol, count, weighted = _row_arrays(n, width)
     for g in prange(n_groups):
         hist = np.zeros((4, alphabet), np.int32)
         pos = g * rows * width
