@@ -278,13 +278,13 @@ def _kmeans(n_classes: int) -> Any:
 def assign_classes(counts: RowCounts, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Cluster rows by their symbol histograms into ``n_classes`` tables per group.
 
-    Per group, the rows start in classes by the quantiles of their symbol sums (a row's rank, stable, times
-    ``n_classes // rows``); then, for up to :data:`KMEANS_ROUNDS` rounds and until no row moves, every row in turn
-    moves to the class whose smoothed distribution codes it in the fewest bits (ties to the lowest class): the
-    row's cost under a class is ``sum count[s] * length[class, s]``, with the class's code lengths
-    :func:`code_lengths` from the class sums at the start of the round. Lengths are integers (in units of
-    ``2**-LENGTH_BITS`` bits), so costs are exact and their sums need no order; only the one ``log2`` per length is
-    floating point.
+    Per group, the rows start in classes by the quantiles of their symbol sums (class ``rank * n_classes // rows``
+    for a row of that rank among the group's ``rows``, ties in row order); then, for up to :data:`KMEANS_ROUNDS`
+    rounds and until no row moves, every row in turn moves to the class whose smoothed distribution codes it in the
+    fewest bits (ties to the lowest class): the row's cost under a class is ``sum count[s] * length[class, s]``,
+    with the class's code lengths :func:`code_lengths` from the class sums at the start of the round. Lengths are
+    integers (in units of ``2**-LENGTH_BITS`` bits), so costs are exact and their sums need no order; only the one
+    ``log2`` per length is floating point.
 
     Returns:
         ``(classes, sums)``: uint8 ``[n_groups, rows]``, the class of every row; int64 ``[n_groups, n_classes,
