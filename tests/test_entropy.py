@@ -182,14 +182,18 @@ def test_schedule_codes_equal_lanes_together_and_leaves_the_words_alone(threads:
         assert np.all(np.diff(n[order[lo:hi]]) <= 0)
     assert not np.array_equal(order, np.arange(len(lens)))
     storage = np.arange(len(lens), dtype=np.int64)
-    words, offsets, bad = rans._encode_kernel(symbols, starts, lane_table, etab, model.reciprocals, blocks, order)
-    words_s, offsets_s, _ = rans._encode_kernel(symbols, starts, lane_table, etab, model.reciprocals, blocks, storage)
+    scratch = np.empty(symbols.size + 2 * len(lens), np.uint16)
+    words, offsets, bad = rans._encode_kernel(symbols, starts, lane_table, etab, model.reciprocals, blocks, order,
+                                              scratch)
+    words_s, offsets_s, _ = rans._encode_kernel(symbols, starts, lane_table, etab, model.reciprocals, blocks, storage,
+                                                scratch)
     assert not bad.any()
     np.testing.assert_array_equal(words, words_s)
     np.testing.assert_array_equal(offsets, offsets_s)
     for lanes in (order, storage):
-        out, bad = rans._decode_kernel(words, offsets, starts, lane_table, etab, np.zeros((0, 0), np.uint8), 0,
-                                       blocks, lanes)
+        out = np.empty(symbols.size, np.uint8)
+        bad = rans._decode_kernel(words, offsets, starts, lane_table, etab, np.zeros((0, 0), np.uint8), 0, blocks,
+                                  lanes, out)
         assert not bad.any()
         np.testing.assert_array_equal(out, symbols)
 

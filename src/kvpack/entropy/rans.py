@@ -170,9 +170,10 @@ def _encode_block(symbols, lane_starts, lane_table, etab, rtab, order, lo, hi, s
 
 
 @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
-def _encode_kernel(symbols, lane_starts, lane_table, etab, rtab, blocks, order):  # type: ignore[no-untyped-def]
+def _encode_kernel(symbols, lane_starts, lane_table, etab, rtab, blocks, order, scratch):  # type: ignore[no-untyped-def]
+    """Encode every lane, back to front, into ``scratch`` (uint16 ``[N + 2 n_lanes]``, from numpy: see
+    :func:`_decode_kernel`), then compact: ``(words, word_offsets, bad lanes)``."""
     n_lanes = lane_starts.shape[0] - 1
-    scratch = np.empty(symbols.shape[0] + 2 * n_lanes, np.uint16)
     first = np.empty(n_lanes, np.int64)
     bad = np.zeros(n_lanes, np.bool_)
     for b in prange(blocks.shape[0] - 1):
@@ -320,14 +321,15 @@ def _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, sh
 
 
 @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
-def _decode_kernel(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, blocks, order):  # type: ignore[no-untyped-def]
+def _decode_kernel(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, blocks, order, out):  # type: ignore[no-untyped-def]
+    """Decode every lane into ``out`` (uint8 ``[N]``; numpy allocates it: it asks the kernel for huge pages on large
+    arrays, numba's allocator does not); returns the lanes that failed their checks."""
     n_lanes = lane_starts.shape[0] - 1
-    out = np.empty(lane_starts[n_lanes], np.uint8)
     bad = np.zeros(n_lanes, np.bool_)
     for b in prange(blocks.shape[0] - 1):
         _decode_block(words, word_offsets, lane_starts, lane_table, etab, lookup, shift, order, blocks[b],
                       blocks[b + 1], out, bad)
-    return out, bad
+    return bad
 
 
 @njit(nogil=True, cache=True)
@@ -444,9 +446,10 @@ def encode_lanes(
             raise ValueError(str(exc)) from None
         rtab = reciprocals(etab)
     _check_lane_tables(table_of, etab.shape[0], ValueError)
+    scratch = np.empty(sym.size + 2 * n_lanes, np.uint16)
     with _threads(threads) as n_threads:
         words, word_offsets, bad = _encode_kernel(sym, starts, table_of.astype(np.int32), etab, rtab,
-                                                  *_schedule(starts, n_threads))
+                                                  *_schedule(starts, n_threads), scratch)
     if bad.any():
         lane = int(np.flatnonzero(bad)[0])
         raise ValueError(f"lane {lane} holds a symbol with frequency 0 in its table {int(table_of[lane])}")
@@ -485,8 +488,9 @@ def decode_lanes(
     # than the model's precompiled lookup (cachegen: one table per short lane).
     runs = 1 + int(np.count_nonzero(table_of[1:] != table_of[:-1]))
     own = model.shift == 0 or int(starts[-1]) >= runs * (PROB_SCALE >> _ROW_SHIFT)
+    out = np.empty(int(starts[-1]), np.uint8)
     with _threads(threads) as n_threads:
-        out, bad = _decode_kernel(
+        bad = _decode_kernel(
             w,
             offsets,
             starts,
@@ -495,6 +499,7 @@ def decode_lanes(
             model.slots if not own else np.zeros((0, 0), np.uint8),
             0 if own else model.shift,
             *_schedule(starts, n_threads),
+            out,
         )
     if bad.any():
         raise FormatError(f"rANS lane {int(np.flatnonzero(bad)[0])} is corrupted (its words do not decode exactly)")
