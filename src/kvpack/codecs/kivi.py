@@ -123,8 +123,9 @@ def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
 
 @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
 def _quantize(x: np.ndarray, heads: int, first: int, count: int, group: int, levels: int, kmin: np.ndarray,
-              kstep: np.ndarray, vmin: np.ndarray, vstep: np.ndarray) -> np.ndarray:
-    """Symbols ``[rows, count]`` (row = tile * D + channel): ``clip(round((x - m) / s), 0, levels - 1)``.
+              kstep: np.ndarray, vmin: np.ndarray, vstep: np.ndarray, out: np.ndarray) -> None:
+    """Symbols into ``out [rows, count]`` (uint8, row = tile * D + channel; allocated by numpy, which asks for huge
+    pages on large arrays): ``clip(round((x - m) / s), 0, levels - 1)``.
 
     A token's channels are quantized together, against their groups' minima and steps gathered once per token
     (values) or per key group, into a ``[tokens, channels]`` block of up to
@@ -132,7 +133,6 @@ def _quantize(x: np.ndarray, heads: int, first: int, count: int, group: int, lev
     zero-division check; the ``s > 0`` test keeps its meaning). 3.1 -> 2.1 ms per 256-token chunk against a branch
     per element and a division per channel for the value groups (in-process A/B, identical symbols)."""
     tiles, _, dim = x.shape
-    out = np.empty((tiles * dim, count), np.uint8)
     top = levels - 1.0
     for tile in prange(tiles):
         layer, kind, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
@@ -161,7 +161,6 @@ def _quantize(x: np.ndarray, heads: int, first: int, count: int, group: int, lev
                 dst = out[tile * dim + c]
                 for i in range(n):
                     dst[i0 + i] = q[i, c]
-    return out
 
 
 def _decoder(kind: int) -> Any:
@@ -370,7 +369,8 @@ class KiviCodec(Codec):
                 params += [m16.view(np.float16), s16.view(np.float16)]
                 values += [m64, s64]
             k_m, k_s, v_m, v_s = values
-            symbols = _quantize(xs, heads, n_sink, count, self.group, levels + 1, k_m, k_s, v_m, v_s)
+            symbols = np.empty((xs.shape[0] * dim, count), np.uint8)
+            _quantize(xs, heads, n_sink, count, self.group, levels + 1, k_m, k_s, v_m, v_s, symbols)
             blob, classes = encode_rows(symbols.reshape(groups, heads * dim, count), levels + 1, self.classes)
             exact = torch.cat([kv.data[:, :, :, :n_sink], kv.data[:, :, :, tokens - n_res :]], dim=3)
             sections: dict[str, bytes | memoryview] = {"classes": classes, "symbols": blob,
