@@ -245,13 +245,17 @@ def _kmeans(n_classes: int) -> Any:
                     elif small:
                         least = np.iinfo(np.int64).max
                         h = dense[r]
-                        for c in range(n_classes):
-                            cost = 0
-                            lc = length[c]
+                        for c in range(0, n_classes, 4):
+                            l0, l1, l2, l3 = length[c], length[c + 1], length[c + 2], length[c + 3]
+                            a0 = a1 = a2 = a3 = 0
                             for k in range(alphabet):
-                                cost += h[k] * lc[k]
-                            if cost < least:
-                                best, least = c, cost
+                                a0 += h[k] * l0[k]
+                                a1 += h[k] * l1[k]
+                                a2 += h[k] * l2[k]
+                                a3 += h[k] * l3[k]
+                            for j, cost in enumerate((a0, a1, a2, a3)):
+                                if cost < least:
+                                    best, least = c + j, cost
                     elif n_classes > 2:
                         least = np.iinfo(np.int64).max
                         for c in range(0, n_classes, 4):
