@@ -238,6 +238,71 @@ OUT_KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
 BLOCK_TOKENS = 64
 
 
+_M1, _M2, _M4 = np.uint64(0x00FF00FF00FF00FF), np.uint64(0x0000FFFF0000FFFF), np.uint64(0x00000000FFFFFFFF)
+_S1, _S2, _S4 = np.uint64(8), np.uint64(16), np.uint64(32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _swap(a, b, s, m):  # type: ignore[no-untyped-def]
+    t = ((a >> s) ^ b) & m
+    return a ^ (t << s), b ^ t
+
+
+@njit(nogil=True, cache=True, inline="always")
+def transpose8(x0, x1, x2, x3, x4, x5, x6, x7):  # type: ignore[no-untyped-def]
+    """The 8 x 8 byte matrix whose row ``j`` is the little-endian bytes of uint64 ``xj``, transposed: byte ``j`` of
+    result ``k`` is byte ``k`` of ``xj``. Three rounds of masked swaps of 1-, 2- and 4-byte blocks (Warren, "Hacker's
+    Delight", 7-3): 12 swaps for 64 bytes, where a byte-by-byte transpose moves each byte alone."""
+    x0, x1 = _swap(x0, x1, _S1, _M1)
+    x2, x3 = _swap(x2, x3, _S1, _M1)
+    x4, x5 = _swap(x4, x5, _S1, _M1)
+    x6, x7 = _swap(x6, x7, _S1, _M1)
+    x0, x2 = _swap(x0, x2, _S2, _M2)
+    x1, x3 = _swap(x1, x3, _S2, _M2)
+    x4, x6 = _swap(x4, x6, _S2, _M2)
+    x5, x7 = _swap(x5, x7, _S2, _M2)
+    x0, x4 = _swap(x0, x4, _S4, _M4)
+    x1, x5 = _swap(x1, x5, _S4, _M4)
+    x2, x6 = _swap(x2, x6, _S4, _M4)
+    x3, x7 = _swap(x3, x7, _S4, _M4)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@njit(nogil=True, cache=True, inline="always")
+def rows_to_block(symbols, wide, offs, i0, n, q, q64):  # type: ignore[no-untyped-def]
+    """``q[i, c] = symbols[offs[c] + i0 + i]`` for ``i < n`` and every channel ``c`` (``q``: uint8 ``[BLOCK_TOKENS,
+    dim]``, ``q64`` its uint64 view ``[BLOCK_TOKENS, dim // 8]``): the symbol rows of a block, transposed to
+    ``[token, channel]``. ``wide``: ``symbols`` as uint64 (empty where they do not divide into words); where every
+    row's start, ``n`` and ``dim`` are multiples of 8, eight channels by eight tokens move as words through
+    :func:`transpose8`."""
+    dim = offs.size
+    aligned = wide.size > 0 and n % 8 == 0 and dim % 8 == 0
+    for c in range(dim):
+        aligned &= (offs[c] + i0) % 8 == 0
+    if aligned:
+        for c8 in range(0, dim, 8):
+            for i8 in range(0, n, 8):
+                y = transpose8(wide[(offs[c8] + i0 + i8) >> 3], wide[(offs[c8 + 1] + i0 + i8) >> 3],
+                               wide[(offs[c8 + 2] + i0 + i8) >> 3], wide[(offs[c8 + 3] + i0 + i8) >> 3],
+                               wide[(offs[c8 + 4] + i0 + i8) >> 3], wide[(offs[c8 + 5] + i0 + i8) >> 3],
+                               wide[(offs[c8 + 6] + i0 + i8) >> 3], wide[(offs[c8 + 7] + i0 + i8) >> 3])
+                for t in range(8):
+                    q64[i8 + t, c8 >> 3] = y[t]
+        return
+    for c in range(dim):
+        row = symbols[offs[c] + i0 : offs[c] + i0 + n]
+        for i in range(n):
+            q[i, c] = row[i]
+
+
+def as_words(symbols: np.ndarray) -> np.ndarray:
+    """``symbols`` (uint8, contiguous) as uint64 words for :func:`rows_to_block`, or an empty array where its size or
+    address does not allow it."""
+    if symbols.size % 8 or symbols.ctypes.data % 8:
+        return np.zeros(0, np.uint64)
+    return symbols.view(np.uint64)
+
+
 @njit(nogil=True, cache=True, inline="always")
 def f32_to_bf16_bits(u: int) -> int:
     """bfloat16 bits of the float32 with bits ``u``, rounded to nearest even as torch does; NaN stays a quiet NaN."""
@@ -346,6 +411,7 @@ def bit_tiles(data: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int] | None:
     return (tiles, span, stride) if not tiles.size or np.may_share_memory(span, tiles) else None
 
 
-__all__ = ["BLOCK_TOKENS", "CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "bit_tiles", "check_classes", "decode_rows",
-           "encode_rows", "f32_to_bf16_bits", "f32_to_f16_bits", "float_bits", "out_buffer", "pack_classes",
-           "rows_sizes", "rows_stream", "stacked_float32", "threads_for", "unpack_classes"]
+__all__ = ["BLOCK_TOKENS", "CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "as_words", "bit_tiles", "check_classes",
+           "decode_rows", "encode_rows", "f32_to_bf16_bits", "f32_to_f16_bits", "float_bits", "out_buffer",
+           "pack_classes", "rows_sizes", "rows_stream", "rows_to_block", "stacked_float32", "threads_for",
+           "transpose8", "unpack_classes"]

@@ -28,12 +28,14 @@ from kvpack.codecs.base import Codec, Payload, register
 from kvpack.codecs.common import (
     BLOCK_TOKENS,
     OUT_KINDS,
+    as_words,
     check_classes,
     decode_rows,
     encode_rows,
     float_bits,
     out_buffer,
     rows_sizes,
+    rows_to_block,
     stacked_float32,
     threads_for,
 )
@@ -112,15 +114,16 @@ def _decoder(kind: int) -> Any:
     """The reconstruction kernel for output kind ``kind`` (``common.OUT_KINDS``), with the kind as a constant."""
 
     @njit(nogil=True, cache=True, parallel=True)
-    def reconstruct(span, stride, tokens, dim, symbols, row_offset, scales, flips, values):  # type: ignore[no-untyped-def]
+    def reconstruct(span, stride, tokens, dim, symbols, wide, row_offset, scales,  # type: ignore[no-untyped-def]
+                    flips, values):
         """Bits of the cache dtype ``[tiles, tokens, dim]``, the tiles of ``span`` at ``stride``
         (:func:`~kvpack.codecs.common.tile_span`), from the coded rows: ``values[code] * scale`` in float32, rounded
         to the cache dtype.
 
         Per block of up to :data:`~kvpack.codecs.common.BLOCK_TOKENS` tokens the codes are first transposed to
-        ``[token, channel]`` (sign flips applied), so that the later loops run over contiguous channels: 1.89 ->
-        1.64 ms per 256-token chunk against a 256-entry table per channel (as many entries as the chunk has
-        elements; in-process A/B on 36 real SmolLM2 chunks, identical output)."""
+        ``[token, channel]`` (:func:`~kvpack.codecs.common.rows_to_block`), so that the later loops run over
+        contiguous channels: 1.89 -> 1.64 ms per 256-token chunk against a 256-entry table per channel (as many
+        entries as the chunk has elements; in-process A/B on 36 real SmolLM2 chunks, identical output)."""
         tiles = scales.size // dim
         for tile in prange(tiles):
             r0 = tile * dim
@@ -129,19 +132,17 @@ def _decoder(kind: int) -> Any:
             flip = np.empty(dim, np.uint8)
             for c in range(dim):
                 flip[c] = 0x80 if flips[r0 + c] else 0
-            q = np.empty((BLOCK_TOKENS, dim), np.uint8)
+            q64 = np.empty((BLOCK_TOKENS, (dim + 7) // 8), np.uint64)  # the block, as words for rows_to_block
+            q = q64.view(np.uint8)[:, :dim]
             value = np.empty(dim, np.float32)
             bits = value.view(np.uint32)
             o = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
             for i0 in range(0, tokens, BLOCK_TOKENS):
                 n = min(BLOCK_TOKENS, tokens - i0)
-                for c in range(dim):
-                    row = symbols[offs[c] + i0 : offs[c] + i0 + n]
-                    for i in range(n):
-                        q[i, c] = row[i] ^ flip[c]
+                rows_to_block(symbols, wide, offs, i0, n, q, q64)
                 for i in range(n):
                     for c in range(dim):
-                        value[c] = values[q[i, c]] * scale[c]
+                        value[c] = values[q[i, c] ^ flip[c]] * scale[c]
                     dst = o[i0 + i]
                     for c in range(dim):
                         dst[c] = float_bits(np.int64(bits[c]), kind)
@@ -231,5 +232,6 @@ class Fp8Codec(Codec):
             symbols, row_offset = decode_rows(container.section("symbols"), container.section("classes"),
                                               (groups, heads * dim, num_tokens), 256, self.classes)
             data, _, span, stride = out_buffer((groups, heads, num_tokens, dim), spec.dtype, out)
-            _DECODERS[spec.dtype](span, stride, num_tokens, dim, symbols, row_offset, scales, flips, E4M3_VALUES)
+            _DECODERS[spec.dtype](span, stride, num_tokens, dim, symbols, as_words(symbols), row_offset, scales, flips,
+                                  E4M3_VALUES)
             return data.view(spec.buffer_shape(num_tokens))

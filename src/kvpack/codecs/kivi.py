@@ -40,12 +40,14 @@ from kvpack.codecs.base import Codec, Payload, register
 from kvpack.codecs.common import (
     BLOCK_TOKENS,
     OUT_KINDS,
+    as_words,
     check_classes,
     decode_rows,
     encode_rows,
     float_bits,
     out_buffer,
     rows_sizes,
+    rows_to_block,
     stacked_float32,
     threads_for,
 )
@@ -168,7 +170,7 @@ def _decoder(kind: int) -> Any:
 
     @njit(nogil=True, cache=True, parallel=True)
     def reconstruct(span, stride, tokens, dim, heads, first, count, group, symbols,  # type: ignore[no-untyped-def]
-                    row_offset, kmin, kstep, vmin, vstep):
+                    wide, row_offset, kmin, kstep, vmin, vstep):
         """Quantized tokens ``first .. first + count`` of the bits ``[tiles, tokens, dim]`` that are the tiles of
         ``span`` at ``stride`` (:func:`~kvpack.codecs.common.tile_span`): ``m + q * s`` in float32, rounded to the
         cache dtype.
@@ -182,7 +184,8 @@ def _decoder(kind: int) -> Any:
         for tile in prange(tiles):
             layer, is_value, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
             offs = row_offset[tile * dim : (tile + 1) * dim]
-            q = np.empty((BLOCK_TOKENS, dim), np.uint8)
+            q64 = np.empty((BLOCK_TOKENS, (dim + 7) // 8), np.uint64)  # the block, as words for rows_to_block
+            q = q64.view(np.uint8)[:, :dim]
             m = np.empty(dim, np.float32)
             s = np.empty(dim, np.float32)
             value = np.empty(dim, np.float32)
@@ -194,10 +197,7 @@ def _decoder(kind: int) -> Any:
                     s[:] = kstep[layer, h, :, g0 // group]
                 for i0 in range(g0, min(g0 + group, count), BLOCK_TOKENS):
                     n = min(BLOCK_TOKENS, g0 + group - i0, count - i0)
-                    for c in range(dim):
-                        row = symbols[offs[c] + i0 : offs[c] + i0 + n]
-                        for i in range(n):
-                            q[i, c] = row[i]
+                    rows_to_block(symbols, wide, offs, i0, n, q, q64)
                     for i in range(n):
                         if is_value:
                             for c0 in range(0, dim, group):
@@ -430,6 +430,6 @@ class KiviCodec(Codec):
             kept = kept.reshape(2 * layers * heads, n_exact, dim)
             tiles[:, :n_sink] = kept[:, :n_sink]
             tiles[:, num_tokens - n_res :] = kept[:, n_sink:]
-            _DECODERS[spec.dtype](span, stride, num_tokens, dim, heads, n_sink, count, group, symbols, row_offset,
-                                  k_m, k_s, v_m, v_s)
+            _DECODERS[spec.dtype](span, stride, num_tokens, dim, heads, n_sink, count, group, symbols,
+                                  as_words(symbols), row_offset, k_m, k_s, v_m, v_s)
             return data.view(spec.buffer_shape(num_tokens))
