@@ -222,7 +222,7 @@ def _kmeans(n_classes: int) -> Any:
                     total[assign[r], symbol[i]] += count[i]
             length = np.empty((n_classes, alphabet), np.int64)
             gap = np.empty(alphabet, np.int64)
-            small = alphabet <= DENSE_ALPHABET
+            small = alphabet <= DENSE_ALPHABET and n_classes > 2  # two classes use the gaps below
             dense = np.zeros((rows if small else 0, alphabet), np.int64)
             if small:
                 for r in range(rows):

@@ -243,28 +243,21 @@ _S1, _S2, _S4 = np.uint64(8), np.uint64(16), np.uint64(32)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _swap(a, b, s, m):  # type: ignore[no-untyped-def]
-    t = ((a >> s) ^ b) & m
-    return a ^ (t << s), b ^ t
+def _swaps(a0, a1, a2, a3, b0, b1, b2, b3, s, m):  # type: ignore[no-untyped-def]
+    """Swap the bytes of ``ai`` above ``m`` (shifted down by ``s`` bits) with those of ``bi`` under ``m``, i = 0..3."""
+    t0, t1, t2, t3 = ((a0 >> s) ^ b0) & m, ((a1 >> s) ^ b1) & m, ((a2 >> s) ^ b2) & m, ((a3 >> s) ^ b3) & m
+    return a0 ^ (t0 << s), a1 ^ (t1 << s), a2 ^ (t2 << s), a3 ^ (t3 << s), b0 ^ t0, b1 ^ t1, b2 ^ t2, b3 ^ t3
 
 
 @njit(nogil=True, cache=True, inline="always")
 def transpose8(x0, x1, x2, x3, x4, x5, x6, x7):  # type: ignore[no-untyped-def]
     """The 8 x 8 byte matrix whose row ``j`` is the little-endian bytes of uint64 ``xj``, transposed: byte ``j`` of
-    result ``k`` is byte ``k`` of ``xj``. Three rounds of masked swaps of 1-, 2- and 4-byte blocks (Warren, "Hacker's
-    Delight", 7-3): 12 swaps for 64 bytes, where a byte-by-byte transpose moves each byte alone."""
-    x0, x1 = _swap(x0, x1, _S1, _M1)
-    x2, x3 = _swap(x2, x3, _S1, _M1)
-    x4, x5 = _swap(x4, x5, _S1, _M1)
-    x6, x7 = _swap(x6, x7, _S1, _M1)
-    x0, x2 = _swap(x0, x2, _S2, _M2)
-    x1, x3 = _swap(x1, x3, _S2, _M2)
-    x4, x6 = _swap(x4, x6, _S2, _M2)
-    x5, x7 = _swap(x5, x7, _S2, _M2)
-    x0, x4 = _swap(x0, x4, _S4, _M4)
-    x1, x5 = _swap(x1, x5, _S4, _M4)
-    x2, x6 = _swap(x2, x6, _S4, _M4)
-    x3, x7 = _swap(x3, x7, _S4, _M4)
+    result ``k`` is byte ``k`` of ``xj``. Three rounds of masked swaps of 1-, 2- and 4-byte blocks between rows 1, 2
+    and 4 apart (Warren, "Hacker's Delight", 7-3): 12 swaps for 64 bytes, where a byte-by-byte transpose moves each
+    byte alone."""
+    x0, x2, x4, x6, x1, x3, x5, x7 = _swaps(x0, x2, x4, x6, x1, x3, x5, x7, _S1, _M1)
+    x0, x1, x4, x5, x2, x3, x6, x7 = _swaps(x0, x1, x4, x5, x2, x3, x6, x7, _S2, _M2)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _swaps(x0, x1, x2, x3, x4, x5, x6, x7, _S4, _M4)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
