@@ -11,14 +11,29 @@ them (tests).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def f64_bits(typingctx, v):  # type: ignore[no-untyped-def]
+    """The bits of float64 ``v`` as an int64 (an LLVM bitcast): numba has no scalar view, and reading a value back
+    through an integer view of an array is unsafe in a ``prange`` body (numba passes the body's arrays as
+    non-aliasing, so the read may see a stale value)."""
+    if v != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.int64(types.float64), codegen
 
 
 @njit(nogil=True, cache=True, inline="always")
-def f16_nearest(v: float, u: int) -> int:
-    """float16 bits of the float16 nearest ``v`` (float64 with bits ``u``, not NaN), ties to even; ``inf`` from
-    65520 up. Integer operations on the bits (``frexp`` and ``ldexp`` calls made the kivi parameters slower than
-    numpy)."""
+def f16_nearest(v):  # type: ignore[no-untyped-def]
+    """float16 bits (int) of the float16 nearest float64 ``v`` (not NaN), ties to even; ``inf`` from 65520 up. Integer
+    operations on the bits (``frexp`` and ``ldexp`` calls made the kivi parameters slower than numpy)."""
+    u = f64_bits(v)
     sign = (u >> 48) & 0x8000
     a = u & 0x7FFFFFFFFFFFFFFF
     if a >= 0x40EFFE0000000000:  # 65520
@@ -43,10 +58,10 @@ def f16_value(h: int) -> float:
 
 
 @njit(nogil=True, cache=True, inline="always")
-def f16_toward(v: float, u: int, up: bool) -> int:
-    """float16 bits of the float16 nearest ``v`` (bits ``u``) on one side: ``>= v`` if ``up``, else ``<= v`` (``inf``
-    past the range on that side: an overflowing parameter is the caller's error to report)."""
-    h = f16_nearest(v, u)
+def f16_toward(v: float, up: bool) -> int:
+    """float16 bits of the float16 nearest float64 ``v`` on one side: ``>= v`` if ``up``, else ``<= v`` (``inf`` past
+    the range on that side: an overflowing parameter is the caller's error to report)."""
+    h = f16_nearest(v)
     x = f16_value(h)
     if x < v if up else x > v:  # one step toward the side; past a zero of either sign to the smallest subnormal
         if up:
@@ -60,15 +75,15 @@ def fp16_toward(values: np.ndarray, up: bool) -> np.ndarray:
     """:func:`f16_toward` of every element of ``values`` (float32 or float64, any shape, not NaN): float16 array of
     the same shape."""
     flat = np.ascontiguousarray(values, np.float64).reshape(-1)
-    return _toward(flat, flat.view(np.int64), up).view(np.float16).reshape(values.shape)
+    return _toward(flat, up).view(np.float16).reshape(values.shape)
 
 
 @njit(nogil=True, cache=True)
-def _toward(flat, bits, up):  # type: ignore[no-untyped-def]
+def _toward(flat, up):  # type: ignore[no-untyped-def]
     out = np.empty(flat.size, np.uint16)
     for i in range(flat.size):
-        out[i] = f16_toward(flat[i], bits[i], up)
+        out[i] = f16_toward(flat[i], up)
     return out
 
 
-__all__ = ["f16_nearest", "f16_toward", "f16_value", "fp16_toward"]
+__all__ = ["f16_nearest", "f16_toward", "f16_value", "f64_bits", "fp16_toward"]

@@ -266,32 +266,28 @@ def _widen_params(bits: np.ndarray, keys: bool) -> tuple[np.ndarray, np.ndarray,
     return floats[0], floats[1], finite
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
+@njit(nogil=True, cache=True, parallel=True, error_model="numpy")
 def _grid(lo: np.ndarray, hi: np.ndarray, levels: int
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
     """The groups' minima ``m`` (the float16 at or below ``lo``) and steps ``s`` (the float16 at or above ``(hi - m)
     / levels``) of groups with extremes ``lo`` and ``hi`` (float64, same shape): ``(m, s)`` as float16 bits (uint16),
     then as float64, and whether all are finite. (numpy's error model: the division's zero check, with the inlined
     rounding, made the loop 5x slower.)"""
-    m16 = np.empty(lo.shape, np.uint16)
-    s16 = np.empty(lo.shape, np.uint16)
-    m64 = np.empty(lo.shape)
-    s64 = np.empty(lo.shape)
     low, high = lo.reshape(-1), hi.reshape(-1)
-    low_bits = low.view(np.int64)
-    mb, sb, mv, sv = m16.reshape(-1), s16.reshape(-1), m64.reshape(-1), s64.reshape(-1)
-    cell = np.empty(1)  # a step's float64 bits, read through an integer view
-    cell_bits = cell.view(np.int64)
-    finite = True
-    for i in range(low.size):
-        m = f16_toward(low[i], low_bits[i], False)
-        mv[i] = f16_value(m)
-        cell[0] = (high[i] - mv[i]) / levels
-        step = f16_toward(cell[0], cell_bits[0], True)
-        sv[i] = f16_value(step)
-        mb[i], sb[i] = m, step
-        finite &= (m & 0x7C00) != 0x7C00 and (step & 0x7C00) != 0x7C00
-    return m16, s16, m64, s64, finite
+    # 1-D outputs, reshaped at the end: a version that wrote through reshaped views returned unwritten elements
+    m16 = np.empty(low.size, np.uint16)
+    s16 = np.empty(low.size, np.uint16)
+    m64 = np.empty(low.size)
+    s64 = np.empty(low.size)
+    infinite = 0
+    for i in prange(low.size):
+        m = f16_toward(low[i], False)
+        mv = f16_value(m)
+        step = f16_toward((high[i] - mv) / levels, True)
+        m16[i], s16[i], m64[i], s64[i] = m, step, mv, f16_value(step)
+        infinite += (m & 0x7C00) == 0x7C00 or (step & 0x7C00) == 0x7C00
+    shape = lo.shape
+    return m16.reshape(shape), s16.reshape(shape), m64.reshape(shape), s64.reshape(shape), infinite == 0
 
 
 @register
