@@ -178,8 +178,19 @@ def encode_rows(symbols: np.ndarray, alphabet: int, n_classes: int) -> tuple[byt
     classes, sums = assign_classes(hist, n_classes)
     counts = sums.reshape(-1, alphabet)
     order, _, starts, lane_table = row_layout(classes, n_groups, n_classes, tokens)
-    blob = pack(flat[order].reshape(-1), starts, lane_table, quantize_freqs(counts))
+    stream = np.empty(flat.size, np.uint8)  # numpy: huge pages for a large array
+    _gather_rows(flat, order, stream)
+    blob = pack(stream, starts, lane_table, quantize_freqs(counts))
     return blob, pack_classes(classes, n_classes)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _gather_rows(flat, order, out):  # type: ignore[no-untyped-def]
+    """``out = flat[order].reshape(-1)`` for ``flat [rows, tokens]`` (uint8), the rows copied in parallel (numpy's
+    fancy indexing runs on one thread: 0.35 ms of a 256-token kivi encode)."""
+    rows, tokens = flat.shape
+    for r in prange(rows):
+        out[r * tokens : (r + 1) * tokens] = flat[order[r]]
 
 
 def decode_rows(blob: bytes | memoryview, classes: bytes | memoryview, shape: tuple[int, int, int], alphabet: int,
