@@ -1,4 +1,5 @@
-"""kvpack.codecs.common.rows_to_block: symbol rows to a [token, channel] block, by words where aligned, else bytes."""
+"""kvpack.codecs.common.rows_to_block and block_to_rows: symbol rows to a [token, channel] block and back, by words
+where aligned, else bytes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from kvpack.codecs.common import BLOCK_TOKENS, as_words, rows_to_block
+from kvpack.codecs.common import BLOCK_TOKENS, as_words, block_to_rows, rows_to_block
 
 
 @njit
@@ -15,6 +16,14 @@ def _block(symbols, wide, offs, i0, n):  # type: ignore[no-untyped-def]
     q = q64.view(np.uint8)[:, : offs.size]
     rows_to_block(symbols, wide, offs, i0, n, q, q64)
     return q[:n].copy()
+
+
+@njit
+def _rows(block, symbols, wide, offs, i0):  # type: ignore[no-untyped-def]
+    q64 = np.zeros((BLOCK_TOKENS, (offs.size + 7) // 8), np.uint64)
+    q = q64.view(np.uint8)[:, : offs.size]
+    q[: block.shape[0]] = block
+    block_to_rows(q, q64, i0, block.shape[0], symbols, wide, offs)
 
 
 @pytest.mark.parametrize(("count", "dim", "i0", "n"), [
@@ -29,6 +38,13 @@ def test_block_is_the_rows_transposed(count: int, dim: int, i0: int, n: int) -> 
     want = symbols[offs[:, None] + i0 + np.arange(n)[None, :]].T
     for wide in (as_words(symbols), np.zeros(0, np.uint64)):
         np.testing.assert_array_equal(_block(symbols, wide, offs, i0, n), want)
+        # and back: the block written into rows of a copy changes exactly those positions
+        block = rng.integers(0, 256, (n, dim)).astype(np.uint8)
+        written = symbols.copy()
+        _rows(block, written, as_words(written) if wide.size else wide, offs, i0)
+        expected = symbols.copy()
+        expected[offs[:, None] + i0 + np.arange(n)[None, :]] = block.T
+        np.testing.assert_array_equal(written, expected)
 
 
 def test_words_only_where_size_and_address_allow() -> None:

@@ -299,6 +299,28 @@ def rows_to_block(symbols, wide, offs, i0, n, q, q64):  # type: ignore[no-untype
             q[i, c] = row[i]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def block_to_rows(q, q64, i0, n, symbols, wide, offs):  # type: ignore[no-untyped-def]
+    """Inverse of :func:`rows_to_block`: ``symbols[offs[c] + i0 + i] = q[i, c]`` for ``i < n`` and every channel
+    ``c``, as words through :func:`transpose8` under the same conditions."""
+    dim = offs.size
+    aligned = wide.size > 0 and n % 8 == 0 and dim % 8 == 0
+    for c in range(dim):
+        aligned &= (offs[c] + i0) % 8 == 0
+    if aligned:
+        for c8 in range(0, dim, 8):
+            for i8 in range(0, n, 8):
+                y = transpose8(q64[i8, c8 >> 3], q64[i8 + 1, c8 >> 3], q64[i8 + 2, c8 >> 3], q64[i8 + 3, c8 >> 3],
+                               q64[i8 + 4, c8 >> 3], q64[i8 + 5, c8 >> 3], q64[i8 + 6, c8 >> 3], q64[i8 + 7, c8 >> 3])
+                for j in range(8):
+                    wide[(offs[c8 + j] + i0 + i8) >> 3] = y[j]
+        return
+    for c in range(dim):
+        row = symbols[offs[c] + i0 : offs[c] + i0 + n]
+        for i in range(n):
+            row[i] = q[i, c]
+
+
 def as_words(symbols: np.ndarray) -> np.ndarray:
     """``symbols`` (uint8, contiguous) as uint64 words for :func:`rows_to_block`, or an empty array where its size or
     address does not allow it."""
@@ -415,7 +437,27 @@ def bit_tiles(data: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int] | None:
     return (tiles, span, stride) if not tiles.size or np.may_share_memory(span, tiles) else None
 
 
-__all__ = ["BLOCK_TOKENS", "CLASS_CHOICES", "LANE_SYMBOLS", "OUT_KINDS", "as_words", "bit_tiles", "check_classes",
-           "decode_rows", "encode_rows", "f32_to_bf16_bits", "f32_to_f16_bits", "float_bits", "out_buffer",
-           "pack_classes", "rows_sizes", "rows_stream", "rows_to_block", "stacked_float32", "threads_for",
-           "transpose8", "unpack_classes"]
+__all__ = [
+    "BLOCK_TOKENS",
+    "CLASS_CHOICES",
+    "LANE_SYMBOLS",
+    "OUT_KINDS",
+    "as_words",
+    "bit_tiles",
+    "block_to_rows",
+    "check_classes",
+    "decode_rows",
+    "encode_rows",
+    "f32_to_bf16_bits",
+    "f32_to_f16_bits",
+    "float_bits",
+    "out_buffer",
+    "pack_classes",
+    "rows_sizes",
+    "rows_stream",
+    "rows_to_block",
+    "stacked_float32",
+    "threads_for",
+    "transpose8",
+    "unpack_classes",
+]

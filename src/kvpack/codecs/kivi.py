@@ -41,6 +41,7 @@ from kvpack.codecs.common import (
     BLOCK_TOKENS,
     OUT_KINDS,
     as_words,
+    block_to_rows,
     check_classes,
     decode_rows,
     encode_rows,
@@ -125,20 +126,24 @@ def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
 
 @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
 def _quantize(x: np.ndarray, heads: int, first: int, count: int, group: int, levels: int, kmin: np.ndarray,
-              kstep: np.ndarray, vmin: np.ndarray, vstep: np.ndarray, out: np.ndarray) -> None:
-    """Symbols into ``out [rows, count]`` (uint8, row = tile * D + channel; allocated by numpy, which asks for huge
-    pages on large arrays): ``clip(round((x - m) / s), 0, levels - 1)``.
+              kstep: np.ndarray, vmin: np.ndarray, vstep: np.ndarray, out: np.ndarray, wide: np.ndarray) -> None:
+    """Symbols into ``out [rows * count]`` (uint8, row = tile * D + channel; allocated by numpy, which asks for huge
+    pages on large arrays; ``wide``: its words, :func:`~kvpack.codecs.common.as_words`): ``clip(round((x - m) / s),
+    0, levels - 1)``.
 
     A token's channels are quantized together, against their groups' minima and steps gathered once per token
     (values) or per key group, into a ``[tokens, channels]`` block of up to
-    :data:`~kvpack.codecs.common.BLOCK_TOKENS` tokens that is then transposed into the rows (numpy's error model: no
-    zero-division check; the ``s > 0`` test keeps its meaning). 3.1 -> 2.1 ms per 256-token chunk against a branch
-    per element and a division per channel for the value groups (in-process A/B, identical symbols)."""
+    :data:`~kvpack.codecs.common.BLOCK_TOKENS` tokens that is then transposed into the rows
+    (:func:`~kvpack.codecs.common.block_to_rows`; numpy's error model: no zero-division check; the ``s > 0`` test
+    keeps its meaning). 3.1 -> 2.1 ms per 256-token chunk against a branch per element and a division per channel
+    for the value groups (in-process A/B, identical symbols)."""
     tiles, _, dim = x.shape
     top = levels - 1.0
     for tile in prange(tiles):
         layer, kind, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
-        q = np.empty((BLOCK_TOKENS, dim), np.uint8)
+        q64 = np.empty((BLOCK_TOKENS, (dim + 7) // 8), np.uint64)  # the block, as words for block_to_rows
+        q = q64.view(np.uint8)[:, :dim]
+        offs = np.arange(tile * dim, (tile + 1) * dim) * count
         m = np.empty(dim)
         s = np.empty(dim)
         for i0 in range(0, count, BLOCK_TOKENS):
@@ -159,10 +164,7 @@ def _quantize(x: np.ndarray, heads: int, first: int, count: int, group: int, lev
                 for c in range(dim):  # computed for every channel, then selected: the loop vectorizes
                     v = min(max(np.rint((np.float64(row[c]) - m[c]) / s[c]), 0.0), top)
                     qi[c] = np.uint8(v) if s[c] > 0 else np.uint8(0)
-            for c in range(dim):
-                dst = out[tile * dim + c]
-                for i in range(n):
-                    dst[i0 + i] = q[i, c]
+            block_to_rows(q, q64, i0, n, out, wide, offs)
 
 
 def _decoder(kind: int) -> Any:
@@ -365,8 +367,8 @@ class KiviCodec(Codec):
                 params += [m16.view(np.float16), s16.view(np.float16)]
                 values += [m64, s64]
             k_m, k_s, v_m, v_s = values
-            symbols = np.empty((xs.shape[0] * dim, count), np.uint8)
-            _quantize(xs, heads, n_sink, count, self.group, levels + 1, k_m, k_s, v_m, v_s, symbols)
+            symbols = np.empty(xs.shape[0] * dim * count, np.uint8)
+            _quantize(xs, heads, n_sink, count, self.group, levels + 1, k_m, k_s, v_m, v_s, symbols, as_words(symbols))
             blob, classes = encode_rows(symbols.reshape(groups, heads * dim, count), levels + 1, self.classes)
             exact = torch.cat([kv.data[:, :, :, :n_sink], kv.data[:, :, :, tokens - n_res :]], dim=3)
             sections: dict[str, bytes | memoryview] = {"classes": classes, "symbols": blob,
