@@ -273,6 +273,16 @@ def transpose8(x0, x1, x2, x3, x4, x5, x6, x7):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _word_aligned(wide, offs, i0, n):  # type: ignore[no-untyped-def]
+    """Whether rows ``offs[c] + i0`` (``c < dim``) of ``n`` symbols each move as words: ``wide`` is not empty and
+    every row start, ``n`` and ``dim`` are multiples of 8."""
+    aligned = wide.size > 0 and n % 8 == 0 and offs.size % 8 == 0
+    for c in range(offs.size):
+        aligned &= (offs[c] + i0) % 8 == 0
+    return aligned
+
+
+@njit(nogil=True, cache=True, inline="always")
 def rows_to_block(symbols, wide, offs, i0, n, q, q64):  # type: ignore[no-untyped-def]
     """``q[i, c] = symbols[offs[c] + i0 + i]`` for ``i < n`` and every channel ``c`` (``q``: uint8 ``[BLOCK_TOKENS,
     dim]``, ``q64`` its uint64 view ``[BLOCK_TOKENS, dim // 8]``): the symbol rows of a block, transposed to
@@ -280,10 +290,7 @@ def rows_to_block(symbols, wide, offs, i0, n, q, q64):  # type: ignore[no-untype
     row's start, ``n`` and ``dim`` are multiples of 8, eight channels by eight tokens move as words through
     :func:`transpose8`."""
     dim = offs.size
-    aligned = wide.size > 0 and n % 8 == 0 and dim % 8 == 0
-    for c in range(dim):
-        aligned &= (offs[c] + i0) % 8 == 0
-    if aligned:
+    if _word_aligned(wide, offs, i0, n):
         for c8 in range(0, dim, 8):
             for i8 in range(0, n, 8):
                 y = transpose8(wide[(offs[c8] + i0 + i8) >> 3], wide[(offs[c8 + 1] + i0 + i8) >> 3],
@@ -304,10 +311,7 @@ def block_to_rows(q, q64, i0, n, symbols, wide, offs):  # type: ignore[no-untype
     """Inverse of :func:`rows_to_block`: ``symbols[offs[c] + i0 + i] = q[i, c]`` for ``i < n`` and every channel
     ``c``, as words through :func:`transpose8` under the same conditions."""
     dim = offs.size
-    aligned = wide.size > 0 and n % 8 == 0 and dim % 8 == 0
-    for c in range(dim):
-        aligned &= (offs[c] + i0) % 8 == 0
-    if aligned:
+    if _word_aligned(wide, offs, i0, n):
         for c8 in range(0, dim, 8):
             for i8 in range(0, n, 8):
                 y = transpose8(q64[i8, c8 >> 3], q64[i8 + 1, c8 >> 3], q64[i8 + 2, c8 >> 3], q64[i8 + 3, c8 >> 3],
