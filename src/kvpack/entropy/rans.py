@@ -441,10 +441,11 @@ def encode_lanes(
         etab, rtab = freqs.etab, freqs.reciprocals
     else:
         try:
-            etab = encoder_table(validate_freqs(freqs))
+            valid = validate_freqs(freqs)
         except FormatError as exc:
             raise ValueError(str(exc)) from None
-        rtab = reciprocals(etab)
+        etab = encoder_table(valid)
+        rtab = reciprocals(etab, valid.shape[1])
     _check_lane_tables(table_of, etab.shape[0], ValueError)
     scratch = np.empty(sym.size + 2 * n_lanes, np.uint16)
     with _threads(threads) as n_threads:
