@@ -30,6 +30,7 @@ from kvpack.entropy import (
 )
 from kvpack.entropy.models import Model, reciprocals
 from kvpack.entropy.rans import STATE_LOWER
+from kvpack.entropy.tables import validate_freqs
 from kvpack.errors import FormatError
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -555,3 +556,31 @@ def test_sizes_agree_with_constriction() -> None:
             ideal += float(-np.log2(freqs[i, lane] / PROB_SCALE).sum())
         assert abs(ours - theirs) <= 48 * len(lens) + 1e-4 * ideal, (alphabet, ours, theirs, ideal)
         assert ideal <= ours <= ideal + 48 * len(lens) + 1e-4 * ideal
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32, np.int64, np.uint64])
+def test_validate_freqs_converts_and_reports_the_first_bad_row(dtype: type) -> None:
+    """Valid tables come back as the same values in uint32; an entry out of range, or a row summing to neither
+    PROB_SCALE nor 0, is a FormatError naming the problem (the range first, then the first bad row)."""
+    good = np.array([[PROB_SCALE, 0, 0], [0, 0, 0], [1, PROB_SCALE - 3, 2]], dtype)
+    out = validate_freqs(good)
+    assert out.dtype == np.uint32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, good.astype(np.int64))
+    np.testing.assert_array_equal(validate_freqs(good[:, ::-1]), good[:, ::-1].astype(np.int64))  # not contiguous
+    rows = good.copy()
+    rows[2, 0] += 1
+    rows[0, 0] -= 5
+    with pytest.raises(FormatError, match=f"table 0 sums to {PROB_SCALE - 5}, not {PROB_SCALE}"):
+        validate_freqs(rows)
+    big = good.copy()
+    big[2, 1] = PROB_SCALE + 1
+    big[0, 0] = 7  # a bad sum too: the range is reported
+    with pytest.raises(FormatError, match="outside"):
+        validate_freqs(big)
+    if np.issubdtype(dtype, np.signedinteger):
+        with pytest.raises(FormatError, match="outside"):
+            validate_freqs(good - 1)
+    with pytest.raises(FormatError, match="integers"):
+        validate_freqs(good.astype(np.float64))
+    with pytest.raises(FormatError, match="shape"):
+        validate_freqs(good.reshape(-1))
