@@ -243,6 +243,38 @@ def encoded_example() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, n
     return words, offsets, starts, lane_table, freqs
 
 
+def _set(a: np.ndarray, i: int, v: int) -> np.ndarray:
+    a = a.copy()
+    a[i] = v
+    return a
+
+
+@pytest.mark.parametrize(("what", "match"), [
+    ("starts", "lane_starts must start at 0 and be non-decreasing"),
+    ("offsets", "word_offsets must start at 0 and be non-decreasing"),
+    ("offsets_from_1", "word_offsets must start at 0"),
+    ("table", "a lane uses a table outside 0..5"),
+    ("empty_lane_words", "word count does not fit"),
+    ("one_word", "word count does not fit"),
+    ("zero_table", "all-zero frequency table"),
+])
+def test_lane_arrays_are_checked_before_decoding(what: str, match: str) -> None:
+    """Each check of the lane arrays reports its own fault (the kernel's final-state check would catch most of
+    them too, as a corrupted lane: these pin the checks themselves)."""
+    words, offsets, starts, lane_table, freqs = encoded_example()  # lane 1 is empty, lane 5 has 5 symbols
+    args = {"starts": _set(starts, 2, int(starts[1]) - 1),
+            "offsets": _set(offsets, 3, int(offsets[2]) - 1),
+            "offsets_from_1": _set(offsets, 0, 1),
+            "table": _set(lane_table, 5, 6),
+            "empty_lane_words": _set(offsets, 1, int(offsets[1]) - 2),
+            "one_word": _set(offsets, 5, int(offsets[6]) - 1),
+            "zero_table": _set(freqs, 0, 0)}[what]
+    call = {"starts": starts, "offsets": offsets, "lane_table": lane_table, "freqs": freqs}
+    call[{"starts": "starts", "table": "lane_table", "zero_table": "freqs"}.get(what, "offsets")] = args
+    with pytest.raises(FormatError, match=match):
+        decode_lanes(words, call["offsets"], call["starts"], call["lane_table"], call["freqs"])
+
+
 def test_corrupted_first_word_fails_the_final_state_check() -> None:
     words, offsets, starts, lane_table, freqs = encoded_example()
     for lane in (0, 2, 5):
