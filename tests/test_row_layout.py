@@ -1,12 +1,15 @@
-"""The stream layout of symbol rows (:func:`kvpack.codecs.common.row_layout`) against its definition."""
+"""The stream layout of symbol rows (:func:`kvpack.codecs.common.row_layout`) and the packing of their class ids
+(``pack_classes``) against their definitions."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpack.codecs.common import CLASS_CHOICES, LANE_SYMBOLS, row_layout
+from kvpack.codecs.common import CLASS_CHOICES, LANE_SYMBOLS, pack_classes, row_layout, unpack_classes
+from kvpack.errors import FormatError
 
 
 def _definition(classes: np.ndarray, n_groups: int, n_classes: int, tokens: int
@@ -47,3 +50,20 @@ def test_long_runs_are_cut_into_lanes() -> None:
     assert list(starts // tokens) == [0, 16, 32, 45, 48] and list(lane_table) == [0, 0, 0, 1]
     assert list(order[:45]) == list(range(40)) + list(range(43, 48)) and list(order[45:]) == [40, 41, 42]
     assert row_offset[40] == 45 * tokens and row_offset[43] == 40 * tokens
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(CLASS_CHOICES), st.integers(0, 300), st.data())
+def test_class_ids_pack_msb_first_and_back(n_classes: int, n_rows: int, data: st.DataObject) -> None:
+    """Each id in log2(n_classes) bits, most significant first, the bit string packed MSB first (np.packbits);
+    unpacking returns the ids, and a section of the wrong length is a FormatError."""
+    classes = np.array(data.draw(st.lists(st.integers(0, n_classes - 1), min_size=n_rows, max_size=n_rows)),
+                       np.uint8)
+    bits = n_classes.bit_length() - 1
+    want = "".join(format(int(c), f"0{bits}b") for c in classes) if bits else ""
+    packed = pack_classes(classes, n_classes)
+    assert "".join(format(b, "08b") for b in packed)[: len(want)] == want
+    assert len(packed) == (n_rows * bits + 7) // 8
+    np.testing.assert_array_equal(unpack_classes(packed, n_rows, n_classes), classes)
+    with pytest.raises(FormatError, match="class section"):
+        unpack_classes(packed + b"\0", n_rows, n_classes)

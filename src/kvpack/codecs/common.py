@@ -95,9 +95,11 @@ def pack_classes(classes: np.ndarray, n_classes: int) -> bytes:
     bits = _class_bits(n_classes)
     if bits == 0:
         return b""
-    flat = classes.reshape(-1, 1)
-    planes = (flat >> np.arange(bits - 1, -1, -1, dtype=np.uint8)) & 1
-    return np.packbits(planes.astype(np.uint8).reshape(-1)).tobytes()
+    flat = classes.reshape(-1)
+    planes = np.empty((flat.size, bits), np.uint8)  # bit planes by column: numpy's broadcast over a [n, bits]
+    for b in range(bits):  # array and its reductions along the short axis took 0.2 ms for 23,040 2-bit ids
+        np.bitwise_and(flat >> (bits - 1 - b), 1, out=planes[:, b])
+    return np.packbits(planes.reshape(-1)).tobytes()
 
 
 def unpack_classes(data: bytes | memoryview, n_rows: int, n_classes: int) -> np.ndarray:
@@ -109,7 +111,11 @@ def unpack_classes(data: bytes | memoryview, n_rows: int, n_classes: int) -> np.
     if bits == 0:
         return np.zeros(n_rows, np.uint8)
     planes = np.unpackbits(np.frombuffer(data, np.uint8), count=n_rows * bits).reshape(n_rows, bits)
-    return (planes << np.arange(bits - 1, -1, -1, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+    out = planes[:, 0].copy()
+    for b in range(1, bits):  # column by column, as pack_classes
+        out <<= 1
+        out |= planes[:, b]
+    return out
 
 
 def row_layout(classes: np.ndarray, n_groups: int, n_classes: int, tokens: int
