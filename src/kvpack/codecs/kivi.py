@@ -87,9 +87,10 @@ def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
     special = np.zeros(tiles, np.int64)
     for tile in prange(tiles):
         layer, kind, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
-        # local accumulators, updated in the same order as before (a min/max of -0.0 and 0.0 keeps the first)
-        lo = np.empty(dim)
-        hi = np.empty(dim)
+        # local accumulators, updated in the same order as before (a min/max of -0.0 and 0.0 keeps the first), in
+        # float32: exact (the values are float32), and twice the lanes of float64 per vector
+        lo = np.empty(dim, np.float32)
+        hi = np.empty(dim, np.float32)
         odd = 0
         for t in range(tokens - count):  # the exact tokens here, the quantized ones in the loop below
             bits = x[tile, t if t < first else t + count].view(np.uint32)
@@ -105,19 +106,17 @@ def _group_ranges(x: np.ndarray, heads: int, first: int, count: int, group: int
                     lo[:] = np.inf
                     hi[:] = -np.inf
                 for c in range(dim):
-                    v = np.float64(row[c])
-                    lo[c] = min(lo[c], v)
-                    hi[c] = max(hi[c], v)
+                    lo[c] = min(lo[c], row[c])
+                    hi[c] = max(hi[c], row[c])
                 if i % group == group - 1 or i == count - 1:
                     kmin[layer, h, :, i // group] = lo
                     kmax[layer, h, :, i // group] = hi
             else:  # a group's channels into scalars, then one store: in place on the 4-D arrays it was 2x slower
                 for c0 in range(0, dim, group):
-                    low, high = np.inf, -np.inf
+                    low, high = np.float32(np.inf), np.float32(-np.inf)
                     for c in range(c0, min(c0 + group, dim)):
-                        v = np.float64(row[c])
-                        low = min(low, v)
-                        high = max(high, v)
+                        low = min(low, row[c])
+                        high = max(high, row[c])
                     vmin[layer, h, i, c0 // group] = low
                     vmax[layer, h, i, c0 // group] = high
         special[tile] = odd
