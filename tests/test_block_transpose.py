@@ -7,21 +7,19 @@ import numpy as np
 import pytest
 from numba import njit
 
-from kvpack.codecs.common import BLOCK_TOKENS, as_words, block_to_rows, rows_to_block
+from kvpack.codecs.common import as_words, block_to_rows, rows_to_block, symbol_block
 
 
 @njit
 def _block(symbols, wide, offs, i0, n):  # type: ignore[no-untyped-def]
-    q64 = np.zeros((BLOCK_TOKENS, (offs.size + 7) // 8), np.uint64)
-    q = q64.view(np.uint8)[:, : offs.size]
+    q, q64 = symbol_block(offs.size)
     rows_to_block(symbols, wide, offs, i0, n, q, q64)
     return q[:n].copy()
 
 
 @njit
 def _rows(block, symbols, wide, offs, i0):  # type: ignore[no-untyped-def]
-    q64 = np.zeros((BLOCK_TOKENS, (offs.size + 7) // 8), np.uint64)
-    q = q64.view(np.uint8)[:, : offs.size]
+    q, q64 = symbol_block(offs.size)
     q[: block.shape[0]] = block
     block_to_rows(q, q64, i0, block.shape[0], symbols, wide, offs)
 

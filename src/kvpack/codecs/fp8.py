@@ -38,6 +38,7 @@ from kvpack.codecs.common import (
     rows_sizes,
     rows_to_block,
     stacked_float32,
+    symbol_block,
     threads_for,
 )
 from kvpack.codecs.half import fp16_toward
@@ -99,8 +100,7 @@ def _encode_codes(x: np.ndarray, scales: np.ndarray, flips: np.ndarray, out: np.
             flip[c] = np.int32(flips[tile * dim + c]) << 7
         y = np.empty(dim, np.float32)
         u = y.view(np.int32)
-        q64 = np.empty((BLOCK_TOKENS, (dim + 7) // 8), np.uint64)  # the block, as words for block_to_rows
-        q = q64.view(np.uint8)[:, :dim]
+        q, q64 = symbol_block(dim)  # the block, and as words for block_to_rows
         offs = np.arange(tile * dim, (tile + 1) * dim) * tokens
         for i0 in range(0, tokens, BLOCK_TOKENS):
             n = min(BLOCK_TOKENS, tokens - i0)
@@ -140,8 +140,7 @@ def _decoder(kind: int) -> Any:
             flip = np.empty(dim, np.uint8)
             for c in range(dim):
                 flip[c] = 0x80 if flips[r0 + c] else 0
-            q64 = np.empty((BLOCK_TOKENS, (dim + 7) // 8), np.uint64)  # the block, as words for rows_to_block
-            q = q64.view(np.uint8)[:, :dim]
+            q, q64 = symbol_block(dim)  # the block, and as words for rows_to_block
             value = np.empty(dim, np.float32)
             bits = value.view(np.uint32)
             o = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)

@@ -50,6 +50,7 @@ from kvpack.codecs.common import (
     rows_sizes,
     rows_to_block,
     stacked_float32,
+    symbol_block,
     threads_for,
 )
 from kvpack.codecs.half import f16_toward, f16_value
@@ -140,8 +141,7 @@ def _quantize(x: np.ndarray, heads: int, first: int, count: int, group: int, lev
     top = levels - 1.0
     for tile in prange(tiles):
         layer, kind, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
-        q64 = np.empty((BLOCK_TOKENS, (dim + 7) // 8), np.uint64)  # the block, as words for block_to_rows
-        q = q64.view(np.uint8)[:, :dim]
+        q, q64 = symbol_block(dim)  # the block, and as words for block_to_rows
         offs = np.arange(tile * dim, (tile + 1) * dim) * count
         m = np.empty(dim)
         s = np.empty(dim)
@@ -185,8 +185,7 @@ def _decoder(kind: int) -> Any:
         for tile in prange(tiles):
             layer, is_value, h = tile // (2 * heads), (tile // heads) % 2, tile % heads
             offs = row_offset[tile * dim : (tile + 1) * dim]
-            q64 = np.empty((BLOCK_TOKENS, (dim + 7) // 8), np.uint64)  # the block, as words for rows_to_block
-            q = q64.view(np.uint8)[:, :dim]
+            q, q64 = symbol_block(dim)  # the block, and as words for rows_to_block
             m = np.empty(dim, np.float32)
             s = np.empty(dim, np.float32)
             value = np.empty(dim, np.float32)
