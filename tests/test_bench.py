@@ -312,3 +312,17 @@ def test_transform_context_charges_today_as_coded_and_sees_a_context_that_pays(t
     assert "| 128 | prev 4 x neighbour 4 | 20 |" in transform_context.markdown(rows, "kvpack bench transform-context")
     with pytest.raises(ValueError, match="at least 2 documents"):
         transform_context.run(codec, [(Document(name="d", kind="code", text=""), docs[0])])
+
+
+def test_round_medians_time_every_function_once_per_round() -> None:
+    from kvpack.bench.timing import round_medians
+
+    calls: list[str] = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    assert len(round_medians(fns, 3)) == 2
+    assert "".join(calls) == "ab" + "ab" * 3  # warm-ups, then rounds: never all runs of one function in a block
+    calls.clear()
+    round_medians(fns, 2, primed=True)
+    assert "".join(calls) == "ab" + "aabb" * 2  # each timed run right after an untimed one of the same function
+    with pytest.raises(ValueError, match="repeats"):
+        round_medians(fns, 0)

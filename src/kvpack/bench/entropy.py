@@ -7,7 +7,9 @@ counts, plus a skewed case (almost all mass on one symbol), a case with tables s
 per-lane counts, header); ``table_bytes`` are the tables it would carry inline. ``entropy_bits_per_symbol`` is the
 empirical entropy of the symbols coded with each table, i.e. the least any coder with one static table per group
 can spend. Times are the median of ``REPEATS`` runs of :func:`encode_lanes` / :func:`decode_lanes` after a warm-up,
-one and two threads alternating, each timed run right after an untimed one (:func:`_median_seconds`):
+one and two threads alternating, each timed run right after an untimed one
+(:func:`kvpack.bench.timing.round_medians`; a thread that has slept since its last call takes long to wake on a VM:
+0.9 ms of a 2.9 ms two-thread encode of 2M symbols here):
 ``*_msym_per_s`` from wall-clock time, ``*_msym_per_cpu_s`` from the process's CPU time (all its threads), which
 shows what the code does per CPU-second it actually got when other processes compete for the cores.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from kvpack.bench.timing import round_medians
 from kvpack.cpu import model_name
 from kvpack.entropy import counts_to_tables, decode_lanes, encode_lanes, pack, pack_tables, quantize_freqs
 
@@ -70,26 +72,6 @@ def _entropy_bits(symbols: np.ndarray, group: np.ndarray, n_groups: int, alphabe
         return float(-np.nansum(counts * np.log2(p)))
 
 
-def _median_seconds(fns: list[Callable[[], object]]) -> list[tuple[float, float]]:
-    """Median wall-clock and process-CPU seconds of each of ``fns`` over ``REPEATS`` rounds; every round runs them
-    all, one after the other, so that a drift of the machine's speed (another process, the host) weighs on each
-    alike and their ratios (two threads against one) compare like with like. Each timed run follows an untimed one
-    of the same function: the steady state of a stream of calls. (A second thread that has slept since its last
-    call takes long to wake on a VM: 0.9 ms of a 2.9 ms two-thread encode of 2M symbols here.)"""
-    for fn in fns:
-        fn()  # warm-up (compiles on the first call of the process)
-    wall: list[list[float]] = [[] for _ in fns]
-    cpu: list[list[float]] = [[] for _ in fns]
-    for _ in range(REPEATS):
-        for fn, w, c in zip(fns, wall, cpu, strict=True):
-            fn()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            w.append(time.perf_counter() - t0)
-            c.append(time.process_time() - c0)
-    return [(float(np.median(w)), float(np.median(c))) for w, c in zip(wall, cpu, strict=True)]
-
-
 def _case_rows(
     name: str,
     gen: Callable[[np.random.Generator, int, int, int], np.ndarray],
@@ -118,10 +100,10 @@ def _case_rows(
     for threads in thread_counts:
         if not np.array_equal(decode_lanes(words, offsets, starts, lane_table, freqs, threads=threads), symbols):
             raise RuntimeError(f"rANS round trip failed on case {name}")
-    encodes = _median_seconds([partial(encode_lanes, symbols, starts, lane_table, freqs, threads=threads)
-                               for threads in thread_counts])
-    decodes = _median_seconds([partial(decode_lanes, words, offsets, starts, lane_table, freqs, threads=threads)
-                               for threads in thread_counts])
+    encodes = round_medians([partial(encode_lanes, symbols, starts, lane_table, freqs, threads=threads)
+                             for threads in thread_counts], REPEATS, primed=True)
+    decodes = round_medians([partial(decode_lanes, words, offsets, starts, lane_table, freqs, threads=threads)
+                             for threads in thread_counts], REPEATS, primed=True)
     rows = []
     for threads, t_enc, t_dec in zip(thread_counts, encodes, decodes, strict=True):
         rows.append(

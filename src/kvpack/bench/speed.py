@@ -7,10 +7,13 @@ prefilled once. On them every setting of :data:`SETTINGS` (plus any the caller a
   in one container (``chunk_tokens`` null) and cut into 256-token chunks as the store keeps them; the setting
   ``lossless as=float16`` first casts the cache to float16 (fp16 KV, as an fp16 model would make it);
 * ``bits_per_element`` = 16 / ratio; ``rel_rmse_k`` / ``rel_rmse_v``: ``||x - x̂|| / ||x||`` over all keys / values;
-* ``encode_mb_per_s`` / ``decode_mb_per_s``: fp16 bytes per second of wall-clock time, median of ``repeats`` runs
-  after a warm-up, numba's default thread count (``threads``), for the whole document in one container and for
-  all its 256-token chunks one after the other (each row's ``chunk_tokens``); ``*_mb_per_cpu_s`` per second of the
-  process's CPU time (all threads), which shows the work done per CPU-second when other processes compete;
+* ``encode_mb_per_s`` / ``decode_mb_per_s``: fp16 bytes per second of wall-clock time, numba's default thread count
+  (``threads``), for the whole document in one container and for all its 256-token chunks one after the other
+  (each row's ``chunk_tokens``); ``*_mb_per_cpu_s`` per second of the process's CPU time (all threads), which shows
+  the work done per CPU-second when other processes compete. Per document, after a warm-up, every measurement of
+  every setting (and the zstd -3 decode) is timed once per round for ``repeats`` rounds
+  (:func:`kvpack.bench.timing.round_medians`), and each takes its median: a slow spell of the machine weighs on all
+  rows alike instead of on the few being timed in it;
 
 and the anchors on the same bytes (the cache's own dtype, bf16 for SmolLM2): zstd levels 3 and 19 and ZipNN
 (``zipnn`` package, byte input in bfloat16 mode; ``zipnn_exact`` says whether its output decompressed bit-exactly).
@@ -23,7 +26,6 @@ import dataclasses
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -37,6 +39,7 @@ from rich.table import Table
 
 from kvpack import allocator
 from kvpack.bench.rows import profile_tag
+from kvpack.bench.timing import round_medians
 from kvpack.codecs import get
 from kvpack.codecs.base import Codec
 from kvpack.codecs.calibrated import CalibratedCodec
@@ -64,18 +67,6 @@ SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
 STORE_CHUNK = 256
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median wall-clock and process-CPU seconds of ``fn()`` over ``repeats`` runs after a warm-up."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
-
-
 def _each(fn: Callable[[Any], object], items: Sequence[Any]) -> None:
     """``fn`` on every item in turn (a store coding a document's chunks one by one)."""
     for item in items:
@@ -88,8 +79,9 @@ def _rel_rmse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return (num / den) ** 0.5 if den else 0.0
 
 
-def _anchors(kv: KVCache) -> dict[str, Any]:
-    """Byte counts of zstd -3 / -19 and ZipNN on the cache's raw bytes, and zstd -3 decode time."""
+def _anchors(kv: KVCache) -> tuple[dict[str, Any], bytes]:
+    """Byte counts of zstd -3 / -19 and ZipNN on the cache's raw bytes, and the zstd -3 frame (its decode is timed
+    in the rounds with the codecs)."""
     import zipnn
 
     raw = tensor_bytes(kv.data)
@@ -98,9 +90,7 @@ def _anchors(kv: KVCache) -> dict[str, Any]:
     zn = zipnn.ZipNN(input_format="byte", bytearray_dtype="bfloat16", threads=numba.get_num_threads())
     packed = zn.compress(raw)
     exact = bytes(zn.decompress(packed)) == raw
-    t_dec, _ = _median_seconds(lambda: zstandard.ZstdDecompressor().decompress(z3), 3)
-    return {"raw": len(raw), "zstd3": len(z3), "zstd19": len(z19), "zipnn": len(packed), "zipnn_exact": exact,
-            "zstd3_decode_s": t_dec}
+    return {"raw": len(raw), "zstd3": len(z3), "zstd19": len(z19), "zipnn": len(packed), "zipnn_exact": exact}, z3
 
 
 def _as_dtype(kv: KVCache, dtype: str | None) -> KVCache:
@@ -149,13 +139,15 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
                             "zstd3_decode_s": []}
     for doc, cache in entries:
         base["fp16"] += cache.fp16_bytes
+        timed: list[Callable[[], object]] = []
         if anchors:
             with console.status(f"anchors on {doc.name} ..."):
-                a = _anchors(cache)
+                a, z3 = _anchors(cache)
             for key in ("raw", "zstd3", "zstd19", "zipnn"):
                 base[key] += a[key]
             base["zipnn_exact"] &= a["zipnn_exact"]
-            base["zstd3_decode_s"].append(cache.fp16_bytes / a["zstd3_decode_s"])
+            timed.append(partial(zstandard.ZstdDecompressor().decompress, z3))
+        labels = []
         for name, setting, codec in settings:
             label = name + "".join(f" {k}={v}" for k, v in setting.items() if v is not None) + \
                 profile_tag({"profile": _profile(codec)})
@@ -165,10 +157,9 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
                 out = codec.decode(data)
                 parts = list(kv.chunks(STORE_CHUNK))
                 blobs = [codec.encode(part) for part in parts]
-                times = {None: (_median_seconds(partial(codec.encode, kv), repeats),
-                                _median_seconds(partial(codec.decode, data), repeats)),
-                         STORE_CHUNK: (_median_seconds(partial(_each, codec.encode, parts), repeats),
-                                       _median_seconds(partial(_each, codec.decode, blobs), repeats))}
+            timed += [partial(codec.encode, kv), partial(codec.decode, data),
+                      partial(_each, codec.encode, parts), partial(_each, codec.decode, blobs)]
+            labels.append(label)
             row = acc.setdefault(label, {"codec": name, "params": codec.params(), "bytes": 0, "chunked_bytes": 0,
                                          "err_k": [], "err_v": [], "profile": _profile(codec), "encode_gemm": (
                                              str(codec.encode_dtype()).removeprefix("torch.")
@@ -177,12 +168,24 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
                                              if isinstance(codec, Transform) else None)})
             row["bytes"] += len(data)
             row["chunked_bytes"] += sum(len(b) for b in blobs)
-            for chunk, (t_enc, t_dec) in times.items():
-                for key, seconds in (("enc", t_enc[0]), ("dec", t_dec[0]), ("enc_cpu", t_enc[1]),
-                                     ("dec_cpu", t_dec[1])):
-                    row.setdefault(f"{key}@{chunk}", []).append(kv.fp16_bytes / seconds / 1e6)
             row["err_k"].append(_rel_rmse(kv.keys, out.keys))
             row["err_v"].append(_rel_rmse(kv.values, out.values))
+        what = f"timing {len(timed)} measurements on {doc.name}"
+        with console.status(f"{what} in {repeats} rounds ...") as status:
+
+            def done(i: int, what: str = what, status: Any = status) -> None:
+                status.update(f"{what}: round {i + 1} of {repeats} done")
+
+            times = round_medians(timed, repeats, on_round=done)
+        if anchors:
+            base["zstd3_decode_s"].append(cache.fp16_bytes / times.pop(0)[0])
+        for i, label in enumerate(labels):
+            row = acc[label]
+            for k, (key, chunk) in enumerate((("enc", None), ("dec", None), ("enc", STORE_CHUNK),
+                                              ("dec", STORE_CHUNK))):
+                wall, cpu = times[4 * i + k]
+                row.setdefault(f"{key}@{chunk}", []).append(cache.fp16_bytes / wall / 1e6)
+                row.setdefault(f"{key}_cpu@{chunk}", []).append(cache.fp16_bytes / cpu / 1e6)
     machine["threading_layer"] = numba.threading_layer()
     fp16 = base["fp16"]
     rows: list[dict[str, Any]] = []
@@ -256,9 +259,10 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = ["# Codec size and speed on SmolLM2-135M KV caches", "", f"Produced by `{command}`: {_title(rows)}.", "",
              f"Documents: {', '.join(rows[0]['documents'])}. Ratio = fp16 bytes / stored bytes, every byte counted, "
              "for the whole prefix in one container (`doc`) and cut into 256-token chunks as the store keeps them. "
-             "MB/s are of fp16 KV per second of wall-clock time (median of repeats), coding the whole prefix at once "
-             "(`doc`) or its 256-token chunks one by one; MB/cpu-s per second of the process's CPU time. zstd and "
-             "ZipNN compress the cache's own bf16 bytes.", "",
+             "MB/s are of fp16 KV per second of wall-clock time, coding the whole prefix at once (`doc`) or its "
+             "256-token chunks one by one (per document, every row and the zstd -3 decode timed once per round, "
+             "median over rounds; then the median over documents); MB/cpu-s per second of the process's CPU time. "
+             "zstd and ZipNN compress the cache's own bf16 bytes.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
