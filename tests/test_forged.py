@@ -109,6 +109,51 @@ def test_random_header_mutations_are_decoded_or_refused(corpus: dict[str, Source
         assert not outcome.crashed and outcome.typed, (edits, spec is not None, outcome)
 
 
+def _edited(data: st.DataObject, body: bytes) -> bytes:
+    """``body`` after one drawn edit: bits flipped, bytes set to edge values or random, a run overwritten, the end
+    cut or extended (an empty body becomes random bytes)."""
+    if not body:
+        return data.draw(st.binary(min_size=1, max_size=64), label="new body")
+    out = bytearray(body)
+    at = data.draw(st.integers(0, len(out) - 1), label="at")
+    kind = data.draw(st.sampled_from(["flip", "set", "run", "cut", "extend"]), label="edit")
+    if kind == "flip":
+        out[at] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+    elif kind == "set":
+        out[at] = data.draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF]) | st.integers(0, 255), label="byte")
+    elif kind == "run":
+        run = data.draw(st.binary(min_size=1, max_size=32), label="run")
+        out[at : at + len(run)] = run[: len(out) - at]
+    elif kind == "cut":
+        del out[at:]
+    else:
+        out += data.draw(st.binary(min_size=1, max_size=64), label="tail")
+    return bytes(out)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(data=st.data(), codec=st.sampled_from(available()))
+def test_random_section_edits_are_decoded_or_refused(corpus: dict[str, Source], sandbox: Sandbox,
+                                                     data: st.DataObject, codec: str) -> None:
+    """One or two sections edited at random under fresh checksums (what a writer to a shared store can do): the
+    decode succeeds (raw bytes, mantissas and scales can take any value) or raises a KvpackError subclass, within the
+    time and memory limits, whole or (progressive codecs) through ``decode_prefix``."""
+    source = corpus[codec]
+    names = sorted(read_container(source.data).sections)
+    chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True), label="sections")
+    bodies = {name: _edited(data, bytes(read_container(source.data).sections[name])) for name in chosen}
+
+    def edit(_: dict[str, Any], sections: dict[str, bytes]) -> None:
+        sections.update(bodies)
+
+    forged = rewrite(source.data, edit)
+    prefix = hasattr(codec_class(codec), "decode_prefix") and data.draw(st.booleans(), label="prefix")
+    outcome = sandbox.decode(forged, source.profile, None,
+                             prefix_of=read_container(source.data).header["codec"] if prefix else None)
+    assert not outcome.crashed and (outcome.error is None or outcome.typed), (chosen, outcome)
+
+
 def test_sandbox_replaces_a_worker_that_dies(corpus: dict[str, Source]) -> None:
     """The harness itself: a worker that dies mid-run (as one killed for memory would) is reported as a crash, and
     a new worker takes over."""
