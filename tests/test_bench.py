@@ -220,6 +220,9 @@ def test_speed_rows_count_every_byte(tmp_path: Path) -> None:
     assert by[("lossless", 256)]["ratio"] < lossless["ratio"]  # two containers pay two headers
     assert by[("kivi bits=2", None)]["rel_rmse_k"] > 0 and ("zstd level=3", None) in by
     assert "| zipnn (bf16) | doc |" in speed.markdown(rows, "kvpack bench speed")
+    one, every = lossless["host_check_msym_per_s"]  # the host check ran in the rounds: plausible rates, on the page
+    assert 1 < one < 1e5 and 1 < every < 1e5
+    assert f"rANS encode {one:.0f} Msym/s on 1 thread" in speed.markdown(rows, "kvpack bench speed")
 
 
 def test_speed_keeps_settings_under_different_profiles_apart(tmp_path: Path) -> None:

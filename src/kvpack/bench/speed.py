@@ -13,7 +13,8 @@ prefilled once. On them every setting of :data:`SETTINGS` (plus any the caller a
   the work done per CPU-second when other processes compete. Per document, after a warm-up, every measurement of
   every setting (and the zstd -3 decode) is timed once per round for ``repeats`` rounds
   (:func:`kvpack.bench.timing.round_medians`), and each takes its median: a slow spell of the machine weighs on all
-  rows alike instead of on the few being timed in it;
+  rows alike instead of on the few being timed in it. A fixed rANS encode on one thread and on all of them, timed in
+  the same rounds (``host_check_msym_per_s``), says how fast the machine ran meanwhile;
 
 and the anchors on the same bytes (the cache's own dtype, bf16 for SmolLM2): zstd levels 3 and 19 and ZipNN
 (``zipnn`` package, byte input in bfloat16 mode; ``zipnn_exact`` says whether its output decompressed bit-exactly).
@@ -32,12 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import numba
+import numpy as np
 import torch
 import zstandard
 from rich.console import Console
 from rich.table import Table
 
 from kvpack import allocator
+from kvpack.bench import entropy as entropy_bench
 from kvpack.bench.rows import profile_tag
 from kvpack.bench.timing import round_medians
 from kvpack.codecs import get
@@ -47,6 +50,7 @@ from kvpack.codecs.raw import tensor_bytes
 from kvpack.codecs.transform import Transform
 from kvpack.codecs.transform.codec import projection_dtype
 from kvpack.cpu import model_name
+from kvpack.entropy import counts_to_tables, encode_lanes
 from kvpack.eval import progress_bar
 from kvpack.eval.corpora import Document
 from kvpack.eval.quality import tokenize
@@ -93,6 +97,21 @@ def _anchors(kv: KVCache) -> tuple[dict[str, Any], bytes]:
     return {"raw": len(raw), "zstd3": len(z3), "zstd19": len(z19), "zipnn": len(packed), "zipnn_exact": exact}, z3
 
 
+def _host_check() -> tuple[int, list[Callable[[], object]]]:
+    """``(symbols, runs)``: one rANS encode (``bench entropy``'s first case, 2M symbols) on one thread and on numba's
+    thread count. Timed in the rounds with the codecs, they say how fast this machine's cores ran while the rows
+    were taken (a shared VM's second core can be slow for minutes; the one-thread zstd anchor does not see that),
+    comparable with the ``laplace-a16`` rows of ``kvpack bench entropy``."""
+    alphabet = 16
+    symbols = entropy_bench._laplace(np.random.default_rng(0), entropy_bench.N_LANES, entropy_bench.LANE_SYMBOLS,
+                                     alphabet)
+    starts = np.arange(entropy_bench.N_LANES + 1, dtype=np.int64) * entropy_bench.LANE_SYMBOLS
+    freqs = counts_to_tables(symbols, starts, alphabet)
+    table = np.arange(entropy_bench.N_LANES, dtype=np.int32)
+    return symbols.size, [partial(encode_lanes, symbols, starts, table, freqs, threads=threads)
+                          for threads in (1, numba.get_num_threads())]
+
+
 def _as_dtype(kv: KVCache, dtype: str | None) -> KVCache:
     """``kv`` cast to KV dtype ``dtype`` (the spec says so too), or ``kv`` itself for ``None``."""
     if dtype is None:
@@ -131,15 +150,17 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
     console = console or Console()
     settings = [(name, setting, get(name, **{k: v for k, v in setting.items() if k != "as"}))
                 for name, setting in (SETTINGS if defaults else ())] + [(c.name, c.params(), c) for c in extra]
-    machine = {"cpu": model_name(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
+    machine: dict[str, Any] = {"cpu": model_name(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
                "threads": numba.get_num_threads(), "threading_layer": None, "malloc_tuned": allocator.TUNED,
                "transform_gemm": str(projection_dtype()).removeprefix("torch.")}
     acc: dict[str, dict[str, Any]] = {}
     base: dict[str, Any] = {"raw": 0, "zstd3": 0, "zstd19": 0, "zipnn": 0, "zipnn_exact": True, "fp16": 0,
                             "zstd3_decode_s": []}
+    n_check, checks = _host_check()
+    check_rates: list[list[float]] = [[] for _ in checks]
     for doc, cache in entries:
         base["fp16"] += cache.fp16_bytes
-        timed: list[Callable[[], object]] = []
+        timed: list[Callable[[], object]] = list(checks)
         if anchors:
             with console.status(f"anchors on {doc.name} ..."):
                 a, z3 = _anchors(cache)
@@ -177,6 +198,8 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
                 status.update(f"{what}: round {i + 1} of {repeats} done")
 
             times = round_medians(timed, repeats, on_round=done)
+        for rates in check_rates:
+            rates.append(n_check / times.pop(0)[0] / 1e6)
         if anchors:
             base["zstd3_decode_s"].append(cache.fp16_bytes / times.pop(0)[0])
         for i, label in enumerate(labels):
@@ -187,6 +210,7 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
                 row.setdefault(f"{key}@{chunk}", []).append(cache.fp16_bytes / wall / 1e6)
                 row.setdefault(f"{key}_cpu@{chunk}", []).append(cache.fp16_bytes / cpu / 1e6)
     machine["threading_layer"] = numba.threading_layer()
+    machine["host_check_msym_per_s"] = [statistics.median(rates) for rates in check_rates]
     fp16 = base["fp16"]
     rows: list[dict[str, Any]] = []
     for label, r in acc.items():
@@ -234,8 +258,11 @@ def _title(rows: list[dict[str, Any]]) -> str:
     encodes = {r["setting"]: (r["encode_gemm"], r.get("components")) for r in rows if r.get("encode_gemm")}
     gemm += "".join(f", {setting} encode GEMM in {dtype}" + (f" ({n} components)" if n else "")
                     for setting, (dtype, n) in encodes.items())
+    check = m.get("host_check_msym_per_s")  # pages from before the check existed have none
+    host = (f", host check in the rounds: rANS encode {check[0]:.0f} Msym/s on 1 thread, {check[1]:.0f} on "
+            f"{m['threads']} (`bench entropy` laplace-a16)") if check else ""
     return (f"codecs on {len(m['documents'])} real eval caches: {m['cpu']}, {m['cores']} cores, {m['threads']} numba "
-            f"threads ({m['threading_layer']}), load {m['load_1min']:.1f}{_malloc(m)}{gemm}")
+            f"threads ({m['threading_layer']}), load {m['load_1min']:.1f}{host}{_malloc(m)}{gemm}")
 
 
 def _malloc(m: dict[str, Any]) -> str:
