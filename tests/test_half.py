@@ -44,3 +44,26 @@ def test_float32_input_and_shape() -> None:
     got = fp16_toward(v, True)
     assert got.shape == v.shape and got.dtype == np.float16
     np.testing.assert_array_equal(got.view(np.uint16), _numpy(v.astype(np.float64), True).view(np.uint16))
+
+
+def test_bits_of_is_the_view_of_the_value() -> None:
+    """``bits_of`` in a compiled loop equals numpy's integer view: float64 as int64, float32 as its unsigned 32 bits
+    (sign bit set: negative values, -0.0, NaN payloads), both widened to int64."""
+    from numba import njit
+
+    from kvpack.codecs.half import bits_of
+
+    @njit
+    def all_bits(x):  # type: ignore[no-untyped-def]
+        out = np.empty(x.size, np.int64)
+        for i in range(x.size):
+            out[i] = bits_of(x[i])
+        return out
+
+    rng = np.random.default_rng(0)
+    raw = np.concatenate([rng.integers(0, 1 << 32, 4096, dtype=np.uint64),
+                          np.array([0, 1 << 31, 0x7F800000, 0xFF800000, 0x7FC00001, 0xFFFFFFFF], np.uint64)])
+    f32 = raw.astype(np.uint32).view(np.float32)
+    assert np.array_equal(all_bits(f32), f32.view(np.uint32).astype(np.int64))
+    f64 = rng.integers(-(1 << 63), (1 << 63) - 1, 4096, dtype=np.int64).view(np.float64)
+    assert np.array_equal(all_bits(f64), f64.view(np.int64))

@@ -16,23 +16,26 @@ from numba.extending import intrinsic
 
 
 @intrinsic
-def f64_bits(typingctx, v):  # type: ignore[no-untyped-def]
-    """The bits of float64 ``v`` as an int64 (an LLVM bitcast): numba has no scalar view, and reading a value back
-    through an integer view of an array is unsafe in a ``prange`` body (numba passes the body's arrays as
-    non-aliasing, so the read may see a stale value)."""
-    if v != types.float64:
+def bits_of(typingctx, v):  # type: ignore[no-untyped-def]
+    """The bits of a float64 (as int64) or of a float32 (as int64 from 0 to 2**32 - 1), an LLVM bitcast: numba has
+    no scalar view, and reading a value back through an integer view of an array is unsafe in a ``prange`` body
+    (numba passes the body's arrays as non-aliasing, so the read may see a stale value)."""
+    if v not in (types.float64, types.float32):
         return None
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], context.get_value_type(types.int64))
-    return types.int64(types.float64), codegen
+        i64 = context.get_value_type(types.int64)
+        if signature.args[0] == types.float64:
+            return builder.bitcast(args[0], i64)
+        return builder.zext(builder.bitcast(args[0], context.get_value_type(types.int32)), i64)
+    return types.int64(v), codegen
 
 
 @njit(nogil=True, cache=True, inline="always")
 def f16_nearest(v):  # type: ignore[no-untyped-def]
     """float16 bits (int) of the float16 nearest float64 ``v`` (not NaN), ties to even; ``inf`` from 65520 up. Integer
     operations on the bits (``frexp`` and ``ldexp`` calls made the kivi parameters slower than numpy)."""
-    u = f64_bits(v)
+    u = bits_of(v)
     sign = (u >> 48) & 0x8000
     a = u & 0x7FFFFFFFFFFFFFFF
     if a >= 0x40EFFE0000000000:  # 65520
@@ -85,4 +88,4 @@ def _toward(flat, up):  # type: ignore[no-untyped-def]
     return out
 
 
-__all__ = ["f16_nearest", "f16_toward", "f16_value", "f64_bits", "fp16_toward"]
+__all__ = ["bits_of", "f16_nearest", "f16_toward", "f16_value", "fp16_toward"]
