@@ -329,3 +329,21 @@ def test_round_medians_time_every_function_once_per_round() -> None:
     assert "".join(calls) == "ab" + "aabb" * 2  # each timed run right after an untimed one of the same function
     with pytest.raises(ValueError, match="repeats"):
         round_medians(fns, 0)
+
+
+def test_entropy_bench_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvpack bench entropy` on small streams: a row per case and thread count, a coded size at or above the
+    entropy of the symbols under their tables and within a few percent of it, and the JSON it writes."""
+    from kvpack.bench import entropy
+
+    monkeypatch.setattr(entropy, "N_LANES", 8)
+    monkeypatch.setattr(entropy, "REPEATS", 1)
+    rows = entropy.run(tmp_path / "e.json")
+    threads = sorted({r["threads"] for r in rows})
+    assert [(r["case"], r["threads"]) for r in rows] == [(c[0], t) for c in entropy.CASES for t in threads]
+    for r in rows:
+        assert r["bits_per_symbol"] >= r["entropy_bits_per_symbol"] and 0 <= r["overhead_pct"] < 5, r
+        assert r["encode_msym_per_s"] > 0 and r["decode_msym_per_s"] > 0
+    assert json.loads((tmp_path / "e.json").read_text()) == rows
+    symbols, starts, table, freqs = entropy.case_stream("laplace-a16")  # what bench speed's host check encodes
+    assert symbols.size == starts[-1] == 8 * entropy.LANE_SYMBOLS and table.size == freqs.shape[0] == 8

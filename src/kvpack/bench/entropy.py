@@ -72,27 +72,25 @@ def _entropy_bits(symbols: np.ndarray, group: np.ndarray, n_groups: int, alphabe
         return float(-np.nansum(counts * np.log2(p)))
 
 
-def _case_rows(
-    name: str,
-    gen: Callable[[np.random.Generator, int, int, int], np.ndarray],
-    alphabet: int,
-    lane: int,
-    share: int,
-    thread_counts: list[int],
-) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(0)
+def case_stream(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The stream of case ``name`` of :data:`CASES` (deterministic): ``(symbols, lane_starts, lane_table, freqs)``,
+    the arguments of :func:`encode_lanes`. ``kvpack bench speed`` times ``laplace-a16`` as its host check."""
+    _, gen, alphabet, lane, share = next(case for case in CASES if case[0] == name)
     n_lanes = N_LANES * LANE_SYMBOLS // lane
-    symbols = gen(rng, n_lanes, lane, alphabet)
+    symbols = gen(np.random.default_rng(0), n_lanes, lane, alphabet)
     starts = np.arange(n_lanes + 1, dtype=np.int64) * lane
     if share == 1:
-        freqs = counts_to_tables(symbols, starts, alphabet)
-        lane_table = np.arange(n_lanes, dtype=np.int32)
-    else:
-        lane_table = (np.arange(n_lanes) // share).astype(np.int32)
-        group = np.repeat(lane_table.astype(np.int64), lane)
-        n_tables = int(lane_table[-1]) + 1
-        counts = np.bincount(group * alphabet + symbols, minlength=n_tables * alphabet)
-        freqs = quantize_freqs(counts.reshape(n_tables, alphabet))
+        return symbols, starts, np.arange(n_lanes, dtype=np.int32), counts_to_tables(symbols, starts, alphabet)
+    lane_table = (np.arange(n_lanes) // share).astype(np.int32)
+    group = np.repeat(lane_table.astype(np.int64), lane)
+    n_tables = int(lane_table[-1]) + 1
+    counts = np.bincount(group * alphabet + symbols, minlength=n_tables * alphabet)
+    return symbols, starts, lane_table, quantize_freqs(counts.reshape(n_tables, alphabet))
+
+
+def _case_rows(name: str, alphabet: int, lane: int, thread_counts: list[int]) -> list[dict[str, Any]]:
+    symbols, starts, lane_table, freqs = case_stream(name)
+    n_lanes = starts.size - 1
     n = symbols.size
     blob_bits = 8 * len(pack(symbols, starts, lane_table, freqs, include_tables=False))
     entropy = _entropy_bits(symbols, np.repeat(lane_table.astype(np.int64), lane), freqs.shape[0], alphabet)
@@ -145,8 +143,8 @@ def run(json_path: Path | None = None, console: Console | None = None) -> list[d
     thread_counts = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]  # type: ignore[attr-defined]
     rows: list[dict[str, Any]] = []
     with console.status("benchmarking the rANS engine ..."):
-        for case in CASES:
-            rows += _case_rows(*case, thread_counts)
+        for name, _, alphabet, lane, _ in CASES:
+            rows += _case_rows(name, alphabet, lane, thread_counts)
     machine["threading_layer"] = numba.threading_layer()  # known once a parallel kernel has run
     rows = [{**r, **machine} for r in rows]
     table = Table(

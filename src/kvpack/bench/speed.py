@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numba
-import numpy as np
 import torch
 import zstandard
 from rich.console import Console
@@ -50,7 +49,7 @@ from kvpack.codecs.raw import tensor_bytes
 from kvpack.codecs.transform import Transform
 from kvpack.codecs.transform.codec import projection_dtype
 from kvpack.cpu import model_name
-from kvpack.entropy import counts_to_tables, encode_lanes
+from kvpack.entropy import encode_lanes
 from kvpack.eval import progress_bar
 from kvpack.eval.corpora import Document
 from kvpack.eval.quality import tokenize
@@ -98,16 +97,11 @@ def _anchors(kv: KVCache) -> tuple[dict[str, Any], bytes]:
 
 
 def _host_check() -> tuple[int, list[Callable[[], object]]]:
-    """``(symbols, runs)``: one rANS encode (``bench entropy``'s first case, 2M symbols) on one thread and on numba's
-    thread count. Timed in the rounds with the codecs, they say how fast this machine's cores ran while the rows
-    were taken (a shared VM's second core can be slow for minutes; the one-thread zstd anchor does not see that),
-    comparable with the ``laplace-a16`` rows of ``kvpack bench entropy``."""
-    alphabet = 16
-    symbols = entropy_bench._laplace(np.random.default_rng(0), entropy_bench.N_LANES, entropy_bench.LANE_SYMBOLS,
-                                     alphabet)
-    starts = np.arange(entropy_bench.N_LANES + 1, dtype=np.int64) * entropy_bench.LANE_SYMBOLS
-    freqs = counts_to_tables(symbols, starts, alphabet)
-    table = np.arange(entropy_bench.N_LANES, dtype=np.int32)
+    """``(symbols, runs)``: one rANS encode (``bench entropy``'s ``laplace-a16`` case, 2M symbols) on one thread and
+    on numba's thread count. Timed in the rounds with the codecs, they say how fast this machine's cores ran while
+    the rows were taken (a shared VM's second core can be slow for minutes; the one-thread zstd anchor does not see
+    that), comparable with that case's rows of ``kvpack bench entropy``."""
+    symbols, starts, table, freqs = entropy_bench.case_stream("laplace-a16")
     return symbols.size, [partial(encode_lanes, symbols, starts, table, freqs, threads=threads)
                           for threads in (1, numba.get_num_threads())]
 
@@ -151,8 +145,9 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
     settings = [(name, setting, get(name, **{k: v for k, v in setting.items() if k != "as"}))
                 for name, setting in (SETTINGS if defaults else ())] + [(c.name, c.params(), c) for c in extra]
     machine: dict[str, Any] = {"cpu": model_name(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
-               "threads": numba.get_num_threads(), "threading_layer": None, "malloc_tuned": allocator.TUNED,
-               "transform_gemm": str(projection_dtype()).removeprefix("torch.")}
+                               "threads": numba.get_num_threads(), "threading_layer": None,
+                               "malloc_tuned": allocator.TUNED,
+                               "transform_gemm": str(projection_dtype()).removeprefix("torch.")}
     acc: dict[str, dict[str, Any]] = {}
     base: dict[str, Any] = {"raw": 0, "zstd3": 0, "zstd19": 0, "zipnn": 0, "zipnn_exact": True, "fp16": 0,
                             "zstd3_decode_s": []}
