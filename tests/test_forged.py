@@ -140,9 +140,10 @@ def test_random_section_edits_are_decoded_or_refused(corpus: dict[str, Source], 
     decode succeeds (raw bytes, mantissas and scales can take any value) or raises a KvpackError subclass, within the
     time and memory limits, whole or (progressive codecs) through ``decode_prefix``."""
     source = corpus[codec]
-    names = sorted(read_container(source.data).sections)
-    chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True), label="sections")
-    bodies = {name: _edited(data, bytes(read_container(source.data).sections[name])) for name in chosen}
+    clean = read_container(source.data)
+    chosen = data.draw(st.lists(st.sampled_from(sorted(clean.sections)), min_size=1, max_size=2, unique=True),
+                       label="sections")
+    bodies = {name: _edited(data, bytes(clean.sections[name])) for name in chosen}
 
     def edit(_: dict[str, Any], sections: dict[str, bytes]) -> None:
         sections.update(bodies)
@@ -150,7 +151,7 @@ def test_random_section_edits_are_decoded_or_refused(corpus: dict[str, Source], 
     forged = rewrite(source.data, edit)
     prefix = hasattr(codec_class(codec), "decode_prefix") and data.draw(st.booleans(), label="prefix")
     outcome = sandbox.decode(forged, source.profile, None,
-                             prefix_of=read_container(source.data).header["codec"] if prefix else None)
+                             prefix_of=clean.header["codec"] if prefix else None)
     assert not outcome.crashed and (outcome.error is None or outcome.typed), (chosen, outcome)
 
 

@@ -100,7 +100,8 @@ def _host_check() -> tuple[int, list[Callable[[], object]]]:
     """``(symbols, runs)``: one rANS encode (``bench entropy``'s ``laplace-a16`` case, 2M symbols) on one thread and
     on numba's thread count. Timed in the rounds with the codecs, they say how fast this machine's cores ran while
     the rows were taken (a shared VM's second core can be slow for minutes; the one-thread zstd anchor does not see
-    that), comparable with that case's rows of ``kvpack bench entropy``."""
+    that). Timed like the codecs, without the untimed run ``bench entropy`` puts before each timed one, so they
+    compare like with like between speed pages, and with ``bench entropy``'s rows only roughly."""
     symbols, starts, table, freqs = entropy_bench.case_stream("laplace-a16")
     return symbols.size, [partial(encode_lanes, symbols, starts, table, freqs, threads=threads)
                           for threads in (1, numba.get_num_threads())]

@@ -19,7 +19,8 @@ from numba.extending import intrinsic
 def bits_of(typingctx, v):  # type: ignore[no-untyped-def]
     """The bits of a float64 (as int64) or of a float32 (as int64 from 0 to 2**32 - 1), an LLVM bitcast: numba has
     no scalar view, and reading a value back through an integer view of an array is unsafe in a ``prange`` body
-    (numba passes the body's arrays as non-aliasing, so the read may see a stale value)."""
+    unless the array was allocated inside it (numba passes the body's outer arrays as non-aliasing, so the read may
+    see a stale value)."""
     if v not in (types.float64, types.float32):
         return None
 
