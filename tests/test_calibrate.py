@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ import pytest
 import torch
 
 from conftest import make_spec
-from kvpack.codecs.transform.calibrate import _allocate, calibrate_from_caches
+from kvpack.codecs import CacheGen, Transform
+from kvpack.codecs.cachegen import calibrate as cachegen_calibration
+from kvpack.codecs.transform.calibrate import CalibrationConfig, _allocate, calibrate_from_caches
 from kvpack.codecs.transform.features import feature_groups
 from kvpack.codecs.transform.profile import profile_from
 from kvpack.codecs.transform.quant import TYPE_DROP
@@ -142,3 +145,45 @@ def test_a_price_per_component_codes_fewer_at_the_same_bits() -> None:
     for bad in (-1e-6, 1.0, float("nan"), "1e-6"):
         with pytest.raises(ValueError, match="component_cost"):
             calibrate_from_caches(caches, caches[0].spec, ratios=(4.0,), component_cost=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"tokens": -5}, "tokens must be an integer in 16"),
+    ({"tokens": True}, "tokens must be an integer"),
+    ({"cont": 0}, "cont must be an integer in 1"),
+    ({"fisher_docs": 1.5}, "fisher_docs must be an integer"),
+    ({"max_tokens": 8}, "max_tokens must be an integer in 16"),
+    ({"sinks": 1536}, "sinks must be an integer in 0..tokens - 1"),
+    ({"sinks": -1}, "sinks must be an integer"),
+    ({"weighting": "mse"}, "weighting must be 'fisher' or 'uniform'"),
+    ({"measure_kl": "false"}, "measure_kl must be true or false"),
+    ({"rounding": 0.6}, "rounding must be a number in [0, 0.5]"),
+    ({"rounding": float("nan")}, "rounding must be a number"),
+    ({"ratios": (8.0, 8.0)}, "ratios must be distinct numbers"),
+    ({"ratios": (0.5,)}, "ratios must be distinct numbers in (1, 4096]"),
+    ({"ratios": "10,20"}, "ratios must be distinct numbers"),
+    ({"default_ratio": "32x"}, "default_ratio must be a number above 1"),
+    ({"grouping": "layers:0"}, "grouping must be 'joint', 'kv' or 'layers:G'"),
+    ({"grouping": 3}, "grouping must be a string"),
+    ({"sink_format": "int4"}, "sink_format must be 'exact' or 'fp8'"),
+    ({"basis_format": "fp32"}, "basis_format must be one of"),
+    ({"component_cost": 1.0}, "component_cost must be a number in [0, 1)"),
+    ({"bogus": 1, "other": 2}, "has no setting 'bogus', 'other'; its settings: tokens"),
+])
+def test_transform_calibration_settings_are_checked_when_made(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Transform.calibration_config(options)
+
+
+def test_calibration_settings_keep_their_defaults_and_take_good_values() -> None:
+    assert Transform.calibration_config({}) == CalibrationConfig()
+    made = Transform.calibration_config({"ratios": [8, 16], "default_ratio": 16, "grouping": "layers:2",
+                                           "rounding": 0, "sinks": 0, "sink_format": "fp8"})
+    assert made.ratios == (8.0, 16.0) and made.grouping == "layers:2" and made.rounding == 0
+    assert CacheGen.calibration_config({}) == cachegen_calibration.CalibrationConfig()
+    assert CacheGen.calibration_config({"tokens": 256}).tokens == 256
+    for options, message in (({"tokens": 5}, "tokens must be an integer in 10"), ({"margin": -1}, "margin must be"),
+                             ({"smoothing": 0}, "smoothing must be"), ({"bins": [[1.0]]}, "bins must be"),
+                             ({"bins": "wide"}, "bins must be"), ({"level": 1}, "has no setting 'level'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            CacheGen.calibration_config(options)

@@ -139,11 +139,25 @@ def test_calibrate_options_reach_the_codecs_calibration(tiny_model: tuple[Any, A
     result = runner.invoke(cli.app, ["calibrate", "--docs", "2", "-o", str(tmp_path / "p"), "--option", "rounding=0.4",
                                      "--option", "max_tokens=100", "--option", "measure_kl=false"])
     assert result.exit_code == 2 and "stop here" in result.output, result.output
-    assert (seen["rounding"], seen["max_tokens"], seen["measure_kl"]) == (0.4, 100, False)
-    assert isinstance(seen["max_tokens"], int)
+    config = seen["config"]
+    assert (config.rounding, config.max_tokens, config.measure_kl) == (0.4, 100, False)
+    assert isinstance(config.max_tokens, int)
     monkeypatch.setattr(transform_calibration, "calibrate", real)
-    result = runner.invoke(cli.app, ["calibrate", "--docs", "2", "-o", str(tmp_path / "p"), "--option", "bogus=1"])
-    assert result.exit_code == 2 and "does not take that --option" in result.output, result.output
+
+    def no_model(name: str) -> Any:
+        raise AssertionError("a bad --option must be refused before the model loads")
+
+    monkeypatch.setattr(cli, "load_model", no_model)
+    for options, message in ((["bogus=1"], "has no setting 'bogus'; its settings: tokens, cont"),
+                             (["tokens=-5"], "tokens must be an integer in 16.."),
+                             (["rounding=0.9"], "rounding must be a number in [0, 0.5]"),
+                             (["measure_kl=maybe"], "measure_kl must be true or false")):
+        args = [a for o in options for a in ("--option", o)]
+        result = runner.invoke(cli.app, ["calibrate", "--docs", "2", "-o", str(tmp_path / "p"), *args])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    result = runner.invoke(cli.app, ["calibrate", "--codec", "cachegen", "--docs", "2", "-o", str(tmp_path / "p"),
+                                     "--option", "tokens=0"])
+    assert result.exit_code == 2 and "tokens must be an integer in 10.." in result.output, result.output
     result = runner.invoke(cli.app, ["calibrate", "--docs", "2", "-o", str(tmp_path / "p"), "--option", "rounding"])
     assert result.exit_code == 2 and "name=value" in result.output, result.output
 

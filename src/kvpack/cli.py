@@ -240,7 +240,8 @@ def calibrate(
              "default stdlib,pydoc, unrecorded.")] = None,
     option: Annotated[list[str] | None, typer.Option(
         help="Calibration setting name=value (repeatable), e.g. rounding=0.4 or max_tokens=12288 for transform: the "
-             "keyword arguments of the codec's calibrate function (kvpack.codecs.<codec>.calibrate).")] = None,
+             "fields of the codec's CalibrationConfig (kvpack.codecs.<codec>.calibrate), checked before the model "
+             "loads.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     for_vllm: Annotated[str | None, typer.Option(
         "--for-vllm", help="Bind the profile to the model vLLM serves from --model (the local checkpoint directory) "
@@ -259,6 +260,7 @@ def calibrate(
         texts = [d.text for d in corpus(docs, "calibration", sources, text)] if text else None
         chosen = corpus(docs, "calibration", sources) if sources else docs
         options = {k: _literal(v) for k, v in codecs.parse_params(option or []).items()}
+        cls.calibration_config(options)  # a bad --option is refused here, before the model loads
     except (KvpackError, ValueError) as exc:
         _fail(exc)
         return
@@ -281,10 +283,6 @@ def calibrate(
 
         try:
             profile = cls.calibrate(lm, tokenizer, texts, docs=chosen, spec=spec, log=say, **options)
-        except TypeError as exc:
-            if "unexpected keyword argument" not in str(exc):
-                raise
-            _fail(ValueError(f"{codec} calibration does not take that --option: {exc}"))
         except (KvpackError, ValueError) as exc:
             _fail(exc)
     if not isinstance(chosen, int):

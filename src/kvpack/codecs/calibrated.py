@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from kvpack.codecs.base import NOT_IN_BITSTREAM, Codec, available, codec_class
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 #: What a codec compiles from its profile (validated arrays, entropy models).
 C = TypeVar("C")
+T = TypeVar("T")
 Log = Callable[[str], None]
 
 
@@ -57,8 +58,15 @@ class CalibratedCodec(Codec, Generic[C]):
             docs: how many of kvpack's calibration documents (never evaluation ones) to take, or the documents
                 (e.g. ``kvpack.eval.documents(6, "calibration", sources=...)``).
             log: called with a short status line per step.
-            options: the codec's calibration settings (see its ``calibrate`` module).
+            options: the codec's calibration settings (:meth:`calibration_config`).
         """
+
+    @classmethod
+    @abstractmethod
+    def calibration_config(cls, options: Mapping[str, Any]) -> Any:
+        """The codec's calibration settings (a dataclass) made from ``options`` (name -> value): a ``ValueError``
+        naming what is wrong for an unknown name or a bad value, without touching a model (``kvpack calibrate``
+        checks its ``--option`` values with it before loading one)."""
 
     @classmethod
     @abstractmethod
@@ -92,3 +100,14 @@ class CalibratedCodec(Codec, Generic[C]):
 def calibrated() -> list[str]:
     """Names of the registered codecs that need a profile."""
     return [name for name in available() if issubclass(codec_class(name), CalibratedCodec)]
+
+
+def config_from_options(config: type[T], options: Mapping[str, Any], what: str, docs: str) -> T:
+    """``config(**options)`` for a dataclass of calibration settings; a name it does not have is refused with the
+    names it has (``what``: whose settings; ``docs``: the page that describes them)."""
+    names = [f.name for f in dataclasses.fields(config)]  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"{what} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(names)} "
+                         f"({docs})")
+    return config(**options)

@@ -17,6 +17,7 @@ in calibration cost about ``log2(N / smoothing)`` bits instead of failing), quan
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,34 @@ HIST = 256
 #: Fixed-point factor applied to counts before adding the smoothing pseudo-count (tables need integer counts).
 _COUNT_SCALE = 64
 _MAX_WIDTH = MAX_ALPHABET - 1
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """CacheGen's calibration settings (``kvpack calibrate --codec cachegen --option name=value``), checked when
+    made: ``tokens`` (prefix of each document whose KV cache is profiled; :func:`build_profile`), and ``bins``,
+    ``margin``, ``smoothing`` as in :func:`build_profile_from_caches`."""
+
+    tokens: int = 1536
+    bins: Sequence[Sequence[float]] = DEFAULT_BINS
+    margin: int = 2
+    smoothing: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or not 10 <= self.tokens <= 1 << 24:
+            raise ValueError(f"calibration setting tokens must be an integer in 10..{1 << 24}, got {self.tokens!r}")
+        try:
+            b = np.asarray(self.bins, np.float64)
+        except (TypeError, ValueError):
+            b = np.zeros(0)
+        if b.shape != (len(LEVELS), N_GROUPS) or not np.all(np.isfinite(b)) or not np.all(b > 0):
+            raise ValueError(f"bins must be finite positive numbers of shape {(len(LEVELS), N_GROUPS)}, got "
+                             f"{self.bins!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or not 0 <= self.margin <= 64:
+            raise ValueError(f"margin must be an integer in 0..64, got {self.margin!r}")
+        if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, int | float) \
+                or not 0 < self.smoothing <= 1e6:
+            raise ValueError(f"smoothing must be a number in (0, 1e6], got {self.smoothing!r}")
+
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -124,11 +153,8 @@ def build_profile_from_caches(caches: Sequence[KVCache], *,
     spec = caches[0].spec
     if any(kv.spec.fingerprint != spec.fingerprint for kv in caches):
         raise ValueError("calibration caches come from different models")
+    CalibrationConfig(bins=bins, margin=margin, smoothing=smoothing)
     b = np.asarray(bins, np.float64)
-    if b.shape != (len(LEVELS), N_GROUPS) or not np.all(np.isfinite(b)) or not np.all(b > 0):
-        raise ValueError(f"bins must be finite positive numbers of shape {(len(LEVELS), N_GROUPS)}, got {b.tolist()}")
-    if not 0 <= margin <= 64 or not 0 < smoothing <= 1e6:
-        raise ValueError("margin must be in 0..64 and smoothing positive")
     channels = spec.num_kv_heads * spec.head_dim
     rows = 2 * spec.num_layers * channels
     say = on_progress or (lambda _: None)
@@ -205,6 +231,7 @@ def build_profile(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Do
         tokens: prefix of each document whose KV cache is profiled.
         bins, margin, smoothing, on_progress: as :func:`build_profile_from_caches`.
     """
+    CalibrationConfig(tokens=tokens, bins=bins, margin=margin, smoothing=smoothing)
     chosen = documents(docs, split="calibration") if isinstance(docs, int) else list(docs)
     say = on_progress or (lambda _: None)
     caches = []

@@ -59,7 +59,7 @@ from kvpack.codecs.cachegen.profile import (
     ROLE_RAW,
     CacheGenTables,
 )
-from kvpack.codecs.calibrated import CalibratedCodec, Log
+from kvpack.codecs.calibrated import CalibratedCodec, Log, config_from_options
 from kvpack.codecs.validate import Size, json_int
 from kvpack.entropy import MIN_PACKED_BYTES, max_packed_bytes, pack, parse
 from kvpack.entropy.models import Model
@@ -72,6 +72,7 @@ from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
 
 if TYPE_CHECKING:
+    from kvpack.codecs.cachegen.calibrate import CalibrationConfig
     from kvpack.eval.corpora import Document
 
 __all__ = ["CacheGen", "error_bound", "kv_array", "quantize_indices", "read_stream"]
@@ -345,10 +346,17 @@ class CacheGen(CalibratedCodec[CacheGenTables]):
         from kvpack.codecs.cachegen.calibrate import build_profile
         from kvpack.eval.corpora import Document
 
+        cls.calibration_config(options)
         chosen = docs if texts is None else [Document(name=f"text {i + 1}", kind="file", text=text)
                                              for i, text in enumerate(texts)]
         return build_profile(model, tokenizer, spec or ModelSpec.from_model(model, tokenizer), chosen,
                              on_progress=log, **options)
+
+    @classmethod
+    def calibration_config(cls, options: Mapping[str, Any]) -> "CalibrationConfig":
+        from kvpack.codecs.cachegen.calibrate import CalibrationConfig
+
+        return config_from_options(CalibrationConfig, options, "cachegen calibration", "docs/cachegen.md")
 
     @classmethod
     def compile(cls, profile: Profile) -> CacheGenTables:

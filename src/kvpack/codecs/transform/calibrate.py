@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,80 @@ HEADER_BYTES = 2600
 #: Bit-grid steps of the allocation DP (at the largest budget).
 DP_STEPS = 4096
 _ESCAPE_BITS = 24.0  # an escaped symbol costs its rANS escape code plus a ~2-3 byte varint
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The settings of :func:`calibrate` (``kvpack calibrate --option name=value``), checked when made, so a bad one
+    is refused before the model is loaded. ``None``: the recipe's default (:func:`calibrate_from_caches`).
+
+    Attributes:
+        tokens: prefix tokens per document that enter the statistics (and the chunk length the presets' budgets
+            count sinks and header at); ``cont`` more tokens give the gradients and the KL.
+        weighting: ``"fisher"`` (sensitivity-weighted distortion) or ``"uniform"`` (plain MSE, as in KVTC).
+        fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
+            for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
+        measure_kl: measure each preset's KL on the last document (``max_kl=`` rate control needs it).
+        ratios, default_ratio, sinks, rounding, max_tokens, grouping, sink_format, basis_format, component_cost: as in
+            :func:`calibrate_from_caches`.
+    """
+
+    tokens: int = 1536
+    cont: int = 256
+    weighting: str = "fisher"
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    default_ratio: float = 32.0
+    sinks: int | None = None
+    fisher_docs: int = 2
+    measure_kl: bool = True
+    rounding: float = 0.5
+    max_tokens: int = 6144
+    grouping: str | None = None
+    sink_format: str | None = None
+    basis_format: str | None = None
+    component_cost: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, low in (("tokens", 16), ("cont", 1), ("fisher_docs", 1), ("max_tokens", 16)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 1 << 24:
+                raise ValueError(f"calibration setting {name} must be an integer in {low}..{1 << 24}, got {value!r}")
+        if self.sinks is not None and (isinstance(self.sinks, bool) or not isinstance(self.sinks, int)
+                                       or not 0 <= self.sinks < self.tokens):
+            raise ValueError(f"calibration setting sinks must be an integer in 0..tokens - 1 ({self.tokens - 1}), "
+                             f"got {self.sinks!r}")
+        if self.weighting not in ("fisher", "uniform"):
+            raise ValueError(f"calibration setting weighting must be 'fisher' or 'uniform', got {self.weighting!r}")
+        if not isinstance(self.measure_kl, bool):
+            raise ValueError(f"calibration setting measure_kl must be true or false, got {self.measure_kl!r}")
+        if not (_number(self.rounding) and 0 <= self.rounding <= 0.5):
+            raise ValueError(f"calibration setting rounding must be a number in [0, 0.5], got {self.rounding!r}")
+        ratios = self.ratios if isinstance(self.ratios, tuple | list) else (self.ratios,)
+        if not ratios or not all(_number(r) and 1 < r <= 4096 for r in ratios) or len(set(ratios)) != len(ratios):
+            raise ValueError(f"calibration setting ratios must be distinct numbers in (1, 4096], got {self.ratios!r}")
+        object.__setattr__(self, "ratios", tuple(float(r) for r in ratios))
+        if not (_number(self.default_ratio) and self.default_ratio > 1):
+            raise ValueError(f"calibration setting default_ratio must be a number above 1 (the preset nearest to it "
+                             f"is the default), got {self.default_ratio!r}")
+        if self.grouping is not None:
+            if not isinstance(self.grouping, str):
+                raise ValueError(f"calibration setting grouping must be a string, got {self.grouping!r}")
+            feature_groups(1 << 12, 1, self.grouping)  # its syntax; the layer count is checked against the model
+        check_storage(self.sink_format, self.basis_format, self.component_cost)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_storage(sink_format: str | None, basis_format: str | None, component_cost: float) -> None:
+    """Refuse a sink or basis format the profile cannot store, or a price per component outside ``[0, 1)``."""
+    if not (_number(component_cost) and 0 <= component_cost < 1):
+        raise ValueError(f"component_cost must be a number in [0, 1), got {component_cost!r}")
+    if basis_format is not None and basis_format not in BASIS_FORMATS:
+        raise ValueError(f"basis_format must be one of {BASIS_FORMATS}, got {basis_format!r}")
+    if sink_format is not None and sink_format not in ("exact", "fp8"):
+        raise ValueError(f"sink_format must be 'exact' or 'fp8', got {sink_format!r}")
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -286,15 +361,10 @@ def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe:
             components, the larger part of a transform decode, so a price per component trades a little error at
             equal bits for a smaller ``U`` (docs/transform.md, "Pricing components").
     """
-    if not (isinstance(component_cost, int | float) and 0 <= component_cost < 1):
-        raise ValueError(f"component_cost must be a number in [0, 1), got {component_cost!r}")
+    check_storage(sink_format, basis_format, component_cost)
     basis_format = basis_format or ("int8" if recipe == "transform" else "fp16")
-    if basis_format not in BASIS_FORMATS:
-        raise ValueError(f"basis_format must be one of {BASIS_FORMATS}, got {basis_format!r}")
     sinks = _recipe_sinks(recipe, sinks)
     sink_format = sink_format or ("exact" if recipe == "transform" else "fp8")
-    if sink_format not in ("exact", "fp8"):
-        raise ValueError(f"sink_format must be 'exact' or 'fp8', got {sink_format!r}")
     grouping = grouping or ("joint" if recipe == "transform" else "kv")
     say = log or (lambda _msg: None)
     fit_x, held_x = _split(caches, sinks, max_tokens)
@@ -477,39 +547,30 @@ def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: i
 
 
 def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] | None = None, n_docs: int = 6,
-              texts: Sequence[str] | None = None, *, tokens: int = 1536, cont: int = 256, recipe: str = "transform",
-              weighting: str = "fisher", ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
-              sinks: int | None = None, fisher_docs: int = 2, measure_kl: bool = True, rounding: float = 0.5,
-              max_tokens: int = 6144, grouping: str | None = None, sink_format: str | None = None,
-              basis_format: str | None = None, component_cost: float = 0.0, log: Log | None = None) -> Profile:
+              texts: Sequence[str] | None = None, *, recipe: str = "transform", config: CalibrationConfig | None = None,
+              log: Log | None = None) -> Profile:
     """Calibrate a profile with the model (``kvpack calibrate``): what :func:`calibrate_from_caches` does, plus
     Fisher weights and per-preset KL measured on the last calibration document (held out from the basis).
 
     Args:
         docs: :class:`kvpack.eval.Document` list; default ``documents(n_docs, "calibration")`` (never eval documents).
         texts: raw calibration texts instead of ``docs`` (``kvpack calibrate --text FILE``).
-        tokens: prefix tokens per document that enter the statistics; ``cont`` more tokens give the gradients/KL.
-        weighting: ``"fisher"`` (sensitivity-weighted distortion) or ``"uniform"`` (plain MSE, as in KVTC).
-        fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
-            for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
-        rounding, max_tokens, grouping, sink_format, basis_format, component_cost: as in
-            :func:`calibrate_from_caches` (dead zone; calibration tokens kept; PCA groups; how sink tokens and the
-            basis are stored; price of a coded component).
+        config: the settings (:class:`CalibrationConfig`; its defaults if ``None``).
     """
     from kvpack.codecs.transform import KVTC, Transform
     from kvpack.eval.corpora import documents
     from kvpack.inference import forward, prefill
 
-    if weighting not in ("fisher", "uniform"):
-        raise ValueError(f"weighting must be 'fisher' or 'uniform', got {weighting!r}")
-    sinks = _recipe_sinks(recipe, sinks)
+    cfg = config or CalibrationConfig()
+    tokens, fisher_docs = cfg.tokens, cfg.fisher_docs
+    sinks = _recipe_sinks(recipe, cfg.sinks)
     say = log or (lambda _msg: None)
     if texts is None:
         texts = [d.text for d in (docs if docs is not None else documents(n_docs, "calibration"))]
     caches, refs, fisher = [], [], []
-    all_ids = _doc_ids(tokenizer, texts, tokens, cont)
+    all_ids = _doc_ids(tokenizer, texts, tokens, cfg.cont)
     for i, ids in enumerate(all_ids):
-        if i >= len(all_ids) - max(fisher_docs, 1):
+        if i >= len(all_ids) - fisher_docs:
             kv, logprobs, f = prefill_and_fisher(model, spec, ids, tokens, sinks)
             refs.append((ids[tokens:], logprobs))
             fisher.append(f)
@@ -518,14 +579,14 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         caches.append(kv)
         say(f"calibration document {i + 1}: {tokens} tokens")
     weights = None
-    if weighting == "fisher":
+    if cfg.weighting == "fisher":
         f = torch.stack(fisher).mean(0).double()
         weights = (f / f.mean() + 1e-3).sqrt().numpy()
-    profile = calibrate_from_caches(caches, spec, recipe=recipe, weights=weights, sinks=sinks, ratios=ratios,
-                                    default_ratio=default_ratio, reference_tokens=tokens, rounding=rounding,
-                                    max_tokens=max_tokens, grouping=grouping, sink_format=sink_format,
-                                    basis_format=basis_format, component_cost=component_cost, log=say)
-    if not measure_kl:
+    profile = calibrate_from_caches(caches, spec, recipe=recipe, weights=weights, sinks=sinks, ratios=cfg.ratios,
+                                    default_ratio=cfg.default_ratio, reference_tokens=tokens, rounding=cfg.rounding,
+                                    max_tokens=cfg.max_tokens, grouping=cfg.grouping, sink_format=cfg.sink_format,
+                                    basis_format=cfg.basis_format, component_cost=cfg.component_cost, log=say)
+    if not cfg.measure_kl:
         return profile
     cont_ids, reference = refs[-1]
     cls = Transform if recipe == "transform" else KVTC

@@ -46,7 +46,7 @@ import torch
 
 from kvpack import cpu, entropy
 from kvpack.codecs.base import Payload, _tokens_info, register
-from kvpack.codecs.calibrated import CalibratedCodec, Log
+from kvpack.codecs.calibrated import CalibratedCodec, Log, config_from_options
 from kvpack.codecs.raw import tensor_bytes
 from kvpack.codecs.transform import levels
 from kvpack.codecs.transform.features import features, place
@@ -70,6 +70,7 @@ from kvpack.profile import Profile
 from kvpack.spec import ModelSpec
 
 if TYPE_CHECKING:
+    from kvpack.codecs.transform.calibrate import CalibrationConfig
     from kvpack.eval.corpora import Document
 
 #: Environment variable that overrides :func:`projection_dtype`: ``float32``, ``bfloat16`` or ``auto`` (default).
@@ -156,13 +157,21 @@ class Transform(CalibratedCodec[TransformProfile]):
                   docs: int | Sequence[Document] = 6, spec: ModelSpec | None = None, log: Log | None = None,
                   **options: Any) -> Profile:
         """A profile made with the model (:func:`kvpack.codecs.transform.calibrate.calibrate` under this codec's
-        recipe; ``options``: its keyword arguments)."""
+        recipe; ``options``: the fields of :class:`~kvpack.codecs.transform.calibrate.CalibrationConfig`)."""
         from kvpack.codecs.transform.calibrate import calibrate
 
+        config = cls.calibration_config(options)
         given = None if isinstance(docs, int) else docs
         return calibrate(model, tokenizer, spec or ModelSpec.from_model(model, tokenizer), docs=given,
                          n_docs=docs if isinstance(docs, int) else len(docs), texts=texts, recipe=cls.recipe,
-                         log=log, **options)
+                         config=config, log=log)
+
+    @classmethod
+    def calibration_config(cls, options: Mapping[str, Any]) -> CalibrationConfig:
+        from kvpack.codecs.transform.calibrate import CalibrationConfig
+
+        return config_from_options(CalibrationConfig, options, "transform and kvtc calibration",
+                                   "docs/transform.md")
 
     @classmethod
     def compile(cls, profile: Profile) -> TransformProfile:
