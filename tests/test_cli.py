@@ -228,3 +228,15 @@ def test_cross_source_protocol(tiny_model: tuple[Any, Any, ModelSpec], monkeypat
     assert "| fp8(classes=2) | site-packages+metadata |" in text
     assert f"| {made['profile_hash'][:8]} | cachegen | stdlib+pydoc | 2 |" in text  # the profiles table
     assert f"| {made['profile_hash'][:8]} | stdlib+pydoc -> site-packages+metadata | cross-source |" in text
+
+
+@pytest.mark.parametrize("args", [["calibrate", "-o", "p", "--docs", "0"], ["eval", "--codec", "raw", "--prefix", "0"],
+                                  ["bench", "speed", "--repeats", "0"], ["bench", "codecs", "--docs", "-1"],
+                                  ["eval", "--codec", "raw", "--passkey", "512", "--trials", "0"]])
+def test_counts_below_one_are_refused_before_anything_loads(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_model(name: str) -> Any:
+        raise AssertionError("a count below one must be refused before the model loads")
+
+    monkeypatch.setattr(cli, "load_model", no_model)
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 2 and "greater than or equal to 1" in result.output, result.output

@@ -91,7 +91,7 @@ def prefill(
     codec: CodecOpt = "raw",
     param: ParamOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
-    max_tokens: Annotated[int, typer.Option(help="Keep at most this many tokens of the file.")] = 8192,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Keep at most this many tokens of the file.")] = 8192,
 ) -> None:
     """Compute the KV cache of a text file and store it encoded with a codec."""
     from kvpack.eval import progress_bar
@@ -184,13 +184,13 @@ def decode(
 def eval_command(
     codec: CodecOpt = "raw",
     param: ParamOpt = None,
-    docs: Annotated[int, typer.Option(help="Number of built-in eval documents (half code, half prose).")] = 6,
+    docs: Annotated[int, typer.Option(min=1, help="Number of built-in eval documents (half code, half prose).")] = 6,
     text: TextOpt = None,
     sources: SourcesOpt = None,
-    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
+    prefix: Annotated[int, typer.Option(min=1, help="Prefix tokens whose cache is encoded.")] = 1536,
     cont: Annotated[int, typer.Option(help="Continuation tokens scored on the decoded cache.")] = 512,
     passkey: Annotated[int | None, typer.Option(help="Also run passkey retrieval at this haystack length.")] = None,
-    trials: Annotated[int, typer.Option(help="Passkey trials.")] = 20,
+    trials: Annotated[int, typer.Option(min=1, help="Passkey trials.")] = 20,
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
 ) -> None:
@@ -231,7 +231,7 @@ def demo(
 def calibrate(
     output: Annotated[Path, typer.Option("-o", "--output", help="Profile file (or directory) to write.")],
     codec: Annotated[str, typer.Option(help=f"Codec to calibrate: {', '.join(codecs.calibrated())}.")] = "transform",
-    docs: Annotated[int, typer.Option(help="Calibration documents (never eval documents).")] = 6,
+    docs: Annotated[int, typer.Option(min=1, help="Calibration documents (never eval documents).")] = 6,
     text: Annotated[list[Path] | None, typer.Option(help="Calibrate on these text files instead (repeatable).")]
     = None,
     sources: Annotated[str | None, typer.Option(
@@ -338,13 +338,13 @@ def bench_codecs(
     setting: Annotated[list[str] | None, typer.Option(
         help="Extra setting NAME:k=v,k=v (repeatable), e.g. transform:profile=P,preset=32x.")] = None,
     defaults: Annotated[bool, typer.Option(help="Include the default settings (raw, zstd, lossless, ...).")] = True,
-    docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
+    docs: Annotated[int, typer.Option(min=1, help="Eval documents (half code, half prose).")] = 6,
     text: TextOpt = None,
     sources: SourcesOpt = None,
-    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
+    prefix: Annotated[int, typer.Option(min=1, help="Prefix tokens whose cache is encoded.")] = 1536,
     cont: Annotated[int, typer.Option(help="Continuation tokens scored.")] = 512,
     passkey: Annotated[int | None, typer.Option(help="Also run passkey retrieval at this haystack length.")] = None,
-    trials: Annotated[int, typer.Option(help="Passkey trials.")] = 20,
+    trials: Annotated[int, typer.Option(min=1, help="Passkey trials.")] = 20,
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
@@ -400,9 +400,9 @@ def bench_cross_source(
 def bench_speed(
     setting: Annotated[list[str] | None, typer.Option(
         help="Extra setting NAME:k=v,k=v (repeatable), e.g. transform:profile=P,preset=32x.")] = None,
-    docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
-    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is encoded.")] = 1536,
-    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 5,
+    docs: Annotated[int, typer.Option(min=1, help="Eval documents (half code, half prose).")] = 6,
+    prefix: Annotated[int, typer.Option(min=1, help="Prefix tokens whose cache is encoded.")] = 1536,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 5,
     anchors: Annotated[bool, typer.Option(help="Also measure zstd -3/-19 and ZipNN on the same bytes.")] = True,
     defaults: Annotated[bool, typer.Option(help="Include the default settings (lossless, fp8, kivi).")] = True,
     model: ModelOpt = DEFAULT_MODEL,
@@ -425,8 +425,8 @@ def bench_speed(
 
 @bench_app.command("lossless-context")
 def bench_lossless_context(
-    docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
-    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is measured.")] = 2048,
+    docs: Annotated[int, typer.Option(min=1, help="Eval documents (half code, half prose).")] = 6,
+    prefix: Annotated[int, typer.Option(min=1, help="Prefix tokens whose cache is measured.")] = 2048,
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
@@ -448,9 +448,9 @@ def bench_lossless_context(
 @bench_app.command("transform-context")
 def bench_transform_context(
     param: ParamOpt = None,
-    docs: Annotated[int, typer.Option(help="Eval documents (half code, half prose).")] = 6,
+    docs: Annotated[int, typer.Option(min=1, help="Eval documents (half code, half prose).")] = 6,
     sources: SourcesOpt = None,
-    prefix: Annotated[int, typer.Option(help="Prefix tokens whose cache is measured.")] = 1536,
+    prefix: Annotated[int, typer.Option(min=1, help="Prefix tokens whose cache is measured.")] = 1536,
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the Markdown results page here.")] = None,
@@ -474,7 +474,7 @@ def bench_transform_context(
 @bench_app.command("gpu")
 def bench_gpu(
     contexts: Annotated[str | None, typer.Option(help="Context lengths in tokens, comma-separated.")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 5,
     tiny: Annotated[bool, typer.Option(help="A tiny model and context: checks the script (with --device cpu: under "
                                             "Triton's interpreter); its numbers mean nothing.")] = False,
     device: Annotated[str, typer.Option(help="cuda (the benchmark) or cpu (only with --tiny).")] = "cuda",
@@ -522,7 +522,8 @@ def bench_ttft(
     drop: Annotated[bool, typer.Option(help="Also run the drop scenario (10 Gbps falling to 1 Gbps).")] = True,
     emulate_links: Annotated[bool, typer.Option(
         help="Emulate the links (sleep per read) even where shaped links (root, netns, tc) work.")] = False,
-    repeats: Annotated[int, typer.Option(help="Timed runs per measurement after the warm-up (lower median).")] = 3,
+    repeats: Annotated[int, typer.Option(
+        min=1, help="Timed runs per measurement after the warm-up (lower median).")] = 3,
     drop_runs: Annotated[int, typer.Option(help="Runs of the levels arm under a TTFT target in the drop scenario.")]
     = 20,
     drop_length: Annotated[int | None, typer.Option(help="Context length of that arm (default 4096).")] = None,
@@ -566,7 +567,7 @@ def bench_vllm(
              "a calibrated codec needs its profile, e.g. transform:profile=P.kvprof.")] = None,
     lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated; empty for none.")]
     = "1024,2048,4096,8192",
-    repeats: Annotated[int, typer.Option(help="Timed cold and warm requests per length (medians).")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed cold and warm requests per length (medians).")] = 3,
     requests: Annotated[int, typer.Option(help="Requests of the serving run.")] = 100,
     contexts: Annotated[int, typer.Option(help="Distinct contexts of the serving run.")] = 20,
     context_tokens: Annotated[int, typer.Option(help="Tokens per serving context.")] = 2048,
@@ -632,12 +633,12 @@ def bench_reuse(
     = "4,8",
     segment_tokens: Annotated[str, typer.Option(help="Segment length range LOW-HIGH in tokens.")] = "256-512",
     ratios: Annotated[str, typer.Option(help="Recompute ratios, comma-separated.")] = "0.05,0.1,0.15,0.2,0.3",
-    passkey_trials: Annotated[int, typer.Option(help="Passkey trials (key in one of 8 segments).")] = 20,
+    passkey_trials: Annotated[int, typer.Option(min=1, help="Passkey trials (key in one of 8 segments).")] = 20,
     passkey_tokens: Annotated[int, typer.Option(help="Tokens per passkey segment.")] = 256,
     edit_cases: Annotated[int, typer.Option(help="Edited documents (half code, half prose).")] = 6,
     edit_tokens: Annotated[int, typer.Option(help="Tokens per edited document.")] = 4096,
     continuation: Annotated[int, typer.Option(help="Continuation tokens scored.")] = 64,
-    repeats: Annotated[int, typer.Option(help="Timed runs per TTFT arm after the warm-up (lower median).")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per TTFT arm after the warm-up (lower median).")] = 3,
     dtype: Annotated[str, typer.Option(help="auto (faster of bfloat16/float32), float32 or bfloat16.")] = "auto",
     greedy: Annotated[int, typer.Option(help="Greedy tokens compared after the question.")] = 8,
     parts: Annotated[str, typer.Option(help="Of rag, timing, edits, passkey; comma-separated, run in that order.")]
