@@ -45,6 +45,7 @@ HIST = 256
 _COUNT_SCALE = 64
 _MAX_WIDTH = MAX_ALPHABET - 1
 
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """CacheGen's calibration settings (``kvpack calibrate --codec cachegen --option name=value``), checked when
@@ -71,7 +72,6 @@ class CalibrationConfig:
         if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, int | float) \
                 or not 0 < self.smoothing <= 1e6:
             raise ValueError(f"smoothing must be a number in (0, 1e6], got {self.smoothing!r}")
-
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -132,8 +132,8 @@ def _tables(counts: np.ndarray, outside: np.ndarray, lo: np.ndarray, width: np.n
 
 
 def build_profile_from_caches(caches: Sequence[KVCache], *,
-                              bins: Sequence[Sequence[float]] = DEFAULT_BINS, margin: int = 2,
-                              smoothing: float = 0.5, document_names: Sequence[str] = (),
+                              bins: Sequence[Sequence[float]] = DEFAULT_BINS, margin: int = CalibrationConfig.margin,
+                              smoothing: float = CalibrationConfig.smoothing, document_names: Sequence[str] = (),
                               on_progress: Callable[[str], None] | None = None) -> Profile:
     """Profile CacheGen's tables from calibration ``caches`` (same model; any token counts).
 
@@ -221,8 +221,9 @@ def build_profile_from_caches(caches: Sequence[KVCache], *,
 
 
 def build_profile(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Document] | int = 8, *,
-                  tokens: int = 1536, bins: Sequence[Sequence[float]] = DEFAULT_BINS, margin: int = 2,
-                  smoothing: float = 0.5, on_progress: Callable[[str], None] | None = None) -> Profile:
+                  tokens: int = CalibrationConfig.tokens, bins: Sequence[Sequence[float]] = DEFAULT_BINS,
+                  margin: int = CalibrationConfig.margin, smoothing: float = CalibrationConfig.smoothing,
+                  on_progress: Callable[[str], None] | None = None) -> Profile:
     """Profile CacheGen's tables for ``model`` on calibration documents.
 
     Args:

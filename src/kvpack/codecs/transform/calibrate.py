@@ -328,8 +328,10 @@ def _recipe_sinks(recipe: str, sinks: int | None) -> int:
 
 def calibrate_from_caches(caches: Sequence[KVCache], spec: ModelSpec, *, recipe: str = "transform",
                           grouping: str | None = None, weights: np.ndarray | None = None, sinks: int | None = None,
-                          ratios: Sequence[float] = DEFAULT_RATIOS, default_ratio: float = 32.0,
-                          rounding: float = 0.5, max_tokens: int = 6144, reference_tokens: int = 1536,
+                          ratios: Sequence[float] = DEFAULT_RATIOS,
+                          default_ratio: float = CalibrationConfig.default_ratio,
+                          rounding: float = CalibrationConfig.rounding, max_tokens: int = CalibrationConfig.max_tokens,
+                          reference_tokens: int = CalibrationConfig.tokens,
                           sink_format: str | None = None, basis_format: str | None = None,
                           component_cost: float = 0.0, log: Log | None = None) -> Profile:
     """A transform profile from KV caches of calibration text (no model needed).
