@@ -616,3 +616,16 @@ def test_validate_freqs_converts_and_reports_the_first_bad_row(dtype: type) -> N
         validate_freqs(good.astype(np.float64))
     with pytest.raises(FormatError, match="shape"):
         validate_freqs(good.reshape(-1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.integers(STATE_LOWER - 2, STATE_LOWER + 1), st.integers(1, (1 << 32) - 1)),
+       st.integers(0, 0xFFFF), st.integers(0, 1 << 40))
+def test_both_refills_of_the_decoder_agree(x: int, w: int, p: int) -> None:
+    """The decoder inlines one of two refills by the core LLVM tunes for; the other is checked here, on every host."""
+    from kvpack.entropy.rans import _refill_arith, _refill_select
+
+    args = (np.uint64(x), np.uint64(w), np.int64(p))
+    expected = ((x << 16) | w, p + 1) if x < STATE_LOWER else (x, p)
+    assert tuple(int(v) for v in _refill_select(*args)) == expected
+    assert tuple(int(v) for v in _refill_arith(*args)) == expected

@@ -61,7 +61,7 @@ CODECS = {"raw": {}, "zstd": {}, "lossless": {}, "fp8": {}, "kivi": {"bits": 4},
           "transform": {"preset": "16x"}, "kvtc": {"preset": "16x"}}
 #: `kvpack calibrate` options of the calibrated codecs: small profiles, made in seconds.
 SMALL = ["--option", "tokens=512", "--option", "cont=32", "--option", "fisher_docs=1", "--option", "measure_kl=false"]
-CALIBRATION = {"cachegen": [], "transform": SMALL, "kvtc": SMALL}
+CALIBRATION = {"cachegen": ["--option", "tokens=512"], "transform": SMALL, "kvtc": SMALL}
 #: Codecs whose warm output must be the cold one token for token.
 EXACT = ("raw", "zstd", "lossless")
 
