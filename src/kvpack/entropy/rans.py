@@ -29,8 +29,8 @@ The decoder's refill ("if the state fell below L, shift a word in") is written t
 (:func:`_refill_select`, :func:`_refill_arith`), picked by the core LLVM tunes for: on a 2-core AMD EPYC Zen 3
 (``znver3``), LLVM compiled the select into a branch that the data mispredicts, and one thread decoded the
 ``laplace-a16`` stream of ``kvpack bench entropy`` at 113 Msym/s; written in shifts and masks, 227-279 (the same
-select tuned for ``skylake`` on that host: 298; the shifts and masks tuned for ``skylake``: 186, which is why Intel
-cores keep the select). Measured with a one-off script decoding that stream in-process, fresh numba caches.
+select tuned for ``skylake`` on that host: 298). Intel cores keep the select, the code measured there (docs/entropy.md
+has why, and ``docs/results/zen3/decode_probe.py`` the measurement).
 """
 
 from __future__ import annotations
