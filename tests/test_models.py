@@ -52,3 +52,30 @@ def test_bundled_model_is_the_same_from_its_converted_form(smollm: tuple[Any, An
     ids = torch.tensor([tokenizer("def f(x):\n    return x", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         assert torch.equal(direct(ids).logits, model(ids).logits)
+
+
+def test_float32_matmuls_keep_the_parameters_and_round_the_float32_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`models.use_float32_matmuls` changes how linear layers multiply, not what they hold: the state dict is
+    the same tensors, and each layer's output is the float32 product of its bf16 input and weight rounded to bf16
+    (to the bit)."""
+    model = tiny("llama", torch.bfloat16)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert models.use_float32_matmuls(model) == len(linears) > 0
+    assert all(isinstance(m, models.Float32MatmulLinear) for m in linears)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    layer = linears[0]
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    expected = (x.float() @ layer.weight.float().T).to(torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16 and torch.equal(layer(x), expected)
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
+
+    # load() decides by the CPU: float32 products where bf16 would be emulated, torch's own kernels where native
+    for native in (True, False):
+        monkeypatch.setattr(models.cpu, "native_bf16_matmul", lambda native=native: native)
+        loaded, _ = models.load()
+        kinds = {type(m) for m in loaded.modules() if isinstance(m, torch.nn.Linear)}
+        assert kinds == ({torch.nn.Linear} if native else {models.Float32MatmulLinear})
+    assert {type(m) for m in models.load(dtype=torch.float32)[0].modules()
+            if isinstance(m, torch.nn.Linear)} == {torch.nn.Linear}

@@ -10,6 +10,13 @@ tokenizer files, ``kvpack-config.json``); later loads build the same model from 
 the same model: the same config dict, tokenizer vocabulary and weights (a bf16 load is the float32 dequantization
 rounded to bf16 either way), so :class:`~kvpack.spec.ModelSpec` fingerprints and chunk keys do not change
 (``tests/test_models.py``). A cache that cannot be read is rebuilt.
+
+On a CPU without bfloat16 matrix instructions (no AMX-BF16 or AVX512-BF16: AMD Zen 3, older Xeons) torch multiplies
+bf16 matrices in a scalar fallback, about 5x slower than float32 (a 512-token prefill of SmolLM2-135M: 8.4 s against
+1.6 s on a 2-core Zen 3, ``docs/results/zen3/prefill_dtype.py``). There, :func:`load` makes the model's linear layers
+multiply in float32: the same bf16 weights and activations, widened exactly, multiplied with float32 accumulation (as
+the fallback accumulates), the product rounded back to bf16. Weights, activations and the KV cache stay bf16; only
+the rounding of sums differs from the fallback's, as it differs from AMX's.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from kvpack import cpu
 from kvpack.errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -57,13 +66,44 @@ def _require_gguf_support() -> None:
         )
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
+class Float32MatmulLinear(torch.nn.Linear):
+    """A :class:`torch.nn.Linear` whose product runs in float32: input ``[..., in_features]`` and the weight
+    ``[out_features, in_features]`` widened (exactly) to float32, the output ``[..., out_features]`` rounded back to
+    the input's dtype. Same parameters and state dict as the layer it replaces."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(input.float(), self.weight.float(), bias).to(input.dtype)
+
+
+def use_float32_matmuls(model: torch.nn.Module) -> int:
+    """Make every plain :class:`torch.nn.Linear` of ``model`` a :class:`Float32MatmulLinear` (in place); returns how
+    many. Subclasses of ``Linear`` (quantized layers, say) are left as they are."""
+    layers = [module for module in model.modules() if type(module) is torch.nn.Linear]
+    for module in layers:
+        module.__class__ = Float32MatmulLinear
+    return len(layers)
+
+
+def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16,
+         float32_matmuls: bool | None = None) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode on the CPU.
 
     ``name_or_path`` is a bundled model name (``"smollm2-135m"``) or a local Hugging Face checkpoint directory
     (optionally with a ``.gguf`` file inside, given as ``DIR/FILE.gguf``). A GGUF file (the bundled model is one)
     needs the optional extra kvpack[models] (gguf and accelerate); without it :class:`ModelLoadError` says so.
+    ``float32_matmuls``: multiply in float32 (:func:`use_float32_matmuls`); by default where ``dtype`` is bfloat16 and
+    the CPU has no bf16 matrix instructions (:func:`kvpack.cpu.native_bf16_matmul`), see the module docstring.
     """
+    if float32_matmuls is None:
+        float32_matmuls = dtype == torch.bfloat16 and not cpu.native_bf16_matmul()
+    model, tokenizer = _load(name_or_path, dtype)
+    if float32_matmuls:
+        use_float32_matmuls(model)
+    return model, tokenizer
+
+
+def _load(name_or_path: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
