@@ -56,8 +56,8 @@ def test_bundled_model_is_the_same_from_its_converted_form(smollm: tuple[Any, An
 
 def test_float32_matmuls_keep_the_parameters_and_round_the_float32_product(monkeypatch: pytest.MonkeyPatch) -> None:
     """:func:`models.use_float32_matmuls` changes how linear layers multiply, not what they hold: the state dict is
-    the same tensors, and each layer's output is the float32 product of its bf16 input and weight rounded to bf16
-    (to the bit)."""
+    the same tensors, and from ``FLOAT32_FROM_ROWS`` rows on each layer's output is the float32 product of its bf16
+    input and weight rounded to bf16 (to the bit); fewer rows go through torch's own kernel."""
     model = tiny("llama", torch.bfloat16)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -65,9 +65,12 @@ def test_float32_matmuls_keep_the_parameters_and_round_the_float32_product(monke
     assert all(isinstance(m, models.Float32MatmulLinear) for m in linears)
     assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
     layer = linears[0]
-    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    rows = models.FLOAT32_FROM_ROWS
+    x = torch.randn(2, rows, layer.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     expected = (x.float() @ layer.weight.float().T).to(torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16 and torch.equal(layer(x), expected)
+    few = x[0, : rows - 1]  # a decode step's rows: torch's own kernel
+    assert torch.equal(layer(few), torch.nn.functional.linear(few, layer.weight))
     with torch.no_grad():
         assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
 

@@ -12,11 +12,12 @@ rounded to bf16 either way), so :class:`~kvpack.spec.ModelSpec` fingerprints and
 (``tests/test_models.py``). A cache that cannot be read is rebuilt.
 
 On a CPU without bfloat16 matrix instructions (no AMX-BF16 or AVX512-BF16: AMD Zen 3, older Xeons) torch multiplies
-bf16 matrices in a scalar fallback, about 5x slower than float32 (a 512-token prefill of SmolLM2-135M: 8.4 s against
-1.6 s on a 2-core Zen 3, ``docs/results/zen3/prefill_dtype.py``). There, :func:`load` makes the model's linear layers
-multiply in float32: the same bf16 weights and activations, widened exactly, multiplied with float32 accumulation (as
-the fallback accumulates), the product rounded back to bf16. Weights, activations and the KV cache stay bf16; only
-the rounding of sums differs from the fallback's, as it differs from AMX's.
+bf16 matrices in a scalar fallback, about 6x slower than float32 (a 512-token prefill of SmolLM2-135M: 7.7 s against
+1.4 s on a 2-core Zen 3, ``docs/results/zen3/prefill_dtype.py``). There, :func:`load` makes the model's linear layers
+multiply in float32 (:class:`Float32MatmulLinear`): the same bf16 weights and activations, widened exactly, multiplied
+with float32 accumulation (as the fallback accumulates), the product rounded back to bf16; a 512-token prefill then
+took 1.3 s. Weights, activations and the KV cache stay bf16; only the rounding of sums differs from the fallback's, as
+it differs from AMX's.
 """
 
 from __future__ import annotations
@@ -66,12 +67,22 @@ def _require_gguf_support() -> None:
         )
 
 
+#: Inputs of fewer rows than this (a decode step's one token) keep torch's kernel: widening the weight costs more
+#: than the float32 product saves at few rows (a forward pass of SmolLM2 on a 2-core Zen 3, torch's kernels against
+#: float32 matmuls: 42 / 117 ms for 1 token, 141 / 156 ms for 8, 299 / 172 ms for 16, 7.7 / 1.3 s for 512;
+#: ``docs/results/zen3/prefill_dtype.py``).
+FLOAT32_FROM_ROWS = 12
+
+
 class Float32MatmulLinear(torch.nn.Linear):
-    """A :class:`torch.nn.Linear` whose product runs in float32: input ``[..., in_features]`` and the weight
-    ``[out_features, in_features]`` widened (exactly) to float32, the output ``[..., out_features]`` rounded back to
-    the input's dtype. Same parameters and state dict as the layer it replaces."""
+    """A :class:`torch.nn.Linear` whose product runs in float32 from :data:`FLOAT32_FROM_ROWS` rows of input on:
+    input ``[..., in_features]`` and the weight ``[out_features, in_features]`` widened (exactly) to float32, the
+    output ``[..., out_features]`` rounded back to the input's dtype. Same parameters and state dict as the layer it
+    replaces."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.numel() < FLOAT32_FROM_ROWS * self.in_features:
+            return super().forward(input)
         bias = None if self.bias is None else self.bias.float()
         return F.linear(input.float(), self.weight.float(), bias).to(input.dtype)
 
