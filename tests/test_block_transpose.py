@@ -14,13 +14,13 @@ from kvpack.codecs.common import as_words, block_to_rows, rows_to_block, symbol_
 def _block(symbols, wide, offs, i0, n):  # type: ignore[no-untyped-def]
     q, q64 = symbol_block(offs.size)
     rows_to_block(symbols, wide, offs, i0, n, q, q64)
-    return q[:n].copy()
+    return q[:n, : offs.size].copy()  # the columns past dim pad the rows to words
 
 
 @njit
 def _rows(block, symbols, wide, offs, i0):  # type: ignore[no-untyped-def]
     q, q64 = symbol_block(offs.size)
-    q[: block.shape[0]] = block
+    q[: block.shape[0], : offs.size] = block
     block_to_rows(q, q64, i0, block.shape[0], symbols, wide, offs)
 
 

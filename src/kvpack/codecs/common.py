@@ -280,10 +280,12 @@ def transpose8(x0, x1, x2, x3, x4, x5, x6, x7):  # type: ignore[no-untyped-def]
 
 @njit(nogil=True, cache=True, inline="always")
 def symbol_block(dim):  # type: ignore[no-untyped-def]
-    """A ``[BLOCK_TOKENS, dim]`` uint8 block of symbols for :func:`rows_to_block` / :func:`block_to_rows` and its
-    uint64 view ``[BLOCK_TOKENS, ceil(dim / 8)]`` (its rows padded to whole words): ``(q, q64)``."""
+    """A block of symbols for :func:`rows_to_block` / :func:`block_to_rows`, ``(q, q64)``: uint8 ``[BLOCK_TOKENS,
+    8 * ceil(dim / 8)]`` (channel ``c`` of token ``i`` at ``q[i, c]``; the columns past ``dim`` pad the rows to
+    whole words) and its uint64 view ``[BLOCK_TOKENS, ceil(dim / 8)]``. Contiguous, so that numba compiles the
+    loops over a row's channels for a contiguous array (a ``[:, :dim]`` slice of it is not)."""
     q64 = np.empty((BLOCK_TOKENS, (dim + 7) // 8), np.uint64)
-    return q64.view(np.uint8)[:, :dim], q64
+    return q64.view(np.uint8), q64
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -233,7 +233,6 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
                 top_base[c] = base[r0 + c]
                 sign_flip[c] = np.int32(flip[r0 + c]) << (exp_bits + k)
             q, q64 = symbol_block(dim)
-            block_symbols = q64.view(np.uint8)  # q with its rows padded to words: contiguous rows
             spread64 = np.zeros(n_blocks, np.uint64)
             spread = spread64.view(np.uint8)  # per channel its partial raw bits
             ep = esc_start[tile]
@@ -255,7 +254,7 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
                             word |= ((packed >> np.uint64(part * j)) & np.uint64(pmask)) << np.uint64(8 * j)
                         spread64[b] = word
                     odd = np.int32(0)  # negative if the token has an invalid symbol or an escape
-                    sym_row = block_symbols[i]
+                    sym_row = q[i]
                     out_row = o[t]
                     for c in range(dim):
                         sym = np.int32(sym_row[c])
