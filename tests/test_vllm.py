@@ -85,8 +85,9 @@ def entries(store: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Cold runs of every codec in one process, warm runs in a second; then, on copies of the raw store, valid
-    entries holding other K/V and corrupted entries in a third."""
+    """Cold runs of every codec in one process; warm runs in a second, which then serves from copies of the raw
+    store whose entries are valid but hold other K/V, and whose entries are corrupted (each engine has its own
+    connector and store, and vLLM's prefix cache is off, so nothing of a run reaches the next but the process)."""
     tmp = tmp_path_factory.mktemp("vllm")
     prompt = "".join(f"Paragraph {i}. {PROSE}" for i in range(18)) + "\nSummarize the text above."
     dtype = "float32" if "amx_bf16" in flags() else "bfloat16"  # what tests/vllm_run.py serves in
@@ -105,7 +106,6 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             for codec in CODECS]
     cold = run_plan(runs, prompt, tmp, "cold")
     stored = {codec: entries(stores[codec]) for codec in CODECS}
-    warm = run_plan(runs, prompt, tmp, "warm")
     # copies of the raw store: one whose entries are valid but hold other K/V, one whose entries are corrupted
     raw = codecs.get("raw")
     forged, corrupted = tmp / "forged", tmp / "corrupted"
@@ -119,10 +119,11 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             target = root / path.relative_to(stores["raw"])
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(payload)
-    altered = run_plan([{"name": "forged", "store": str(forged), "codec": "raw"},
-                        {"name": "corrupted", "store": str(corrupted), "codec": "raw"}], prompt, tmp, "altered")
-    return {"cold": cold, "warm": warm, "stored": stored, "altered": altered, "corrupted": corrupted,
-            "params": params}
+    altered = [{"name": "forged", "store": str(forged), "codec": "raw"},
+               {"name": "corrupted", "store": str(corrupted), "codec": "raw"}]
+    warm = run_plan(runs + altered, prompt, tmp, "warm")  # the altered stores' runs in the warm process, after it
+    return {"cold": cold, "warm": warm, "stored": stored, "corrupted": corrupted, "params": params,
+            "altered": {run["name"]: warm[run["name"]] for run in altered}}
 
 
 @pytest.mark.parametrize("codec", list(CODECS))
