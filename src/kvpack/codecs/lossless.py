@@ -45,6 +45,7 @@ from kvpack.codecs.base import Codec, Payload, register
 from kvpack.codecs.common import (
     BLOCK_TOKENS,
     as_words,
+    block_to_rows,
     check_classes,
     encode_rows,
     out_buffer,
@@ -159,50 +160,79 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
     whole, part = (low - shift) // 8, (low - shift) % 8
     pmask = (1 << part) - 1
     kmask = (1 << k) - 1
+    narrow = 1 + exp_bits + man_bits <= 16  # 16-bit floats: their bits fit int32 arithmetic
     max_rel = 255 >> (k + 1)
     emask = (1 << exp_bits) - 1
 
     @njit(nogil=True, cache=True, parallel=True)
-    def split(span, stride, tokens, dim, base, flip, esc_start):  # type: ignore[no-untyped-def]
-        """Symbols ``[rows, tokens]``, escapes ``[n]`` and the mantissa section: the shift byte, then the raw low
-        bits ``[tiles, tokens * row_bytes]``, of the bits ``[tiles, tokens, dim]`` that are the tiles of ``span``
-        at ``stride`` (:func:`tile_span`)."""
+    def split(span, stride, tokens, dim, base, flip, esc_start, symbols, wide):  # type: ignore[no-untyped-def]
+        """Escapes ``[n]`` and the mantissa section (the shift byte, then the raw low bits ``[tiles, tokens *
+        row_bytes]``) of the bits ``[tiles, tokens, dim]`` that are the tiles of ``span`` at ``stride``
+        (:func:`tile_span`); their symbols go to ``symbols`` (uint8 ``[tiles * dim * tokens]``, rows ``[tiles * dim,
+        tokens]``; ``wide``: as words, :func:`~kvpack.codecs.common.as_words`).
+
+        The inverse of ``merge``'s order: per token, one branch-free loop over contiguous channels computes every
+        symbol into a ``[token, channel]`` block and spreads the partial raw bits one byte per channel, which are
+        then packed by blocks of 8; a token with an escape then lists its escapes; each block of
+        :data:`~kvpack.codecs.common.BLOCK_TOKENS` tokens goes to the symbol rows by words
+        (:func:`~kvpack.codecs.common.block_to_rows`). Against the former split (symbols written to 64 rows and raw
+        bits packed element by element, a branch per element for escapes), on 1,024 tokens of each of two real
+        SmolLM2 bf16 caches in 256-token chunks: 150 -> 86 ms on one thread, 76 -> 44 ms on two (2-core Zen 3;
+        in-process, interleaved, medians of 15 runs, paired ratio 0.57; identical output). 16-bit floats are
+        computed in int32, eight channels per AVX2 vector (in int64 the same loop gained 10%: paired ratio 0.90)."""
         tiles = base.size // dim
         row_bytes = dim * whole + (dim + 7) // 8 * part
-        symbols = np.empty((tiles * dim, tokens), np.uint8)
+        n_blocks = (dim + 7) // 8
         escapes = np.empty(esc_start[-1], np.uint16)
         mantissa = np.empty(1 + tiles * tokens * row_bytes, np.uint8)
         mantissa[0] = shift
         raw = mantissa[1:].reshape((tiles, tokens * row_bytes))
         for tile in prange(tiles):
             r0 = tile * dim
+            offs = np.arange(r0, r0 + dim) * tokens
+            top_base = np.empty(dim, np.int32)
+            sign_flip = np.empty(dim, np.int32)
+            for c in range(dim):
+                top_base[c] = base[r0 + c]
+                sign_flip[c] = flip[r0 + c]
+            q, q64 = symbol_block(dim)
+            spread64 = np.zeros(n_blocks, np.uint64)
+            spread = spread64.view(np.uint8)  # per channel its partial raw bits
             ep = esc_start[tile]
             m = raw[tile]
             x = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
-            for t in range(tokens):
-                p = t * row_bytes
-                q = p + dim * whole
-                for c0 in range(0, dim, 8):
-                    block = 0
-                    for j in range(min(8, dim - c0)):
-                        c = c0 + j
-                        v = np.int64(x[t, c])
+            for i0 in range(0, tokens, BLOCK_TOKENS):
+                n = min(BLOCK_TOKENS, tokens - i0)
+                for i in range(n):
+                    t = i0 + i
+                    row = x[t]
+                    sym_row = q[i]
+                    p = t * row_bytes
+                    escaped = False
+                    for c in range(dim):
+                        v = np.int32(row[c]) if narrow else np.int64(row[c])
                         top = v >> low
-                        rel = np.int64(base[r0 + c]) - ((top >> k) & emask)
-                        if rel < max_rel:
-                            sign = (top >> (exp_bits + k)) ^ np.int64(flip[r0 + c])
-                            symbols[r0 + c, t] = (rel << (k + 1)) | (sign << k) | (top & ((1 << k) - 1))
-                        else:
-                            symbols[r0 + c, t] = ESCAPE
-                            escapes[ep] = top
-                            ep += 1
+                        rel = top_base[c] - ((top >> k) & emask)
+                        sign = ((top >> (exp_bits + k)) & 1) ^ sign_flip[c]
+                        escape = rel >= max_rel
+                        escaped |= escape
+                        sym_row[c] = ESCAPE if escape else (rel << (k + 1)) | (sign << k) | (top & kmask)
+                        spread[c] = (v >> (shift + 8 * whole)) & pmask
                         for w in range(whole):
                             m[p + c * whole + w] = (v >> (shift + 8 * w)) & 0xFF
-                        block |= ((v >> (shift + 8 * whole)) & pmask) << (part * j)
-                    for w in range(part):
-                        m[q + w] = (block >> (8 * w)) & 0xFF
-                    q += part
-        return symbols, escapes, mantissa
+                    q0 = p + dim * whole
+                    for b in range(n_blocks if part else 0):
+                        packed = np.uint64(0)
+                        for j in range(8):
+                            packed |= ((spread64[b] >> np.uint64(8 * j)) & np.uint64(pmask)) << np.uint64(part * j)
+                        for w in range(part):
+                            m[q0 + b * part + w] = (packed >> np.uint64(8 * w)) & np.uint64(0xFF)
+                    for c in range(dim if escaped else 0):
+                        if sym_row[c] == ESCAPE:  # no symbol of an element that is not escaped is ESCAPE
+                            escapes[ep] = np.int64(row[c]) >> low
+                            ep += 1
+                block_to_rows(q, q64, i0, n, symbols, wide, offs)
+        return escapes, mantissa
 
     @njit(nogil=True, cache=True, parallel=True)
     def merge(span, stride, tokens, dim, symbols, wide, row_offset, base, flip, escapes, esc_start,  # type: ignore[no-untyped-def]
@@ -319,7 +349,9 @@ def split_bits(bits: np.ndarray, dtype: str) -> BitSplit:
     shift = zeros // 8 * 8  # whole zero bytes only: at most 3 kernel variants per dtype to compile
     esc_start = np.zeros(n_esc.size + 1, np.int64)
     np.cumsum(n_esc, out=esc_start[1:])
-    symbols, escapes, mantissa = _kernels(dtype, shift)[0](span, stride, tokens, dim, base, flip, esc_start)
+    symbols = np.empty(groups * heads * dim * tokens, np.uint8)
+    escapes, mantissa = _kernels(dtype, shift)[0](span, stride, tokens, dim, base, flip, esc_start, symbols,
+                                                  as_words(symbols))
     return BitSplit(base, flip, n_esc, shift, symbols.reshape(groups, heads * dim, tokens), escapes, mantissa)
 
 
