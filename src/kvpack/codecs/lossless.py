@@ -70,40 +70,50 @@ FIELDS = {"bfloat16": (8, 7, 1), "float16": (5, 10, 2), "float32": (8, 23, 1)}
 ESCAPE = 255
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _row_stats(span: np.ndarray, stride: int, tiles: int, tokens: int, dim: int, exp_bits: int, man_bits: int,
-               max_rel: int, low_mask: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Per row of bits ``[tiles, tokens, dim]`` (the tiles of ``span`` at ``stride``: :func:`tile_span`): largest
-    exponent and majority-sign flag; escapes per tile; the OR of every element's bits under ``low_mask``."""
-    base = np.zeros(tiles * dim, np.uint8)
-    flip = np.zeros(tiles * dim, np.uint8)
-    n_esc = np.zeros(tiles, np.int64)
-    low = np.zeros(tiles, np.int64)
-    emask = (1 << exp_bits) - 1
-    for tile in prange(tiles):
-        bits = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
-        top = np.zeros(dim, np.int64)
-        neg = np.zeros(dim, np.int64)
-        ors = np.zeros(dim, np.int64)
-        for t in range(tokens):
+@functools.cache
+def _row_stats(narrow: bool) -> Any:
+    """The row statistics kernel, in int32 arithmetic for 16-bit floats (``narrow``; eight channels per AVX2
+    vector) and int64 for float32, compiled on first use. Against int64 for every dtype, on 1,024 tokens of each of
+    two real SmolLM2 bf16 caches in 256-token chunks: 41 -> 24 ms on one thread, 23 -> 15 on two (2-core Zen 3;
+    in-process, interleaved, medians of 15 runs, paired ratios 0.59 and 0.63; identical output)."""
+    word = np.int32 if narrow else np.int64
+
+    @njit(nogil=True, cache=True, parallel=True)
+    def row_stats(span, stride, tiles, tokens, dim, exp_bits, man_bits, max_rel, low_mask):  # type: ignore[no-untyped-def]
+        """Per row of bits ``[tiles, tokens, dim]`` (the tiles of ``span`` at ``stride``: :func:`tile_span`):
+        largest exponent and majority-sign flag; escapes per tile; the OR of every element's bits under
+        ``low_mask``."""
+        base = np.zeros(tiles * dim, np.uint8)
+        flip = np.zeros(tiles * dim, np.uint8)
+        n_esc = np.zeros(tiles, np.int64)
+        low = np.zeros(tiles, np.int64)
+        emask = (1 << exp_bits) - 1
+        for tile in prange(tiles):
+            bits = span[tile * stride : tile * stride + tokens * dim].reshape(tokens, dim)
+            top = np.zeros(dim, word)
+            neg = np.zeros(dim, word)
+            ors = np.zeros(dim, word)
+            for t in range(tokens):
+                for c in range(dim):
+                    v = word(bits[t, c])
+                    top[c] = max(top[c], (v >> man_bits) & emask)
+                    neg[c] += v >> (exp_bits + man_bits)
+                    ors[c] |= v
+            esc = 0
+            for t in range(tokens):
+                for c in range(dim):
+                    esc += top[c] - ((word(bits[t, c]) >> man_bits) & emask) >= max_rel
+            n_esc[tile] = esc
             for c in range(dim):
-                v = np.int64(bits[t, c])
-                top[c] = max(top[c], (v >> man_bits) & emask)
-                neg[c] += v >> (exp_bits + man_bits)
-                ors[c] |= v
-        esc = 0
-        for t in range(tokens):
-            for c in range(dim):
-                esc += top[c] - ((np.int64(bits[t, c]) >> man_bits) & emask) >= max_rel
-        n_esc[tile] = esc
-        for c in range(dim):
-            base[tile * dim + c] = top[c]
-            flip[tile * dim + c] = 2 * neg[c] > tokens
-            low[tile] |= ors[c] & low_mask
-    all_low = 0
-    for tile in range(tiles):
-        all_low |= low[tile]
-    return base, flip, n_esc, all_low
+                base[tile * dim + c] = top[c]
+                flip[tile * dim + c] = 2 * neg[c] > tokens
+                low[tile] |= ors[c] & low_mask
+        all_low = 0
+        for tile in range(tiles):
+            all_low |= low[tile]
+        return base, flip, n_esc, all_low
+
+    return row_stats
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -343,8 +353,8 @@ def split_bits(bits: np.ndarray, dtype: str) -> BitSplit:
     exp_bits, man_bits, k = FIELDS[dtype]
     groups, heads, tokens, dim = bits.shape
     span, stride = tile_span(bits.reshape(groups * heads, tokens, dim))  # a chunk of a longer cache: no copy
-    base, flip, n_esc, low_bits = _row_stats(span, stride, groups * heads, tokens, dim, exp_bits, man_bits,
-                                             255 >> (k + 1), (1 << (man_bits - k)) - 1)
+    base, flip, n_esc, low_bits = _row_stats(1 + exp_bits + man_bits <= 16)(
+        span, stride, groups * heads, tokens, dim, exp_bits, man_bits, 255 >> (k + 1), (1 << (man_bits - k)) - 1)
     zeros = (low_bits & -low_bits).bit_length() - 1 if low_bits else man_bits - k
     shift = zeros // 8 * 8  # whole zero bytes only: at most 3 kernel variants per dtype to compile
     esc_start = np.zeros(n_esc.size + 1, np.int64)
