@@ -74,8 +74,8 @@ ESCAPE = 255
 def _row_stats(narrow: bool) -> Any:
     """The row statistics kernel, in int32 arithmetic for 16-bit floats (``narrow``; eight channels per AVX2
     vector) and int64 for float32, compiled on first use. Against int64 for every dtype, on 1,024 tokens of each of
-    two real SmolLM2 bf16 caches in 256-token chunks: 41 -> 24 ms on one thread, 23 -> 15 on two (2-core Zen 3;
-    in-process, interleaved, medians of 15 runs, paired ratios 0.59 and 0.63; identical output)."""
+    two real SmolLM2 bf16 caches in 256-token chunks: 22.2 -> 15.1 ms on one thread, 22.7 -> 13.9 on two (2-core
+    Zen 3, identical output; ``docs/results/zen3/lossless_kernels_ab.py``)."""
     word = np.int32 if narrow else np.int64
 
     @njit(nogil=True, cache=True, parallel=True)
@@ -187,9 +187,9 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
         :data:`~kvpack.codecs.common.BLOCK_TOKENS` tokens goes to the symbol rows by words
         (:func:`~kvpack.codecs.common.block_to_rows`). Against the former split (symbols written to 64 rows and raw
         bits packed element by element, a branch per element for escapes), on 1,024 tokens of each of two real
-        SmolLM2 bf16 caches in 256-token chunks: 150 -> 86 ms on one thread, 76 -> 44 ms on two (2-core Zen 3;
-        in-process, interleaved, medians of 15 runs, paired ratio 0.57; identical output). 16-bit floats are
-        computed in int32, eight channels per AVX2 vector (in int64 the same loop gained 10%: paired ratio 0.90)."""
+        SmolLM2 bf16 caches in 256-token chunks: 85.7 -> 58.5 ms on one thread, 75.8 -> 42.2 on two (2-core Zen 3,
+        identical output; ``docs/results/zen3/lossless_kernels_ab.py``). 16-bit floats are computed in int32,
+        eight channels per AVX2 vector."""
         tiles = base.size // dim
         row_bytes = dim * whole + (dim + 7) // 8 * part
         n_blocks = (dim + 7) // 8
@@ -258,8 +258,8 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
         from its symbol in arithmetic and writes it, with no branch and no table; a
         token holding an escape or an invalid symbol is redone element by element. Against the former merge (a
         ``[dim, 256]`` table of top bits built per tile, symbols read row by row, bits unpacked per element),
-        on 1,024 tokens of each of two real SmolLM2 bf16 caches in 256-token chunks, 53-56 -> 34-35 ms on one thread
-        and 28 -> 18 ms on two (2-core Zen 3; in-process, interleaved, medians of 9 runs; identical bits)."""
+        on 1,024 tokens of each of two real SmolLM2 bf16 caches in 256-token chunks: 74.0 -> 43.7 ms on one thread,
+        55.8 -> 37.3 on two (2-core Zen 3, identical bits; ``docs/results/zen3/lossless_kernels_ab.py``)."""
         tiles = base.size // dim
         row_bytes = dim * whole + (dim + 7) // 8 * part
         n_blocks = (dim + 7) // 8
