@@ -184,6 +184,8 @@ def run_demo(console: Console, model: str, codec: Codec, store_url: str | None =
             console.print(f"[bold]Q[/bold] {question}\n[bold]A[/bold] {answer}")
         console.print("[dim]Warm requests bring the context's KV chunks back from the store (computing chunks from "
                       "the front only where the loader predicts that is faster) and prefill only the question; cold "
-                      "requests prefill everything; the speed-up is against the faster cold run. Answers can differ "
-                      "in rare places only because split and one-shot prefill add floating-point numbers in "
-                      "different orders.[/dim]")
+                      "requests prefill everything; the speed-up is against the faster cold run. A warm answer can "
+                      "part from the cold one after a few tokens although lossless chunks come back bit for bit: the "
+                      "warm request's KV was computed in other forward passes (the context once, the question on "
+                      "its own), whose sums run in other orders, and a greedy bf16 answer can take either side of a "
+                      "near-tie.[/dim]")
