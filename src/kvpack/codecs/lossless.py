@@ -70,6 +70,13 @@ FIELDS = {"bfloat16": (8, 7, 1), "float16": (5, 10, 2), "float32": (8, 23, 1)}
 ESCAPE = 255
 
 
+def _narrow(dtype: str) -> bool:
+    """Whether the kernels compute in int32 for ``dtype``: 16-bit floats, whose bits fit it (eight channels per AVX2
+    vector instead of four)."""
+    exp_bits, man_bits, _ = FIELDS[dtype]
+    return 1 + exp_bits + man_bits <= 16
+
+
 @functools.cache
 def _row_stats(narrow: bool) -> Any:
     """The row statistics kernel, in int32 arithmetic for 16-bit floats (``narrow``; eight channels per AVX2
@@ -170,7 +177,7 @@ def _kernels(dtype: str, shift: int) -> tuple[Any, Any]:
     whole, part = (low - shift) // 8, (low - shift) % 8
     pmask = (1 << part) - 1
     kmask = (1 << k) - 1
-    narrow = 1 + exp_bits + man_bits <= 16  # 16-bit floats: their bits fit int32 arithmetic
+    narrow = _narrow(dtype)
     max_rel = 255 >> (k + 1)
     emask = (1 << exp_bits) - 1
 
@@ -353,7 +360,7 @@ def split_bits(bits: np.ndarray, dtype: str) -> BitSplit:
     exp_bits, man_bits, k = FIELDS[dtype]
     groups, heads, tokens, dim = bits.shape
     span, stride = tile_span(bits.reshape(groups * heads, tokens, dim))  # a chunk of a longer cache: no copy
-    base, flip, n_esc, low_bits = _row_stats(1 + exp_bits + man_bits <= 16)(
+    base, flip, n_esc, low_bits = _row_stats(_narrow(dtype))(
         span, stride, groups * heads, tokens, dim, exp_bits, man_bits, 255 >> (k + 1), (1 << (man_bits - k)) - 1)
     zeros = (low_bits & -low_bits).bit_length() - 1 if low_bits else man_bits - k
     shift = zeros // 8 * 8  # whole zero bytes only: at most 3 kernel variants per dtype to compile
