@@ -12,7 +12,8 @@ one code and one prose document, as `coding_split.py` records them) with
 * ``gather-pair Gx``: the same with rows that hold each bucket's first and last symbol, so a bucket of at most two
   symbols needs no step: one more gather (both symbols' entries), the step loop only for buckets of 3+ symbols;
 
-lanes past the lockstep part are finished by kvpack's scalar code. All on one thread (the gather decoders are
+lanes past the lockstep part are finished by kvpack's scalar code. Each call of every decoder validates its
+arguments (`check_lanes`) and orders its lanes, as ``decode_lanes`` does. All on one thread (the gather decoders are
 single-threaded here), timed with `kvpack.bench.timing.round_medians`; every decoder's output is checked against
 ``scalar``'s. The vector step is a numba intrinsic that emits LLVM IR with ``llvm.x86.avx2.gather.d.d.256`` (numba
 does not vectorize gathers by itself), so this runs on AVX2 hosts only. Run from the repository root:
@@ -262,10 +263,7 @@ for name, params in SETTINGS.items():
     prepared = []
     for words, offsets, starts, table, freqs in captured:
         m = freqs if isinstance(freqs, Model) else Model.from_freqs(np.asarray(freqs))
-        starts = np.asarray(starts, np.int64)
-        order = np.argsort(-np.diff(starts), kind="stable").astype(np.int64)
-        prepared.append((np.asarray(words), np.asarray(offsets, np.int64), starts, np.asarray(table, np.int32), m,
-                         order))
+        prepared.append((words, offsets, starts, table, m))
     calls[name] = prepared
 common.decode_lanes = lossless.decode_lanes = decode_lanes
 
@@ -273,14 +271,16 @@ DECODERS = {f"gather-{kind} {lanes}x": decoder(lanes, kind == "pair") for kind i
 
 
 def run_scalar(prepared: list[tuple[Any, ...]]) -> list[np.ndarray]:
-    return [decode_lanes(w, o, s, t, m, threads=1) for w, o, s, t, m, _ in prepared]
+    return [decode_lanes(w, o, s, t, m, threads=1) for w, o, s, t, m in prepared]
 
 
 def run(fn: Callable[..., Any], prepared: list[tuple[Any, ...]]) -> list[np.ndarray]:
     outs = []
-    for w, o, s, t, m, order in prepared:
+    for call in prepared:  # per call what decode_lanes does before its kernel: validate, then order the lanes
+        w, o, s, t, m = rans.check_lanes(*call)
+        order = np.argsort(-np.diff(s), kind="stable").astype(np.int64)
         out = np.empty(int(s[-1]), np.uint8)
-        if fn(w, o, s, t, m.etab, order, out).any():
+        if fn(w, o, s, t.astype(np.int32), m.etab, order, out).any():
             raise AssertionError("a lane failed its checks")
         outs.append(out)
     return outs
@@ -293,7 +293,7 @@ for name, prepared in calls.items():
         assert all(np.array_equal(a, c) for a, c in zip(run(fn, prepared), reference, strict=True)), (name, label)
     for label, call in [("scalar", partial(run_scalar, prepared))] + [(k, partial(run, f, prepared))
                                                                       for k, f in DECODERS.items()]:
-        keys.append((name, label, sum(int(s[-1]) for _, _, s, _, _, _ in prepared)))
+        keys.append((name, label, sum(int(np.asarray(s)[-1]) for _, _, s, _, _ in prepared)))
         fns.append(call)
 times = round_medians(fns, ROUNDS, primed=True)
 rows = [{"setting": name, "decoder": label, "symbols": n, "ms": 1e3 * t, "msym_per_s": n / t / 1e6}
