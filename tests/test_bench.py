@@ -206,6 +206,20 @@ def test_codecs_page_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_codecs_page_passkey_cells() -> None:
+    row = {"codec": "raw", "params": {}, "ratio": 1.0, "bits_per_element": 16.0, "ppl_increase_pct": 0.0,
+           "kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0, "greedy_agreement": 1.0, "encode_MBps": 1.0,
+           "decode_MBps": 1.0, "threads": 2, "prefix_tokens": 8, "cont_tokens": 8, "documents": ["a"],
+           "machine": "test"}
+    older = row | {"passkey_accuracy": 0.75, "passkey_accuracy_reference": 0.8}  # rows from before the log-prob
+    newer = older | {"passkey_key_logprob": -3.214, "passkey_key_logprob_reference": -1.5, "passkey_gained": 2,
+                     "passkey_lost": 3}
+    lines = bench_codecs.markdown([row, older, newer], "kvpack bench codecs", {}, None).splitlines()
+    assert "| 1.00 | - | - | 1 | 1 |" in lines[-3]
+    assert "| 0.75 (0.80) | - | 1 | 1 |" in lines[-2]
+    assert "| 0.75 (0.80) +2/-3 | -3.21 (-1.50) | 1 | 1 |" in lines[-1]
+
+
 def test_speed_rows_count_every_byte(tmp_path: Path) -> None:
     from kvpack.bench import speed
     from kvpack.eval.corpora import Document

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from kvpack import codecs
-from kvpack.bench.rows import profile_tag
+from kvpack.bench.rows import fmt, passkey_cells, profile_tag
 from kvpack.codecs.base import Codec
 
 #: Settings measured by default, as (codec name, parameters); those whose codec is not installed are skipped.
@@ -41,6 +41,16 @@ def label(row: dict[str, Any]) -> str:
     return f"{row['codec']}({params})" if params else row["codec"]
 
 
+def passkey_legend(row: dict[str, Any]) -> str:
+    """What the passkey columns mean, for a page whose rows ran passkey trials (else empty)."""
+    if not row.get("passkey_trials"):
+        return ""
+    return (f" Passkey: accuracy over {row['passkey_trials']} haystacks of {row['passkey_tokens']} tokens, the "
+            "uncompressed cache's in parentheses, then the trials only this cache answers (+) and only the "
+            "uncompressed one answers (-); key log p: mean log-probability (nats) of the key read after the "
+            "question, teacher-forced (kvpack.eval.passkey).")
+
+
 def markdown(rows: list[dict[str, Any]], command: str, profiles: dict[str, int], plot_path: Path | None) -> str:
     """docs/results/codecs.md from the rows."""
     first = rows[0]
@@ -52,21 +62,19 @@ def markdown(rows: list[dict[str, Any]], command: str, profiles: dict[str, int],
         "byte of every container counted (one container per document prefix). Δppl is the mean relative "
         "continuation-perplexity increase; KL is next-token KL(original ‖ decoded); greedy is the fraction of 64 "
         "greedy tokens generated before the first disagreement. MB/s are of fp16 KV, single process, "
-        f"{first['threads']} threads.", "",
-        "| setting | ratio | bits/el | Δppl % | code % | prose % | KL mean | KL p99 | top-1 | greedy | passkey (ref) "
-        "| enc MB/s | dec MB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{first['threads']} threads.{passkey_legend(first)}", "",
+        "| setting | ratio | bits/el | Δppl % | code % | prose % | KL mean | KL p99 | top-1 | greedy "
+        "| passkey (ref) +/- | key log p (ref) | enc MB/s | dec MB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        pk = "-" if r.get("passkey_accuracy") is None else \
-            f"{r['passkey_accuracy']:.2f} ({r['passkey_accuracy_reference']:.2f})"
+        pk, lp = passkey_cells(r)
         lines.append(
             f"| {label(r)}{profile_tag(r)} | {r['ratio']:.2f} | {r['bits_per_element']:.2f} | "
             f"{r['ppl_increase_pct']:+.2f} | "
             f"{fmt(r.get('ppl_increase_pct_code'), '+.2f')} | {fmt(r.get('ppl_increase_pct_prose'), '+.2f')} | "
             f"{r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1_agreement']:.3f} | {r['greedy_agreement']:.2f} | "
-            f"{pk} | {r['encode_MBps']:.0f} | {r['decode_MBps']:.0f} |")
+            f"{pk} | {lp} | {r['encode_MBps']:.0f} | {r['decode_MBps']:.0f} |")
     facts = sorted({f"- `{p['hash'][:8]}`: quantizer rounding {p.get('rounding')}, {p.get('calibration_tokens')} "
                     "calibration tokens" + (f", PCA groups {p['grouping']}" if p.get("grouping") else "")
                     for r in rows if (p := r.get("profile"))})

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 COLUMNS = ("codec", "params", "ratio", "bits/el", "Δppl %", "code %", "prose %", "KL mean", "KL p99", "top-1",
-           "greedy", "passkey (ref)", "enc MB/s", "dec MB/s")
+           "greedy", "passkey (ref) +/-", "key log p (ref)", "enc MB/s", "dec MB/s")
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -26,6 +26,18 @@ def profile_tag(row: dict[str, Any]) -> str:
     return f" [{profile['hash'][:8]}]" if profile else ""
 
 
+def passkey_cells(row: dict[str, Any]) -> tuple[str, str]:
+    """A row's passkey accuracy ``acc (reference's) +gained/-lost`` and mean key log-probability ``lp (reference's)``
+    (``-`` without passkey trials; rows written before the key log-probability was recorded show its ``-``)."""
+    if row.get("passkey_accuracy") is None:
+        return "-", "-"
+    accuracy = f"{row['passkey_accuracy']:.2f} ({row['passkey_accuracy_reference']:.2f})"
+    if row.get("passkey_gained") is None:
+        return accuracy, "-"
+    return (f"{accuracy} +{row['passkey_gained']}/-{row['passkey_lost']}",
+            f"{row['passkey_key_logprob']:.2f} ({row['passkey_key_logprob_reference']:.2f})")
+
+
 def print_rows(rows: list[dict[str, Any]], title: str, console: Console | None = None) -> None:
     """Print the rows of :func:`kvpack.eval.evaluate` as one table: ratio, quality metrics and MB/s per codec."""
     table = Table(title=title)
@@ -33,13 +45,11 @@ def print_rows(rows: list[dict[str, Any]], title: str, console: Console | None =
         table.add_column(column, justify="left" if column in ("codec", "params") else "right")
     for r in rows:
         params = ",".join(f"{k}={v}" for k, v in r["params"].items() if v is not None)
-        pk = "-" if r.get("passkey_accuracy") is None else \
-            f"{r['passkey_accuracy']:.2f} ({r['passkey_accuracy_reference']:.2f})"
         table.add_row(r["codec"], params, f"{r['ratio']:.2f}", f"{r['bits_per_element']:.2f}",
                       fmt(r["ppl_increase_pct"], "+.2f"), fmt(r.get("ppl_increase_pct_code"), "+.2f"),
                       fmt(r.get("ppl_increase_pct_prose"), "+.2f"), fmt(r["kl_mean"], ".4f"),
                       fmt(r["kl_p99"], ".3f"), fmt(r["top1_agreement"], ".3f"), fmt(r["greedy_agreement"], ".2f"),
-                      pk, fmt(r["encode_MBps"], ".0f"), fmt(r["decode_MBps"], ".0f"))
+                      *passkey_cells(r), fmt(r["encode_MBps"], ".0f"), fmt(r["decode_MBps"], ".0f"))
     (console or Console()).print(table)
 
 

@@ -33,7 +33,10 @@ def evaluate(model: Any, tokenizer: Any, spec: ModelSpec, codecs: Sequence[Codec
     """One JSON row per codec: ratio, bits/element, quality metrics and MB/s over ``docs`` (see BENCHMARKS.md).
 
     References are computed once per document and shared by all codecs. With ``passkey_tokens`` each row also
-    gets ``passkey_accuracy`` and ``passkey_accuracy_reference`` over ``passkey_trials`` haystacks.
+    gets, over ``passkey_trials`` haystacks (:mod:`kvpack.eval.passkey`), ``passkey_accuracy``, the mean
+    ``passkey_key_logprob`` and the per-trial ``passkey_hits``, each also of the uncompressed cache
+    (``..._reference``), and the paired comparison with it: ``passkey_gained`` / ``passkey_lost`` (trials only one
+    of the two answers) and their exact McNemar p-value ``passkey_mcnemar_p``.
     """
     results: list[list[DocumentResult]] = [[] for _ in codecs]
     with progress_bar(quiet) as bar:
@@ -51,10 +54,16 @@ def evaluate(model: Any, tokenizer: Any, spec: ModelSpec, codecs: Sequence[Codec
         if passkey_tokens:
             trials = passkey.make_trials(tokenizer, passkey_tokens, passkey_trials)
             bar.update(task, description=f"passkey at {passkey_tokens} tokens, {passkey_trials} trials")
-            accuracies = passkey.accuracy(model, tokenizer, spec, trials, [None, *codecs])
-            for row, acc in zip(rows, accuracies[1:], strict=True):
-                row.update(passkey_tokens=passkey_tokens, passkey_trials=passkey_trials, passkey_accuracy=acc,
-                           passkey_accuracy_reference=accuracies[0])
+            base, *outcomes = passkey.run(model, tokenizer, spec, trials, [None, *codecs])
+            for row, outcome in zip(rows, outcomes, strict=True):
+                gained, lost = outcome.flips(base)
+                row.update(passkey_tokens=passkey_tokens, passkey_trials=passkey_trials,
+                           passkey_accuracy=outcome.accuracy, passkey_accuracy_reference=base.accuracy,
+                           passkey_key_logprob=outcome.mean_key_logprob,
+                           passkey_key_logprob_reference=base.mean_key_logprob,
+                           passkey_hits=[int(h) for h in outcome.hits],
+                           passkey_hits_reference=[int(h) for h in base.hits],
+                           passkey_gained=gained, passkey_lost=lost, passkey_mcnemar_p=passkey.mcnemar_p(gained, lost))
     for row in rows:
         row["machine"] = machine()
         row.setdefault("passkey_accuracy", None)

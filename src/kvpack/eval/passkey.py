@@ -7,6 +7,7 @@ suffix the model reads on top of the cache. A trial succeeds when the key's digi
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -49,21 +50,61 @@ def make_trials(tokenizer: Any, haystack_tokens: int, trials: int, seed: int = 0
     return out
 
 
-def accuracy(model: Any, tokenizer: Any, spec: ModelSpec, trials: list[Trial],
-             codecs: list[Codec | None]) -> list[float]:
-    """Passkey accuracy for each entry of ``codecs`` (``None`` is the original, uncompressed cache).
+@dataclass(frozen=True)
+class Outcome:
+    """One cache's passkey results, in trial order.
+
+    ``hits``: whether the key's digits appear in the greedy answer; ``key_logprob``: the log-probability (nats) the
+    model gives the key's tokens (``" " + key``) read after the question, teacher-forced, a continuous measure of
+    the same retrieval that moves before a greedy answer flips (so fewer trials tell two caches apart).
+    """
+
+    hits: tuple[bool, ...]
+    key_logprob: tuple[float, ...]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.hits) / len(self.hits)
+
+    @property
+    def mean_key_logprob(self) -> float:
+        return sum(self.key_logprob) / len(self.key_logprob)
+
+    def flips(self, reference: Outcome) -> tuple[int, int]:
+        """``(gained, lost)``: trials this cache answers and ``reference`` misses, and the reverse."""
+        pairs = list(zip(self.hits, reference.hits, strict=True))
+        return sum(a and not b for a, b in pairs), sum(b and not a for a, b in pairs)
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar p-value of ``gained`` against ``lost`` discordant trials (a sign test on them): the
+    chance that two caches that retrieve equally well differ at least this much on the same haystacks."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def run(model: Any, tokenizer: Any, spec: ModelSpec, trials: list[Trial],
+        codecs: list[Codec | None]) -> list[Outcome]:
+    """The :class:`Outcome` of each entry of ``codecs`` (``None`` is the original, uncompressed cache).
 
     Every haystack is prefilled once; each codec then encodes and decodes that cache.
     """
     question = tokenizer(QUESTION, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    hits = [0] * len(codecs)
+    hits: list[list[bool]] = [[] for _ in codecs]
+    logprobs: list[list[float]] = [[] for _ in codecs]
     for trial in trials:
         kv, _ = prefill(model, spec, trial.prefix_ids, step=512)
+        answer_ids = tokenizer(" " + trial.key, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        read = torch.cat([question, answer_ids])
         for i, codec in enumerate(codecs):
             restored = kv if codec is None else codec.decode(codec.encode(kv), spec)
+            logits = forward(model, read[:-1], restored.to_hf())[len(question) - 1:]
+            logprobs[i].append(float(torch.log_softmax(logits, -1).gather(1, answer_ids[:, None]).sum()))
             cache = restored.to_hf()
-            logits = forward(model, question[:-1], cache)
-            del logits
+            forward(model, question[:-1], cache)
             answer = greedy(model, cache, int(question[-1]), ANSWER_TOKENS)
-            hits[i] += trial.key in tokenizer.decode(answer).replace(" ", "")
-    return [h / len(trials) for h in hits]
+            hits[i].append(trial.key in tokenizer.decode(answer).replace(" ", ""))
+    return [Outcome(tuple(h), tuple(lp)) for h, lp in zip(hits, logprobs, strict=True)]
