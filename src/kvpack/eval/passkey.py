@@ -2,7 +2,9 @@
 depth in a haystack of filler text; the model must repeat it after the haystack.
 
 The haystack with the key is the cached prefix (encoded and decoded by the codec under test); the question is the
-suffix the model reads on top of the cache. A trial succeeds when the key's digits appear in the greedy answer.
+suffix the model reads on top of the cache. A trial succeeds when the key's digits appear in the greedy answer. Each
+trial also records the key's teacher-forced log-probability, and two caches read the same haystacks, so they are
+compared pairwise (:meth:`Outcome.flips`, :func:`mcnemar_p`: McNemar, Psychometrika 12(2), 1947).
 """
 
 from __future__ import annotations
