@@ -85,6 +85,8 @@ def test_prefill_and_eval_raw_show_zero_change(smollm: Any, tmp_path: Path, monk
     assert row["passkey_accuracy"] == row["passkey_accuracy_reference"]
     assert row["passkey_key_logprob"] == row["passkey_key_logprob_reference"] < 0
     assert row["passkey_hits"] == row["passkey_hits_reference"] and len(row["passkey_hits"]) == 2
+    assert row["passkey_key_logprobs"] == row["passkey_key_logprobs_reference"]
+    assert sum(row["passkey_key_logprobs"]) / 2 == row["passkey_key_logprob"]
     assert (row["passkey_gained"], row["passkey_lost"], row["passkey_mcnemar_p"]) == (0, 0, 1.0)
     assert 0.99 < row["ratio"] <= 1.0 and row["documents"] == [str(text)]
 

@@ -34,9 +34,9 @@ def evaluate(model: Any, tokenizer: Any, spec: ModelSpec, codecs: Sequence[Codec
 
     References are computed once per document and shared by all codecs. With ``passkey_tokens`` each row also
     gets, over ``passkey_trials`` haystacks (:mod:`kvpack.eval.passkey`), ``passkey_accuracy``, the mean
-    ``passkey_key_logprob`` and the per-trial ``passkey_hits``, each also of the uncompressed cache
-    (``..._reference``), and the paired comparison with it: ``passkey_gained`` / ``passkey_lost`` (trials only one
-    of the two answers) and their exact McNemar p-value ``passkey_mcnemar_p``.
+    ``passkey_key_logprob``, the per-trial ``passkey_hits`` and ``passkey_key_logprobs``, each also of the
+    uncompressed cache (``..._reference``), and the paired comparison with it: ``passkey_gained`` /
+    ``passkey_lost`` (trials only one of the two answers) and their exact McNemar p-value ``passkey_mcnemar_p``.
     """
     results: list[list[DocumentResult]] = [[] for _ in codecs]
     with progress_bar(quiet) as bar:
@@ -63,6 +63,8 @@ def evaluate(model: Any, tokenizer: Any, spec: ModelSpec, codecs: Sequence[Codec
                            passkey_key_logprob_reference=base.mean_key_logprob,
                            passkey_hits=[int(h) for h in outcome.hits],
                            passkey_hits_reference=[int(h) for h in base.hits],
+                           passkey_key_logprobs=list(outcome.key_logprob),
+                           passkey_key_logprobs_reference=list(base.key_logprob),
                            passkey_gained=gained, passkey_lost=lost, passkey_mcnemar_p=passkey.mcnemar_p(gained, lost))
     for row in rows:
         row["machine"] = machine()
