@@ -5,15 +5,25 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
-from conftest import make_spec
+from conftest import PROSE, make_spec
 from kvpack.codecs import CacheGen, Transform
 from kvpack.codecs.cachegen import calibrate as cachegen_calibration
-from kvpack.codecs.transform.calibrate import CalibrationConfig, _allocate, calibrate_from_caches
+from kvpack.codecs.transform import retrieval
+from kvpack.codecs.transform.calibrate import (
+    CalibrationConfig,
+    _allocate,
+    calibrate_from_caches,
+    fisher_weights,
+    prefill_and_fisher,
+)
 from kvpack.codecs.transform.features import feature_groups
 from kvpack.codecs.transform.profile import profile_from
 from kvpack.codecs.transform.quant import TYPE_DROP
@@ -168,6 +178,10 @@ def test_a_price_per_component_codes_fewer_at_the_same_bits() -> None:
     ({"sink_format": "int4"}, "sink_format must be 'exact' or 'fp8'"),
     ({"basis_format": "fp32"}, "basis_format must be one of"),
     ({"component_cost": 1.0}, "component_cost must be a number in [0, 1)"),
+    ({"retrieval": -1}, "retrieval must be an integer in 0"),
+    ({"retrieval_tokens": 8}, "retrieval_tokens must be an integer in 16"),
+    ({"retrieval_share": 1.5}, "retrieval_share must be a number in [0, 1]"),
+    ({"retrieval": 2, "weighting": "uniform"}, "retrieval needs weighting=fisher"),
     ({"bogus": 1, "other": 2}, "has no setting 'bogus', 'other'; its settings: tokens"),
 ])
 def test_transform_calibration_settings_are_checked_when_made(options: dict[str, object], message: str) -> None:
@@ -187,3 +201,47 @@ def test_calibration_settings_keep_their_defaults_and_take_good_values() -> None
                              ({"bins": "wide"}, "bins must be"), ({"level": 1}, "has no setting 'level'")):
         with pytest.raises(ValueError, match=re.escape(message)):
             CacheGen.calibration_config(options)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=hst.integers(0, 2**16), share=hst.floats(0.0, 1.0), scale=hst.floats(1e-6, 1e6))
+def test_fisher_weights_mix_two_sensitivities_scaled_alike(seed: int, share: float, scale: float) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    cont, ret = torch.rand(40, generator=gen) + 1e-3, torch.rand(40, generator=gen) ** 4 + 1e-6
+    alone = fisher_weights(cont)
+    np.testing.assert_allclose(fisher_weights(cont * scale), alone, rtol=1e-6)  # only the shape of a Fisher counts
+    mixed = fisher_weights(cont, ret * scale, share)
+    np.testing.assert_allclose(mixed**2 - 1e-3, (1 - share) * (alone**2 - 1e-3) + share * (fisher_weights(ret)**2
+                                                                                           - 1e-3), rtol=1e-6)
+    np.testing.assert_allclose(fisher_weights(cont, ret, 0.0), alone)
+    assert (mixed >= np.sqrt(1e-3) * (1 - 1e-9)).all()
+
+
+def test_retrieval_haystacks_hide_one_key_in_the_calibration_text(smollm: tuple[Any, Any, Any]) -> None:
+    _, tokenizer, _ = smollm
+    texts = [PROSE * 8, "def f(x):\n    return x + 1\n" * 20]
+    made = retrieval.haystacks(tokenizer, texts, 3, 200, seed=5)
+    question = tokenizer(retrieval.QUESTION, add_special_tokens=False).input_ids
+    again = retrieval.haystacks(tokenizer, texts, 3, 200, seed=5)  # deterministic
+    assert [(ids.tolist(), q) for ids, q in made] == [(ids.tolist(), q) for ids, q in again]
+    depths = set()
+    for ids, q in made:
+        assert q == len(question) and ids[200 : 200 + q].tolist() == question
+        text = tokenizer.decode(ids[:200])
+        key = tokenizer.decode(ids[200 + q :]).strip()
+        assert re.fullmatch(r"\d{5}", key) and text.count(f"The secret number is {key}.") == 1
+        depths.add(text.index("The secret number"))
+    assert len(depths) > 1
+    with pytest.raises(ValueError, match="fewer than the 5000 a retrieval haystack needs"):
+        retrieval.haystacks(tokenizer, texts, 1, 5000)
+
+
+def test_retrieval_fisher_differentiates_the_answer_alone(smollm: tuple[Any, Any, Any]) -> None:
+    model, tokenizer, spec = smollm
+    texts = [PROSE * 8]
+    (ids, q), = retrieval.haystacks(tokenizer, texts, 1, 128)
+    f = retrieval.retrieval_fisher(model, tokenizer, spec, texts, 1, 128, sinks=1)
+    assert f.shape == (spec.elements_per_token,) and bool(torch.isfinite(f).all()) and float(f.min()) >= 0
+    torch.testing.assert_close(f, prefill_and_fisher(model, spec, ids, 128, 1, scored_from=q - 1)[2])
+    whole = prefill_and_fisher(model, spec, ids, 128, 1)[2]  # the question's tokens scored too
+    assert not torch.allclose(f / f.mean(), whole / whole.mean(), rtol=0.05)

@@ -39,6 +39,7 @@ from kvpack.codecs.calibrated import Log
 from kvpack.codecs.transform import quant
 from kvpack.codecs.transform.features import feature_groups, features
 from kvpack.codecs.transform.profile import BASIS_FORMATS, store_basis
+from kvpack.codecs.transform.retrieval import retrieval_fisher
 from kvpack.entropy.tables import quantize_freqs
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
@@ -68,6 +69,9 @@ class CalibrationConfig:
         fisher_docs: documents (the last ones, which the basis does not see) whose continuation is differentiated
             for the Fisher weights; the last one also gives the per-preset KL. The others are only prefilled.
         measure_kl: measure each preset's KL on the last document (``max_kl=`` rate control needs it).
+        retrieval: haystacks of ``retrieval_tokens`` calibration tokens with a key hidden in them whose recall is
+            differentiated too (:mod:`kvpack.codecs.transform.retrieval`); their Fisher, normalized to mean 1,
+            makes ``retrieval_share`` of the weights and the continuation's the rest. 0: continuation only.
         ratios, default_ratio, sinks, rounding, max_tokens, grouping, sink_format, basis_format, component_cost: as in
             :func:`calibrate_from_caches`.
     """
@@ -86,9 +90,13 @@ class CalibrationConfig:
     sink_format: str | None = None
     basis_format: str | None = None
     component_cost: float = 0.0
+    retrieval: int = 0
+    retrieval_tokens: int = 4096
+    retrieval_share: float = 0.5
 
     def __post_init__(self) -> None:
-        for name, low in (("tokens", 16), ("cont", 1), ("fisher_docs", 1), ("max_tokens", 16)):
+        for name, low in (("tokens", 16), ("cont", 1), ("fisher_docs", 1), ("max_tokens", 16), ("retrieval", 0),
+                          ("retrieval_tokens", 16)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 1 << 24:
                 raise ValueError(f"calibration setting {name} must be an integer in {low}..{1 << 24}, got {value!r}")
@@ -100,6 +108,11 @@ class CalibrationConfig:
             raise ValueError(f"calibration setting weighting must be 'fisher' or 'uniform', got {self.weighting!r}")
         if not isinstance(self.measure_kl, bool):
             raise ValueError(f"calibration setting measure_kl must be true or false, got {self.measure_kl!r}")
+        if not (_number(self.retrieval_share) and 0 <= self.retrieval_share <= 1):
+            raise ValueError(f"calibration setting retrieval_share must be a number in [0, 1], "
+                             f"got {self.retrieval_share!r}")
+        if self.retrieval and self.weighting != "fisher":
+            raise ValueError("calibration setting retrieval needs weighting=fisher (it adds to the Fisher weights)")
         if not (_number(self.rounding) and 0 <= self.rounding <= 0.5):
             raise ValueError(f"calibration setting rounding must be a number in [0, 0.5], got {self.rounding!r}")
         ratios = self.ratios if isinstance(self.ratios, tuple | list) else (self.ratios,)
@@ -507,9 +520,10 @@ def _doc_ids(tokenizer: Any, texts: Sequence[str], tokens: int, cont: int) -> li
     return out
 
 
-def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: int, sinks: int
-                       ) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-    """Prefill ``ids[:tokens]``; run the rest as a continuation and differentiate its log-likelihood w.r.t. the cache.
+def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: int, sinks: int,
+                       scored_from: int = 0) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    """Prefill ``ids[:tokens]``; run the rest as a continuation and differentiate its log-likelihood w.r.t. the cache
+    (of the continuation's tokens from index ``scored_from + 1`` on: a question's answer alone, say).
 
     Returns the cache, the continuation log-probs ``[cont, vocab]`` and the squared gradient per pre-RoPE feature
     averaged over the non-sink prefix tokens ``[D]`` (a diagonal empirical Fisher information: the expected KL of a
@@ -531,7 +545,7 @@ def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: i
     with torch.enable_grad():
         logits = model(cont[None], use_cache=True, **cache_arg(model, cache)).logits[0].float()
         logprobs = logits.log_softmax(-1)
-        loss = -logprobs[:-1].gather(1, cont[1:, None]).sum()
+        loss = -logprobs[scored_from:-1].gather(1, cont[scored_from + 1:, None]).sum()
         loss.backward()
     rot = 2 * (int(spec.head_dim * spec.rope.partial_rotary_factor) // 2) if spec.rope.type != "none" else 0
     keep = kv.positions >= sinks
@@ -546,6 +560,17 @@ def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: i
         gv = v.grad[0].float()[:, keep].pow(2).mean(1)
         parts += [gk.reshape(-1), gv.reshape(-1)]
     return kv, logprobs.detach(), torch.cat(parts)
+
+
+def fisher_weights(continuation: torch.Tensor, retrieval: torch.Tensor | None = None, share: float = 0.5
+                   ) -> np.ndarray:
+    """Per-feature error weights ``[D]`` from diagonal Fisher informations ``[D]``: the square root of their mix
+    (each scaled to mean 1; ``retrieval``, if given, makes ``share`` of it), plus a floor of 1e-3 so that no feature
+    is free."""
+    f = continuation.double() / continuation.double().mean()
+    if retrieval is not None:
+        f = (1 - share) * f + share * retrieval.double() / retrieval.double().mean()
+    return (f + 1e-3).sqrt().numpy()
 
 
 def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] | None = None, n_docs: int = 6,
@@ -582,8 +607,11 @@ def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] |
         say(f"calibration document {i + 1}: {tokens} tokens")
     weights = None
     if cfg.weighting == "fisher":
-        f = torch.stack(fisher).mean(0).double()
-        weights = (f / f.mean() + 1e-3).sqrt().numpy()
+        retrieval = None
+        if cfg.retrieval:
+            say(f"retrieval sensitivity: {cfg.retrieval} haystacks of {cfg.retrieval_tokens} tokens")
+            retrieval = retrieval_fisher(model, tokenizer, spec, texts, cfg.retrieval, cfg.retrieval_tokens, sinks)
+        weights = fisher_weights(torch.stack(fisher).mean(0), retrieval, cfg.retrieval_share)
     profile = calibrate_from_caches(caches, spec, recipe=recipe, weights=weights, sinks=sinks, ratios=cfg.ratios,
                                     default_ratio=cfg.default_ratio, reference_tokens=tokens, rounding=cfg.rounding,
                                     max_tokens=cfg.max_tokens, grouping=cfg.grouping, sink_format=cfg.sink_format,
