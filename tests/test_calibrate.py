@@ -234,6 +234,8 @@ def test_retrieval_haystacks_hide_one_key_in_the_calibration_text(smollm: tuple[
     assert len(depths) > 1
     with pytest.raises(ValueError, match="fewer than the 5000 a retrieval haystack needs"):
         retrieval.haystacks(tokenizer, texts, 1, 5000)
+    with pytest.raises(ValueError, match="no room around its"):
+        retrieval.haystacks(tokenizer, texts, 1, 16)
 
 
 def test_retrieval_fisher_differentiates_the_answer_alone(smollm: tuple[Any, Any, Any]) -> None:

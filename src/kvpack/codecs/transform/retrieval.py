@@ -35,6 +35,7 @@ def haystacks(tokenizer: Any, texts: Sequence[str], n: int, tokens: int, seed: i
     """
     if not texts:
         raise ValueError("retrieval calibration needs calibration texts")
+
     def encode(text: str) -> list[int]:
         return [int(t) for t in tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]]
 
@@ -45,6 +46,9 @@ def haystacks(tokenizer: Any, texts: Sequence[str], n: int, tokens: int, seed: i
     for i in range(n):
         key = f"{rng.randrange(10_000, 100_000)}"
         needle = encode(NEEDLE.format(key=key))
+        if tokens <= len(needle):
+            raise ValueError(f"a retrieval haystack of {tokens} tokens has no room around its {len(needle)}-token "
+                             f"needle; raise retrieval_tokens")
         filler = [t for doc in ids[i % len(ids):] + ids[: i % len(ids)] for t in doc][: tokens - len(needle)]
         if len(filler) < tokens - len(needle):
             raise ValueError(f"the calibration texts hold {sum(map(len, ids))} tokens, fewer than the {tokens} a "
