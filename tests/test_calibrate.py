@@ -17,16 +17,11 @@ from conftest import PROSE, make_spec
 from kvpack.codecs import CacheGen, Transform
 from kvpack.codecs.cachegen import calibrate as cachegen_calibration
 from kvpack.codecs.transform import retrieval
-from kvpack.codecs.transform.calibrate import (
-    CalibrationConfig,
-    _allocate,
-    calibrate_from_caches,
-    fisher_weights,
-    prefill_and_fisher,
-)
+from kvpack.codecs.transform.calibrate import CalibrationConfig, _allocate, calibrate_from_caches
 from kvpack.codecs.transform.features import feature_groups
 from kvpack.codecs.transform.profile import profile_from
 from kvpack.codecs.transform.quant import TYPE_DROP
+from kvpack.codecs.transform.sensitivity import fisher_weights, prefill_and_fisher
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
 from kvpack.rope import rotate

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from kvpack import models
-from kvpack.codecs.transform.calibrate import CalibrationConfig, _doc_ids, prefill_and_fisher
+from kvpack.codecs.transform.calibrate import CalibrationConfig, _doc_ids
 from kvpack.codecs.transform.retrieval import retrieval_fisher
+from kvpack.codecs.transform.sensitivity import prefill_and_fisher
 from kvpack.cpu import model_name
 from kvpack.eval.corpora import documents
 from kvpack.spec import ModelSpec

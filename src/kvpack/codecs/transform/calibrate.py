@@ -4,9 +4,10 @@ Steps (KVTC, arXiv 2511.01815, section 3, with the changes measured in docs/tran
 
 1. Pre-RoPE keys and values of all layers and KV heads, one vector ``x [D]`` per token, from calibration documents
    only, sink tokens excluded (:func:`kvpack.codecs.transform.features.features`).
-2. Per-feature weights ``w`` (``weights=``): how much squared error in a feature costs. :func:`sensitivity` measures
-   them with the model (diagonal Fisher information of the continuation log-likelihood with respect to the cache,
-   averaged per layer, K/V, head and channel, RoPE channel pairs tied); without a model, uniform (plain MSE, KVTC).
+2. Per-feature weights ``w`` (``weights=``): how much squared error in a feature costs, measured with the model
+   (:mod:`kvpack.codecs.transform.sensitivity`: diagonal Fisher information of the continuation log-likelihood with
+   respect to the cache, averaged per layer, K/V, head and channel, RoPE channel pairs tied); without a model,
+   uniform (plain MSE, KVTC).
 3. Per PCA group (one joint K+V group, or separate K and V under the kvtc recipe): mean, covariance of
    ``w * (x - mean)`` and its eigenvectors (exact float32 ``eigh`` of the smaller of covariance and token Gram
    matrix) from the basis documents; coefficient scales, tables and option costs from held-out documents, so that
@@ -40,6 +41,7 @@ from kvpack.codecs.transform import quant
 from kvpack.codecs.transform.features import feature_groups, features
 from kvpack.codecs.transform.profile import BASIS_FORMATS, store_basis
 from kvpack.codecs.transform.retrieval import retrieval_fisher
+from kvpack.codecs.transform.sensitivity import fisher_weights, prefill_and_fisher
 from kvpack.entropy.tables import quantize_freqs
 from kvpack.kv import KVCache
 from kvpack.profile import Profile
@@ -518,59 +520,6 @@ def _doc_ids(tokenizer: Any, texts: Sequence[str], tokens: int, cont: int) -> li
     if not out:
         raise ValueError(f"no calibration text has {tokens + cont} tokens; give longer texts or lower tokens")
     return out
-
-
-def prefill_and_fisher(model: Any, spec: ModelSpec, ids: torch.Tensor, tokens: int, sinks: int,
-                       scored_from: int = 0) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-    """Prefill ``ids[:tokens]``; run the rest as a continuation and differentiate its log-likelihood w.r.t. the cache
-    (of the continuation's tokens from index ``scored_from + 1`` on: a question's answer alone, say).
-
-    Returns the cache, the continuation log-probs ``[cont, vocab]`` and the squared gradient per pre-RoPE feature
-    averaged over the non-sink prefix tokens ``[D]`` (a diagonal empirical Fisher information: the expected KL of a
-    small error ``e`` is about ``0.5 * sum(F * e**2)``). RoPE channel pairs get their mean (the rotation mixes them).
-    """
-    from transformers import DynamicCache
-
-    from kvpack.inference import cache_arg, prefill
-
-    kv, _ = prefill(model, spec, ids[:tokens], step=512)
-    cache = DynamicCache()
-    leaves = []
-    for layer in range(spec.num_layers):
-        k = kv.keys[layer][None].clone().requires_grad_(True)
-        v = kv.values[layer][None].clone().requires_grad_(True)
-        cache.update(k, v, layer)
-        leaves.append((k, v))
-    cont = ids[tokens:]
-    with torch.enable_grad():
-        logits = model(cont[None], use_cache=True, **cache_arg(model, cache)).logits[0].float()
-        logprobs = logits.log_softmax(-1)
-        loss = -logprobs[scored_from:-1].gather(1, cont[scored_from + 1:, None]).sum()
-        loss.backward()
-    rot = 2 * (int(spec.head_dim * spec.rope.partial_rotary_factor) // 2) if spec.rope.type != "none" else 0
-    keep = kv.positions >= sinks
-    parts = []
-    for k, v in leaves:
-        assert k.grad is not None and v.grad is not None
-        gk = k.grad[0].float()[:, keep].pow(2).mean(1)  # [heads, head_dim]
-        if rot:
-            half = rot // 2
-            pair = (gk[:, :half] + gk[:, half:rot]) / 2
-            gk = torch.cat([pair, pair, gk[:, rot:]], dim=1)
-        gv = v.grad[0].float()[:, keep].pow(2).mean(1)
-        parts += [gk.reshape(-1), gv.reshape(-1)]
-    return kv, logprobs.detach(), torch.cat(parts)
-
-
-def fisher_weights(continuation: torch.Tensor, retrieval: torch.Tensor | None = None, share: float = 0.5
-                   ) -> np.ndarray:
-    """Per-feature error weights ``[D]`` from diagonal Fisher informations ``[D]``: the square root of their mix
-    (each scaled to mean 1; ``retrieval``, if given, makes ``share`` of it), plus a floor of 1e-3 so that no feature
-    is free."""
-    f = continuation.double() / continuation.double().mean()
-    if retrieval is not None:
-        f = (1 - share) * f + share * retrieval.double() / retrieval.double().mean()
-    return (f + 1e-3).sqrt().numpy()
 
 
 def calibrate(model: Any, tokenizer: Any, spec: ModelSpec, docs: Sequence[Any] | None = None, n_docs: int = 6,

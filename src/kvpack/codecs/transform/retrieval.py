@@ -1,6 +1,6 @@
 """Retrieval sensitivity for calibration: the Fisher weights of a key recalled from far back in the cache.
 
-The continuation Fisher (:func:`kvpack.codecs.transform.calibrate.prefill_and_fisher` on a document's next tokens)
+The continuation Fisher (:func:`kvpack.codecs.transform.sensitivity.prefill_and_fisher` on a document's next tokens)
 weighs the features by how much the next few hundred tokens depend on them, which is mostly local context. Recalling
 a fact from thousands of tokens back leans on other features: on SmolLM2-135M, layer 18 holds 36% of the retrieval
 Fisher and 5% of the continuation one (docs/transform.md, "Retrieval weights", which also measures that mixing it in
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kvpack.codecs.transform.sensitivity import prefill_and_fisher
 from kvpack.spec import ModelSpec
 
 NEEDLE = "The secret number is {key}. Keep it in mind. {key} is the secret number. "
@@ -63,8 +64,6 @@ def retrieval_fisher(model: Any, tokenizer: Any, spec: ModelSpec, texts: Sequenc
                      sinks: int) -> torch.Tensor:
     """Mean diagonal Fisher ``[D]`` (pre-RoPE features, as the continuation one) of the answers of ``n`` haystacks of
     ``tokens`` tokens: the squared gradient of the key's log-likelihood given the question, w.r.t. the cache."""
-    from kvpack.codecs.transform.calibrate import prefill_and_fisher
-
     parts = [prefill_and_fisher(model, spec, ids, tokens, sinks, scored_from=q - 1)[2]
              for ids, q in haystacks(tokenizer, texts, n, tokens)]
     return torch.stack(parts).mean(0)
