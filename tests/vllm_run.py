@@ -9,8 +9,9 @@ cache off) with ``KvpackConnector`` over that disk store and codec, one greedy r
 saves flushed, the engine shut down (which also shuts the connector down, so the next engine makes its own). OUT_JSON
 gets per run the prompt's token count, the generated token ids, the prompt tokens vLLM did not compute and the
 connector's codec. vLLM's prefix cache is off, so the tokens it did not compute came from the store; a warm run in
-a new process reads what an earlier process stored. The model runs in bfloat16, except on AMX hosts, where vLLM
-keeps bfloat16 KV in prepacked tiles the connector refuses (docs/vllm.md): float32 there.
+a new process reads what an earlier process stored. The model runs in float32 (``DTYPE``) on every host: on AMX
+hosts vLLM keeps bfloat16 KV in prepacked tiles the connector refuses (docs/vllm.md), and elsewhere (AVX2) bfloat16
+compute is about 4x slower than float32; bfloat16 pages are served through the connector by the README line's test.
 """
 
 from __future__ import annotations
@@ -27,11 +28,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def dtype() -> str:
-    """The model dtype of these runs on this host (module docstring)."""
-    from kvpack.cpu import flags
-
-    return "float32" if "amx_bf16" in flags() else "bfloat16"
+#: The model dtype of these runs (module docstring).
+DTYPE = "float32"
 
 
 def one(checkpoint: str, prompt: str, run: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +43,7 @@ def one(checkpoint: str, prompt: str, run: dict[str, Any]) -> dict[str, Any]:
         "kv_connector_extra_config": {"store": f"file://{run['store']}", "codec": run["codec"],
                                       "codec_params": run.get("codec_params", {})},
     }
-    llm = LLM(model=checkpoint, dtype=dtype(), max_model_len=2048, enforce_eager=True, seed=0,
+    llm = LLM(model=checkpoint, dtype=DTYPE, max_model_len=2048, enforce_eager=True, seed=0,
               enable_prefix_caching=False, kv_transfer_config=transfer)
     connector = get_kv_transfer_group()
     result = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16))[0]
