@@ -1,12 +1,16 @@
 """Trial-by-trial comparison of the passkey answers of two `kvpack bench codecs --passkey` runs on the same
 haystacks (the same `--passkey` length and `--trials`, so the same seed): checks that the uncompressed cache answered
 the same trials in both runs, then prints, for every pair of rows, the trials only the first answers, only the
-second, and the exact McNemar p-value (`kvpack.eval.passkey.mcnemar_p`). Run from the repository root:
+second, and the exact McNemar p-value (`kvpack.eval.passkey.mcnemar_p`); then the same for the key's teacher-forced
+log-probability, a continuous measure: the mean per-trial difference (each row against the uncompressed cache, then
+between rows) with its 95% interval (paired, normal approximation: mean +- 1.96 standard errors over the trials).
+Run from the repository root:
 
     .venv/bin/python docs/results/levers/passkey_flips.py A.json B.json
 """
 
 import json
+import math
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -24,3 +28,19 @@ for (a, ra), (b, rb) in combinations(rows, 2):
     gained, lost = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
     print(f"{a} ({sum(ra['passkey_hits'])}) vs {b} ({sum(rb['passkey_hits'])}): +{gained}/-{lost}, "
           f"p = {mcnemar_p(gained, lost):.2f}")
+
+
+def paired(x: list[float], y: list[float]) -> str:
+    d = [a - b for a, b in zip(x, y, strict=True)]
+    mean = sum(d) / len(d)
+    half = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
+    return f"{mean:+.3f} nats (95% interval {mean - half:+.3f} to {mean + half:+.3f})"
+
+
+scored = [(a, row) for a, row in rows if "passkey_key_logprobs" in row]  # pages before per-trial log-probs: hits only
+for a, _ in (row for row in rows if row not in scored):
+    print(f"key log p, {a}: no per-trial log-probabilities on that page")
+for a, ra in scored:
+    print(f"key log p, {a} - uncompressed: {paired(ra['passkey_key_logprobs'], ra['passkey_key_logprobs_reference'])}")
+for (a, ra), (b, rb) in combinations(scored, 2):
+    print(f"key log p, {a} - {b}: {paired(ra['passkey_key_logprobs'], rb['passkey_key_logprobs'])}")
