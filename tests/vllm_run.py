@@ -10,8 +10,8 @@ saves flushed, the engine shut down (which also shuts the connector down, so the
 gets per run the prompt's token count, the generated token ids, the prompt tokens vLLM did not compute and the
 connector's codec. vLLM's prefix cache is off, so the tokens it did not compute came from the store; a warm run in
 a new process reads what an earlier process stored. The model runs in float32 (``DTYPE``) on every host: on AMX
-hosts vLLM keeps bfloat16 KV in prepacked tiles the connector refuses (docs/vllm.md), and elsewhere (AVX2) bfloat16
-compute is about 4x slower than float32; bfloat16 pages are served through the connector by the README line's test.
+hosts vLLM keeps bfloat16 KV in prepacked tiles the connector refuses, and elsewhere bfloat16 compute is several
+times slower than float32 (docs/vllm.md); bfloat16 pages are served through the connector by the README line's test.
 """
 
 from __future__ import annotations

@@ -38,8 +38,9 @@ def paired(x: list[float], y: list[float]) -> str:
 
 
 scored = [(a, row) for a, row in rows if "passkey_key_logprobs" in row]  # pages before per-trial log-probs: hits only
-for a, _ in (row for row in rows if row not in scored):
-    print(f"key log p, {a}: no per-trial log-probabilities on that page")
+for a, row in rows:
+    if "passkey_key_logprobs" not in row:
+        print(f"key log p, {a}: no per-trial log-probabilities on that page")
 for a, ra in scored:
     print(f"key log p, {a} - uncompressed: {paired(ra['passkey_key_logprobs'], ra['passkey_key_logprobs_reference'])}")
 for (a, ra), (b, rb) in combinations(scored, 2):
