@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -165,6 +166,29 @@ def test_calibrate_options_reach_the_codecs_calibration(tiny_model: tuple[Any, A
     assert result.exit_code == 2 and "tokens must be an integer in 10.." in result.output, result.output
     result = runner.invoke(cli.app, ["calibrate", "--docs", "2", "-o", str(tmp_path / "p"), "--option", "rounding"])
     assert result.exit_code == 2 and "name=value" in result.output, result.output
+    result = runner.invoke(cli.app, ["calibrate", "--draw", "1", "--text", __file__, "-o", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "exclude each other" in result.output, result.output
+
+
+def test_calibrate_draws_other_documents(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``--draw K`` calibrates on the K-th set of documents and says which ones an earlier draw already used."""
+    from kvpack.eval.corpora import documents, shared_documents
+
+    seen: dict[int, list[str]] = {}
+
+    def stop(name: str) -> Any:
+        raise typer.Exit(3)
+
+    monkeypatch.setattr(cli, "load_model", stop)
+    for n in (2, 12):
+        result = runner.invoke(cli.app, ["calibrate", "--docs", str(n), "--draw", "1", "-o", str(tmp_path / "p")])
+        assert result.exit_code == 3, result.output
+        said = " ".join(result.output.split()).replace(", ", ",")
+        seen[n] = [d.name for d in documents(n, "calibration", draw=1)]
+        assert f"(draw 1): {','.join(seen[n])}".replace(" ", "") in said.replace(" ", "")
+        repeated = shared_documents(n, "calibration", ("stdlib", "pydoc"), 1)
+        assert ("repeats" in said) == bool(repeated)
+    assert not set(seen[2]) & {d.name for d in documents(2, "calibration")}
 
 
 def test_cross_source_protocol(tiny_model: tuple[Any, Any, ModelSpec], monkeypatch: pytest.MonkeyPatch,

@@ -95,6 +95,33 @@ def test_selection_is_split_disjoint_and_balanced(chosen: set[str], n: int) -> N
             assert len({d.source for d in docs if d.kind == kind}) == min(len(same), wanted[kind])
 
 
+@settings(max_examples=40, deadline=None)
+@given(chosen=st.sets(st.sampled_from(list(SOURCES)), min_size=1), n=st.integers(1, 12), draw=st.integers(0, 6))
+def test_draws_are_disjoint_while_the_split_holds_documents(chosen: set[str], n: int, draw: int) -> None:
+    """Draw ``k`` of a kind holding ``c`` documents per draw is the ``k``-th run of ``c`` in the order of draw 0's
+    selection, wrapping around: disjoint from every earlier draw exactly while the split holds ``(k + 1) * c``."""
+    every = _every()
+    kinds = {SOURCES[s] for s in chosen}
+    wanted = {"code": (n + 1) // 2, "prose": n // 2} if len(kinds) == 2 else dict.fromkeys(kinds, n)
+    held = {k: sum(corpora._split_of(d.name) == "calibration" for s in chosen if SOURCES[s] == k for d in every[s])
+            for k in kinds}
+    assume(all(held[k] >= wanted[k] for k in kinds))
+    with patch.object(corpora, "source_documents", lambda s: list(every[s])):
+        whole = documents(sum(held.values()), "calibration", sorted(chosen)) if len(kinds) == 1 else None
+        drawn = [documents(n, "calibration", sorted(chosen), k) for k in range(draw + 1)]
+        shared = corpora.shared_documents(n, "calibration", sorted(chosen), draw)
+    last = drawn[-1]
+    assert len(last) == n and all(corpora._split_of(d.name) == "calibration" for d in last)
+    for kind in kinds:
+        assert sum(d.kind == kind for d in last) == wanted[kind]
+    earlier = {d.name for got in drawn[:-1] for d in got}
+    assert shared == [d.name for d in last if d.name in earlier]
+    fits = all(held[k] >= (draw + 1) * wanted[k] for k in kinds)
+    assert (not shared) == fits
+    if whole is not None and fits:  # one kind: draw k is the k-th run of n in the order of one long selection
+        assert last == whole[draw * n:(draw + 1) * n]
+
+
 @functools.cache
 def _every() -> dict[str, list[Document]]:
     return {s: source_documents(s) for s in SOURCES}
@@ -179,3 +206,17 @@ def test_protocol_names_the_setting() -> None:
     assert protocol(None, ["file"]) == protocol(["stdlib"], ["file"]) == "own files"
     assert protocol(None, ["stdlib", "pydoc"]) is None
 
+
+
+def test_draws_of_the_default_recipes(cached_sources: None) -> None:
+    """The 6-document default has other disjoint draws; the 12-document recipe's prose half is every pydoc
+    calibration document, so its draws vary the code half only, and say so."""
+    prose = sum(corpora._split_of(d.name) == "calibration" for d in source_documents("pydoc"))
+    for n in (6, 12):
+        first, second = documents(n, "calibration"), documents(n, "calibration", draw=1)
+        repeated = corpora.shared_documents(n, "calibration", corpora.DEFAULT_SOURCES, 1)
+        assert [d.name for d in first if d.name in {e.name for e in second}] == repeated
+        assert (repeated == []) == (prose >= n)  # n // 2 prose documents per draw, 2 draws
+        assert not {d.name for d in first if d.kind == "code"} & {d.name for d in second if d.kind == "code"}
+    with pytest.raises(ValueError, match="draw must be 0 or more"):
+        documents(6, "calibration", draw=-1)

@@ -68,15 +68,17 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def corpus(docs: int, split: Split, sources: str | None, text: list[Path] | None = None) -> list[Document]:
-    """The documents a command runs on: the user's ``--text`` files, or ``docs`` of ``split`` from ``--sources``."""
+def corpus(docs: int, split: Split, sources: str | None, text: list[Path] | None = None,
+           draw: int = 0) -> list[Document]:
+    """The documents a command runs on: the user's ``--text`` files, or ``docs`` of ``split`` from ``--sources``
+    (their ``draw``-th set, :func:`kvpack.eval.corpora.documents`)."""
     from kvpack.eval.corpora import DEFAULT_SOURCES, documents, parse_sources, text_documents
 
-    if text and sources:
-        raise ValueError("--text and --sources exclude each other (your files are their own source)")
+    if text and (sources or draw):
+        raise ValueError("--text and --sources (or --draw) exclude each other (your files are their own source)")
     if text:
         return text_documents(text)
-    return documents(docs, split, parse_sources(sources) if sources else DEFAULT_SOURCES)
+    return documents(docs, split, parse_sources(sources) if sources else DEFAULT_SOURCES, draw)
 
 
 def _command_line() -> str:
@@ -238,6 +240,9 @@ def calibrate(
         help="Draw the calibration documents from these corpus sources (comma-separated: stdlib, site-packages, "
              "pydoc, metadata) and record them in the profile, so eval rows say in-source or cross-source; "
              "default stdlib,pydoc, unrecorded.")] = None,
+    draw: Annotated[int, typer.Option(
+        min=0, help="Take the K-th set of documents of this size from the sources instead of the first (another "
+                    "calibration of the same recipe, on other documents where the split holds enough).")] = 0,
     option: Annotated[list[str] | None, typer.Option(
         help="Calibration setting name=value (repeatable), e.g. rounding=0.4 or max_tokens=12288 for transform: the "
              "fields of the codec's CalibrationConfig (kvpack.codecs.<codec>.calibrate), checked before the model "
@@ -257,15 +262,23 @@ def calibrate(
         _fail(ValueError(f"calibrate makes profiles for {', '.join(codecs.calibrated())}, not for {codec!r}"))
         return
     try:
-        texts = [d.text for d in corpus(docs, "calibration", sources, text)] if text else None
-        chosen = corpus(docs, "calibration", sources) if sources else docs
+        texts = [d.text for d in corpus(docs, "calibration", sources, text, draw)] if text else None
+        chosen = corpus(docs, "calibration", sources, draw=draw) if sources or draw else docs
         options = {k: _literal(v) for k, v in codecs.parse_params(option or []).items()}
         cls.calibration_config(options)  # a bad --option is refused here, before the model loads
     except (KvpackError, ValueError) as exc:
         _fail(exc)
         return
     if not isinstance(chosen, int):
-        console.print(f"calibration documents from {sources}: {', '.join(d.name for d in chosen)}")
+        console.print(f"calibration documents from {sources or 'stdlib,pydoc'}"
+                      f"{f' (draw {draw})' if draw else ''}: {', '.join(d.name for d in chosen)}")
+    if draw:
+        from kvpack.eval.corpora import DEFAULT_SOURCES, parse_sources, shared_documents
+
+        shared = shared_documents(docs, "calibration", parse_sources(sources) if sources else DEFAULT_SOURCES, draw)
+        if shared:
+            console.print(f"[yellow]note:[/yellow] draw {draw} repeats {len(shared)} of its {docs} documents from "
+                          f"earlier draws (the split holds too few): {', '.join(shared)}")
     lm, tokenizer, spec = load_model(model)
     if for_vllm is not None:
         from kvpack.integrations.identity import spec_for_vllm
@@ -299,7 +312,7 @@ def calibrate(
         record = {"kind": "calibration", "codec": codec, "profile_hash": profile.hash, "profile_bytes": profile.nbytes,
                   "seconds": seconds, "calibration_sources": profile.meta.get("calibration_sources"),
                   "documents": None if isinstance(chosen, int) else [d.name for d in chosen],
-                  "n_documents": len(texts) if texts is not None else docs,
+                  "n_documents": len(texts) if texts is not None else docs, "draw": draw,
                   "options": options, "machine": model_name(), "load": os.getloadavg()[0],
                   "command": _command_line()}
         json_path.write_text(json.dumps(record, indent=2))

@@ -218,36 +218,49 @@ def source_documents(source: str) -> list[Document]:
     return readers[source]()
 
 
-def _interleaved(pools: list[list[Document]], count: int) -> list[Document]:
-    """The first ``count`` documents taking one from each pool in turn (an exhausted pool is skipped)."""
+def _interleaved(pools: list[list[Document]]) -> list[Document]:
+    """Every document, taking one from each pool in turn (an exhausted pool is skipped)."""
     out: list[Document] = []
-    depth = 0
-    while len(out) < count and any(depth < len(p) for p in pools):
+    for depth in range(max((len(p) for p in pools), default=0)):
         out.extend(p[depth] for p in pools if depth < len(p))
-        depth += 1
-    return out[:count]
+    return out
 
 
-def documents(n: int, split: Split = "eval", sources: Sequence[str] = DEFAULT_SOURCES) -> list[Document]:
+def documents(n: int, split: Split = "eval", sources: Sequence[str] = DEFAULT_SOURCES, draw: int = 0) -> list[Document]:
     """``n`` documents of ``split`` from ``sources``, in a fixed order: half code and half prose (code gets the odd
     one) when ``sources`` hold both kinds, else all of the one kind; within a kind, one from each of its sources
-    in turn (in ``SOURCES`` order), each source's documents in digest order."""
+    in turn (in ``SOURCES`` order), each source's documents in digest order.
+
+    ``draw`` ``k`` takes, of each kind, the ``k``-th run of that many documents in that order instead of the first,
+    wrapping around when the kind's documents run out: draws are disjoint as far as the split holds documents (for
+    other calibrations of one recipe, e.g. the profile-to-profile spread of a measurement), and a kind with too few
+    documents repeats them (:func:`shared_documents` says how many)."""
     if n < 1:
         raise ValueError("need at least one document")
+    if draw < 0:
+        raise ValueError(f"draw must be 0 or more, got {draw}")
     chosen_sources = parse_sources(",".join(sources))
     kinds = [k for k in ("code", "prose") if any(SOURCES[s] == k for s in chosen_sources)]
     counts = {"code": (n + 1) // 2, "prose": n // 2} if len(kinds) == 2 else {kinds[0]: n}
-    chosen = []
+    chosen: list[Document] = []
     for kind in kinds:
         pools = [sorted((d for d in source_documents(s) if _split_of(d.name) == split), key=lambda d: _digest(d.name))
                  for s in chosen_sources if SOURCES[s] == kind]
-        picked = _interleaved(pools, counts[kind])
-        if len(picked) < counts[kind]:
+        order = _interleaved(pools)
+        if len(order) < counts[kind]:
             names = "+".join(s for s in chosen_sources if SOURCES[s] == kind)
-            raise ValueError(f"only {len(picked)} {kind} documents from {names} in the {split} split, "
+            raise ValueError(f"only {len(order)} {kind} documents from {names} in the {split} split, "
                              f"{counts[kind]} asked")
-        chosen.extend(picked)
+        start = draw * counts[kind]
+        chosen.extend(order[(start + i) % len(order)] for i in range(counts[kind]))
     return chosen
+
+
+def shared_documents(n: int, split: Split, sources: Sequence[str], draw: int) -> list[str]:
+    """Names of the documents that :func:`documents` draw ``draw`` shares with an earlier draw of the same ``n``,
+    ``split`` and ``sources`` (empty while the split holds enough documents)."""
+    earlier = {d.name for k in range(draw) for d in documents(n, split, sources, k)}
+    return [d.name for d in documents(n, split, sources, draw) if d.name in earlier]
 
 
 #: File name suffixes of a user's text (``--text``) taken as code and as prose, so that own-files rows report the
