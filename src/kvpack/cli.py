@@ -269,12 +269,12 @@ def calibrate(
     except (KvpackError, ValueError) as exc:
         _fail(exc)
         return
+    from kvpack.eval.corpora import DEFAULT_SOURCES, parse_sources, shared_documents, source_order
+
     if not isinstance(chosen, int):
-        console.print(f"calibration documents from {sources or 'stdlib,pydoc'}"
+        console.print(f"calibration documents from {sources or ','.join(DEFAULT_SOURCES)}"
                       f"{f' (draw {draw})' if draw else ''}: {', '.join(d.name for d in chosen)}")
     if draw:
-        from kvpack.eval.corpora import DEFAULT_SOURCES, parse_sources, shared_documents
-
         shared = shared_documents(docs, "calibration", parse_sources(sources) if sources else DEFAULT_SOURCES, draw)
         if shared:
             console.print(f"[yellow]note:[/yellow] draw {draw} repeats {len(shared)} of its {docs} documents from "
@@ -299,8 +299,6 @@ def calibrate(
         except (KvpackError, ValueError) as exc:
             _fail(exc)
     if not isinstance(chosen, int):
-        from kvpack.eval.corpora import source_order
-
         profile = replace(profile, meta={**profile.meta, "calibration_sources": source_order(d.source for d in chosen)})
     seconds = time.perf_counter() - t0
     path = profile.save(output)
