@@ -19,9 +19,15 @@ def _cpuinfo() -> tuple[str, ...]:
 
 
 def model_name() -> str:
-    """The CPU's model name, e.g. ``AMD EPYC 7B13``."""
+    """The CPU's model name and its widest vector instructions, e.g. ``AMD EPYC (AVX2)``: virtual machines often
+    report a bare family name, under which AVX2-only and AVX-512 BF16 hosts (several times apart in bf16 compute)
+    would look the same in a result table."""
     fallback = platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), fallback)
+    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), fallback)
+    have = flags()
+    vector = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"),
+                                             ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in have), None)
+    return f"{name} ({vector})" if vector else name
 
 
 def flags() -> frozenset[str]:
