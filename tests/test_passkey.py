@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvpack.eval.passkey import Outcome, mcnemar_p
+from kvpack.eval.passkey import Outcome, mcnemar_p, paired_interval
 
 
 def test_flips_count_each_direction() -> None:
@@ -30,3 +31,20 @@ def test_mcnemar_is_symmetric_and_a_probability(gained: int, lost: int) -> None:
     assert p == mcnemar_p(lost, gained) and 0.0 < p <= 1.0
     if gained != lost:
         assert mcnemar_p(min(gained, lost), max(gained, lost) + 1) <= p  # one more trial the same way: no larger
+
+
+@given(st.lists(st.tuples(st.floats(-50, 0), st.floats(-50, 0)), min_size=2, max_size=40), st.floats(-5, 5))
+def test_paired_interval_is_the_mean_difference_with_a_normal_interval(pairs: list[tuple[float, float]],
+                                                                       shift: float) -> None:
+    x, y = [a for a, _ in pairs], [b for _, b in pairs]
+    mean, low, high = paired_interval(x, y)
+    assert mean == pytest.approx(sum(x) / len(x) - sum(y) / len(y), abs=1e-9)
+    assert low <= mean + 1e-12 and mean - 1e-12 <= high and mean - low == pytest.approx(high - mean, abs=1e-9)
+    same = paired_interval([v + shift for v in y], y)  # every pair differs by the same amount: no spread
+    assert same[0] == pytest.approx(shift, abs=1e-9) and same[2] - same[1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_paired_interval_needs_two_pairs() -> None:
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        paired_interval([1.0], [0.0])
+    assert paired_interval([1.0, 3.0], [0.0, 0.0]) == pytest.approx((2.0, 2.0 - 1.96, 2.0 + 1.96))

@@ -73,6 +73,14 @@ def prefill(model: Any, spec: ModelSpec, ids: torch.Tensor | Sequence[int], step
 
 
 @torch.no_grad()
+def answer_logprob(model: Any, cache: Any, question: torch.Tensor, answer: torch.Tensor) -> float:
+    """Teacher-forced log-probability (nats) of ``answer`` ``[A]`` read after ``question`` ``[Q]`` on top of ``cache``
+    (extended in place by ``Q + A - 1`` tokens): the sum over the answer's tokens of log p(token | all before it)."""
+    logits = forward(model, torch.cat([question, answer])[:-1], cache)[len(question) - 1:]
+    return float(torch.log_softmax(logits, -1).gather(1, answer[:, None]).sum())
+
+
+@torch.no_grad()
 def greedy(model: Any, cache: Any, first_token: int, max_new_tokens: int,
            eos_token_id: int | None = None) -> list[int]:
     """Greedy decoding: feed ``first_token`` after ``cache``, then the argmax token each step.

@@ -3,19 +3,18 @@ haystacks (the same `--passkey` length and `--trials`, so the same seed): checks
 the same trials in both runs, then prints, for every pair of rows, the trials only the first answers, only the
 second, and the exact McNemar p-value (`kvpack.eval.passkey.mcnemar_p`); then the same for the key's teacher-forced
 log-probability, a continuous measure: the mean per-trial difference (each row against the uncompressed cache, then
-between rows) with its 95% interval (paired, normal approximation: mean +- 1.96 standard errors over the trials).
+between rows) with its 95% interval (`kvpack.eval.passkey.paired_interval`).
 Run from the repository root:
 
     .venv/bin/python docs/results/levers/passkey_flips.py A.json B.json
 """
 
 import json
-import math
 import sys
 from itertools import combinations
 from pathlib import Path
 
-from kvpack.eval.passkey import mcnemar_p
+from kvpack.eval.passkey import mcnemar_p, paired_interval
 
 rows = [(f"{path} row {i}", row) for path in sys.argv[1:]
         for i, row in enumerate(json.loads(Path(path).read_text())["rows"]) if row.get("passkey_hits")]
@@ -31,10 +30,8 @@ for (a, ra), (b, rb) in combinations(rows, 2):
 
 
 def paired(x: list[float], y: list[float]) -> str:
-    d = [a - b for a, b in zip(x, y, strict=True)]
-    mean = sum(d) / len(d)
-    half = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
-    return f"{mean:+.3f} nats (95% interval {mean - half:+.3f} to {mean + half:+.3f})"
+    mean, low, high = paired_interval(x, y)
+    return f"{mean:+.3f} nats (95% interval {low:+.3f} to {high:+.3f})"
 
 
 scored = [(a, row) for a, row in rows if "passkey_key_logprobs" in row]  # pages before per-trial log-probs: hits only

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvpack.codecs.base import Codec
-from kvpack.inference import forward, greedy, prefill
+from kvpack.inference import answer_logprob, forward, greedy, prefill
 from kvpack.spec import ModelSpec
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -88,6 +89,17 @@ def mcnemar_p(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def paired_interval(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of the paired differences ``x - y`` and its 95% interval ``(mean, low, high)``: mean +- 1.96 standard
+    errors (normal approximation, fine from about 30 pairs; wider in truth below). ``ValueError`` under 2 pairs."""
+    d = [a - b for a, b in zip(x, y, strict=True)]
+    if len(d) < 2:
+        raise ValueError(f"a paired interval needs at least 2 pairs, got {len(d)}")
+    mean = sum(d) / len(d)
+    half = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
+    return mean, mean - half, mean + half
+
+
 def run(model: Any, tokenizer: Any, spec: ModelSpec, trials: list[Trial],
         codecs: list[Codec | None]) -> list[Outcome]:
     """The :class:`Outcome` of each entry of ``codecs`` (``None`` is the original, uncompressed cache).
@@ -100,11 +112,9 @@ def run(model: Any, tokenizer: Any, spec: ModelSpec, trials: list[Trial],
     for trial in trials:
         kv, _ = prefill(model, spec, trial.prefix_ids, step=512)
         answer_ids = tokenizer(" " + trial.key, return_tensors="pt", add_special_tokens=False).input_ids[0]
-        read = torch.cat([question, answer_ids])
         for i, codec in enumerate(codecs):
             restored = kv if codec is None else codec.decode(codec.encode(kv), spec)
-            logits = forward(model, read[:-1], restored.to_hf())[len(question) - 1:]
-            logprobs[i].append(float(torch.log_softmax(logits, -1).gather(1, answer_ids[:, None]).sum()))
+            logprobs[i].append(answer_logprob(model, restored.to_hf(), question, answer_ids))
             cache = restored.to_hf()
             forward(model, question[:-1], cache)
             answer = greedy(model, cache, int(question[-1]), ANSWER_TOKENS)
