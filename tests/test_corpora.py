@@ -207,7 +207,6 @@ def test_protocol_names_the_setting() -> None:
     assert protocol(None, ["stdlib", "pydoc"]) is None
 
 
-
 def test_draws_of_the_default_recipes(cached_sources: None) -> None:
     """The 6-document default has other disjoint draws; the 12-document recipe's prose half is every pydoc
     calibration document, so its draws vary the code half only, and say so."""
