@@ -231,6 +231,15 @@ def test_retrieval_haystacks_hide_one_key_in_the_calibration_text(smollm: tuple[
         retrieval.haystacks(tokenizer, texts, 1, 5000)
     with pytest.raises(ValueError, match="no room around its"):
         retrieval.haystacks(tokenizer, texts, 1, 16)
+    for i, (ids, q) in enumerate(retrieval.haystacks(tokenizer, texts, 2, 200, seed=5, repeat=10)):
+        key = tokenizer.decode(ids[200 + q :]).strip()
+        needle = tokenizer(retrieval.NEEDLE.format(key=key), add_special_tokens=False).input_ids
+        hay = ids[:200].tolist()
+        at = next(j for j in range(200) if hay[j : j + len(needle)] == needle)
+        span = tokenizer(texts[i], add_special_tokens=False).input_ids[:10]  # text i's first 10 tokens, repeated
+        assert hay[:at] + hay[at + len(needle) :] == (span * 20)[: 200 - len(needle)]
+    with pytest.raises(ValueError, match="fewer than the 5000 a repeated filler repeats"):
+        retrieval.haystacks(tokenizer, texts, 1, 200, repeat=5000)
 
 
 def test_retrieval_fisher_differentiates_the_answer_alone(smollm: tuple[Any, Any, Any]) -> None:

@@ -26,13 +26,15 @@ NEEDLE = "The secret number is {key}. Keep it in mind. {key} is the secret numbe
 QUESTION = "\nWhat is the secret number? The secret number is"
 
 
-def haystacks(tokenizer: Any, texts: Sequence[str], n: int, tokens: int, seed: int = 0
+def haystacks(tokenizer: Any, texts: Sequence[str], n: int, tokens: int, seed: int = 0, repeat: int = 0
               ) -> list[tuple[torch.Tensor, int]]:
     """``n`` sequences ``[tokens + question + answer]`` and the question's length in tokens.
 
-    Haystack ``i`` is the calibration texts joined from text ``i mod len(texts)`` on, cut to ``tokens`` with the
-    needle (a 5-digit key drawn from ``seed``) inserted at a uniform depth; the question and ``" " + key`` follow.
-    ``ValueError`` if the texts hold fewer than ``tokens`` tokens together.
+    Haystack ``i`` is the calibration texts joined from text ``i mod len(texts)`` on (``repeat=0``), or the first
+    ``repeat`` tokens of that text repeated (a filler with no other fact in it, as passkey retrieval's repeated
+    sentences), cut to ``tokens`` with the needle (a 5-digit key drawn from ``seed``) inserted at a uniform depth;
+    the question and ``" " + key`` follow. ``ValueError`` if the texts hold fewer than ``tokens`` tokens together, or
+    a text fewer than ``repeat``.
     """
     if not texts:
         raise ValueError("retrieval calibration needs calibration texts")
@@ -50,7 +52,14 @@ def haystacks(tokenizer: Any, texts: Sequence[str], n: int, tokens: int, seed: i
         if tokens <= len(needle):
             raise ValueError(f"a retrieval haystack of {tokens} tokens has no room around its {len(needle)}-token "
                              f"needle; raise retrieval_tokens")
-        filler = [t for doc in ids[i % len(ids):] + ids[: i % len(ids)] for t in doc][: tokens - len(needle)]
+        if repeat:
+            span = ids[i % len(ids)][:repeat]
+            if len(span) < repeat:
+                raise ValueError(f"text {i % len(ids)} holds {len(span)} tokens, fewer than the {repeat} a repeated "
+                                 f"filler repeats")
+            filler = (span * -(-(tokens - len(needle)) // repeat))[: tokens - len(needle)]
+        else:
+            filler = [t for doc in ids[i % len(ids):] + ids[: i % len(ids)] for t in doc][: tokens - len(needle)]
         if len(filler) < tokens - len(needle):
             raise ValueError(f"the calibration texts hold {sum(map(len, ids))} tokens, fewer than the {tokens} a "
                              f"retrieval haystack needs; give more or longer texts or lower retrieval_tokens")
