@@ -1,13 +1,13 @@
-"""Retrieval check of lossy codecs on calibration text, to choose among calibrations of one recipe.
+"""Retrieval check of lossy codecs on calibration text: how much of a key hidden far back in the cache survives coding.
 
-Profiles of one transform recipe calibrated on different documents land within noise of each other in perplexity and
-KL, and still differ by up to 29 of 60 trials in 7K passkey retrieval (docs/transform.md, "Four profiles of the
-4x-token recipe"). Perplexity does not see it; a long-range recall test does. This check hides a key in haystacks
-made of calibration text (:func:`kvpack.codecs.transform.retrieval.haystacks`: never evaluation documents, and worded
-unlike :mod:`kvpack.eval.passkey`'s needle and question), encodes and decodes each haystack's cache with every codec,
-and scores the key's teacher-forced log-probability after the question against the uncompressed cache's, haystack
-by haystack: a continuous measure of the recall the passkey benchmark (Mohtashami & Jaggi, arXiv 2305.16300) counts
-in greedy answers, which tells codecs apart with fewer trials.
+It hides a key in haystacks made of calibration text (:func:`kvpack.codecs.transform.retrieval.haystacks`: never
+evaluation documents, and worded unlike :mod:`kvpack.eval.passkey`'s needle and question), encodes and decodes each
+haystack's cache with every codec, and scores the key's teacher-forced log-probability after the question against
+the uncompressed cache's, haystack by haystack: a continuous measure of the recall that the passkey benchmark
+(Mohtashami & Jaggi, arXiv 2305.16300) counts in greedy answers, without evaluation documents. Built to choose
+among calibrations of one transform recipe, which differ by up to 29 of 60 trials on the 7K benchmark at equal
+perplexity; on those four profiles it does not rank them as the benchmark does (docs/transform.md, "A retrieval
+check on calibration text"), so it is a measurement, not a selection rule.
 """
 
 from __future__ import annotations
