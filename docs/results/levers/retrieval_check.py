@@ -4,8 +4,9 @@ the 4x-token recipe (`kvpack calibrate --codec transform --sources stdlib,pydoc 
 against the committed records docs/results/zen4/calibrate-A12x3k-drawK.json) at their default 32x preset, through
 `kvpack.eval.retrieval_check.check`: HAYSTACKS haystacks of TOKENS tokens of the held-out draw 4's calibration
 documents, the filler the documents run on (REPEAT 0) or the first REPEAT tokens of one document repeated. Writes
-the per-haystack log-probabilities and each profile's mean difference to OUT. Run from the repository root (about 10
-minutes for 16 haystacks of 7,168 tokens on 2 Zen 4 cores):
+the per-haystack log-probabilities and each profile's mean difference to OUT, and prints those and the uncompressed
+cache's mean key log-probability. Run from the repository root (about 10 minutes for 16 haystacks of 7,168 tokens on
+2 Zen 4 cores):
 
     .venv/bin/python docs/results/levers/retrieval_check.py PROFILE_DIR REPEAT HAYSTACKS TOKENS OUT
 """
@@ -41,6 +42,8 @@ out.write_text(json.dumps({"command": "python docs/results/levers/retrieval_chec
                            "machine": model_name(), "repeat": repeat, "haystacks": haystacks, "tokens": tokens,
                            "documents": [d.name for d in held_out], "seconds": time.perf_counter() - start,
                            "rows": rows}, indent=1))
+reference = results[0].reference
+print(f"uncompressed cache: mean key log-probability {sum(reference) / len(reference):+.3f} nats")
 for row in rows:
     low, high = row["interval"]
     print(f"draw {row['draw']} [{row['profile_hash'][:8]}]: {row['delta']:+.3f} nats ({low:+.3f} to {high:+.3f})")
