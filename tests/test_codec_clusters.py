@@ -1,4 +1,4 @@
-"""Row classes (kvpack.codecs.clusters): the compiled sparse k-means picks exactly the classes of its definition.
+"""Row classes (kvpack.codecs.clusters): the compiled k-means picks exactly the classes of its definition.
 
 The reference is the algorithm written densely in numpy (``assign_classes``' docstring): integer histograms, code
 lengths from the same ``code_lengths``, every row's costs by an exact int64 matmul, all groups one round at a time.
@@ -57,7 +57,7 @@ def _rows(rng: np.random.Generator, groups: int, rows: int, tokens: int, alphabe
 
 
 @pytest.mark.parametrize("kind", ["skewed", "duplicates", "constant"])
-@pytest.mark.parametrize(("alphabet", "tokens"), [(256, 256), (256, 8), (16, 100), (4, 37), (2, 5), (1, 3)])
+@pytest.mark.parametrize(("alphabet", "tokens"), [(256, 8192), (256, 256), (256, 8), (16, 100), (4, 37), (2, 5), (1, 3)])
 @pytest.mark.parametrize("n_classes", [1, 2, 4, 16])
 def test_classes_equal_the_dense_definition(kind: str, alphabet: int, tokens: int, n_classes: int) -> None:
     rng = np.random.default_rng([alphabet, tokens, n_classes, len(kind)])

@@ -11,7 +11,8 @@ Groups are independent, so each runs its whole k-means in one compiled loop (one
 until its classes stop changing): per-round numpy steps and kernel launches had cost as much as the scoring itself
 (2.3 of 6.7 ms per 256-token fp8 chunk). Rows are compared by integer costs (code lengths in fixed point), which
 are exact in any order: the classes are a deterministic function of the symbols (and of ``log2``, one call per
-class and symbol per round).
+class and symbol per round). The rounds score each row from its counts laid out densely over the symbols its group
+uses (fp8: ~150 of 256; float32, one group's at a time), in vectorized float64 sums that stay exact integers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ KMEANS_ROUNDS = 8
 #: symbols costs at most ``n * 2**(LENGTH_BITS + 7)``, far below ``2**63``), and ``2**-24`` bits per symbol is
 #: finer than any difference between classes worth a move.
 LENGTH_BITS = 24
-#: Alphabets up to this size (kivi's symbols) are counted and scored densely: every row uses most of its symbols.
+#: Alphabets up to this size (kivi's symbols) are counted densely: every row uses most of its symbols.
 DENSE_ALPHABET = 32
 _UNIT = float(1 << LENGTH_BITS)
 
@@ -143,23 +144,6 @@ def _small_rows(flat, n_groups, alphabet):  # type: ignore[no-untyped-def]
     return start, size, symbol, count, weighted
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _costs4(l0, l1, l2, l3, symbol, count, lo, hi):  # type: ignore[no-untyped-def]
-    """Costs of one row (nonzero counts ``lo .. hi``) under four classes' code lengths ``l0 .. l3``, in one pass."""
-    a0 = 0
-    a1 = 0
-    a2 = 0
-    a3 = 0
-    for i in range(lo, hi):
-        h = np.int64(count[i])
-        s = symbol[i]
-        a0 += h * l0[s]
-        a1 += h * l1[s]
-        a2 += h * l2[s]
-        a3 += h * l3[s]
-    return a0, a1, a2, a3
-
-
 @njit(nogil=True, cache=True)
 def code_lengths(sums, alphabet, out):  # type: ignore[no-untyped-def]
     """``out[c, s] = rint(-log2((sums[c, s] + 1 / alphabet) / (sums[c].sum() + 1)) * 2**LENGTH_BITS)``: the code
@@ -197,15 +181,47 @@ def _stable_order(values):  # type: ignore[no-untyped-def]
     return order
 
 
+#: Floating-point flags of the scoring sums: reassociation lets LLVM vectorize them, and changes no result, since
+#: every count, code length, product and partial sum is an integer below ``2**53`` (:func:`_kmeans`).
+_EXACT_REORDER = {"reassoc", "contract"}
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _gap_sum(h, gap):  # type: ignore[no-untyped-def]
+    """``h @ gap``: a row's cost under class 1 minus that under class 0, from its dense counts ``h [n]`` (float32)
+    and the classes' code length differences ``gap [n]`` (float64)."""
+    d = 0.0
+    for j in range(h.size):
+        d += np.float64(h[j]) * gap[j]
+    return d
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _costs4(h, l0, l1, l2, l3):  # type: ignore[no-untyped-def]
+    """A row's costs under four classes' code lengths ``l0 .. l3 [n]`` (float64), from its dense counts ``h [n]``
+    (float32), in one pass."""
+    a0 = a1 = a2 = a3 = 0.0
+    for j in range(h.size):
+        x = np.float64(h[j])
+        a0 += x * l0[j]
+        a1 += x * l1[j]
+        a2 += x * l2[j]
+        a3 += x * l3[j]
+    return a0, a1, a2, a3
+
+
 @functools.cache
 def _kmeans(n_classes: int) -> Any:
     """The k-means kernel for ``n_classes`` classes, compiled with the count as a constant (with one class, run it
     for 0 rounds: it then only sums the rows' counts). Two classes compare one sum per row, over the differences
     of their code lengths (exact, as every cost is): 10.7 -> 8.1 ms per 256-token fp8 chunk on one thread against
-    two sums. Rows of a small alphabet (:data:`DENSE_ALPHABET`) are scored from dense histograms, whose dot products
-    vectorize: 1.9 -> 1.3 ms for a 256-token 4-bit kivi chunk (four classes of 16 symbols)."""
+    two sums. Rows are scored from dense counts over the group's used symbols, whose dot products vectorize
+    (:data:`_EXACT_REORDER`): a 256-token chunk's k-means 4.7 -> 2.4 ms for fp8 and 4.3 -> 2.0 ms for lossless
+    (two threads, against sums over each row's sparse counts; kivi's, dense before, unchanged at 0.4-0.7 ms).
+    Counts, lengths and costs are integers below ``2**53``: a length is below ``2**(LENGTH_BITS + 7)`` and a row
+    has at most ``validate.MAX_TOKENS = 2**20`` symbols."""
 
-    @njit(nogil=True, cache=True, parallel=True, error_model="numpy")
+    @njit(nogil=True, cache=True, parallel=True, error_model="numpy", fastmath=_EXACT_REORDER)
     def kmeans(start, size, symbol, count, weighted, rows, rounds, classes, sums):  # type: ignore[no-untyped-def]
         """Classes ``classes [n_groups * rows]`` (uint8) and their symbol counts ``sums [n_groups, n_classes,
         alphabet]`` (int64, zeroed by the caller) of the rows of every group (algorithm: :func:`assign_classes`)."""
@@ -220,47 +236,41 @@ def _kmeans(n_classes: int) -> Any:
             for r in range(rows):
                 for i in range(start[first + r], start[first + r] + size[first + r]):
                     total[assign[r], symbol[i]] += count[i]
+            # every row's counts, dense over the symbols the group uses (those its classes' sums hold)
+            slot = np.empty(alphabet, np.int64)  # symbol -> column (an unused symbol's is never read)
+            present = np.empty(alphabet, np.int64)  # column -> symbol
+            used = 0
+            for k in range(alphabet):
+                slot[k] = used
+                present[used] = k
+                for c in range(n_classes):
+                    if total[c, k]:
+                        used += 1
+                        break
+            counts = np.zeros((rows if rounds else 0, used), np.float32)
+            for r in range(counts.shape[0]):
+                for i in range(start[first + r], start[first + r] + size[first + r]):
+                    counts[r, slot[symbol[i]]] = count[i]
             length = np.empty((n_classes, alphabet), np.int64)
-            gap = np.empty(alphabet, np.int64)
-            small = alphabet <= DENSE_ALPHABET and n_classes > 2  # two classes use the gaps below
-            dense = np.zeros((rows if small else 0, alphabet), np.int64)
-            if small:
-                for r in range(rows):
-                    for i in range(start[first + r], start[first + r] + size[first + r]):
-                        dense[r, symbol[i]] = count[i]
+            lengths = np.empty((n_classes, used), np.float64)  # the used symbols' columns of ``length``
+            gap = np.empty(used, np.float64)
             for _ in range(rounds):
                 code_lengths(total, alphabet, length)
+                for c in range(n_classes):
+                    for j in range(used):
+                        lengths[c, j] = length[c, present[j]]
                 if n_classes == 2:
-                    for k in range(alphabet):
-                        gap[k] = length[1, k] - length[0, k]
+                    gap[:] = lengths[1] - lengths[0]
                 moved = False
                 for r in range(rows):
                     lo, hi = start[first + r], start[first + r] + size[first + r]
                     best = 0
                     if n_classes == 2:  # one sum per row: its cost under class 1 minus that under class 0
-                        d = 0
-                        for i in range(lo, hi):
-                            d += np.int64(count[i]) * gap[symbol[i]]
-                        best = 1 if d < 0 else 0
-                    elif small:
-                        least = np.iinfo(np.int64).max
-                        h = dense[r]
+                        best = 1 if _gap_sum(counts[r], gap) < 0 else 0
+                    else:
+                        least = np.inf
                         for c in range(0, n_classes, 4):
-                            l0, l1, l2, l3 = length[c], length[c + 1], length[c + 2], length[c + 3]
-                            a0 = a1 = a2 = a3 = 0
-                            for k in range(alphabet):
-                                a0 += h[k] * l0[k]
-                                a1 += h[k] * l1[k]
-                                a2 += h[k] * l2[k]
-                                a3 += h[k] * l3[k]
-                            for j, cost in enumerate((a0, a1, a2, a3)):
-                                if cost < least:
-                                    best, least = c + j, cost
-                    elif n_classes > 2:
-                        least = np.iinfo(np.int64).max
-                        for c in range(0, n_classes, 4):
-                            costs = _costs4(length[c], length[c + 1], length[c + 2], length[c + 3], symbol, count,
-                                            lo, hi)
+                            costs = _costs4(counts[r], lengths[c], lengths[c + 1], lengths[c + 2], lengths[c + 3])
                             for k in range(4):
                                 if costs[k] < least:
                                     best, least = c + k, costs[k]
