@@ -57,7 +57,8 @@ def _rows(rng: np.random.Generator, groups: int, rows: int, tokens: int, alphabe
 
 
 @pytest.mark.parametrize("kind", ["skewed", "duplicates", "constant"])
-@pytest.mark.parametrize(("alphabet", "tokens"), [(256, 8192), (256, 256), (256, 8), (16, 100), (4, 37), (2, 5), (1, 3)])
+@pytest.mark.parametrize(("alphabet", "tokens"),
+                         [(256, 8192), (256, 256), (256, 8), (16, 100), (4, 37), (2, 5), (1, 3)])
 @pytest.mark.parametrize("n_classes", [1, 2, 4, 16])
 def test_classes_equal_the_dense_definition(kind: str, alphabet: int, tokens: int, n_classes: int) -> None:
     rng = np.random.default_rng([alphabet, tokens, n_classes, len(kind)])
