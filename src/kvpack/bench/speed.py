@@ -47,7 +47,7 @@ from kvpack.codecs.base import Codec
 from kvpack.codecs.calibrated import CalibratedCodec
 from kvpack.codecs.raw import tensor_bytes
 from kvpack.codecs.transform import Transform
-from kvpack.codecs.transform.codec import projection_dtype
+from kvpack.codecs.transform.codec import decode_precision
 from kvpack.cpu import model_name
 from kvpack.entropy import encode_lanes
 from kvpack.eval import progress_bar
@@ -148,7 +148,7 @@ def run(entries: Sequence[tuple[Document, KVCache]], extra: Sequence[Codec] = ()
     machine: dict[str, Any] = {"cpu": model_name(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
                                "threads": numba.get_num_threads(), "threading_layer": None,
                                "malloc_tuned": allocator.TUNED,
-                               "transform_gemm": str(projection_dtype()).removeprefix("torch.")}
+                               "transform_gemm": decode_precision()}
     acc: dict[str, dict[str, Any]] = {}
     base: dict[str, Any] = {"raw": 0, "zstd3": 0, "zstd19": 0, "zipnn": 0, "zipnn_exact": True, "fp16": 0,
                             "zstd3_decode_s": []}

@@ -25,7 +25,7 @@ import torch
 from kvpack import cpu
 from kvpack.codecs.base import Codec
 from kvpack.codecs.calibrated import CalibratedCodec
-from kvpack.codecs.transform.codec import projection_dtype
+from kvpack.codecs.transform.codec import decode_precision, projection_dtype
 from kvpack.eval.corpora import Document, protocol, source_order
 from kvpack.inference import forward, greedy, prefill
 from kvpack.kv import KVCache
@@ -72,6 +72,8 @@ def machine() -> str:
     """CPU model, core count and the precision of the transform codecs' projections (:func:`projection_dtype`:
     ``transform`` and ``kvtc`` results depend on it) for result tables."""
     gemm = str(projection_dtype()).removeprefix("torch.")
+    if decode_precision() == "int8":
+        gemm += " (decode: int8 for low-rate components)"
     return f"{cpu.model_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, transform GEMM {gemm}"
 
 

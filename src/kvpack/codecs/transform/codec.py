@@ -29,7 +29,8 @@ there than float32), float32 elsewhere. The bf16 inputs and product add a relati
 below both the coefficients' quantization error and the bf16 rounding of the decoded cache. Encoded in bf16, a
 coefficient that lies that close to a quantization boundary takes the neighbouring level, so the bytes depend on
 the precision (as float32 GEMM kernels of different CPUs already may, in the last bit of a sum); any precision
-decodes them.
+decodes them. ``$KVPACK_TRANSFORM_GEMM=int8`` (opt-in) decodes the low-rate components' share of the product in
+int8 (:mod:`kvpack.codecs.transform.int8`, with its error bound).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from kvpack.codecs.calibrated import CalibratedCodec, Log, config_from_options
 from kvpack.codecs.raw import tensor_bytes
 from kvpack.codecs.transform import levels
 from kvpack.codecs.transform.features import features, place
+from kvpack.codecs.transform.int8 import Int8Projection
 from kvpack.codecs.transform.profile import MAX_SINKS, Allocation, Projection, TransformProfile, profile_from
 from kvpack.codecs.transform.quant import (
     INT_BITS,
@@ -73,7 +75,8 @@ if TYPE_CHECKING:
     from kvpack.codecs.transform.calibrate import CalibrationConfig
     from kvpack.eval.corpora import Document
 
-#: Environment variable that overrides :func:`projection_dtype`: ``float32``, ``bfloat16`` or ``auto`` (default).
+#: Environment variable that overrides :func:`projection_dtype`: ``float32``, ``bfloat16``, ``int8`` (decoding the
+#: low-rate components in int8, :mod:`kvpack.codecs.transform.int8`) or ``auto`` (default).
 PROJECTION_ENV = "KVPACK_TRANSFORM_GEMM"
 #: Encoding multiplies in bfloat16 only where its error bound adds at most this share to the preset's calibrated error
 BF16_ENCODE_SHARE = 0.02
@@ -81,17 +84,29 @@ BF16_ENCODE_SHARE = 0.02
 BF16_ENCODE_NOISE = 0.25
 
 
-def projection_dtype() -> torch.dtype:
-    """The precision of the projections on this machine: bfloat16 where the CPU multiplies bf16 natively
-    (:func:`kvpack.cpu.native_bf16_matmul`), else float32; ``$KVPACK_TRANSFORM_GEMM`` (``float32``, ``bfloat16``,
-    ``auto``) overrides it, e.g. for the same bytes and decoded caches on every machine (up to the last bit of
-    float32 sums)."""
+def _projection_choice() -> str:
     choice = os.environ.get(PROJECTION_ENV, "auto")
-    if choice == "auto":
+    if choice not in ("float32", "bfloat16", "int8", "auto"):
+        raise ValueError(f"${PROJECTION_ENV} must be float32, bfloat16, int8 or auto, not {choice!r}")
+    return choice
+
+
+def projection_dtype() -> torch.dtype:
+    """The float precision of the projections on this machine: bfloat16 where the CPU multiplies bf16 natively
+    (:func:`kvpack.cpu.native_bf16_matmul`), else float32; ``$KVPACK_TRANSFORM_GEMM`` (``float32``, ``bfloat16``)
+    overrides it, e.g. for the same bytes and decoded caches on every machine (up to the last bit of float32 sums);
+    ``int8`` keeps this machine's float precision for the encode and the decode's other components."""
+    choice = _projection_choice()
+    if choice in ("auto", "int8"):
         return torch.bfloat16 if cpu.native_bf16_matmul() else torch.float32
-    if choice not in ("float32", "bfloat16"):
-        raise ValueError(f"${PROJECTION_ENV} must be float32, bfloat16 or auto, not {choice!r}")
     return torch.float32 if choice == "float32" else torch.bfloat16
+
+
+def decode_precision() -> str:
+    """How the decode projection multiplies: ``int8`` (:mod:`kvpack.codecs.transform.int8`, when
+    ``$KVPACK_TRANSFORM_GEMM=int8``), else ``bfloat16`` or ``float32`` (:func:`projection_dtype`)."""
+    return "int8" if _projection_choice() == "int8" else str(projection_dtype()).removeprefix("torch.")
+
 
 @dataclass(frozen=True)
 class _Layout:
@@ -369,10 +384,20 @@ class Transform(CalibratedCodec[TransformProfile]):
                 break
             self._decode_layer(st, lay, cols, [container.section(n) for n in names], zt)
         dtype = projection_dtype()
-        x = torch.empty(coded, sum(len(g) for g in st.groups), dtype=dtype)  # the GEMM's output precision
+        int8 = decode_precision() == "int8"
+        # the GEMM's output precision (int8: float32, the int32 sums scaled)
+        x = torch.empty(coded, sum(len(g) for g in st.groups), dtype=torch.float32 if int8 else dtype)
         for g, p in enumerate(projections):
+            zg = zt[offsets[g] : offsets[g + 1]]
+            if int8:
+                xg = self._int8(st, alloc, g, n_layers, dtype).project(zg, dtype)
+                if p.columns is None:
+                    x = xg
+                else:
+                    x[:, p.columns] = xg
+                continue
             # [T, U_g] row-major: the GEMM is faster (and rounds as before) than on the transposed view
-            z = levels.transposed(zt[offsets[g] : offsets[g + 1]], dtype)
+            z = levels.transposed(zg, dtype)
             decode, bias = p.decode_as(dtype)
             if p.columns is None:
                 torch.addmm(bias, z, decode, out=x)
@@ -385,6 +410,21 @@ class Transform(CalibratedCodec[TransformProfile]):
             for kind, s in ((0, keys_s), (1, values_s)):  # all layers at once: [L, H, T, D]
                 data[:, kind].index_copy_(2, sink.nonzero().squeeze(1), torch.stack(s))
         return data
+
+    def _int8(self, st: TransformProfile, alloc: Allocation, g: int, n_layers: int, dtype: torch.dtype
+              ) -> Int8Projection:
+        """Group ``g``'s int8 decode for ``alloc`` (cached per preset, group and float precision): the rate of each
+        of its rows of ``[U, T]`` from the layouts (NaN for fixed-width rows)."""
+        key = (alloc.name, g, dtype)
+        if key not in st.int8s:
+            projections = [st.projection(alloc, gg) for gg in range(len(st.groups))]
+            offsets = np.cumsum([0] + [p.used.size for p in projections])
+            rate = np.full(int(offsets[-1]), np.nan)
+            for lay, _, cols in self._plans(st, alloc, n_layers):
+                rate[cols.ec] = rates()[lay.ec_class]
+            p = projections[g]
+            st.int8s[key] = Int8Projection.build(p.decode, p.decode_bias, rate[offsets[g] : offsets[g + 1]], dtype)
+        return cast(Int8Projection, st.int8s[key])
 
     def _decode_layer(self, st: TransformProfile, lay: _Layout, cols: _Columns, data: list[memoryview],
                       zt: np.ndarray) -> None:

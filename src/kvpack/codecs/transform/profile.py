@@ -108,6 +108,7 @@ class TransformProfile:
     subs: dict[tuple[str, int], Projection] = field(default_factory=dict)
     bf16_costs: dict[str, Bf16Cost] = field(default_factory=dict)
     plans: dict[tuple[str, int], list[Any]] = field(default_factory=dict)  # the codec's layer layouts per preset
+    int8s: dict[tuple[str, int, torch.dtype], Any] = field(default_factory=dict)  # the int8 decode per preset, group
 
     @property
     def hash(self) -> str:
