@@ -41,6 +41,10 @@ SIGMAS = 4
 INT8_MAX = 127
 #: ``torch._int_mm`` wants the inner dimension in multiples of this.
 _INNER = 8
+#: Tokens multiplied at a time, so that a block's int32 and float32 products (``[256, D]``, 12 MB each for SmolLM2)
+#: are scaled and summed while in cache: whole 1,536-token prefixes of the 6 eval caches decode at 32x at 159 MB/s
+#: against 142 in one block, 256-token chunks at 170 either way (Zen 4, in-process A/B, identical output).
+BLOCK_TOKENS = 256
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,13 +88,16 @@ class Int8Projection:
         """``z @ decode + bias`` as float32 ``[T, D]`` for ``zt [U, T]`` (float32, as dequantized), the float part
         in ``dtype`` (the precision :meth:`build` was given)."""
         tokens = zt.shape[1]
-        x = torch.addmm(self.bias, transposed(zt[self.high], dtype), self.high_decode).float()
-        if not self.low.size:
-            return x
+        z_high = transposed(zt[self.high], dtype)
         left = torch.zeros(tokens, self.right.shape[0], dtype=torch.int8)
         with threads_for(self.low.size * tokens):
             clamped = _left(zt, self.low, self.scale_rows, left.numpy())
-        x.addcmul_(torch._int_mm(left, self.right).float(), self.column_scale)
+        x = torch.empty(tokens, self.right.shape[1])
+        for t in range(0, tokens, BLOCK_TOKENS):  # each block's [tokens, D] products stay in cache
+            block = slice(t, t + BLOCK_TOKENS)
+            x[block] = torch.addmm(self.bias, z_high[block], self.high_decode)
+            if self.low.size:
+                x[block].addcmul_(torch._int_mm(left[block], self.right), self.column_scale)
         if clamped:  # the remainders of the clamped coefficients, in float32
             rows, cols = np.nonzero(np.abs(np.rint(zt[self.low] * self.scale_rows[:, None])) > INT8_MAX)
             z = zt[self.low[rows], cols]
