@@ -14,9 +14,10 @@ and the other components (and fixed-width ones) in the float precision of
 :func:`~kvpack.codecs.transform.codec.projection_dtype`. A coefficient whose ``L`` is clamped (beyond
 :data:`SIGMAS` deviations, under one in a million on SmolLM2) has its remainder added back in float32.
 
-Error against the exact product, per decoded feature ``d`` (:func:`error_bound`, checked by the tests): for every
-int8 component, ``|decode[c, d]| * |z - L / (MULTIPLIER r_c)|`` (at most half a ``1 / MULTIPLIER`` of the
-component's step) plus ``|L| * scale_d / 2`` (the right side's rounding), besides the float part's own rounding.
+Error against the exact product, per decoded feature ``d`` (:meth:`Int8Projection.error_bound`, checked by the
+tests): for every int8 component, ``|decode[c, d]| * |z - L / (MULTIPLIER r_c)|`` (at most half a ``1 / MULTIPLIER``
+of the component's step) plus ``|L| * scale_d / 2`` (the right side's rounding), besides the float part's own
+rounding.
 On a 2-core Zen 4 (AVX-512 VNNI) SmolLM2's 32x preset decodes 1.37x faster than with the whole projection in bf16,
 at equal Δppl and KL (docs/transform.md, "Projection precision" and "Speed"). torch's int8 GEMM is written for the
 job; what is written here is the split and the left side, which no library knows about.
