@@ -217,7 +217,8 @@ def _kmeans(n_classes: int) -> Any:
     of their code lengths (exact, as every cost is): 10.7 -> 8.1 ms per 256-token fp8 chunk on one thread against
     two sums. Rows are scored from dense counts over the group's used symbols, whose dot products vectorize
     (:data:`_EXACT_REORDER`): a 256-token chunk's k-means 4.7 -> 2.4 ms for fp8 and 4.3 -> 2.0 ms for lossless
-    (two threads, against sums over each row's sparse counts; kivi's, dense before, unchanged at 0.4-0.7 ms).
+    (two threads, against sums over each row's sparse counts; kivi's, dense before, unchanged at 0.4-0.7 ms; a
+    one-off microbenchmark on Zen 4; whole encodes: ``docs/results/zen4/kmeans_ab.py``).
     Counts, lengths and costs are integers below ``2**53``: a length is below ``2**(LENGTH_BITS + 7)`` and a row
     has at most ``validate.MAX_TOKENS = 2**20`` symbols."""
 
