@@ -44,7 +44,7 @@ INT8_MAX = 127
 _INNER = 8
 #: Tokens multiplied at a time, so that a block's int32 and float32 products (``[256, D]``, 12 MB each for SmolLM2)
 #: are scaled and summed while in cache: whole 1,536-token prefixes of the 6 eval caches decode at 32x at 159 MB/s
-#: against 142 in one block, 256-token chunks at 170 either way (Zen 4, in-process A/B, identical output).
+#: against 142 in one block, 256-token chunks at 170 either way (Zen 4, a one-off in-process A/B, identical output).
 BLOCK_TOKENS = 256
 
 
